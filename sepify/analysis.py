@@ -1,0 +1,438 @@
+"""``sepify analyze``: per-layer MACs, FLOPs, parameters and activation sizes of a model.
+
+One row per node that computes on activations (nodes that only build constants — weight
+``DequantizeLinear``, ``Constant``, shape arithmetic on constants — are part of the weights, not
+layers). Conventions are in ``docs/conventions.md``; cost formulas in :mod:`sepify.costs`.
+
+Symbolic dimensions: costs are computed as polynomials of the symbols left unbound; numbers
+are reported with each unbound symbol set to 1 (the report names them), and totals also as a
+formula (``4.09G·batch``). Where shape inference loses a symbolic dimension (a Conv over a
+symbolic height, say), the model is analyzed a second time with the unbound symbols set to 1
+for the numbers, and the formula is reported only where it is exact.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import onnx
+
+from . import __version__
+from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
+from .graph import GraphView, is_float, itemsize, subgraphs
+from .loading import LoadedModel, load
+from .symbolic import Num, evaluate, formula, prod
+from .units import human, human3
+
+SCHEMA = "sepify.analysis/1"
+
+_WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "ConvInteger": 1, "QLinearConv": 3}
+
+
+@dataclass
+class Layer:
+    index: int
+    name: str
+    op_type: str
+    domain: str
+    macs: int | None
+    flops: int | None
+    params: int
+    buffers: int
+    output_shapes: list
+    output_bytes: int | None
+    unknown: str | None = None  # reason the cost is unknown
+    note: str = ""
+    macs_formula: str | None = None
+    flops_formula: str | None = None
+
+    def to_dict(self) -> dict:
+        d = {
+            "index": self.index, "name": self.name, "op_type": self.op_type, "domain": self.domain,
+            "macs": self.macs, "flops": self.flops, "params": self.params, "buffers": self.buffers,
+            "output_shapes": self.output_shapes, "output_bytes": self.output_bytes,
+            "unknown": self.unknown, "note": self.note,
+        }
+        if self.macs_formula:
+            d["macs_formula"] = self.macs_formula
+        if self.flops_formula:
+            d["flops_formula"] = self.flops_formula
+        return d
+
+
+@dataclass
+class Totals:
+    macs: int
+    flops: int
+    params: int
+    buffers: int
+    activation_peak_bytes: int
+    activation_bytes: int
+    unknown: int
+    nodes: int
+    param_bytes: int
+    macs_formula: str | None = None
+    flops_formula: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Analysis:
+    """The result of :func:`analyze`: ``.layers``, ``.totals``, ``.to_dict()`` (the JSON)."""
+
+    model: dict
+    inputs: list[dict]
+    symbols: dict[str, dict]
+    layers: list[Layer]
+    totals: Totals
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "sepify_version": __version__,
+            "model": self.model,
+            "inputs": self.inputs,
+            "symbols": self.symbols,
+            "totals": self.totals.to_dict(),
+            "by_op": self.by_op(),
+            "layers": [layer.to_dict() for layer in self.layers],
+            "notes": self.notes,
+        }
+
+    def by_op(self) -> dict[str, dict]:
+        """Totals per op type, in order of first appearance."""
+        groups: dict[str, dict] = {}
+        for layer in self.layers:
+            key = layer.op_type if layer.domain in ("", "ai.onnx") else f"{layer.domain}.{layer.op_type}"
+            g = groups.setdefault(key, {"count": 0, "macs": 0, "flops": 0, "params": 0, "unknown": 0})
+            g["count"] += 1
+            g["macs"] += layer.macs or 0
+            g["flops"] += layer.flops or 0
+            g["params"] += layer.params
+            g["unknown"] += 1 if layer.unknown else 0
+        return groups
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+
+# --- the walk ---------------------------------------------------------------------------------
+@dataclass
+class _Row:
+    node: onnx.NodeProto
+    cost: Cost | None
+    unknown: str | None
+    params: int
+    buffers: int
+    note: str
+
+
+class _Walker:
+    """Computes costs and parameter counts over a graph and its subgraphs."""
+
+    def __init__(self):
+        self.counted: set[str] = set()  # constant tensors already counted (shared weights count once)
+        self.param_bytes = 0
+
+    def params_of(self, node: onnx.NodeProto, view: GraphView) -> tuple[int, int, str]:
+        roles = PARAM_ROLES.get(node.op_type, {})
+        params = buffers = 0
+        notes = []
+        for i, name in enumerate(node.input):
+            if not name or not view.is_const(name):
+                continue
+            t = view.tensor(name)
+            if t is None or t.shape is None:
+                notes.append(f"constant {name!r} has unknown shape")
+                continue
+            role = roles.get(i)
+            n = prod(t.shape) if all(isinstance(d, int) for d in t.shape) else None
+            if n is None:
+                continue
+            if role is None:
+                role = "param" if is_float(t.dtype) and n > 1 else "none"
+            if role == "none" or name in self.counted:
+                continue
+            self.counted.add(name)
+            if role == "param":
+                params += n
+                self.param_bytes += int(n * (itemsize(t.dtype) or 0))
+            else:
+                buffers += n
+        w = _WEIGHT_INPUT.get(node.op_type)
+        if w is not None and len(node.input) > w and node.input[w] and not view.is_const(node.input[w]):
+            notes.append(f"weight {node.input[w]!r} is not a constant")
+        return params, buffers, "; ".join(notes)
+
+    def walk(self, view: GraphView) -> list[_Row]:
+        rows = []
+        for _, node in view.topological():
+            if node.output and all((not o) or o in view.const for o in node.output):
+                continue  # builds a constant: part of the weights, not a layer
+            params, buffers, note = self.params_of(node, view)
+            try:
+                if any(True for _ in subgraphs(node)):
+                    cost, sub_note, sub_params, sub_buffers = self.control_flow(node, view)
+                    params += sub_params
+                    buffers += sub_buffers
+                    note = "; ".join(x for x in (note, sub_note) if x)
+                else:
+                    rule = find_rule(node.domain, node.op_type)
+                    if rule is None:
+                        dom = node.domain if node.domain not in ("", "ai.onnx") else ""
+                        raise Unknown(f"no cost rule for {dom + '.' if dom else ''}{node.op_type}")
+                    cost = rule(OpContext(node, view))
+                    if cost.note:
+                        note = "; ".join(x for x in (note, cost.note) if x)
+                rows.append(_Row(node, cost, None, params, buffers, note))
+            except Unknown as e:
+                rows.append(_Row(node, None, str(e), params, buffers, note))
+            except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
+                rows.append(_Row(node, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note))
+        return rows
+
+    def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
+        rows = self.walk(GraphView(graph, outer=view))
+        macs: Num = 0
+        flops: Num = 0
+        params = buffers = 0
+        unknown = []
+        for r in rows:
+            params += r.params
+            buffers += r.buffers
+            if r.cost is None:
+                unknown.append(f"{r.node.name or r.node.op_type}: {r.unknown}")
+            else:
+                macs = macs + r.cost.macs
+                flops = flops + r.cost.flops
+        return macs, flops, params, buffers, unknown
+
+    def control_flow(self, node: onnx.NodeProto, view: GraphView) -> tuple[Cost, str, int, int]:
+        op = node.op_type
+        subs = {name: self._sub(g, view) for name, g in subgraphs(node)}
+        params = sum(s[2] for s in subs.values())
+        buffers = sum(s[3] for s in subs.values())
+        unknown = [u for s in subs.values() for u in s[4]]
+        if unknown:
+            raise Unknown(f"subgraph nodes of unknown cost: {'; '.join(unknown[:3])}")
+        if op == "If" and len(subs) == 2:
+            (n1, s1), (n2, s2) = subs.items()
+            v1, v2 = evaluate(s1[0], {}), evaluate(s2[0], {})
+            f1, f2 = evaluate(s1[1], {}), evaluate(s2[1], {})
+            name, s = ((n1, s1), (n2, s2))[0 if (v1, f1) >= (v2, f2) else 1]
+            other = n2 if name == n1 else n1
+            other_macs = v2 if name == n1 else v1
+            return Cost(s[0], s[1]), f"If: {name} is costlier (counted); {other} has {human(other_macs)} MACs", params, buffers
+        if op == "Loop":
+            body = subs["body"]
+            trips = None
+            if node.input and node.input[0]:
+                val = view.const_value(node.input[0])
+                if val is not None and val.size == 1:
+                    trips = int(val.reshape(()))
+            if trips is None:
+                return Cost(body[0], body[1]), "Loop: per iteration (trip count not constant)", params, buffers
+            return Cost(body[0] * trips, body[1] * trips), f"Loop: {trips} iterations", params, buffers
+        if op == "Scan":
+            body = subs["body"]
+            n_scan = OpContext(node, view).attr("num_scan_inputs", 0)
+            n_state = len(node.input) - n_scan
+            if n_scan <= 0:
+                raise Unknown("Scan without scan inputs")
+            axes = OpContext(node, view).attr("scan_input_axes") or [0] * n_scan
+            shape = OpContext(node, view).in_shape(n_state)
+            length = shape[axes[0] if axes[0] >= 0 else len(shape) + axes[0]]
+            return Cost(body[0] * length, body[1] * length), "Scan: body x sequence length", params, buffers
+        # any other op with subgraphs: sum of its subgraphs, once
+        macs = sum((s[0] for s in subs.values()), 0)
+        flops = sum((s[1] for s in subs.values()), 0)
+        rule = find_rule(node.domain, op)
+        if rule is not None:
+            c = rule(OpContext(node, view))
+            macs, flops = macs + c.macs, flops + c.flops
+        return Cost(macs, flops), f"{op}: subgraphs counted once", params, buffers
+
+
+def _output_info(view: GraphView, node: onnx.NodeProto, values: Mapping[str, int]):
+    shapes = []
+    total: int | None = 0
+    for o in node.output:
+        if not o:
+            continue
+        t = view.tensor(o)
+        shape = t.shape if t else None
+        shapes.append(list(shape) if shape is not None else None)
+        size = itemsize(t.dtype) if t else None
+        if shape is None or size is None or any(d is None or (isinstance(d, str) and d not in values) for d in shape):
+            total = None
+            continue
+        if total is not None:
+            n = 1
+            for d in shape:
+                n *= d if isinstance(d, int) else values.get(d, 1)
+            total += int(n * size)
+    return shapes, total
+
+
+def _activation_peak(view: GraphView, values: Mapping[str, int]) -> int:
+    """Peak of live activation bytes over the execution order; constants excluded."""
+
+    def nbytes(name: str) -> int:
+        t = view.tensor(name)
+        if t is None or t.shape is None or any(d is None or (isinstance(d, str) and d not in values) for d in t.shape):
+            return 0
+        size = itemsize(t.dtype) or 0
+        n = 1
+        for d in t.shape:
+            n *= d if isinstance(d, int) else values.get(d, 1)
+        return int(n * size)
+
+    last = view.last_use()
+    keep = set(view.graph_outputs)
+    const = view.const
+    live = 0
+    sizes: dict[str, int] = {}
+    for name in view.graph_inputs:
+        if name not in const:
+            sizes[name] = nbytes(name)
+            live += sizes[name]
+    peak = live
+    for idx, node in view.topological():
+        outs = [o for o in node.output if o and o not in const]
+        for o in outs:
+            sizes[o] = nbytes(o)
+            live += sizes[o]
+        if live > peak:
+            peak = live
+        for name in set(node.input):
+            if name in sizes and last.get(name) == idx and name not in keep:
+                live -= sizes.pop(name)
+        for o in outs:
+            if o not in last and o not in keep and o in sizes:
+                live -= sizes.pop(o)
+    return peak
+
+
+def _shape_list(t) -> list | None:
+    return list(t.shape) if t is not None and t.shape is not None else None
+
+
+def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> Analysis:
+    """Analyze a prepared model. ``numeric``: the same model with unbound symbols set to 1,
+    used for the numbers of layers whose cost is not polynomial in the symbols."""
+    model = loaded.model
+    view = GraphView(model.graph, symbols=loaded.symbols)
+    walker = _Walker()
+    rows = walker.walk(view)
+    values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
+    unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
+
+    numeric_rows = None
+    if numeric is not None:
+        numeric_rows = _Walker().walk(GraphView(numeric.model.graph, symbols=numeric.symbols))
+        if len(numeric_rows) != len(rows):
+            numeric_rows = None
+
+    layers: list[Layer] = []
+    tot_macs: Num = 0
+    tot_flops: Num = 0
+    formula_exact = True
+    num_macs = num_flops = 0
+    for i, row in enumerate(rows):
+        shapes, out_bytes = _output_info(view, row.node, values)
+        cost, reason = row.cost, row.unknown
+        macs_f = flops_f = None
+        if cost is not None:
+            macs_f, flops_f = formula(cost.macs, human3), formula(cost.flops, human3)
+            macs, flops = evaluate(cost.macs, values), evaluate(cost.flops, values)
+        elif numeric_rows is not None and numeric_rows[i].cost is not None:
+            formula_exact = False
+            macs, flops = evaluate(numeric_rows[i].cost.macs, {}), evaluate(numeric_rows[i].cost.flops, {})
+            reason = None
+            row.note = "; ".join(x for x in (row.note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
+        else:
+            macs = flops = None
+        if cost is not None:
+            tot_macs = tot_macs + cost.macs
+            tot_flops = tot_flops + cost.flops
+        if macs is not None:
+            num_macs += macs
+            num_flops += flops
+        layers.append(Layer(
+            index=i, name=row.node.name or f"{row.node.op_type}_{i}", op_type=row.node.op_type,
+            domain=row.node.domain, macs=macs, flops=flops, params=row.params, buffers=row.buffers,
+            output_shapes=shapes, output_bytes=out_bytes, unknown=reason, note=row.note,
+            macs_formula=macs_f, flops_formula=flops_f,
+        ))
+
+    peak_view = view if numeric is None else GraphView(numeric.model.graph, symbols=numeric.symbols)
+    totals = Totals(
+        macs=num_macs, flops=num_flops,
+        params=sum(layer.params for layer in layers), buffers=sum(layer.buffers for layer in layers),
+        activation_peak_bytes=_activation_peak(peak_view, values),
+        activation_bytes=sum(layer.output_bytes or 0 for layer in layers),
+        unknown=sum(1 for layer in layers if layer.unknown), nodes=len(model.graph.node),
+        param_bytes=walker.param_bytes,
+        macs_formula=formula(tot_macs, human3) if formula_exact else None,
+        flops_formula=formula(tot_flops, human3) if formula_exact else None,
+    )
+    notes = list(loaded.notes)
+    if unbound:
+        notes.append("unbound symbolic dimensions set to 1 for the numbers: " + ", ".join(unbound)
+                     + " (bind them with --dim NAME=VALUE)")
+        if not formula_exact:
+            notes.append("some costs are not polynomial in the symbols (shape inference lost them); totals formula omitted")
+    if totals.unknown:
+        notes.append(f"{totals.unknown} node(s) of unknown cost are not included in the totals")
+    opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
+    graph_inputs = [vi for vi in model.graph.input if vi.name not in view.const]
+    return Analysis(
+        model={
+            "path": str(loaded.path) if loaded.path else None, "file_size": loaded.file_size,
+            "ir_version": model.ir_version, "opsets": opsets, "producer": model.producer_name,
+            "graph": model.graph.name,
+        },
+        inputs=[{"name": vi.name, "shape": _shape_list(view.tensor(vi.name)),
+                 "dtype": onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)} for vi in graph_inputs],
+        symbols={k: {"value": values[k], "bound": v is not None} for k, v in sorted(loaded.symbols.items())},
+        layers=layers, totals=totals, notes=notes,
+    )
+
+
+def analyze(
+    source,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> Analysis:
+    """Analyze a model file (path) or an ``onnx.ModelProto``; see :class:`Analysis`.
+
+    ``input_shapes``: ``{"images": [1, 3, 640, 640]}`` overrides input shapes;
+    ``dims``: ``{"batch": 8}`` binds symbolic dimensions everywhere.
+    """
+    loaded = load(source, input_shapes=input_shapes, dims=dims)
+    numeric = None
+    if any(v is None for v in loaded.symbols.values()) and _loses_symbols(loaded):
+        numeric = load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1)
+    return analyze_loaded(loaded, numeric)
+
+
+def _loses_symbols(loaded: LoadedModel) -> bool:
+    """Does shape inference leave any unknown dimension on a node output?"""
+    for vi in loaded.model.graph.value_info:
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            return True
+        for d in tt.shape.dim:
+            if not d.HasField("dim_value") and not d.dim_param:
+                return True
+            if d.dim_param and d.dim_param.startswith("unk__"):
+                return True
+    return False

@@ -1,0 +1,535 @@
+"""Per-op cost rules: one small formula per op, registered with :func:`cost_rule`.
+
+Conventions (docs/conventions.md has the full text; tests follow it):
+
+* **MACs** are the multiply-accumulates of the linear ops only (Conv, ConvTranspose, Gemm,
+  MatMul, Einsum, their quantized forms, RNN/GRU/LSTM, attention). A bias add is not a MAC.
+* **FLOPs** = 2 x MACs + the arithmetic of everything else, at a documented per-element cost
+  (see ``ELEMENTWISE``), including bias adds of Conv/Gemm. Data-movement ops cost 0.
+* A rule returns :class:`Cost`; when it cannot compute the cost (a shape it needs is unknown)
+  it raises :class:`Unknown` with the reason. An op with no rule is unknown, never 0.
+
+Dimensions are ``int`` or :class:`~sepify.symbolic.Poly` (symbolic); rules only add and
+multiply them, so a symbolic batch gives a polynomial cost.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+from onnx import helper
+
+from .graph import GraphView
+from .symbolic import Num, Poly, prod
+
+
+class Unknown(Exception):
+    """The cost of this node cannot be computed; ``str()`` says why."""
+
+
+@dataclass
+class Cost:
+    macs: Num = 0
+    flops: Num = 0
+    note: str = ""
+
+
+class OpContext:
+    """What a rule sees: the node, its attributes, and shapes of its inputs and outputs."""
+
+    __slots__ = ("node", "view", "_attrs")
+
+    def __init__(self, node: onnx.NodeProto, view: GraphView):
+        self.node = node
+        self.view = view
+        self._attrs = None
+
+    @property
+    def attrs(self) -> dict:
+        if self._attrs is None:
+            self._attrs = {a.name: helper.get_attribute_value(a) for a in self.node.attribute
+                           if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)}
+        return self._attrs
+
+    def attr(self, name: str, default=None):
+        return self.attrs.get(name, default)
+
+    def has_input(self, i: int) -> bool:
+        return len(self.node.input) > i and bool(self.node.input[i])
+
+    def _dims(self, name: str, what: str) -> tuple:
+        shape = self.view.shape(name)
+        if shape is None:
+            raise Unknown(f"shape of {what} {name!r} unknown")
+        out = []
+        for d in shape:
+            if d is None:
+                raise Unknown(f"shape of {what} {name!r} has an unknown dimension")
+            if isinstance(d, str):
+                if d not in self.view.symbols:
+                    raise Unknown(f"shape of {what} {name!r} has a data-dependent dimension {d!r}")
+                d = Poly.symbol(d)
+            out.append(d)
+        return tuple(out)
+
+    def in_shape(self, i: int) -> tuple:
+        if not self.has_input(i):
+            raise Unknown(f"input {i} missing")
+        return self._dims(self.node.input[i], "input")
+
+    def out_shape(self, i: int = 0) -> tuple:
+        if len(self.node.output) <= i or not self.node.output[i]:
+            raise Unknown(f"output {i} missing")
+        return self._dims(self.node.output[i], "output")
+
+    def in_numel(self, i: int = 0) -> Num:
+        return prod(self.in_shape(i))
+
+    def out_numel(self, i: int = 0) -> Num:
+        return prod(self.out_shape(i))
+
+
+Rule = Callable[[OpContext], Cost]
+RULES: dict[tuple[str, str], Rule] = {}
+
+
+def cost_rule(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
+    """Register ``fn`` as the cost rule of ``op_types`` in ``domain``."""
+
+    def register(fn: Rule) -> Rule:
+        for op in op_types:
+            RULES[(domain, op)] = fn
+        return fn
+
+    return register
+
+
+def find_rule(domain: str, op_type: str) -> Rule | None:
+    return RULES.get(("" if domain == "ai.onnx" else domain, op_type))
+
+
+# --- data movement: 0 MACs, 0 FLOPs ---------------------------------------------------------
+DATA_MOVEMENT = (
+    "Reshape", "Transpose", "Concat", "Split", "SplitToSequence", "Slice", "Gather", "GatherElements",
+    "GatherND", "Scatter", "ScatterElements", "ScatterND", "Pad", "Squeeze", "Unsqueeze", "Flatten",
+    "Identity", "Expand", "Tile", "Shape", "Size", "Cast", "CastLike", "DepthToSpace", "SpaceToDepth",
+    "Constant", "ConstantOfShape", "Dropout", "Range", "NonZero", "OneHot", "Compress", "ReverseSequence",
+    "Trilu", "Where", "EyeLike", "Unique", "SequenceConstruct", "SequenceAt", "SequenceEmpty",
+    "SequenceInsert", "SequenceErase", "SequenceLength", "ConcatFromSequence", "Optional",
+    "OptionalGetElement", "OptionalHasElement", "Col2Im", "CenterCropPadding", "CenterCropPad",
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
+    "NonMaxSuppression", "GridSample", "RoiAlign", "MaxRoiPool", "MaxUnpool",
+)
+
+
+@cost_rule(*DATA_MOVEMENT)
+def _data_movement(ctx: OpContext) -> Cost:
+    return Cost(0, 0)
+
+
+# --- element-wise: FLOPs per output element --------------------------------------------------
+ELEMENTWISE: dict[str, int] = {
+    # arithmetic and comparisons: 1
+    **{op: 1 for op in (
+        "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Mean", "Sum", "Pow", "Mod", "Sqrt",
+        "Reciprocal", "Exp", "Log", "Sign", "Floor", "Ceil", "Round", "Relu", "Erf", "Sin", "Cos", "Tan",
+        "Asin", "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Equal", "Greater", "Less",
+        "GreaterOrEqual", "LessOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf", "BitShift",
+        "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "CumSum", "Shrink")},
+    # two-step activations: 2
+    **{op: 2 for op in ("LeakyRelu", "PRelu", "Clip", "ThresholdedRelu", "QuantizeLinear",
+                         "DequantizeLinear", "BatchNormalization", "Affine", "ScaledTanh")},
+    "HardSigmoid": 3, "Elu": 3, "Celu": 3, "Softplus": 3, "Softsign": 3, "Selu": 4, "Sigmoid": 4,
+    "HardSwish": 4, "Tanh": 5, "Mish": 7, "Gelu": 8, "FastGelu": 8, "BiasGelu": 9, "QuickGelu": 5,
+    "DynamicQuantizeLinear": 4,
+}
+# ops of the com.microsoft domain that are element-wise
+_MS_ELEMENTWISE = ("FastGelu", "BiasGelu", "QuickGelu", "Gelu", "BiasAdd", "Affine", "ScaledTanh")
+ELEMENTWISE_MS = {op: ELEMENTWISE.get(op, 1) for op in _MS_ELEMENTWISE}
+
+
+def _elementwise(per_element: int) -> Rule:
+    def rule(ctx: OpContext) -> Cost:
+        return Cost(0, per_element * ctx.out_numel(0))
+
+    return rule
+
+
+for _op, _k in ELEMENTWISE.items():
+    cost_rule(_op)(_elementwise(_k))
+for _op, _k in ELEMENTWISE_MS.items():
+    cost_rule(_op, domain="com.microsoft")(_elementwise(_k))
+
+# normalizations, per element: mean 1, variance 2, normalize 2, scale and shift 2
+NORMALIZATION = {"LayerNormalization": 7, "InstanceNormalization": 7, "GroupNormalization": 7,
+                 "MeanVarianceNormalization": 5, "LpNormalization": 3, "RMSNormalization": 5,
+                 "SimplifiedLayerNormalization": 5, "SkipLayerNormalization": 8,
+                 "SkipSimplifiedLayerNormalization": 6}
+for _op, _k in NORMALIZATION.items():
+    cost_rule(_op)(_elementwise(_k))
+    cost_rule(_op, domain="com.microsoft")(_elementwise(_k))
+
+# softmax family, per element: max, subtract, exp, sum, divide
+for _op in ("Softmax", "LogSoftmax", "Hardmax"):
+    cost_rule(_op)(_elementwise(5))
+
+
+@cost_rule("LRN")
+def _lrn(ctx: OpContext) -> Cost:
+    size = int(ctx.attr("size", 1))
+    return Cost(0, (2 * size + 3) * ctx.out_numel(0))
+
+
+# --- pooling and reductions -----------------------------------------------------------------
+@cost_rule("MaxPool", "AveragePool", "LpPool")
+def _pool(ctx: OpContext) -> Cost:
+    """Per output element: one op per kernel element."""
+    kernel = ctx.attr("kernel_shape")
+    if not kernel:
+        raise Unknown("kernel_shape missing")
+    return Cost(0, prod(kernel) * ctx.out_numel(0))
+
+
+@cost_rule("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean", "ReduceSum", "ReduceMax",
+           "ReduceMin", "ReduceProd", "ReduceL1", "ArgMax", "ArgMin", "TopK")
+def _reduce(ctx: OpContext) -> Cost:
+    """One op per input element."""
+    return Cost(0, ctx.in_numel(0))
+
+
+@cost_rule("ReduceL2", "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
+def _reduce2(ctx: OpContext) -> Cost:
+    """Two ops per input element (square or exp, then accumulate)."""
+    return Cost(0, 2 * ctx.in_numel(0))
+
+
+@cost_rule("Resize", "Upsample")
+def _resize(ctx: OpContext) -> Cost:
+    """nearest: 0 (data movement); linear: 3 per output element per resized axis; cubic: 8."""
+    mode = ctx.attr("mode", "nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode == "nearest":
+        return Cost(0, 0)
+    x, y = ctx.in_shape(0), ctx.out_shape(0)
+    axes = sum(1 for a, b in zip(x, y) if a != b) or 1
+    per_axis = 8 if mode == "cubic" else 3
+    return Cost(0, per_axis * axes * prod(y))
+
+
+# --- convolutions ---------------------------------------------------------------------------
+def _conv_cost(ctx: OpContext, x: int, w: int, bias: int | None) -> Cost:
+    """MACs = output elements x (C_in/group) x prod(kernel) = numel(Y) * prod(W.shape[1:])."""
+    wshape = ctx.in_shape(w)
+    if len(wshape) < 3:
+        raise Unknown(f"weight rank {len(wshape)} < 3")
+    macs = ctx.out_numel(0) * prod(wshape[1:])
+    flops = 2 * macs
+    if bias is not None and ctx.has_input(bias):
+        flops = flops + ctx.out_numel(0)
+    return Cost(macs, flops)
+
+
+@cost_rule("Conv")
+def conv(ctx: OpContext) -> Cost:
+    return _conv_cost(ctx, 0, 1, 2)
+
+
+@cost_rule("ConvInteger")
+def conv_integer(ctx: OpContext) -> Cost:
+    return _conv_cost(ctx, 0, 1, None)
+
+
+@cost_rule("QLinearConv")
+def qlinear_conv(ctx: OpContext) -> Cost:
+    return _conv_cost(ctx, 0, 3, 8)
+
+
+@cost_rule("FusedConv", domain="com.microsoft")
+def fused_conv(ctx: OpContext) -> Cost:
+    c = _conv_cost(ctx, 0, 1, 2)
+    return Cost(c.macs, c.flops + ctx.out_numel(0))  # fused activation: 1 per element
+
+
+@cost_rule("ConvTranspose")
+def conv_transpose(ctx: OpContext) -> Cost:
+    """Counted on the *input* size: every input element is multiplied by a C_out/group x kernel
+    slice of W, so MACs = numel(X) * (C_out/group) * prod(kernel) = numel(X) * prod(W.shape[1:]).
+    (Counting on the output size over-counts by stride^d.)"""
+    wshape = ctx.in_shape(1)
+    if len(wshape) < 3:
+        raise Unknown(f"weight rank {len(wshape)} < 3")
+    macs = ctx.in_numel(0) * prod(wshape[1:])
+    flops = 2 * macs
+    if ctx.has_input(2):
+        flops = flops + ctx.out_numel(0)
+    return Cost(macs, flops)
+
+
+# --- matrix products ------------------------------------------------------------------------
+@cost_rule("Gemm")
+def gemm(ctx: OpContext) -> Cost:
+    """MACs = M x K x N (after transA/transB); C adds M x N FLOPs."""
+    a = ctx.in_shape(0)
+    if len(a) != 2:
+        raise Unknown("Gemm input A is not 2-D")
+    k = a[0] if ctx.attr("transA", 0) else a[1]
+    y = ctx.out_numel(0)
+    macs = y * k
+    flops = 2 * macs + (y if ctx.has_input(2) else 0)
+    return Cost(macs, flops)
+
+
+def _matmul_cost(ctx: OpContext, a: int, b: int) -> Cost:
+    """MACs = numel(Y) x K: every output element is a K-long dot product (batch dims broadcast)."""
+    ashape = ctx.in_shape(a)
+    if not ashape:
+        raise Unknown("MatMul of a scalar")
+    k = ashape[-1]
+    try:
+        y = ctx.out_numel(0)
+    except Unknown:
+        y = prod(_matmul_out_shape(ashape, ctx.in_shape(b)))
+    macs = y * k
+    return Cost(macs, 2 * macs)
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple:
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x == 1:
+            out.append(y)
+        elif y == 1 or x == y:
+            out.append(x)
+        else:
+            raise Unknown(f"cannot broadcast {a} with {b}")
+    return tuple(out)
+
+
+def _matmul_out_shape(a: tuple, b: tuple) -> tuple:
+    a_vec, b_vec = len(a) == 1, len(b) == 1
+    a2 = (1,) + tuple(a) if a_vec else tuple(a)
+    b2 = tuple(b) + (1,) if b_vec else tuple(b)
+    batch = _broadcast(a2[:-2], b2[:-2])
+    out = batch + (a2[-2], b2[-1])
+    if a_vec:
+        out = out[:-2] + out[-1:]
+    if b_vec:
+        out = out[:-1]
+    return out
+
+
+@cost_rule("MatMul")
+def matmul(ctx: OpContext) -> Cost:
+    return _matmul_cost(ctx, 0, 1)
+
+
+@cost_rule("MatMulInteger")
+def matmul_integer(ctx: OpContext) -> Cost:
+    return _matmul_cost(ctx, 0, 1)
+
+
+@cost_rule("QLinearMatMul")
+def qlinear_matmul(ctx: OpContext) -> Cost:
+    return _matmul_cost(ctx, 0, 3)
+
+
+@cost_rule("FusedMatMul", domain="com.microsoft")
+def fused_matmul(ctx: OpContext) -> Cost:
+    return _matmul_cost(ctx, 0, 1)
+
+
+@cost_rule("MatMulNBits", domain="com.microsoft")
+def matmul_nbits(ctx: OpContext) -> Cost:
+    """A (..., K) x dequantized B (N, K): MACs = numel(Y) x K."""
+    k = int(ctx.attr("K", 0)) or ctx.in_shape(0)[-1]
+    macs = ctx.out_numel(0) * k
+    return Cost(macs, 2 * macs)
+
+
+_EINSUM_TERM = re.compile(r"[A-Za-z]|\.\.\.")
+
+
+@cost_rule("Einsum")
+def einsum(ctx: OpContext) -> Cost:
+    """Naive evaluation: (operands - 1) x product of the sizes of all distinct indices.
+    A single-operand Einsum (transpose, trace, reduction) is 0 MACs and numel(input) FLOPs."""
+    eq = ctx.attr("equation", "")
+    eq = eq.decode() if isinstance(eq, bytes) else eq
+    lhs = eq.replace(" ", "").split("->")[0]
+    terms = lhs.split(",")
+    if len(terms) != len(ctx.node.input):
+        raise Unknown(f"equation {eq!r} does not match {len(ctx.node.input)} inputs")
+    sizes: dict[str, Num] = {}
+    ell: tuple = ()
+    for i, term in enumerate(terms):
+        shape = ctx.in_shape(i)
+        letters = _EINSUM_TERM.findall(term)
+        n_named = sum(1 for t in letters if t != "...")
+        pos = 0
+        for t in letters:
+            if t == "...":
+                span = len(shape) - n_named
+                ell = _broadcast(ell, shape[pos:pos + span]) if ell else tuple(shape[pos:pos + span])
+                pos += span
+            else:
+                if pos >= len(shape):
+                    raise Unknown(f"equation {eq!r} does not match input rank")
+                d = shape[pos]
+                if t not in sizes or sizes[t] == 1:
+                    sizes[t] = d
+                pos += 1
+    total = prod(list(sizes.values()) + list(ell))
+    if len(terms) == 1:
+        return Cost(0, ctx.in_numel(0))
+    macs = (len(terms) - 1) * total
+    return Cost(macs, 2 * macs)
+
+
+# --- recurrent ------------------------------------------------------------------------------
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_RNN_ELEMENTWISE = {"RNN": 3, "GRU": 12, "LSTM": 15}  # per hidden unit per step: biases, activations, gates
+
+
+@cost_rule("RNN", "GRU", "LSTM")
+def recurrent(ctx: OpContext) -> Cost:
+    """Per time step and batch row: input projection (gates·H·I) + recurrent projection
+    (gates·H·H) per direction; = seq x batch x (numel(W) + numel(R)). Element-wise gate math
+    is charged to FLOPs: RNN 3, GRU 12, LSTM 15 per hidden unit per step per direction."""
+    x = ctx.in_shape(0)
+    w, r = ctx.in_shape(1), ctx.in_shape(2)
+    if len(x) != 3:
+        raise Unknown("X is not 3-D")
+    seq, batch = (x[1], x[0]) if ctx.attr("layout", 0) else (x[0], x[1])
+    macs = seq * batch * (prod(w) + prod(r))
+    dirs, hidden = w[0], r[-1]
+    flops = 2 * macs + _RNN_ELEMENTWISE[ctx.node.op_type] * seq * batch * dirs * hidden
+    return Cost(macs, flops)
+
+
+# --- attention ------------------------------------------------------------------------------
+def _attention_core(batch: Num, heads: Num, q_len: Num, kv_len: Num, qk_dim: Num, v_dim: Num) -> Cost:
+    """Q·Kᵀ (q_len x kv_len x qk_dim) and P·V (q_len x kv_len x v_dim) per head; softmax 5 per score."""
+    macs = batch * heads * q_len * kv_len * (qk_dim + v_dim)
+    flops = 2 * macs + 5 * batch * heads * q_len * kv_len
+    return Cost(macs, flops)
+
+
+@cost_rule("Attention")
+def attention(ctx: OpContext) -> Cost:
+    """ONNX ``Attention`` (opset 23): Q, K, V either 4-D (B, heads, seq, head) or 3-D
+    (B, seq, hidden) with ``q_num_heads``/``kv_num_heads``; ``past_key`` (input 4) lengthens K."""
+    q, k, v = ctx.in_shape(0), ctx.in_shape(1), ctx.in_shape(2)
+    if len(q) == 4:
+        batch, heads, q_len, qk = q
+        kv_len, v_dim = k[2], v[3]
+    elif len(q) == 3:
+        heads = ctx.attr("q_num_heads")
+        kv_heads = ctx.attr("kv_num_heads")
+        if not heads or not kv_heads:
+            raise Unknown("3-D Attention without q_num_heads/kv_num_heads")
+        batch, q_len, hidden = q
+        if not isinstance(hidden, int):
+            raise Unknown("symbolic hidden size")
+        qk = hidden // heads
+        kv_len = k[1]
+        if not isinstance(v[2], int):
+            raise Unknown("symbolic value size")
+        v_dim = v[2] // kv_heads
+    else:
+        raise Unknown("Q is neither 3-D nor 4-D")
+    if ctx.has_input(4):
+        past = ctx.in_shape(4)
+        kv_len = kv_len + past[2]
+    return _attention_core(batch, heads, q_len, kv_len, qk, v_dim)
+
+
+@cost_rule("Attention", domain="com.microsoft")
+def ms_attention(ctx: OpContext) -> Cost:
+    """com.microsoft ``Attention``: QKV projection input (B, S, D_in) x weights (D_in, Dq+Dk+Dv)
+    plus the attention core over S (+ past) positions."""
+    x, w = ctx.in_shape(0), ctx.in_shape(1)
+    heads = int(ctx.attr("num_heads", 0))
+    if len(x) != 3 or len(w) != 2 or not heads:
+        raise Unknown("unsupported Attention input layout")
+    batch, seq, d_in = x
+    sizes = ctx.attr("qkv_hidden_sizes")
+    if sizes:
+        dq, dk, dv = (int(s) for s in sizes)
+    else:
+        if not isinstance(w[1], int):
+            raise Unknown("symbolic weight size")
+        dq = dk = dv = w[1] // 3
+    proj = batch * seq * d_in * w[1]
+    kv_len: Num = seq
+    if ctx.has_input(4):
+        past = ctx.in_shape(4)
+        kv_len = kv_len + past[3]
+    core = _attention_core(batch, heads, seq, kv_len, dq // heads, dv // heads)
+    bias = batch * seq * w[1] if ctx.has_input(2) else 0
+    return Cost(proj + core.macs, 2 * proj + core.flops + bias)
+
+
+@cost_rule("MultiHeadAttention", domain="com.microsoft")
+def ms_multihead_attention(ctx: OpContext) -> Cost:
+    """com.microsoft ``MultiHeadAttention`` with separate query (B, S, D), key (B, L, D) and value
+    (B, L, Dv), or 4-D key/value (B, heads, L, head)."""
+    heads = int(ctx.attr("num_heads", 0))
+    q = ctx.in_shape(0)
+    if not heads or len(q) != 3 or not ctx.has_input(1) or not ctx.has_input(2):
+        raise Unknown("packed QKV layout not supported")
+    k, v = ctx.in_shape(1), ctx.in_shape(2)
+    batch, seq, d = q
+    if len(k) == 3:
+        kv_len, dv = k[1], v[2]
+    elif len(k) == 4:
+        kv_len, dv = k[2], v[1] * v[3]
+    else:
+        raise Unknown("unsupported key rank")
+    if not isinstance(d, int) or not isinstance(dv, int):
+        raise Unknown("symbolic hidden size")
+    return _attention_core(batch, heads, seq, kv_len, d // heads, dv // heads)
+
+
+@cost_rule("GroupQueryAttention", domain="com.microsoft")
+def ms_group_query_attention(ctx: OpContext) -> Cost:
+    """com.microsoft ``GroupQueryAttention``: query (B, S, heads x head); total key length from
+    the ``present_key`` output (B, kv_heads, T, head)."""
+    heads = int(ctx.attr("num_heads", 0))
+    kv_heads = int(ctx.attr("kv_num_heads", 0))
+    q = ctx.in_shape(0)
+    if not heads or len(q) != 3:
+        raise Unknown("unsupported GroupQueryAttention layout")
+    present = ctx.out_shape(1)
+    batch, seq = q[0], q[1]
+    head = present[3]
+    del kv_heads  # K and V have fewer heads, but every query head attends over all T positions
+    return _attention_core(batch, heads, seq, present[2], head, head)
+
+
+# --- parameter roles ------------------------------------------------------------------------
+# For each op, the role of a constant input at a position: "param" (counted as a parameter even
+# when it is an integer, e.g. quantized weights), "buffer" (statistics), or "none" (shape
+# vectors, scales, indices, clip bounds). Positions not listed follow the default: a constant
+# floating-point tensor of more than one element is a parameter.
+PARAM_ROLES: dict[str, dict[int, str]] = {
+    "BatchNormalization": {1: "param", 2: "param", 3: "buffer", 4: "buffer"},
+    "QLinearConv": {1: "none", 2: "none", 3: "param", 4: "none", 5: "none", 6: "none", 7: "none", 8: "param"},
+    "ConvInteger": {1: "param", 2: "none", 3: "none"},
+    "MatMulInteger": {0: "param", 1: "param", 2: "none", 3: "none"},
+    "QLinearMatMul": {0: "param", 1: "none", 2: "none", 3: "param", 4: "none", 5: "none", 6: "none", 7: "none"},
+    "Resize": {1: "none", 2: "none", 3: "none"},
+    "Upsample": {1: "none"},
+    "Clip": {1: "none", 2: "none"},
+    "Pad": {1: "none", 2: "none", 3: "none"},
+    "QuantizeLinear": {1: "none", 2: "none"},
+    "DequantizeLinear": {0: "param", 1: "none", 2: "none"},
+    "Gather": {0: "param", 1: "none"},
+    "Pow": {1: "none"},
+    "MatMulNBits": {1: "param", 2: "none", 3: "none", 4: "none", 5: "none"},
+}

@@ -1,0 +1,522 @@
+"""Low-rank factorization of a Conv kernel into a depthwise + pointwise pair. Supported rewrites
+(factors listed in execution order):
+- ``"dw-first"`` (MobileNet form): Conv(W, group=g) => Conv(D, group=M), then Conv1x1(P, group=g)
+- ``"pw-first"``:                  Conv(W, group=g) => Conv1x1(Q, group=g), then Conv(S, group=N)
+
+Approach:
+    A Conv weight W has shape (N, M/g, k1..kd), d in 1..3, with g groups, M input channels,
+    N output channels, Ng = N/g, Mg = M/g and K = k1*...*kd. The Conv is linear in W, so it
+    splits into two Convs whenever W is a sum of products of a "channel" factor and a
+    "spatial" factor. Cut W into matrices ("slices"), take each slice's SVD A = U S Vt and
+    keep the r largest singular triplets (s_i, u_i, v_i):
+
+    dw-first: one slice per input channel m (global index m = j*Mg + m_local of group j):
+        A_m = W[j*Ng:(j+1)*Ng, m_local] reshaped (Ng, K)
+        - D = (M*r, 1, k1..kd), group=M:     D[m*r + i, 0]           = sqrt(s_i) * v_i (reshaped to k)
+        - P = (N, Mg*r, 1..1), group=g:      P[n, m_local*r + i]     = sqrt(s_i) * u_i[n_local]
+        D carries strides/pads/dilations, P carries the bias. Exact when r = min(Ng, K).
+        MACs = (M*r*K + N*Mg*r) * P_out                  (original Conv: N*Mg*K * P_out)
+
+    pw-first: one slice per output channel n:
+        A_n = W[n] reshaped (Mg, K)
+        - Q = (N*r, Mg, 1..1), group=g:      Q[n*r + i, :]           = sqrt(s_i) * u_i
+        - S = (N, r, k1..kd), group=N:       S[n, i]                 = sqrt(s_i) * v_i (reshaped to k)
+        Q runs at the input resolution (stride 1, no pads); S carries strides/pads/dilations and
+        the bias. Exact when r = min(Mg, K).
+        MACs = N*r*Mg * P_in + N*r*K * P_out
+
+    P_in / P_out are the products of the input / output spatial dims times the batch. Summed
+    over all slices, the error of a rank-r rewrite is (Eckart-Young, per slice):
+        rel_error(r)  = sqrt(sum of dropped s_i^2 over all slices) / ||W||_F
+        energy(r)     = 1 - rel_error(r)^2          (fraction of ||W||_F^2 kept)
+
+Worked example:
+    W = (256, 3, 5, 5), g = 1, dw-first, P_in = P_out = 64: three slices of 256 x 25, max rank 25.
+    At r = 1: D = (3, 1, 5, 5) with group=3, P = (256, 3, 1, 1) with group=1, and
+        MACs = (3*1*25 + 256*3*1) * 64 = 4,800 + 49,152 = 53,952    vs  256*3*25 * 64 = 1,228,800.
+
+    A rank-1 kernel is reproduced exactly at r = 1: W = (2, 1, 3) = [[[1, 2, 3]], [[2, 4, 6]]]
+    is the single slice [[1, 2, 3], [2, 4, 6]] = sqrt(70) * ([1, 2]/sqrt(5)) (x) ([1, 2, 3]/sqrt(14)).
+    On 8 input / 6 output positions the pair costs (1*1*3 + 2*1*1) * 6 = 30 MACs (original 36).
+
+    >>> w = np.array([[[1.0, 2.0, 3.0]], [[2.0, 4.0, 6.0]]])
+    >>> spec = spectrum(w)
+    >>> spec.max_rank, round(spec.rel_error(1), 12), spec.macs(1, p_in=8, p_out=6)
+    (2, 0.0, 30)
+    >>> d, p = spec.factors(1)
+    >>> d.shape, p.shape
+    ((1, 1, 3), (2, 1, 1))
+    >>> bool(np.allclose(reconstruct(d, p, "dw-first", 1, w.shape), w))
+    True
+
+Budget allocation (``allocate``) picks one (orientation, rank) per layer by a greedy on
+dropped energy per MAC; see its docstring.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sepify.errors import BudgetError
+
+__all__ = [
+    "ORIENTATIONS",
+    "BudgetUnreachable",
+    "LayerChoice",
+    "Spectrum",
+    "allocate",
+    "original_macs",
+    "reconstruct",
+    "spectrum",
+]
+
+ORIENTATIONS = ("dw-first", "pw-first")
+
+# Slack for ``rank_for_energy`` / ``rank_for_error``: a rank whose energy is within this of the
+# requested fraction (or whose error is within this of the bound) counts as meeting it, so that
+# e.g. ``rank_for_energy(1.0)`` is not defeated by rounding.
+_TOL = 1e-12
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _check_orientation(orientation) -> str:
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    return orientation
+
+
+def _check_shape(weight_shape, group) -> tuple[tuple[int, ...], int]:
+    """Validate a Conv weight shape (N, M/g, k1..kd) and group; return them normalised."""
+    shape = tuple(_as_int(x, "weight dimension") for x in weight_shape)
+    if not 3 <= len(shape) <= 5:
+        raise ValueError(
+            f"Conv weight must have 3 to 5 dims (N, M/g, k1..kd with d in 1..3), got shape {shape}"
+        )
+    if any(x < 1 for x in shape):
+        raise ValueError(f"Conv weight dims must all be >= 1, got shape {shape}")
+    group = _as_int(group, "group")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    if shape[0] % group:
+        raise ValueError(
+            f"group={group} does not divide the {shape[0]} output channels of weight {shape}"
+        )
+    return shape, group
+
+
+def _dims(shape: tuple[int, ...], group: int) -> tuple[int, int, int, int]:
+    """(N, Mg, M, K) of a validated shape."""
+    n, mg = shape[0], shape[1]
+    return n, mg, mg * group, math.prod(shape[2:])
+
+
+def _check_count(value, what: str) -> int:
+    value = _as_int(value, what)
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- spectrum
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """Singular values (and vectors) of every slice of one Conv weight in one orientation.
+
+    Build with :func:`spectrum`. ``max_rank`` = min(rows, cols) of the slices: min(N/g, K) for
+    dw-first, min(M/g, K) for pw-first. Equality is identity (the arrays are not compared).
+    """
+
+    orientation: str
+    group: int
+    weight_shape: tuple[int, ...]
+    max_rank: int
+    # Batched SVD of the stacked slices, float64, read-only: u (B, rows, R), s (B, R), vt (B, R, K).
+    _u: np.ndarray = field(repr=False)
+    _s: np.ndarray = field(repr=False)
+    _vt: np.ndarray = field(repr=False)
+    # _rel[r] / _energy[r] for r = 0..max_rank, nonincreasing / nondecreasing in r.
+    _rel: np.ndarray = field(repr=False)
+    _energy: np.ndarray = field(repr=False)
+    _norm_sq: float = field(repr=False)
+    _dtype: np.dtype = field(repr=False)
+
+    # -- errors -------------------------------------------------------------------------------
+
+    def _rank(self, rank) -> int:
+        rank = _as_int(rank, "rank")
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(
+                f"rank must be in 1..{self.max_rank} for a {self.orientation} factorization of "
+                f"weight {self.weight_shape} (group={self.group}), got {rank}"
+            )
+        return rank
+
+    @property
+    def norm_sq(self) -> float:
+        """||W||_F^2 (= sum of all squared singular values), in float64."""
+        return self._norm_sq
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        """Read-only (num_slices, max_rank) array, each row descending."""
+        return self._s
+
+    def rel_error(self, rank: int) -> float:
+        """sqrt(sum of dropped s^2 over all slices) / ||W||_F at ``rank`` (0 if W == 0)."""
+        return float(self._rel[self._rank(rank)])
+
+    def energy(self, rank: int) -> float:
+        """Fraction of ||W||_F^2 kept at ``rank``: 1 - rel_error(rank)^2 (1 if W == 0)."""
+        return float(self._energy[self._rank(rank)])
+
+    def rank_for_energy(self, fraction: float) -> int:
+        """Smallest rank with energy(rank) >= fraction (within 1e-12); fraction in [0, 1]."""
+        fraction = float(fraction)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"energy fraction must be in [0, 1], got {fraction}")
+        i = int(np.searchsorted(self._energy[1:], fraction - _TOL, side="left"))
+        return min(i, self.max_rank - 1) + 1  # energy(max_rank) == 1 exactly, so i < max_rank
+
+    def rank_for_error(self, max_rel_error: float) -> int:
+        """Smallest rank with rel_error(rank) <= max_rel_error (within 1e-12); bound >= 0."""
+        bound = float(max_rel_error)
+        if not bound >= 0.0:  # also rejects NaN
+            raise ValueError(f"max_rel_error must be >= 0, got {max_rel_error}")
+        i = int(np.searchsorted(-self._rel[1:], -(bound + _TOL), side="left"))
+        return min(i, self.max_rank - 1) + 1  # rel_error(max_rank) == 0 exactly
+
+    # -- factors and cost ---------------------------------------------------------------------
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first, second) Conv weights in execution order, in the dtype of the input weight.
+
+        dw-first: (depthwise (M*r, 1, *k) for group=M, pointwise (N, Mg*r, 1..1) for group=g).
+        pw-first: (pointwise (N*r, Mg, 1..1) for group=g, spatial (N, r, *k) for group=N).
+        """
+        r = self._rank(rank)
+        n, mg, m, _ = _dims(self.weight_shape, self.group)
+        g, kernel = self.group, self.weight_shape[2:]
+        ones = (1,) * len(kernel)
+        root = np.sqrt(self._s[:, :r])  # (B, r)
+        left = self._u[:, :, :r] * root[:, None, :]  # (B, rows, r): sqrt(s_i) * u_i
+        right = self._vt[:, :r, :] * root[:, :, None]  # (B, r, K):   sqrt(s_i) * v_i
+        if self.orientation == "dw-first":
+            # slice b = j*Mg + m_local = input channel m; rows = n_local of group j
+            first = right.reshape(m * r, 1, *kernel)
+            second = left.reshape(g, mg, n // g, r).transpose(0, 2, 1, 3).reshape(n, mg * r, *ones)
+        else:
+            # slice b = output channel n; rows = input channel of n's group
+            first = left.transpose(0, 2, 1).reshape(n * r, mg, *ones)
+            second = right.reshape(n, r, *kernel)
+        return (
+            np.ascontiguousarray(first, dtype=self._dtype),
+            np.ascontiguousarray(second, dtype=self._dtype),
+        )
+
+    def macs(self, rank: int, p_in: int, p_out: int) -> int:
+        """Multiply-accumulates of the factorized pair at ``rank``.
+
+        dw-first: (M*r*K + N*Mg*r) * p_out; pw-first: N*r*Mg * p_in + N*r*K * p_out.
+        """
+        r = self._rank(rank)
+        p_in, p_out = _check_count(p_in, "p_in"), _check_count(p_out, "p_out")
+        n, mg, m, k = _dims(self.weight_shape, self.group)
+        if self.orientation == "dw-first":
+            return (m * r * k + n * mg * r) * p_out
+        return n * r * mg * p_in + n * r * k * p_out
+
+
+def spectrum(weight: np.ndarray, group: int = 1, orientation: str = "dw-first") -> Spectrum:
+    """SVD every slice of Conv ``weight`` (N, M/g, k1..kd) for ``orientation``.
+
+    One batched ``np.linalg.svd`` call over the stacked slices, computed in float64. Factors come
+    back in ``weight.dtype`` (float64 if the weight is not a floating-point array).
+    """
+    _check_orientation(orientation)
+    w = np.asarray(weight)
+    shape, group = _check_shape(w.shape, group)
+    if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+        raise ValueError(f"Conv weight must be a real numeric array, got dtype {w.dtype}")
+    dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.dtype(np.float64)
+    w64 = w.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(w64)):
+        raise ValueError("Conv weight contains NaN or infinite values")
+    n, mg, m, k = _dims(shape, group)
+    if orientation == "dw-first":
+        # (N, Mg, K) -> (g, Ng, Mg, K) -> (g, Mg, Ng, K) -> (M, Ng, K): slice m = j*Mg + m_local
+        stacked = w64.reshape(group, n // group, mg, k).transpose(0, 2, 1, 3).reshape(m, n // group, k)
+    else:
+        stacked = w64.reshape(n, mg, k)
+    u, s, vt = np.linalg.svd(stacked, full_matrices=False)
+    max_rank = s.shape[1]
+
+    # tail[r] = sum of squared singular values dropped at rank r (r = 0..max_rank), summed
+    # smallest-first; tail[max_rank] = 0 and tail is nonincreasing by construction.
+    per_rank = np.sum(s * s, axis=0)
+    tail = np.zeros(max_rank + 1)
+    tail[:max_rank] = np.cumsum(per_rank[::-1])[::-1]
+    norm_sq = float(tail[0])
+    if norm_sq > 0.0:
+        ratio = np.minimum(tail / norm_sq, 1.0)
+        rel, energy = np.sqrt(ratio), 1.0 - ratio
+    else:
+        rel, energy = np.zeros(max_rank + 1), np.ones(max_rank + 1)
+    for a in (u, s, vt, rel, energy):
+        a.setflags(write=False)
+    return Spectrum(
+        orientation=orientation,
+        group=group,
+        weight_shape=shape,
+        max_rank=max_rank,
+        _u=u,
+        _s=s,
+        _vt=vt,
+        _rel=rel,
+        _energy=energy,
+        _norm_sq=norm_sq,
+        _dtype=dtype,
+    )
+
+
+def original_macs(weight_shape, group: int, p_out: int) -> int:
+    """MACs of the original Conv: N * (M/g) * K * p_out."""
+    shape, _ = _check_shape(weight_shape, group)
+    return math.prod(shape) * _check_count(p_out, "p_out")
+
+
+def reconstruct(first, second, orientation: str, group: int, weight_shape) -> np.ndarray:
+    """The dense Conv kernel equivalent to running ``first`` then ``second`` (see ``factors``)."""
+    _check_orientation(orientation)
+    shape, g = _check_shape(weight_shape, group)
+    n, mg, m, k = _dims(shape, g)
+    kernel, ones = shape[2:], (1,) * (len(shape) - 2)
+    a, b = np.asarray(first), np.asarray(second)
+    if orientation == "dw-first":
+        if a.ndim != len(shape) or a.shape[0] % m or a.shape[1:] != (1, *kernel):
+            raise ValueError(f"depthwise factor must be (M*r, 1, {kernel}) with M={m}, got {a.shape}")
+        r = a.shape[0] // m
+        if b.shape != (n, mg * r, *ones):
+            raise ValueError(f"pointwise factor must be {(n, mg * r, *ones)}, got {b.shape}")
+        d = a.reshape(g, mg, r, k)  # [j, m_local, i, :]
+        p = b.reshape(g, n // g, mg, r)  # [j, n_local, m_local, i]
+        w = np.einsum("jnmi,jmik->jnmk", p, d)
+    else:
+        if a.ndim != len(shape) or a.shape[0] % n or a.shape[1:] != (mg, *ones):
+            raise ValueError(f"pointwise factor must be (N*r, {mg}, 1..1) with N={n}, got {a.shape}")
+        r = a.shape[0] // n
+        if b.shape != (n, r, *kernel):
+            raise ValueError(f"spatial factor must be {(n, r, *kernel)}, got {b.shape}")
+        w = np.einsum("nim,nik->nmk", a.reshape(n, r, mg), b.reshape(n, r, k))
+    return w.reshape(shape)
+
+
+# --------------------------------------------------------------------------- budget allocation
+
+
+class BudgetUnreachable(BudgetError, ValueError):
+    """The MAC budget is below the cheapest rank-1 configuration of the given layers."""
+
+    def __init__(self, budget_macs: int, minimum_macs: int):
+        self.budget_macs = budget_macs
+        self.minimum_macs = minimum_macs
+        super().__init__(
+            f"MAC budget {budget_macs:,} is unreachable: rank 1 in the cheapest orientation of "
+            f"every layer already needs {minimum_macs:,} MACs"
+        )
+
+
+@dataclass
+class LayerChoice:
+    """One candidate layer for :func:`allocate`.
+
+    ``spectra`` maps orientation -> Spectrum of the same weight (one or both orientations).
+    ``weight_norm_sq`` turns relative errors into absolute dropped energy
+    (``weight_norm_sq * rel_error(r)**2``); pass ``spectrum.norm_sq`` for the plain ||W||_F^2.
+    """
+
+    name: str
+    spectra: dict[str, Spectrum]
+    p_in: int
+    p_out: int
+    weight_norm_sq: float
+
+
+class _Layer:
+    """Per-layer tables for the allocator: cost / error / allowed per (orientation, rank)."""
+
+    def __init__(self, choice: LayerChoice):
+        if not choice.spectra:
+            raise ValueError(f"layer {choice.name!r}: no spectra given")
+        specs = list(choice.spectra.values())
+        for o, spec in choice.spectra.items():
+            _check_orientation(o)
+            if spec.orientation != o:
+                raise ValueError(f"layer {choice.name!r}: spectra[{o!r}] is a {spec.orientation} spectrum")
+            if (spec.weight_shape, spec.group) != (specs[0].weight_shape, specs[0].group):
+                raise ValueError(f"layer {choice.name!r}: spectra describe different weights")
+        norm_sq = float(choice.weight_norm_sq)
+        if not (math.isfinite(norm_sq) and norm_sq >= 0.0):
+            raise ValueError(f"layer {choice.name!r}: weight_norm_sq must be finite and >= 0")
+        p_in, p_out = _check_count(choice.p_in, "p_in"), _check_count(choice.p_out, "p_out")
+        self.name = choice.name
+        self.original = original_macs(specs[0].weight_shape, specs[0].group, p_out)
+        self.orients = [o for o in ORIENTATIONS if o in choice.spectra]
+        self.cost: dict[str, np.ndarray] = {}  # index r-1
+        self.err: dict[str, np.ndarray] = {}
+        for o in self.orients:
+            spec = choice.spectra[o]
+            ranks = range(1, spec.max_rank + 1)
+            self.cost[o] = np.array([spec.macs(r, p_in, p_out) for r in ranks], dtype=np.int64)
+            self.err[o] = norm_sq * np.square(spec._rel[1:])
+        # Rank-1 options that are cheaper than the original Conv.
+        ok = [o for o in self.orients if self.cost[o][0] < self.original]
+        if not ok:
+            raise ValueError(
+                f"layer {self.name!r}: rank 1 is not cheaper than the original Conv "
+                f"({self.original:,} MACs) in any given orientation; leave it out of the allocation"
+            )
+        self.start = min(ok, key=lambda o: (self.err[o][0], self.cost[o][0], self.orients.index(o)))
+        self.cheapest = min(ok, key=lambda o: (self.cost[o][0], self.err[o][0], self.orients.index(o)))
+
+    def best_step(self, o: str, r: int, room: int):
+        """Best improving step from state (o, r) adding at most ``room`` MACs, or None.
+
+        Returns (score, (orientation, rank), delta_macs); score = dropped-energy reduction per
+        MAC added (+inf when the step adds no MACs).
+        """
+        cur_c, cur_e = int(self.cost[o][r - 1]), float(self.err[o][r - 1])
+        best, best_key = None, None
+        for oi, o2 in enumerate(self.orients):
+            c, e = self.cost[o2], self.err[o2]
+            ranks = np.arange(1, len(c) + 1)
+            mask = (c < self.original) & (e < cur_e) & (c - cur_c <= room)
+            mask &= (ranks == r + 1) if o2 == o else True
+            if not mask.any():
+                continue
+            idx = np.flatnonzero(mask)
+            dc = (c[idx] - cur_c).astype(np.float64)
+            de = cur_e - e[idx]
+            with np.errstate(divide="ignore"):
+                score = np.where(dc > 0, de / np.where(dc > 0, dc, 1.0), np.inf)
+            # best in this orientation: highest score, then largest reduction, then lowest rank
+            j = int(np.lexsort((idx, -de, -score))[0])
+            key = (float(score[j]), float(de[j]), -oi)
+            if best_key is None or key > best_key:
+                best_key = key
+                best = (float(score[j]), (o2, int(idx[j]) + 1), int(c[idx[j]]) - cur_c)
+        return best
+
+
+def allocate(
+    layers: list[LayerChoice], budget_macs: int
+) -> tuple[dict[str, tuple[str, int]], int]:
+    """Choose (orientation, rank) per layer so that total factorized MACs <= ``budget_macs``.
+
+    Returns ``({name: (orientation, rank)}, total_macs)`` where ``total_macs`` is the sum of
+    ``Spectrum.macs`` over the given layers at the chosen configuration.
+
+    The error of a layer at (o, r) is its absolute dropped energy
+    ``weight_norm_sq * spectra[o].rel_error(r)**2``; the goal is a small total error. Rule:
+
+    1. Start every layer at rank 1 in the orientation with the smallest rank-1 error, among the
+       orientations whose rank-1 cost is below the layer's original Conv cost (ties: fewer MACs,
+       then ``ORIENTATIONS`` order). A layer with no such orientation is a ``ValueError`` — the
+       caller should leave it out.
+    2. If the start exceeds the budget: when even the cheapest rank-1 orientation of every layer
+       exceeds it, raise :class:`BudgetUnreachable` (its message gives that minimum). Otherwise
+       switch layers to their cheapest rank-1 orientation, smallest error increase per MAC saved
+       first (ties: layer order), until the total fits.
+    3. Greedy: a step moves one layer from (o, r) either to (o, r + 1) or to any rank of another
+       given orientation. Only steps that strictly reduce the layer's error, keep the layer's cost
+       strictly below its original cost and keep the total within the budget are eligible. Take
+       the step with the largest error reduction per MAC added (a step that adds no MACs ranks
+       first; ties: larger reduction, then layer order, then ``ORIENTATIONS`` order, then lower
+       rank); repeat until no step is eligible.
+
+    Each layer keeps its one best step in a heap; a step whose MACs no longer fit is re-evaluated
+    against the remaining budget when popped (the remaining budget only shrinks, so stored scores
+    stay upper bounds; a step that lowers MACs triggers a rebuild). Cost: O(steps * (R + log L))
+    with R the number of ranks of a layer. Every step lowers the total error, so it terminates.
+    """
+    budget = _as_int(budget_macs, "budget_macs")
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError("layer names passed to allocate() must be unique")
+    tabs = [_Layer(layer) for layer in layers]
+
+    state = [(t.start, 1) for t in tabs]
+    cost = [int(t.cost[t.start][0]) for t in tabs]
+    total = sum(cost)
+    if total > budget:
+        minimum = sum(int(t.cost[t.cheapest][0]) for t in tabs)
+        if minimum > budget:
+            raise BudgetUnreachable(budget, minimum)
+        swaps = []
+        for i, t in enumerate(tabs):
+            if t.cheapest != t.start:
+                saved = int(t.cost[t.start][0] - t.cost[t.cheapest][0])  # > 0
+                worse = float(t.err[t.cheapest][0] - t.err[t.start][0])
+                swaps.append((worse / saved, i))
+        for _, i in sorted(swaps):
+            if total <= budget:
+                break
+            t = tabs[i]
+            state[i] = (t.cheapest, 1)
+            new_cost = int(t.cost[t.cheapest][0])
+            total += new_cost - cost[i]
+            cost[i] = new_cost
+
+    version = [0] * len(tabs)
+    heap: list = []
+
+    def push(i: int) -> None:
+        step = tabs[i].best_step(*state[i], budget - total)
+        if step is not None:
+            score, target, dc = step
+            heapq.heappush(heap, (-score, i, version[i], target, dc))
+
+    for i in range(len(tabs)):
+        push(i)
+    while heap:
+        _, i, ver, target, dc = heapq.heappop(heap)
+        if ver != version[i]:
+            continue
+        version[i] += 1
+        if dc > budget - total:  # budget shrank since this step was scored
+            push(i)
+            continue
+        state[i] = target
+        cost[i] += dc
+        total += dc
+        if dc < 0:  # room grew: steps skipped earlier may fit now, rescore everyone
+            heap.clear()
+            for j in range(len(tabs)):
+                version[j] += 1
+                push(j)
+        else:
+            push(i)
+
+    choice = {t.name: state[i] for i, t in enumerate(tabs)}
+    final = sum(
+        layer.spectra[o].macs(r, layer.p_in, layer.p_out) for layer, (o, r) in zip(layers, state)
+    )
+    assert final == total <= budget
+    return choice, final

@@ -1,0 +1,248 @@
+"""A read-only view of an ONNX graph for analysis: tensor shapes and dtypes, which tensors are
+constant, producers and consumers, nested scopes for subgraphs.
+
+Shapes come from the model after shape inference (``graph.value_info``, inputs, outputs,
+initializers, ``Constant`` attributes). A dimension is an ``int``, a ``str`` (a symbol) or
+``None`` (unknown).
+
+**Constant** means: an initializer, the output of a ``Constant`` node, or the output of a
+deterministic node whose inputs are all constant (``ConstantOfShape``, ``Cast``, ``Reshape``,
+``Transpose``, ``DequantizeLinear`` ... of constants). Constants are tracked by name only; their
+values are never materialized here, so a model with external data is analyzed without reading
+the weight bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, TensorProto
+
+Dim = "int | str | None"
+Shape = "tuple[int | str | None, ...] | None"
+
+# Nodes with no inputs that still do not produce constants.
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT4E2M1"):
+    if hasattr(TensorProto, _name):
+        _FLOAT_TYPES.add(getattr(TensorProto, _name))
+
+
+def itemsize(dtype: int) -> float | None:
+    """Bytes per element of an ONNX tensor dtype (sub-byte types give fractions)."""
+    if dtype in (TensorProto.UNDEFINED, TensorProto.STRING):
+        return None
+    name = TensorProto.DataType.Name(dtype)
+    if name in ("INT4", "UINT4", "FLOAT4E2M1"):
+        return 0.5
+    if name.startswith("FLOAT8"):
+        return 1.0
+    try:
+        return float(onnx.helper.tensor_dtype_to_np_dtype(dtype).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def is_float(dtype: int) -> bool:
+    return dtype in _FLOAT_TYPES
+
+
+@dataclass
+class TensorInfo:
+    shape: tuple | None  # None: rank unknown
+    dtype: int = TensorProto.UNDEFINED
+
+
+def _shape_of(t: onnx.TypeProto) -> tuple | None:
+    if not t.HasField("tensor_type"):
+        return None
+    tt = t.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    dims = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _constant_attr_info(node: onnx.NodeProto) -> TensorInfo | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == AttributeProto.TENSOR:
+            return TensorInfo(tuple(int(d) for d in a.t.dims), a.t.data_type)
+        if a.name == "sparse_value":
+            return TensorInfo(tuple(int(d) for d in a.sparse_tensor.dims), a.sparse_tensor.values.data_type)
+        if a.name == "value_float":
+            return TensorInfo((), TensorProto.FLOAT)
+        if a.name == "value_floats":
+            return TensorInfo((len(a.floats),), TensorProto.FLOAT)
+        if a.name == "value_int":
+            return TensorInfo((), TensorProto.INT64)
+        if a.name == "value_ints":
+            return TensorInfo((len(a.ints),), TensorProto.INT64)
+    return None
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+class GraphView:
+    """Shapes, dtypes, constness, producers and consumers of one graph scope."""
+
+    def __init__(self, graph: onnx.GraphProto, outer: "GraphView | None" = None, symbols=None):
+        self.graph = graph
+        self.outer = outer
+        # the symbolic dims that stand for model inputs; other dim_params (``unk__3``, made by
+        # shape inference for data-dependent sizes) are unknown dimensions
+        self.symbols: frozenset = frozenset(symbols) if symbols is not None else (outer.symbols if outer else frozenset())
+        self.nodes = list(graph.node)
+        self.info: dict[str, TensorInfo] = {}
+        self.const: set[str] = set()
+        self.initializers: dict[str, TensorProto] = {}
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        self.graph_outputs = [o.name for o in graph.output]
+        self.graph_inputs = [i.name for i in graph.input]
+        self._input_set = set(self.graph_inputs)
+
+        info = self.info
+        for vi in graph.value_info:
+            info[vi.name] = TensorInfo(_shape_of(vi.type), vi.type.tensor_type.elem_type)
+        for vi in list(graph.input) + list(graph.output):
+            info[vi.name] = TensorInfo(_shape_of(vi.type), vi.type.tensor_type.elem_type)
+        for init in graph.initializer:
+            info[init.name] = TensorInfo(tuple(int(d) for d in init.dims), init.data_type)
+            self.initializers[init.name] = init
+            self.const.add(init.name)
+        for sp in graph.sparse_initializer:
+            info[sp.values.name] = TensorInfo(tuple(int(d) for d in sp.dims), sp.values.data_type)
+            self.const.add(sp.values.name)
+
+        const = self.const
+        consumers = self.consumers
+        producer = self.producer
+        for idx, node in enumerate(self.nodes):
+            ins = node.input
+            for name in ins:
+                if name:
+                    lst = consumers.get(name)
+                    if lst is None:
+                        consumers[name] = [idx]
+                    else:
+                        lst.append(idx)
+            for name in node.output:
+                if name:
+                    producer[name] = idx
+            op = node.op_type
+            if op == "Constant" and node.domain in ("", "ai.onnx"):
+                const.update(node.output)
+                if node.output[0] not in info or info[node.output[0]].shape is None:
+                    ci = _constant_attr_info(node)
+                    if ci is not None:
+                        info[node.output[0]] = ci
+            elif (ins and op not in _NONDETERMINISTIC and node.domain in ("", "ai.onnx")
+                  and all((not n) or self.is_const(n) for n in ins)
+                  and not any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)):
+                const.update(o for o in node.output if o)
+
+    # -- lookups -------------------------------------------------------------------------
+    def tensor(self, name: str) -> TensorInfo | None:
+        v = self
+        while v is not None:
+            t = v.info.get(name)
+            if t is not None:
+                return t
+            v = v.outer
+        return None
+
+    def shape(self, name: str) -> tuple | None:
+        if not name:
+            return None
+        t = self.tensor(name)
+        return t.shape if t else None
+
+    def dtype(self, name: str) -> int:
+        t = self.tensor(name)
+        return t.dtype if t else TensorProto.UNDEFINED
+
+    def is_const(self, name: str) -> bool:
+        v = self
+        while v is not None:
+            if name in v.const:
+                return True
+            if name in v.producer or name in v._input_set:
+                return False
+            v = v.outer
+        return False
+
+    def initializer(self, name: str) -> TensorProto | None:
+        v = self
+        while v is not None:
+            t = v.initializers.get(name)
+            if t is not None:
+                return t
+            v = v.outer
+        return None
+
+    def producer_node(self, name: str) -> onnx.NodeProto | None:
+        idx = self.producer.get(name)
+        return self.nodes[idx] if idx is not None else None
+
+    def const_value(self, name: str, base_dir: str | None = None, max_elements: int = 1 << 16) -> np.ndarray | None:
+        """The value of a small constant (trip counts, shape vectors), or None.
+
+        Only initializers and ``Constant`` nodes are read, and only when small; computed
+        constants are not evaluated.
+        """
+        init = self.initializer(name)
+        if init is not None:
+            n = int(np.prod(init.dims)) if init.dims else 1
+            if n > max_elements or init.data_location == TensorProto.EXTERNAL:
+                return None
+            return onnx.numpy_helper.to_array(init)
+        v = self
+        while v is not None:
+            idx = v.producer.get(name)
+            if idx is not None:
+                node = v.nodes[idx]
+                if node.op_type == "Constant":
+                    try:
+                        return onnx.numpy_helper.to_array(onnx.helper.get_attribute_value(node.attribute[0])) \
+                            if node.attribute[0].type == AttributeProto.TENSOR else np.array(onnx.helper.get_attribute_value(node.attribute[0]))
+                    except Exception:  # noqa: BLE001 - unusual constant: treat as unknown
+                        return None
+                return None
+            v = v.outer
+        return None
+
+    def topological(self) -> Iterable[tuple[int, onnx.NodeProto]]:
+        """Nodes in execution order (the loader has sorted the main graph already)."""
+        return enumerate(self.nodes)
+
+    def last_use(self) -> dict[str, int]:
+        """For each tensor, the index of the last node that reads it (inputs of subgraphs included)."""
+        last: dict[str, int] = {}
+        for idx, node in enumerate(self.nodes):
+            for name in node.input:
+                if name:
+                    last[name] = idx
+            if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+                from .loading import _subgraph_inputs
+
+                for name in _subgraph_inputs(node):
+                    last[name] = idx
+        return last

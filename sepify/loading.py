@@ -1,0 +1,319 @@
+"""Loading and preparing a model: read, validate, normalize, bind shapes, infer shapes.
+
+Everything that can go wrong with the *file* is turned into :class:`ModelError` with one line
+naming the file and the problem; the CLI maps it to exit code 2.
+
+Preparation steps, in order:
+
+1. read the protobuf without the external weight bytes (``load_external_data=False``);
+2. reject what is not a model (empty, truncated, random bytes, a protobuf of another kind);
+3. old models (IR < 4) list initializers among the graph inputs: drop them from the inputs so
+   shape inference treats them as the constants they are;
+4. inline model-local functions;
+5. put nodes in topological order if they are not (a cycle is an error);
+6. ``onnx.checker`` (structure, not shapes);
+7. apply ``--input-shape`` overrides and ``--dim`` bindings; name anonymous input dims;
+8. ONNX shape inference with data propagation (strict: a rejected opset or contradictory
+   shapes is an error).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelError, UsageError
+
+Source = "str | os.PathLike | onnx.ModelProto"
+
+
+@dataclass
+class LoadedModel:
+    """A prepared model: shapes inferred, inputs bound. ``model`` is a private copy."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    file_size: int | None
+    symbols: dict[str, int | None] = field(default_factory=dict)  # name -> bound value or None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return str(self.path) if self.path else "<model>"
+
+    @property
+    def base_dir(self) -> Path | None:
+        return self.path.parent if self.path else None
+
+
+def read_model(source, *, load_external_data: bool = False) -> tuple[onnx.ModelProto, Path | None]:
+    """Read a model from a path or copy a ModelProto; validate that it is a model at all."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        path = None
+        label = "<model>"
+    else:
+        path = Path(os.fspath(source))
+        label = str(path)
+        if not path.exists():
+            raise ModelError(f"{label}: no such file")
+        if path.is_dir():
+            raise ModelError(f"{label}: is a directory, not an ONNX file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ModelError(f"{label}: cannot read: {e.strerror or e}") from None
+        if not data:
+            raise ModelError(f"{label}: empty file, not an ONNX model")
+        model = onnx.ModelProto()
+        try:
+            model.ParseFromString(data)
+        except (DecodeError, ValueError, RuntimeError) as e:
+            raise ModelError(f"{label}: not an ONNX model or truncated file (protobuf parse failed: {_first_line(e)})") from None
+        if load_external_data:
+            try:
+                onnx.load_external_data_for_model(model, str(path.parent))
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{label}: cannot read external data: {_first_line(e)}") from None
+    _sanity(model, label)
+    return model, path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _sanity(model: onnx.ModelProto, label: str) -> None:
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelError(f"{label}: not an ONNX model (no IR version or no graph)")
+    if not model.graph.node and not model.graph.output:
+        raise ModelError(f"{label}: not an ONNX model (the graph has no nodes and no outputs)")
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> bool:
+    """IR < 4: initializers are also listed as graph inputs. Remove them from the input list."""
+    if model.ir_version >= 4:
+        return False
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    if len(keep) == len(model.graph.input):
+        return False
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return True
+
+
+def topological_sort(graph: onnx.GraphProto, label: str) -> bool:
+    """Reorder ``graph.node`` topologically if it is not already. Returns True if reordered.
+
+    The common case (already sorted) is a single linear pass; networkx is used only to sort.
+    """
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    ok = True
+    for node in graph.node:
+        if any(name not in known for name in node.input) or any(_outer_refs(node, known)):
+            ok = False
+            break
+        known.update(node.output)
+    if ok:
+        return False
+    import networkx as nx
+
+    producer = {}
+    for i, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                producer[out] = i
+    g = nx.DiGraph()
+    g.add_nodes_from(range(len(graph.node)))
+    for i, node in enumerate(graph.node):
+        for name in list(node.input) + _subgraph_inputs(node):
+            j = producer.get(name)
+            if j is not None and j != i:
+                g.add_edge(j, i)
+            elif j == i:
+                raise ModelError(f"{label}: invalid graph: node {node.name or node.op_type!r} reads its own output {name!r}")
+    try:
+        order = list(nx.lexicographical_topological_sort(g))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(g)
+        names = [graph.node[a].name or graph.node[a].op_type for a, _ in cycle]
+        raise ModelError(f"{label}: invalid graph: cycle through nodes {' -> '.join(names[:6])}") from None
+    nodes = [graph.node[i] for i in order]
+    copies = [onnx.NodeProto() for _ in nodes]
+    for c, n in zip(copies, nodes):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return True
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names a node's subgraphs read from the enclosing scope (for ordering)."""
+    names: list[str] = []
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                names.extend(x for x in n.input if x and x not in local)
+                names.extend(_subgraph_inputs(n))
+                local.update(n.output)
+    return names
+
+
+def _outer_refs(node: onnx.NodeProto, known: set[str]):
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return ()
+    return (name for name in _subgraph_inputs(node) if name not in known)
+
+
+_SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*([A-Za-z0-9_?,x\s]+)$")
+
+
+def parse_input_shape(text: str) -> tuple[str, list[int | str]]:
+    """``images=1x3x640x640`` → ``("images", [1, 3, 640, 640])``; a non-number stays a symbol."""
+    m = _SHAPE_RE.match(text)
+    if not m:
+        raise UsageError(f"invalid --input-shape {text!r} (expected NAME=1x3x224x224)")
+    name, dims = m.group(1), m.group(2)
+    out: list[int | str] = []
+    for d in re.split(r"[x,]", dims.replace(" ", "")):
+        if not d:
+            raise UsageError(f"invalid --input-shape {text!r} (empty dimension)")
+        out.append(int(d) if d.isdigit() else d)
+    return name, out
+
+
+def parse_dim(text: str) -> tuple[str, int]:
+    """``batch=8`` → ``("batch", 8)``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"invalid --dim {text!r} (expected SYMBOL=POSITIVE_INTEGER)")
+    return name.strip(), int(value)
+
+
+def _set_dims(vi: onnx.ValueInfoProto, dims: Sequence[int | str]) -> None:
+    tt = vi.type.tensor_type
+    tt.shape.Clear()
+    for d in dims:
+        dim = tt.shape.dim.add()
+        if isinstance(d, int):
+            dim.dim_value = d
+        else:
+            dim.dim_param = d
+
+
+def _bind_value_infos(vis, dims: Mapping[str, int]) -> None:
+    for vi in vis:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in dims:
+                d.dim_value = dims[d.dim_param]
+
+
+def bind_inputs(
+    model: onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    dims: Mapping[str, int] | None = None,
+    label: str = "<model>",
+) -> dict[str, int | None]:
+    """Apply input shape overrides and symbol bindings in place; return the symbols seen.
+
+    Anonymous input dims (no value, no name) are given the name ``<input>_d<axis>`` so they can
+    be bound with ``--dim`` and appear in formulas. Returns ``{symbol: bound value or None}``.
+    """
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in inits}
+    for name, shape in (input_shapes or {}).items():
+        if name not in inputs:
+            raise UsageError(f"--input-shape names {name!r}, which is not a graph input (inputs: {', '.join(inputs) or 'none'})")
+        vi = inputs[name]
+        old = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
+        if old and len(old) != len(shape):
+            raise UsageError(f"--input-shape {name}: rank {len(shape)} given, the model declares rank {len(old)}")
+        _set_dims(vi, shape)
+    dims = dict(dims or {})
+    symbols: dict[str, int | None] = {}
+    for vi in inputs.values():
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+            continue
+        for axis, d in enumerate(tt.shape.dim):
+            if d.HasField("dim_value"):
+                continue
+            if not d.HasField("dim_param") or not d.dim_param:
+                d.dim_param = f"{vi.name}_d{axis}"
+            symbols[d.dim_param] = dims.get(d.dim_param)
+    unused = sorted(set(dims) - set(symbols))
+    if unused:
+        raise UsageError(f"--dim {unused[0]}: no input of the model has a dimension named {unused[0]!r}"
+                         + (f" (symbols: {', '.join(sorted(symbols))})" if symbols else " (it has no symbolic dimensions)"))
+    bound = {k: v for k, v in symbols.items() if v is not None}
+    if bound:
+        _bind_value_infos(graph.input, bound)
+        _bind_value_infos(graph.output, bound)
+        _bind_value_infos(graph.value_info, bound)
+    return symbols
+
+
+def infer_shapes(model: onnx.ModelProto, label: str = "<model>") -> onnx.ModelProto:
+    """ONNX shape inference with data propagation; errors become :class:`ModelError`."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as e:
+        raise ModelError(f"{label}: shape inference failed: {_first_line(e)}") from None
+
+
+def check(model: onnx.ModelProto, label: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{label}: invalid graph: {_first_line(e)}") from None
+
+
+def load(
+    source,
+    *,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    dims: Mapping[str, int] | None = None,
+    load_external_data: bool = False,
+    bind_unbound_to: int | None = None,
+) -> LoadedModel:
+    """Read, validate and prepare a model, with shapes inferred. See the module docstring.
+
+    ``bind_unbound_to``: give every symbol left unbound this value (used for a numeric pass).
+    """
+    model, path = read_model(source, load_external_data=load_external_data)
+    label = str(path) if path else "<model>"
+    notes: list[str] = []
+    if drop_initializer_inputs(model):
+        notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
+    if model.functions:
+        try:
+            import onnx.inliner
+
+            model = onnx.inliner.inline_local_functions(model)
+        except Exception as e:  # noqa: BLE001 - a broken function body is a model error
+            raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
+        notes.append("model-local functions were inlined")
+    if topological_sort(model.graph, label):
+        notes.append("nodes were not in topological order; sorted")
+    check(model, label)
+    symbols = bind_inputs(model, input_shapes, dims, label)
+    if bind_unbound_to is not None:
+        free = {k: bind_unbound_to for k, v in symbols.items() if v is None}
+        if free:
+            bind_inputs(model, None, free, label)
+    model = infer_shapes(model, label)
+    size = path.stat().st_size if path else None
+    return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes)

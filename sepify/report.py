@@ -1,0 +1,162 @@
+"""Renderers: the same report as a rich table (people), JSON and CSV (machines), Markdown (PR
+comments). Renderers take the report's ``to_dict()`` form, so a saved JSON renders the same
+as a fresh analysis."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+
+from .units import human, human_bytes
+
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+def _console(stream, width: int | None = None):
+    from rich.console import Console
+
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return Console(file=stream, width=width or (None if tty else 160), highlight=False,
+                   color_system="auto" if tty else None, soft_wrap=False)
+
+
+def _shape(shapes) -> str:
+    if not shapes:
+        return ""
+    return ", ".join("?" if s is None else "x".join("?" if d is None else str(d) for d in s) for s in shapes)
+
+
+SORT_KEYS = ("graph", "macs", "flops", "params", "output_bytes", "name")
+
+
+def select_layers(layers: list[dict], sort: str = "graph", top: int | None = None) -> list[dict]:
+    """Order rows (graph order unless ``sort``) and keep the ``top`` first; deterministic."""
+    rows = list(layers)
+    if top and sort == "graph":
+        sort = "macs"
+    if sort == "name":
+        rows.sort(key=lambda r: (r["name"], r["index"]))
+    elif sort != "graph":
+        rows.sort(key=lambda r: (-(r.get(sort) or 0), r["index"]))
+    return rows[:top] if top else rows
+
+
+def dumps_json(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+# --- analysis ---------------------------------------------------------------------------------
+def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None = None, by_op: bool = False) -> None:
+    from rich.table import Table
+
+    stream = stream or sys.stdout
+    console = _console(stream)
+    t = data["totals"]
+    title = data["model"].get("path") or data["model"].get("graph") or "model"
+    if by_op:
+        table = Table(title=f"{title} — by op type", show_lines=False)
+        for col in ("op type", "count", "MACs", "FLOPs", "params", "unknown"):
+            table.add_column(col, justify="left" if col == "op type" else "right")
+        groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
+        if top:
+            groups = groups[:top]
+        for op, g in groups:
+            table.add_row(op, str(g["count"]), human(g["macs"]), human(g["flops"]), human(g["params"]),
+                          str(g["unknown"]) if g["unknown"] else "")
+    else:
+        table = Table(title=title, show_lines=False)
+        for col, just in (("#", "right"), ("name", "left"), ("op", "left"), ("output", "left"),
+                          ("MACs", "right"), ("FLOPs", "right"), ("params", "right"), ("out bytes", "right"),
+                          ("note", "left")):
+            table.add_column(col, justify=just, overflow="fold" if col == "note" else "ellipsis")
+        for r in select_layers(data["layers"], sort, top):
+            note = f"unknown: {r['unknown']}" if r["unknown"] else r["note"]
+            table.add_row(str(r["index"]), r["name"], r["op_type"], _shape(r["output_shapes"]),
+                          human(r["macs"]), human(r["flops"]), human(r["params"]) if r["params"] else "",
+                          human_bytes(r["output_bytes"]), note)
+    table.add_section()
+    table.add_row(*(["", "total"] if not by_op else ["total"]),
+                  *(["", ""] if not by_op else [str(len(data["layers"]))]),
+                  human(t["macs"]), human(t["flops"]), human(t["params"]),
+                  *([human_bytes(t["activation_peak_bytes"]) + " peak", ""] if not by_op else [str(t["unknown"]) if t["unknown"] else ""]))
+    console.print(table)
+    console.print(summary_line(data))
+    for note in data.get("notes", []):
+        console.print(f"note: {note}")
+
+
+def summary_line(data: dict) -> str:
+    t = data["totals"]
+    parts = [f"MACs {human(t['macs'])} ({t['macs']:,})"]
+    if t.get("macs_formula"):
+        parts[-1] += f" = {t['macs_formula']}"
+    parts.append(f"FLOPs {human(t['flops'])}")
+    parts.append(f"params {human(t['params'])} ({t['params']:,})")
+    if t["buffers"]:
+        parts.append(f"buffers {t['buffers']:,}")
+    parts.append(f"activation peak {human_bytes(t['activation_peak_bytes'])}")
+    parts.append(f"unknown {t['unknown']}")
+    return "totals: " + ", ".join(parts)
+
+
+CSV_COLUMNS = ("index", "name", "op_type", "domain", "macs", "flops", "params", "buffers",
+               "output_shapes", "output_bytes", "unknown", "note")
+
+
+def analysis_csv(data: dict, sort: str = "graph", top: int | None = None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in select_layers(data["layers"], sort, top):
+        w.writerow(["" if r[c] is None else (_shape(r[c]) if c == "output_shapes" else r[c]) for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+def _md_escape(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, by_op: bool = False) -> str:
+    t = data["totals"]
+    name = os.path.basename(data["model"].get("path") or "") or data["model"].get("graph") or "model"
+    out = [f"### sepify analyze: `{_md_escape(name)}`", "",
+           "| MACs | FLOPs | params | buffers | activation peak | unknown nodes |",
+           "|---:|---:|---:|---:|---:|---:|",
+           f"| {human(t['macs'])} | {human(t['flops'])} | {human(t['params'])} | {human(t['buffers'])} "
+           f"| {human_bytes(t['activation_peak_bytes'])} | {t['unknown']} |", ""]
+    if t.get("macs_formula"):
+        out += [f"MACs as a formula of the free dimensions: `{t['macs_formula']}`", ""]
+    if by_op:
+        out += ["| op type | count | MACs | FLOPs | params |", "|---|---:|---:|---:|---:|"]
+        groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
+        for op, g in groups[:top] if top else groups:
+            out.append(f"| {_md_escape(op)} | {g['count']} | {human(g['macs'])} | {human(g['flops'])} | {human(g['params'])} |")
+    else:
+        rows = select_layers(data["layers"], sort, top)
+        out += ["<details><summary>layers" + (f" (top {top} by {sort if sort != 'graph' else 'macs'})" if top else "")
+                + "</summary>", "",
+                "| # | name | op | output | MACs | params | note |", "|---:|---|---|---|---:|---:|---|"]
+        for r in rows:
+            note = f"unknown: {r['unknown']}" if r["unknown"] else r["note"]
+            out.append(f"| {r['index']} | {_md_escape(r['name'])} | {r['op_type']} | {_shape(r['output_shapes'])} "
+                       f"| {human(r['macs'])} | {human(r['params']) if r['params'] else ''} | {_md_escape(note)} |")
+        out += ["", "</details>"]
+    for note in data.get("notes", []):
+        out.append(f"- {_md_escape(note)}")
+    return "\n".join(out) + "\n"
+
+
+def render_analysis(data: dict, fmt: str, stream=None, sort: str = "graph", top: int | None = None,
+                    by_op: bool = False) -> str | None:
+    """Render to text (json/csv/markdown) or print a table to ``stream`` (returns None)."""
+    if fmt == "json":
+        return dumps_json(data)
+    if fmt == "csv":
+        return analysis_csv(data, sort, top)
+    if fmt == "markdown":
+        return analysis_markdown(data, sort, top, by_op)
+    analysis_table(data, stream, sort, top, by_op)
+    return None

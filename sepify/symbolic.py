@@ -1,0 +1,123 @@
+"""Polynomials in symbolic dimensions, so that costs of a model with a free ``batch`` (or
+``height``...) dimension can be reported as a formula such as ``4.09G·batch``.
+
+Cost rules multiply and add dimensions. A concrete dimension is a Python ``int``; a symbolic
+one (an ONNX ``dim_param``) becomes :class:`Poly`. ``int`` op ``int`` stays ``int`` (the fast
+path for the common, fully static case); anything touching a :class:`Poly` gives a
+:class:`Poly`. Only ``+`` and ``*`` are supported: a cost that needs division or ``max`` of a
+symbolic quantity is not polynomial and is computed numerically instead.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Union
+
+Num = Union[int, "Poly"]
+_Mono = tuple  # sorted tuple of (symbol, power)
+
+
+def _mono_mul(a: _Mono, b: _Mono) -> _Mono:
+    powers = dict(a)
+    for sym, p in b:
+        powers[sym] = powers.get(sym, 0) + p
+    return tuple(sorted(powers.items()))
+
+
+class Poly:
+    """A polynomial with integer coefficients over named symbols."""
+
+    __slots__ = ("terms",)
+
+    def __init__(self, terms: Mapping[_Mono, int] | None = None):
+        self.terms = {m: c for m, c in (terms or {}).items() if c != 0}
+
+    @classmethod
+    def symbol(cls, name: str) -> "Poly":
+        return cls({((name, 1),): 1})
+
+    @staticmethod
+    def lift(x: Num) -> "Poly":
+        return x if isinstance(x, Poly) else Poly({(): int(x)})
+
+    def __add__(self, other: Num) -> "Poly":
+        other = Poly.lift(other)
+        terms = dict(self.terms)
+        for m, c in other.terms.items():
+            terms[m] = terms.get(m, 0) + c
+        return Poly(terms)
+
+    __radd__ = __add__
+
+    def __mul__(self, other: Num) -> "Poly":
+        other = Poly.lift(other)
+        terms: dict = {}
+        for m1, c1 in self.terms.items():
+            for m2, c2 in other.terms.items():
+                m = _mono_mul(m1, m2)
+                terms[m] = terms.get(m, 0) + c1 * c2
+        return Poly(terms)
+
+    __rmul__ = __mul__
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (int, Poly)):
+            return Poly.lift(other).terms == self.terms
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.terms.items())))
+
+    @property
+    def symbols(self) -> set[str]:
+        return {s for m in self.terms for s, _ in m}
+
+    def evaluate(self, values: Mapping[str, int]) -> int:
+        total = 0
+        for m, c in self.terms.items():
+            v = c
+            for s, p in m:
+                v *= values.get(s, 1) ** p
+            total += v
+        return total
+
+    def format(self, number_format=str) -> str:
+        """Human form, highest degree first: ``4.09G·batch + 1.2M``."""
+        if not self.terms:
+            return "0"
+        parts = []
+        for m, c in sorted(self.terms.items(), key=lambda t: (-sum(p for _, p in t[0]), t[0])):
+            syms = "·".join(s if p == 1 else f"{s}^{p}" for s, p in m)
+            if not syms:
+                parts.append(number_format(c))
+            elif c == 1:
+                parts.append(syms)
+            else:
+                parts.append(f"{number_format(c)}·{syms}")
+        return " + ".join(parts)
+
+    def __repr__(self) -> str:
+        return f"Poly({self.format()})"
+
+
+def is_symbolic(x: object) -> bool:
+    return isinstance(x, Poly) and bool(x.symbols)
+
+
+def evaluate(x: Num | None, values: Mapping[str, int]) -> int | None:
+    if x is None:
+        return None
+    return x.evaluate(values) if isinstance(x, Poly) else int(x)
+
+
+def prod(values) -> Num:
+    out: Num = 1
+    for v in values:
+        out = out * v
+    return out
+
+
+def formula(x: Num | None, number_format=str) -> str | None:
+    """The formula string of a symbolic value, ``None`` for a concrete one."""
+    if isinstance(x, Poly) and x.symbols:
+        return x.format(number_format)
+    return None

@@ -1,0 +1,83 @@
+"""Human numbers: ``600M``, ``4.5M``, ``8MiB``, ``1.2G``, ``2%`` in; ``568.7M`` out."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import UsageError
+
+_SI = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_BIN = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_NUM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMGTP]i?)?\s*([bB])?\s*$")
+
+
+def parse_quantity(text: str | int | float, what: str = "value") -> int:
+    """Parse ``600M``, ``4.5M``, ``8MiB``, ``20MB``, ``1.2G``, ``1e9`` into an integer.
+
+    SI suffixes are powers of 10, ``Ki``/``Mi``/``Gi``/``Ti`` powers of 2; a trailing ``B``
+    (bytes) is allowed and ignored.
+    """
+    if isinstance(text, bool):
+        raise UsageError(f"invalid {what}: {text!r}")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise UsageError(f"invalid {what}: {text!r} (must be >= 0)")
+        return int(round(text))
+    m = _NUM.match(str(text))
+    if not m:
+        raise UsageError(f"invalid {what}: {text!r} (expected a number with an optional suffix such as 600M, 4.5M, 8MiB)")
+    number, suffix, _ = m.groups()
+    suffix = suffix or ""
+    scale = _BIN[suffix] if suffix.endswith("i") else _SI[suffix]
+    return int(round(float(number) * scale))
+
+
+def parse_fraction(text: str | float, what: str = "value") -> float:
+    """Parse ``2%`` or ``0.02`` into ``0.02``."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            return float(s[:-1]) / 100.0
+        return float(s)
+    except ValueError:
+        raise UsageError(f"invalid {what}: {text!r} (expected a fraction like 0.02 or a percentage like 2%)") from None
+
+
+def human(n: int | float | None, digits: int = 1) -> str:
+    """``568740352`` → ``568.7M``; SI steps of 1000. ``None`` → ``?``."""
+    if n is None:
+        return "?"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{sign}{n / scale:.{digits}f}{unit}"
+    return f"{sign}{n:g}" if isinstance(n, float) else f"{sign}{n}"
+
+
+def human_bytes(n: int | float | None, digits: int = 1) -> str:
+    """Bytes in binary units: ``8388608`` → ``8.0MiB``."""
+    if n is None:
+        return "?"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{sign}{n / scale:.{digits}f}{unit}"
+    return f"{sign}{int(n)}B"
+
+
+def human3(n: int | float | None) -> str:
+    """Three significant digits: ``4093640000`` → ``4.09G``, ``568740352`` → ``569M``."""
+    if n is None:
+        return "?"
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)):
+        if n >= scale:
+            v = n / scale
+            s = f"{v:.{max(0, 2 - len(str(int(v))) + 1)}f}" if unit else str(int(n))
+            return f"{sign}{s}{unit}"
+    return f"{sign}{n:g}"
