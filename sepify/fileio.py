@@ -54,3 +54,47 @@ def write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> Non
             writer(tmp)
     except OSError as e:
         raise UsageError(f"{target}: cannot write: {e.strerror or e}") from None
+
+
+TWO_GB = 2**31 - 1
+
+
+def has_external_data(model) -> bool:
+    from onnx import TensorProto
+
+    return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def save_model(model, target: str | os.PathLike, external_data: bool = False) -> None:
+    """Write an ONNX model atomically. With ``external_data`` (or when the model is too large
+    for one protobuf) the weights go to ``<target>.data`` beside it; both files are written to
+    temporary names first and renamed into place, the data file first."""
+    import shutil
+
+    import onnx
+
+    target = Path(target)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"{target}: folder {folder} does not exist")
+    if not external_data:
+        try:
+            size = model.ByteSize()
+        except Exception:  # noqa: BLE001 - protobuf refuses to size > 2 GB messages
+            size = TWO_GB
+        external_data = size >= TWO_GB - 2**20
+    if not external_data:
+        write_bytes(target, model.SerializeToString())
+        return
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    data_name = target.name + ".data"
+    try:
+        onnx.save_model(model, str(tmpdir / target.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, folder / data_name)
+        os.replace(tmpdir / target.name, target)
+    except OSError as e:
+        raise UsageError(f"{target}: cannot write: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
