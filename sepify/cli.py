@@ -118,5 +118,103 @@ def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     _emit(render_analysis(data, fmt, sys.stdout, sort, top, by_op), output)
 
 
+def _rank_value(ctx, param, value):
+    if value is None or value == "full":
+        return value
+    try:
+        v = int(value)
+    except ValueError:
+        raise click.BadParameter("a positive integer or 'full'") from None
+    if v < 1:
+        raise click.BadParameter("a positive integer or 'full'")
+    return v
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
+@click.option("--rank", callback=_rank_value, metavar="N|full", help="Rank per layer (default 1: the MobileNet layer).")
+@click.option("--energy", type=float, help="Per layer, the smallest rank keeping this fraction of the weight energy.")
+@click.option("--max-error", type=float, help="Per layer, the smallest rank with relative weight error <= this.")
+@click.option("--target-macs", metavar="N", help="Global MAC budget for the whole model, e.g. 600M.")
+@click.option("--target-ratio", metavar="F", help="Global MAC budget as a fraction of the original, e.g. 0.3 or 30%.")
+@click.option("--orientation", type=click.Choice(["dw-first", "pw-first", "auto"]), default="dw-first", show_default=True)
+@click.option("--include", multiple=True, metavar="REGEX", help="Only rewrite Convs whose name matches (re.search).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Never rewrite Convs whose name matches.")
+@click.option("--allow-increase", is_flag=True, help="Rewrite even where the chosen rank costs more MACs.")
+@click.option("--no-fold-bn", is_flag=True, help="Do not fold a following BatchNormalization into the kernel.")
+@click.option("--verify", "do_verify", is_flag=True, help="Run both models in onnxruntime and compare outputs.")
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), help="Inputs for --verify (.npz, one array per input).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random --verify inputs.")
+@click.option("--tolerance", type=float, help="Exit 1 when any output's relative L2 error exceeds this (implies --verify).")
+@click.option("--dry-run", is_flag=True, help="Plan and report only; write no model.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
+@click.option("--report", "report_file", type=click.Path(dir_okay=False), help="Also write the report (in --format) to this file.")
+@_input_shape_opt
+@_dim_opt
+@_handle_errors
+def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, include, exclude,
+            allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, dry_run, fmt, report_file,
+            input_shape, dim):
+    """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
+    from pathlib import Path
+
+    from .errors import EXIT_FAILED, UsageError
+    from .rewrite import RewriteOptions, rewrite as run
+    from .units import parse_fraction, parse_quantity
+
+    if not output and not dry_run:
+        raise UsageError("give -o OUTPUT (or --dry-run to only report)")
+    if output and Path(output).resolve() == Path(model).resolve():
+        raise UsageError(f"{output}: the output path is the input model; refusing to overwrite it")
+    shapes, dims = _shapes_and_dims(input_shape, dim)
+    opts = RewriteOptions(
+        rank=rank, energy=energy, max_error=max_error,
+        target_macs=parse_quantity(target_macs, "--target-macs") if target_macs is not None else None,
+        target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
+        orientation=orientation, include=include, exclude=exclude, allow_increase=allow_increase,
+        fold_batchnorm=not no_fold_bn)
+    result = run(model, opts, input_shapes=shapes, dims=dims)
+    failed = saved = False
+    if do_verify or tolerance is not None or inputs_file:
+        from .verify import load_inputs, verify
+
+        feeds = load_inputs(inputs_file) if inputs_file else None
+        import onnx
+
+        original = model if result.external_data else onnx.load(model, load_external_data=False)
+        if result.external_data:
+            if not output or dry_run:
+                raise UsageError("--verify of a model with external data needs -o (the rewritten model is run from disk)")
+            result.save(output)
+            saved = True
+            ver = verify(model, output, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
+        else:
+            ver = verify(original, result.model, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
+        ver["tolerance"] = tolerance
+        ver["passed"] = tolerance is None or ver["max_rel_l2_error"] <= tolerance
+        result.report["verification"] = ver
+        failed = not ver["passed"]
+    if output and not dry_run and not saved:
+        result.save(output)
+        result.report["output"] = output
+    from .rewrite_report import render_rewrite
+
+    if report_file:
+        import io
+
+        buf = io.StringIO()
+        text = render_rewrite(result.report, fmt, buf)
+        from .fileio import write_text
+
+        write_text(report_file, text if text is not None else buf.getvalue())
+    text = render_rewrite(result.report, fmt, sys.stdout)
+    _emit(text, None)
+    if failed:
+        click.echo(f"sepify: verification failed: relative error {result.report['verification']['max_rel_l2_error']:.4g} "
+                   f"> tolerance {tolerance:g}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
