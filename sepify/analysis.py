@@ -142,12 +142,14 @@ class _Walker:
         self.counted: set[str] = set()  # constant tensors already counted (shared weights count once)
         self.param_bytes = 0
 
-    def params_of(self, node: onnx.NodeProto, view: GraphView) -> tuple[int, int, str]:
+    def params_of(self, node: onnx.NodeProto, view: GraphView, ins: list[str] | None = None) -> tuple[int, int, str]:
         roles = PARAM_ROLES.get(node.op_type, {})
         params = buffers = 0
         notes = []
-        for i, name in enumerate(node.input):
-            if not name or not view.is_const(name):
+        ins = list(node.input) if ins is None else ins
+        top = view.outer is None
+        for i, name in enumerate(ins):
+            if not name or not (name in view.const if top else view.is_const(name)):
                 continue
             t = view.tensor(name)
             if t is None or t.shape is None:
@@ -168,18 +170,19 @@ class _Walker:
             else:
                 buffers += n
         w = _WEIGHT_INPUT.get(node.op_type)
-        if w is not None and len(node.input) > w and node.input[w] and not view.is_const(node.input[w]):
-            notes.append(f"weight {node.input[w]!r} is not a constant")
+        if w is not None and len(ins) > w and ins[w] and not view.is_const(ins[w]):
+            notes.append(f"weight {ins[w]!r} is not a constant")
         return params, buffers, "; ".join(notes)
 
     def walk(self, view: GraphView) -> list[_Row]:
         rows = []
-        for _, node in view.topological():
-            if node.output and all((not o) or o in view.const for o in node.output):
+        const = view.const
+        for (_, node), (ins, outs, sub) in zip(view.topological(), view.io):
+            if outs and all((not o) or o in const for o in outs):
                 continue  # builds a constant: part of the weights, not a layer
-            params, buffers, note = self.params_of(node, view)
+            params, buffers, note = self.params_of(node, view, ins)
             try:
-                if any(True for _ in subgraphs(node)):
+                if sub:
                     cost, sub_note, sub_params, sub_buffers = self.control_flow(node, view)
                     params += sub_params
                     buffers += sub_buffers
@@ -261,40 +264,53 @@ class _Walker:
         return Cost(macs, flops), f"{op}: subgraphs counted once", params, buffers
 
 
-def _output_info(view: GraphView, node: onnx.NodeProto, values: Mapping[str, int]):
+class _Bytes:
+    """Bytes of a tensor (symbols at their values), computed once per tensor; None if unknown."""
+
+    def __init__(self, view: GraphView, values: Mapping[str, int]):
+        self.view, self.values, self.cache = view, values, {}
+
+    def __call__(self, name: str) -> int | None:
+        try:
+            return self.cache[name]
+        except KeyError:
+            pass
+        t = self.view.tensor(name)
+        out = None
+        if t is not None and t.shape is not None:
+            size = itemsize(t.dtype)
+            n = 1
+            for d in t.shape:
+                if d.__class__ is int:
+                    n *= d
+                elif d in self.values:
+                    n *= self.values[d]
+                else:
+                    n = None
+                    break
+            if n is not None and size is not None:
+                out = int(n * size)
+        self.cache[name] = out
+        return out
+
+
+def _output_info(view: GraphView, outs: list[str], nbytes: _Bytes):
     shapes = []
     total: int | None = 0
-    for o in node.output:
+    for o in outs:
         if not o:
             continue
         t = view.tensor(o)
-        shape = t.shape if t else None
-        shapes.append(list(shape) if shape is not None else None)
-        size = itemsize(t.dtype) if t else None
-        if shape is None or size is None or any(d is None or (isinstance(d, str) and d not in values) for d in shape):
-            total = None
-            continue
-        if total is not None:
-            n = 1
-            for d in shape:
-                n *= d if isinstance(d, int) else values.get(d, 1)
-            total += int(n * size)
+        shapes.append(list(t.shape) if t is not None and t.shape is not None else None)
+        b = nbytes(o)
+        total = None if b is None or total is None else total + b
     return shapes, total
 
 
-def _activation_peak(view: GraphView, values: Mapping[str, int]) -> int:
-    """Peak of live activation bytes over the execution order; constants excluded."""
-
-    def nbytes(name: str) -> int:
-        t = view.tensor(name)
-        if t is None or t.shape is None or any(d is None or (isinstance(d, str) and d not in values) for d in t.shape):
-            return 0
-        size = itemsize(t.dtype) or 0
-        n = 1
-        for d in t.shape:
-            n *= d if isinstance(d, int) else values.get(d, 1)
-        return int(n * size)
-
+def _activation_peak(view: GraphView, nbytes: _Bytes) -> int:
+    """Peak of live activation bytes over the execution order; constants excluded.
+    A tensor is live from its producer (graph inputs: from the start) to its last consumer;
+    graph outputs stay live to the end. Tensors of unknown size count 0."""
     last = view.last_use()
     keep = set(view.graph_outputs)
     const = view.const
@@ -302,20 +318,20 @@ def _activation_peak(view: GraphView, values: Mapping[str, int]) -> int:
     sizes: dict[str, int] = {}
     for name in view.graph_inputs:
         if name not in const:
-            sizes[name] = nbytes(name)
+            sizes[name] = nbytes(name) or 0
             live += sizes[name]
     peak = live
-    for idx, node in view.topological():
-        outs = [o for o in node.output if o and o not in const]
-        for o in outs:
-            sizes[o] = nbytes(o)
+    for idx, (ins, outs, _) in enumerate(view.io):
+        new = [o for o in outs if o and o not in const]
+        for o in new:
+            sizes[o] = nbytes(o) or 0
             live += sizes[o]
         if live > peak:
             peak = live
-        for name in set(node.input):
+        for name in ins:
             if name in sizes and last.get(name) == idx and name not in keep:
                 live -= sizes.pop(name)
-        for o in outs:
+        for o in new:
             if o not in last and o not in keep and o in sizes:
                 live -= sizes.pop(o)
     return peak
@@ -336,6 +352,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
 
     numeric_rows = None
+    nbytes = _Bytes(view, values)
     if numeric is not None:
         numeric_rows = _Walker().walk(GraphView(numeric.model.graph, symbols=numeric.symbols))
         if len(numeric_rows) != len(rows):
@@ -347,7 +364,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
     formula_exact = True
     num_macs = num_flops = 0
     for i, row in enumerate(rows):
-        shapes, out_bytes = _output_info(view, row.node, values)
+        shapes, out_bytes = _output_info(view, [o for o in row.node.output], nbytes)
         cost, reason = row.cost, row.unknown
         macs_f = flops_f = None
         if cost is not None:
@@ -377,7 +394,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
     totals = Totals(
         macs=num_macs, flops=num_flops,
         params=sum(layer.params for layer in layers), buffers=sum(layer.buffers for layer in layers),
-        activation_peak_bytes=_activation_peak(peak_view, values),
+        activation_peak_bytes=_activation_peak(peak_view, nbytes if peak_view is view else _Bytes(peak_view, values)),
         activation_bytes=sum(layer.output_bytes or 0 for layer in layers),
         unknown=sum(1 for layer in layers if layer.unknown), nodes=len(model.graph.node),
         param_bytes=walker.param_bytes,
@@ -425,8 +442,9 @@ def analyze(
 
 
 def _loses_symbols(loaded: LoadedModel) -> bool:
-    """Does shape inference leave any unknown dimension on a node output?"""
-    for vi in loaded.model.graph.value_info:
+    """Does shape inference leave any unknown dimension on a node output (graph outputs too)?"""
+    graph = loaded.model.graph
+    for vi in list(graph.value_info) + list(graph.output):
         tt = vi.type.tensor_type
         if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
             return True

@@ -14,6 +14,7 @@ the weight bytes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -32,6 +33,7 @@ for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", 
         _FLOAT_TYPES.add(getattr(TensorProto, _name))
 
 
+@functools.lru_cache(maxsize=None)
 def itemsize(dtype: int) -> float | None:
     """Bytes per element of an ONNX tensor dtype (sub-byte types give fractions)."""
     if dtype in (TensorProto.UNDEFINED, TensorProto.STRING):
@@ -58,20 +60,31 @@ class TensorInfo:
 
 
 def _shape_of(t: onnx.TypeProto) -> tuple | None:
-    if not t.HasField("tensor_type"):
+    if t.WhichOneof("value") != "tensor_type":
         return None
     tt = t.tensor_type
     if not tt.HasField("shape"):
         return None
     dims = []
     for d in tt.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param") and d.dim_param:
+        which = d.WhichOneof("value")
+        if which == "dim_value":
+            dims.append(d.dim_value)
+        elif which == "dim_param" and d.dim_param:
             dims.append(d.dim_param)
         else:
             dims.append(None)
     return tuple(dims)
+
+
+_SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
+
+
+def has_subgraph(node: onnx.NodeProto) -> bool:
+    """Does the node carry graph attributes? (cheap test first: only a few ops can)"""
+    if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
+        return False
+    return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
 
 
 def _constant_attr_info(node: onnx.NodeProto) -> TensorInfo | None:
@@ -121,13 +134,15 @@ class GraphView:
 
         info = self.info
         for vi in graph.value_info:
-            info[vi.name] = TensorInfo(_shape_of(vi.type), vi.type.tensor_type.elem_type)
+            t = vi.type
+            info[vi.name] = TensorInfo(_shape_of(t), t.tensor_type.elem_type)
         for vi in list(graph.input) + list(graph.output):
             info[vi.name] = TensorInfo(_shape_of(vi.type), vi.type.tensor_type.elem_type)
         for init in graph.initializer:
-            info[init.name] = TensorInfo(tuple(int(d) for d in init.dims), init.data_type)
-            self.initializers[init.name] = init
-            self.const.add(init.name)
+            name = init.name
+            info[name] = TensorInfo(tuple(init.dims), init.data_type)
+            self.initializers[name] = init
+            self.const.add(name)
         for sp in graph.sparse_initializer:
             info[sp.values.name] = TensorInfo(tuple(int(d) for d in sp.dims), sp.values.data_type)
             self.const.add(sp.values.name)
@@ -135,8 +150,13 @@ class GraphView:
         const = self.const
         consumers = self.consumers
         producer = self.producer
+        self.io: list[tuple[list[str], list[str], bool]] = []  # per node: inputs, outputs, has subgraph
+        io = self.io
         for idx, node in enumerate(self.nodes):
-            ins = node.input
+            ins = list(node.input)
+            outs = list(node.output)
+            sub = has_subgraph(node)
+            io.append((ins, outs, sub))
             for name in ins:
                 if name:
                     lst = consumers.get(name)
@@ -144,20 +164,19 @@ class GraphView:
                         consumers[name] = [idx]
                     else:
                         lst.append(idx)
-            for name in node.output:
+            for name in outs:
                 if name:
                     producer[name] = idx
             op = node.op_type
             if op == "Constant" and node.domain in ("", "ai.onnx"):
-                const.update(node.output)
-                if node.output[0] not in info or info[node.output[0]].shape is None:
+                const.update(outs)
+                if outs[0] not in info or info[outs[0]].shape is None:
                     ci = _constant_attr_info(node)
                     if ci is not None:
-                        info[node.output[0]] = ci
-            elif (ins and op not in _NONDETERMINISTIC and node.domain in ("", "ai.onnx")
-                  and all((not n) or self.is_const(n) for n in ins)
-                  and not any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)):
-                const.update(o for o in node.output if o)
+                        info[outs[0]] = ci
+            elif (ins and not sub and op not in _NONDETERMINISTIC and node.domain in ("", "ai.onnx")
+                  and all((not n) or n in const or self.is_const(n) for n in ins)):
+                const.update(o for o in outs if o)
 
     # -- lookups -------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo | None:
@@ -236,13 +255,13 @@ class GraphView:
     def last_use(self) -> dict[str, int]:
         """For each tensor, the index of the last node that reads it (inputs of subgraphs included)."""
         last: dict[str, int] = {}
-        for idx, node in enumerate(self.nodes):
-            for name in node.input:
-                if name:
-                    last[name] = idx
-            if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
+        for idx, (ins, _, sub) in enumerate(self.io):
+            for name in ins:
+                last[name] = idx
+            if sub:
                 from .loading import _subgraph_inputs
 
-                for name in _subgraph_inputs(node):
+                for name in _subgraph_inputs(self.nodes[idx]):
                     last[name] = idx
+        last.pop("", None)
         return last

@@ -7,11 +7,12 @@ Preparation steps, in order:
 
 1. read the protobuf without the external weight bytes (``load_external_data=False``);
 2. reject what is not a model (empty, truncated, random bytes, a protobuf of another kind);
-3. old models (IR < 4) list initializers among the graph inputs: drop them from the inputs so
-   shape inference treats them as the constants they are;
-4. inline model-local functions;
-5. put nodes in topological order if they are not (a cycle is an error);
-6. ``onnx.checker`` (structure, not shapes);
+3. inline model-local functions;
+4. put nodes in topological order if they are not (a cycle is an error);
+5. ``onnx.checker`` (structure, not shapes);
+6. old models (IR < 4) list initializers among the graph inputs: drop them from the inputs so
+   shape inference treats them as the constants they are (after the checker, which for
+   IR < 4 requires them to be listed);
 7. apply ``--input-shape`` overrides and ``--dim`` bindings; name anonymous input dims;
 8. ONNX shape inference with data propagation (strict: a rejected opset or contradictory
    shapes is an error).
@@ -111,14 +112,14 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> bool:
     return True
 
 
-def topological_sort(graph: onnx.GraphProto, label: str) -> bool:
+def topological_sort(graph: onnx.GraphProto, label: str, force: bool = False) -> bool:
     """Reorder ``graph.node`` topologically if it is not already. Returns True if reordered.
 
     The common case (already sorted) is a single linear pass; networkx is used only to sort.
     """
     known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    ok = True
-    for node in graph.node:
+    ok = not force
+    for node in (graph.node if not force else ()):
         if any(name not in known for name in node.input) or any(_outer_refs(node, known)):
             ok = False
             break
@@ -141,6 +142,8 @@ def topological_sort(graph: onnx.GraphProto, label: str) -> bool:
                 g.add_edge(j, i)
             elif j == i:
                 raise ModelError(f"{label}: invalid graph: node {node.name or node.op_type!r} reads its own output {name!r}")
+            elif j is None and name and name not in known:
+                raise ModelError(f"{label}: invalid graph: node {node.name or node.op_type!r} reads undefined tensor {name!r}")
     try:
         order = list(nx.lexicographical_topological_sort(g))
     except nx.NetworkXUnfeasible:
@@ -242,6 +245,14 @@ def bind_inputs(
         if old and len(old) != len(shape):
             raise UsageError(f"--input-shape {name}: rank {len(shape)} given, the model declares rank {len(old)}")
         _set_dims(vi, shape)
+    if input_shapes:
+        # shapes declared for outputs and intermediates were for the old input shapes: forget
+        # their dimensions (keep types and ranks) so shape inference recomputes them
+        for vi in graph.output:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                for d in vi.type.tensor_type.shape.dim:
+                    d.Clear()
+        del graph.value_info[:]
     dims = dict(dims or {})
     symbols: dict[str, int | None] = {}
     for vi in inputs.values():
@@ -267,11 +278,31 @@ def bind_inputs(
 
 
 def infer_shapes(model: onnx.ModelProto, label: str = "<model>") -> onnx.ModelProto:
-    """ONNX shape inference with data propagation; errors become :class:`ModelError`."""
+    """ONNX shape inference with data propagation; errors become :class:`ModelError`.
+
+    For IR < 4 the C++ inferencer reads no types from initializers (they were inputs then);
+    since :func:`drop_initializer_inputs` has removed them from the inputs, infer as IR 4
+    and restore the original IR version on the result."""
+    ir = model.ir_version
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        if ir < 4:
+            model.ir_version = 4
+            try:
+                out = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=_needs_data_prop(model))
+            finally:
+                model.ir_version = ir
+            out.ir_version = ir
+            return out
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=_needs_data_prop(model))
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as e:
         raise ModelError(f"{label}: shape inference failed: {_first_line(e)}") from None
+
+
+def _needs_data_prop(model: onnx.ModelProto) -> bool:
+    """Data propagation only helps where shapes are computed at run time (``Shape``/``Size``
+    feeding ``Reshape``, ``Expand``...); without such ops it is skipped (it costs ~70%)."""
+    ops = {"Shape", "Size"}
+    return any(n.op_type in ops or n.op_type in ("If", "Loop", "Scan") for n in model.graph.node)
 
 
 def check(model: onnx.ModelProto, label: str) -> None:
@@ -296,8 +327,6 @@ def load(
     model, path = read_model(source, load_external_data=load_external_data)
     label = str(path) if path else "<model>"
     notes: list[str] = []
-    if drop_initializer_inputs(model):
-        notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
     if model.functions:
         try:
             import onnx.inliner
@@ -306,9 +335,18 @@ def load(
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error
             raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
         notes.append("model-local functions were inlined")
-    if topological_sort(model.graph, label):
+    try:
+        check(model, label)
+    except ModelError as e:
+        # the checker (C++, fast) tells whether the nodes are sorted; sort only if needed
+        if "topologically sorted" not in str(e):
+            raise
+        topological_sort(model.graph, label, force=True)
         notes.append("nodes were not in topological order; sorted")
-    check(model, label)
+        check(model, label)
+    # after the checker: for IR < 4 it requires every initializer to be listed as an input
+    if drop_initializer_inputs(model):
+        notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
     symbols = bind_inputs(model, input_shapes, dims, label)
     if bind_unbound_to is not None:
         free = {k: bind_unbound_to for k, v in symbols.items() if v is None}

@@ -1,0 +1,86 @@
+"""Benchmark: analysis time against the cost of loading + shape inference.
+
+Generates a chain of 1x1 Conv + Relu (default 50,000 nodes), then measures in one run:
+  * baseline: ``onnx.load`` + ``onnx.shape_inference.infer_shapes`` on the file;
+  * ``sepify.analyze(path)`` in-process (load, checker, shape inference with data propagation,
+    cost walk, activation peak);
+  * the CLI end to end (``sepify analyze --format json``), including interpreter start-up;
+  * start-up of ``sepify --help`` and of analyzing a tiny sample.
+Figures are printed; nothing is asserted (this is not a test).
+
+    python bench/bench_analyze.py [--nodes 50000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "samples"))
+
+
+def best_of(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=50_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+
+    import onnx
+
+    import make_samples
+    import sepify
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "chain.onnx"
+        onnx.save(make_samples.conv_chain(args.nodes // 2), str(path))
+        print(f"model: {args.nodes:,}-node Conv+Relu chain, {path.stat().st_size / 1e6:.1f} MB")
+
+        def baseline():
+            m = onnx.load(str(path))
+            onnx.shape_inference.infer_shapes(m)
+
+        def analyze():
+            sepify.analyze(str(path))
+
+        b = best_of(baseline, args.repeat)
+        a = best_of(analyze, args.repeat)
+        print(f"onnx.load + infer_shapes:      {b:7.3f} s")
+        print(f"sepify.analyze (in-process):   {a:7.3f} s   ratio {a / b:.2f}x")
+
+        def cli():
+            subprocess.run([sys.executable, "-m", "sepify", "analyze", str(path), "--format", "json", "-o",
+                            os.devnull], check=True)
+
+        c = best_of(cli, 1)
+        print(f"sepify analyze CLI (json):     {c:7.3f} s   ratio {c / b:.2f}x (includes interpreter start-up)")
+
+    def help_():
+        subprocess.run([sys.executable, "-m", "sepify", "--help"], check=True, stdout=subprocess.DEVNULL)
+
+    def small():
+        subprocess.run([sys.executable, "-m", "sepify", "analyze", str(ROOT / "samples" / "tiny_cnn.onnx")],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    print(f"sepify --help start-up:        {best_of(help_, args.repeat):7.3f} s")
+    print(f"sepify analyze tiny_cnn.onnx:  {best_of(small, args.repeat):7.3f} s")
+    heavy = [m for m in ("onnxruntime", "onnx_graphsurgeon", "networkx") if m in sys.modules]
+    print(f"heavy modules imported by analyze in-process: {heavy or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
