@@ -216,5 +216,107 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         sys.exit(EXIT_FAILED)
 
 
+@main.command("check")
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=True))
+@click.option("--config", "config", type=click.Path(dir_okay=False),
+              help="Config file (sepify.toml, or a pyproject.toml with [tool.sepify]). "
+                   "Default: the nearest pyproject.toml with [tool.sepify] above the current directory.")
+@click.option("--no-config", is_flag=True, help="Do not look for a config file.")
+@click.option("--max-macs", metavar="N", help="Total MACs, e.g. 600M.")
+@click.option("--max-flops", metavar="N", help="Total FLOPs, e.g. 1.2G.")
+@click.option("--max-params", metavar="N", help="Parameters, e.g. 4.5M.")
+@click.option("--max-layer-macs", metavar="N", help="MACs of the heaviest single layer, e.g. 50M.")
+@click.option("--max-activation-peak", metavar="BYTES", help="Peak live activation memory, e.g. 8MiB.")
+@click.option("--max-file-size", metavar="BYTES", help="Model file size, e.g. 20MB.")
+@click.option("--max-unknown", metavar="N", help="Nodes of unknown cost allowed (default 0).")
+@click.option("--baseline", metavar="FILE",
+              help="Analyze JSON (sepify analyze --format json) or model file to compare against; {stem}/{name} "
+                   "are replaced by the model's file stem/name.")
+@click.option("--max-growth", "max_growth", multiple=True, metavar="[QUANTITY=]PCT",
+              help="Largest relative increase vs the baseline, e.g. 2% (MACs, params and every budgeted "
+                   "quantity) or file-size=5% (repeatable).")
+@_input_shape_opt
+@_dim_opt
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to this file (atomically).")
+@click.option("--junit", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Also write a JUnit XML report (one testcase per model x budget).")
+@_handle_errors
+def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_layer_macs, max_activation_peak,
+              max_file_size, max_unknown, baseline, max_growth, input_shape, dim, fmt, output, junit):
+    """Check MODELS against cost budgets (flags, or [tool.sepify] in pyproject.toml).
+
+    With no MODELS, checks every model matched by the config's [[tool.sepify.models]] paths.
+    Exit codes: 0 every model within budget, 1 a budget exceeded, 2 usage, config or model error.
+    Under GITHUB_ACTIONS=true, also prints ::error annotations and appends a summary to
+    $GITHUB_STEP_SUMMARY. See docs/ci.md.
+    """
+    import io
+    import os
+
+    from .budgets import check as run
+    from .ci_output import github_report, render_check, write_junit
+
+    if config and no_config:
+        from .errors import UsageError
+
+        raise UsageError("--config and --no-config exclude each other")
+    shapes, dims = _shapes_and_dims(input_shape, dim)
+    limits = {"macs": max_macs, "flops": max_flops, "params": max_params, "layer_macs": max_layer_macs,
+              "activation_peak": max_activation_peak, "file_size": max_file_size, "unknown": max_unknown}
+    report = run(models, config=config, discover=not no_config, limits=limits, max_growth=list(max_growth) or None,
+                 baseline=baseline, input_shapes=shapes, dims=dims)
+    data = report.to_dict()
+    to_file = bool(output and output != "-")
+    if fmt == "table" and to_file:
+        buf = io.StringIO()
+        render_check(data, "table", buf)
+        _emit(buf.getvalue(), output)
+    else:
+        _emit(render_check(data, fmt, sys.stdout), output)
+    if junit:
+        write_junit(data, junit)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        # annotations go to stdout, unless stdout carries the JSON report (the runner reads stderr too)
+        github_report(data, stream=sys.stderr if fmt == "json" and not to_file else sys.stdout)
+    sys.exit(report.exit_code)
+
+
+@main.command("diff")
+@click.argument("old", type=click.Path(dir_okay=True))
+@click.argument("new", type=click.Path(dir_okay=True))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
+              show_default=True, help="Output format.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to this file (atomically).")
+@click.option("--all", "show_all", is_flag=True, help="Also list unchanged layers (table and markdown).")
+@click.option("--sort", type=click.Choice(["graph", "delta"]), default="graph", show_default=True,
+              help="Row order: graph order, or largest MAC change first.")
+@click.option("--top", type=click.IntRange(min=1), help="Only the first N rows (table and markdown).")
+@click.option("--map", "maps", multiple=True, metavar="OLD=NEW[,NEW...]",
+              help="Match layer OLD to the new layer(s) NEW explicitly (repeatable).")
+@click.option("--no-position-match", is_flag=True,
+              help="Match layers by name (and the X -> X/... split rule) only, not by position and op type.")
+@_input_shape_opt
+@_dim_opt
+@_handle_errors
+def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match, input_shape, dim):
+    """Layer-by-layer cost comparison of OLD and NEW (models or `sepify analyze --format json` files)."""
+    import io
+
+    from .diff import compare, parse_mapping, render_diff
+
+    shapes, dims = _shapes_and_dims(input_shape, dim)
+    result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
+                     input_shapes=shapes, dims=dims)
+    data = result.to_dict()
+    if fmt == "table" and output and output != "-":
+        buf = io.StringIO()
+        render_diff(data, "table", buf, show_all, sort, top)
+        _emit(buf.getvalue(), output)
+        return
+    _emit(render_diff(data, fmt, sys.stdout, show_all, sort, top), output)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

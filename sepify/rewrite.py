@@ -499,7 +499,7 @@ def rewrite(
     skipped.sort(key=lambda s: _node_order(view, s.name))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped)
     if unnamed:
-        report["notes"].append(f"{unnamed} unnamed node(s) were given names (Op_index)")
+        report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
     return RewriteResult(new, results, skipped, report, external, path)
 
 
@@ -518,18 +518,24 @@ def _strip_weights(model: onnx.ModelProto) -> None:
 
 
 def _name_nodes(model: onnx.ModelProto) -> int:
-    """Give unnamed top-level nodes a name (``Conv_12``) so rows and rewrites can refer to them."""
+    """Give unnamed top-level nodes a name (``Conv_12``), and nodes whose name an earlier node
+    already has a unique one (``conv_12``), so rows and rewrites can refer to them."""
     used = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
     count = 0
     for i, n in enumerate(model.graph.node):
-        if not n.name:
-            name, k = f"{n.op_type}_{i}", 1
-            while name in used:
-                k += 1
-                name = f"{n.op_type}_{i}_{k}"
-            n.name = name
-            used.add(name)
-            count += 1
+        if n.name and n.name not in seen:
+            seen.add(n.name)
+            continue
+        base = f"{n.name or n.op_type}_{i}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        n.name = name
+        used.add(name)
+        seen.add(name)
+        count += 1
     return count
 
 
@@ -562,7 +568,12 @@ def _plan_ranks(candidates: list[Candidate], opts: RewriteOptions, total_macs: i
     try:
         plan, reached = allocate(layers, budget)
     except BudgetError as e:
-        raise BudgetError(f"--target-macs {target:,} cannot be reached: {e}") from None
+        minimum = getattr(e, "minimum_macs", None)
+        if minimum is None:
+            raise BudgetError(f"--target-macs {target:,} cannot be reached: {e}") from None
+        floor = minimum + (target - budget)  # + the convs and other layers that are not rewritten
+        raise BudgetError(f"--target-macs {target:,} cannot be reached: the least the model can cost is {floor:,} MACs "
+                          f"(every eligible conv at rank 1; {target - budget:,} of them in layers that are not rewritten)") from None
     for c in usable:
         choice = plan.get(c.node.name)
         out[c.node.name] = choice if choice is not None else "kept: the budget is met without rewriting it"
@@ -584,6 +595,17 @@ def _restore_model_fields(new: onnx.ModelProto, raw: onnx.ModelProto, opts: Rewr
                                       "sepify.rewrite": json.dumps({"settings": opts.to_dict(),
                                                                     "layers": {r.name: [r.orientation, r.rank] for r in results}},
                                                                    sort_keys=True)})
+
+
+def _diff(before: dict, after: dict, layers: list[LayerResult]) -> dict:
+    """The layer-by-layer comparison, from the one diff engine (:mod:`sepify.diff`)."""
+    from .diff import compare
+
+    mapping = {r.name: r.new_nodes for r in layers}
+    extra = {r.name: {"orientation": r.orientation, "rank": f"{r.rank}/{r.max_rank}",
+                      "energy kept": round(r.energy, 4), "rel. weight error": round(r.rel_error, 4)}
+             for r in layers}
+    return compare(before, after, mapping=mapping, extra=extra, positional=False).to_dict()
 
 
 def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: list[LayerResult],
@@ -608,6 +630,7 @@ def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: 
         },
         "layers": [layer.to_dict() for layer in layers],
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
+        "diff": _diff(before, after, layers),
         "verification": verification,
         "notes": [],
         "before": before,

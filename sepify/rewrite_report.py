@@ -13,13 +13,6 @@ def _pct(a, b) -> str:
     return f"{a / b:.3f}x" if b else "-"
 
 
-def _rows(report: dict):
-    for r in report["layers"]:
-        yield (r["name"], r["orientation"], f"{r['rank']}/{r['max_rank']}", f"{r['energy']:.3f}", f"{r['rel_error']:.4f}",
-               f"{human(r['macs_before'])} → {human(r['macs_after'])}", f"{human(r['params_before'])} → {human(r['params_after'])}",
-               f"folded {r['folded_batchnorm']}" if r.get("folded_batchnorm") else "")
-
-
 def _verification_lines(ver: dict | None) -> list[str]:
     if not ver:
         return ["verification: not run (use --verify; random inputs are a smoke test, not an accuracy measurement)"]
@@ -34,21 +27,20 @@ def _verification_lines(ver: dict | None) -> list[str]:
 
 
 def rewrite_table(report: dict, stream=None) -> None:
-    from rich.table import Table
+    from .diff import diff_table
 
-    console = _console(stream or sys.stdout)
+    stream = stream or sys.stdout
+    console = _console(stream)
+    console.print(f"sepify rewrite: {report.get('model') or 'model'} ({_criterion(report)})")
+    diff_table(report["diff"], stream)
     t = report["totals"]
-    table = Table(title=f"sepify rewrite: {report.get('model') or 'model'} ({_criterion(report)})")
-    for col, just in (("layer", "left"), ("orientation", "left"), ("rank", "right"), ("energy kept", "right"),
-                      ("rel. weight error", "right"), ("MACs", "right"), ("params", "right"), ("note", "left")):
-        table.add_column(col, justify=just)
-    for row in _rows(report):
-        table.add_row(*row)
-    console.print(table)
     b, a = t["before"], t["after"]
-    console.print(f"totals: MACs {human(b['macs'])} → {human(a['macs'])} ({_pct(a['macs'], b['macs'])}), "
-                  f"params {human(b['params'])} → {human(a['params'])} ({_pct(a['params'], b['params'])}), "
-                  f"{t['rewritten']} rewritten, {t['skipped']} not rewritten")
+    console.print(f"rewritten {t['rewritten']} Conv(s); MACs {human(b['macs'])} → {human(a['macs'])} "
+                  f"({_pct(a['macs'], b['macs'])}), params {human(b['params'])} → {human(a['params'])} "
+                  f"({_pct(a['params'], b['params'])})")
+    folded = [r for r in report["layers"] if r.get("folded_batchnorm")]
+    for r in folded:
+        console.print(f"folded BatchNormalization {r['folded_batchnorm']} into {r['name']} before factorizing")
     if report["skipped"]:
         console.print("not rewritten:")
         for s in report["skipped"]:
@@ -70,17 +62,14 @@ def _criterion(report: dict) -> str:
 
 
 def rewrite_markdown(report: dict) -> str:
-    t = report["totals"]
-    b, a = t["before"], t["after"]
+    from .diff import diff_markdown
+
     name = os.path.basename(report.get("model") or "") or "model"
-    out = [f"### sepify rewrite: `{_md_escape(name)}` ({_md_escape(_criterion(report))})", "",
-           "| | before | after | ratio |", "|---|---:|---:|---:|",
-           f"| MACs | {human(b['macs'])} | {human(a['macs'])} | {_pct(a['macs'], b['macs'])} |",
-           f"| params | {human(b['params'])} | {human(a['params'])} | {_pct(a['params'], b['params'])} |", "",
-           "| layer | orientation | rank | energy kept | rel. weight error | MACs | params | note |",
-           "|---|---|---:|---:|---:|---:|---:|---|"]
-    for row in _rows(report):
-        out.append("| " + " | ".join(_md_escape(c) for c in row) + " |")
+    out = [f"## sepify rewrite: `{_md_escape(name)}` ({_md_escape(_criterion(report))})", "",
+           diff_markdown(report["diff"]).rstrip("\n")]
+    for r in report["layers"]:
+        if r.get("folded_batchnorm"):
+            out.append(f"- folded BatchNormalization `{_md_escape(r['folded_batchnorm'])}` into `{_md_escape(r['name'])}`")
     if report["skipped"]:
         out += ["", "<details><summary>not rewritten</summary>", ""]
         out += [f"- `{_md_escape(s['name'])}`: {_md_escape(s['reason'])}" for s in report["skipped"]]
