@@ -12,15 +12,15 @@ Approach:
 
     dw-first: one slice per input channel m (global index m = j*Mg + m_local of group j):
         A_m = W[j*Ng:(j+1)*Ng, m_local] reshaped (Ng, K)
-        - D = (M*r, 1, k1..kd), group=M:     D[m*r + i, 0]           = sqrt(s_i) * v_i (reshaped to k)
-        - P = (N, Mg*r, 1..1), group=g:      P[n, m_local*r + i]     = sqrt(s_i) * u_i[n_local]
+        - D = (M*r, 1, k1..kd), group=M:   D[m*r + i, 0]        = sqrt(s_i) * v_i  (reshaped to k)
+        - P = (N, Mg*r, 1..1), group=g:    P[n, m_local*r + i]  = sqrt(s_i) * u_i[n_local]
         D carries strides/pads/dilations, P carries the bias. Exact when r = min(Ng, K).
         MACs = (M*r*K + N*Mg*r) * P_out                  (original Conv: N*Mg*K * P_out)
 
     pw-first: one slice per output channel n:
         A_n = W[n] reshaped (Mg, K)
-        - Q = (N*r, Mg, 1..1), group=g:      Q[n*r + i, :]           = sqrt(s_i) * u_i
-        - S = (N, r, k1..kd), group=N:       S[n, i]                 = sqrt(s_i) * v_i (reshaped to k)
+        - Q = (N*r, Mg, 1..1), group=g:    Q[n*r + i, :]        = sqrt(s_i) * u_i
+        - S = (N, r, k1..kd), group=N:     S[n, i]              = sqrt(s_i) * v_i  (reshaped to k)
         Q runs at the input resolution (stride 1, no pads); S carries strides/pads/dilations and
         the bias. Exact when r = min(Mg, K).
         MACs = N*r*Mg * P_in + N*r*K * P_out
@@ -36,7 +36,7 @@ Worked example:
         MACs = (3*1*25 + 256*3*1) * 64 = 4,800 + 49,152 = 53,952    vs  256*3*25 * 64 = 1,228,800.
 
     A rank-1 kernel is reproduced exactly at r = 1: W = (2, 1, 3) = [[[1, 2, 3]], [[2, 4, 6]]]
-    is the single slice [[1, 2, 3], [2, 4, 6]] = sqrt(70) * ([1, 2]/sqrt(5)) (x) ([1, 2, 3]/sqrt(14)).
+    is the single slice [[1, 2, 3], [2, 4, 6]] = sqrt(70) * ([1, 2]/sqrt 5) (x) ([1, 2, 3]/sqrt 14).
     On 8 input / 6 output positions the pair costs (1*1*3 + 2*1*1) * 6 = 30 MACs (original 36).
 
     >>> w = np.array([[[1.0, 2.0, 3.0]], [[2.0, 4.0, 6.0]]])
@@ -221,7 +221,8 @@ class Spectrum:
         if self.orientation == "dw-first":
             # slice b = j*Mg + m_local = input channel m; rows = n_local of group j
             first = right.reshape(m * r, 1, *kernel)
-            second = left.reshape(g, mg, n // g, r).transpose(0, 2, 1, 3).reshape(n, mg * r, *ones)
+            second = left.reshape(g, mg, n // g, r).transpose(0, 2, 1, 3)
+            second = second.reshape(n, mg * r, *ones)
         else:
             # slice b = output channel n; rows = input channel of n's group
             first = left.transpose(0, 2, 1).reshape(n * r, mg, *ones)
@@ -262,7 +263,8 @@ def spectrum(weight: np.ndarray, group: int = 1, orientation: str = "dw-first") 
     n, mg, m, k = _dims(shape, group)
     if orientation == "dw-first":
         # (N, Mg, K) -> (g, Ng, Mg, K) -> (g, Mg, Ng, K) -> (M, Ng, K): slice m = j*Mg + m_local
-        stacked = w64.reshape(group, n // group, mg, k).transpose(0, 2, 1, 3).reshape(m, n // group, k)
+        ng = n // group
+        stacked = w64.reshape(group, ng, mg, k).transpose(0, 2, 1, 3).reshape(m, ng, k)
     else:
         stacked = w64.reshape(n, mg, k)
     u, s, vt = np.linalg.svd(stacked, full_matrices=False)
@@ -311,7 +313,9 @@ def reconstruct(first, second, orientation: str, group: int, weight_shape) -> np
     a, b = np.asarray(first), np.asarray(second)
     if orientation == "dw-first":
         if a.ndim != len(shape) or a.shape[0] % m or a.shape[1:] != (1, *kernel):
-            raise ValueError(f"depthwise factor must be (M*r, 1, {kernel}) with M={m}, got {a.shape}")
+            raise ValueError(
+                f"depthwise factor must be (M*r, 1, *{kernel}) with M={m}, got {a.shape}"
+            )
         r = a.shape[0] // m
         if b.shape != (n, mg * r, *ones):
             raise ValueError(f"pointwise factor must be {(n, mg * r, *ones)}, got {b.shape}")
@@ -320,7 +324,9 @@ def reconstruct(first, second, orientation: str, group: int, weight_shape) -> np
         w = np.einsum("jnmi,jmik->jnmk", p, d)
     else:
         if a.ndim != len(shape) or a.shape[0] % n or a.shape[1:] != (mg, *ones):
-            raise ValueError(f"pointwise factor must be (N*r, {mg}, 1..1) with N={n}, got {a.shape}")
+            raise ValueError(
+                f"pointwise factor must be (N*r, {mg}, 1..1) with N={n}, got {a.shape}"
+            )
         r = a.shape[0] // n
         if b.shape != (n, r, *kernel):
             raise ValueError(f"spatial factor must be {(n, r, *kernel)}, got {b.shape}")
@@ -369,7 +375,9 @@ class _Layer:
         for o, spec in choice.spectra.items():
             _check_orientation(o)
             if spec.orientation != o:
-                raise ValueError(f"layer {choice.name!r}: spectra[{o!r}] is a {spec.orientation} spectrum")
+                raise ValueError(
+                    f"layer {choice.name!r}: spectra[{o!r}] is a {spec.orientation} spectrum"
+                )
             if (spec.weight_shape, spec.group) != (specs[0].weight_shape, specs[0].group):
                 raise ValueError(f"layer {choice.name!r}: spectra describe different weights")
         norm_sq = float(choice.weight_norm_sq)
@@ -393,8 +401,9 @@ class _Layer:
                 f"layer {self.name!r}: rank 1 is not cheaper than the original Conv "
                 f"({self.original:,} MACs) in any given orientation; leave it out of the allocation"
             )
-        self.start = min(ok, key=lambda o: (self.err[o][0], self.cost[o][0], self.orients.index(o)))
-        self.cheapest = min(ok, key=lambda o: (self.cost[o][0], self.err[o][0], self.orients.index(o)))
+        order = self.orients.index
+        self.start = min(ok, key=lambda o: (self.err[o][0], self.cost[o][0], order(o)))
+        self.cheapest = min(ok, key=lambda o: (self.cost[o][0], self.err[o][0], order(o)))
 
     def best_step(self, o: str, r: int, room: int):
         """Best improving step from state (o, r) adding at most ``room`` MACs, or None.
@@ -408,14 +417,14 @@ class _Layer:
             c, e = self.cost[o2], self.err[o2]
             ranks = np.arange(1, len(c) + 1)
             mask = (c < self.original) & (e < cur_e) & (c - cur_c <= room)
-            mask &= (ranks == r + 1) if o2 == o else True
+            if o2 == o:  # within the current orientation only rank + 1
+                mask &= ranks == r + 1
             if not mask.any():
                 continue
             idx = np.flatnonzero(mask)
             dc = (c[idx] - cur_c).astype(np.float64)
             de = cur_e - e[idx]
-            with np.errstate(divide="ignore"):
-                score = np.where(dc > 0, de / np.where(dc > 0, dc, 1.0), np.inf)
+            score = np.where(dc > 0, de / np.where(dc > 0, dc, 1.0), np.inf)
             # best in this orientation: highest score, then largest reduction, then lowest rank
             j = int(np.lexsort((idx, -de, -score))[0])
             key = (float(score[j]), float(de[j]), -oi)
@@ -425,65 +434,12 @@ class _Layer:
         return best
 
 
-def allocate(
-    layers: list[LayerChoice], budget_macs: int
-) -> tuple[dict[str, tuple[str, int]], int]:
-    """Choose (orientation, rank) per layer so that total factorized MACs <= ``budget_macs``.
-
-    Returns ``({name: (orientation, rank)}, total_macs)`` where ``total_macs`` is the sum of
-    ``Spectrum.macs`` over the given layers at the chosen configuration.
-
-    The error of a layer at (o, r) is its absolute dropped energy
-    ``weight_norm_sq * spectra[o].rel_error(r)**2``; the goal is a small total error. Rule:
-
-    1. Start every layer at rank 1 in the orientation with the smallest rank-1 error, among the
-       orientations whose rank-1 cost is below the layer's original Conv cost (ties: fewer MACs,
-       then ``ORIENTATIONS`` order). A layer with no such orientation is a ``ValueError`` — the
-       caller should leave it out.
-    2. If the start exceeds the budget: when even the cheapest rank-1 orientation of every layer
-       exceeds it, raise :class:`BudgetUnreachable` (its message gives that minimum). Otherwise
-       switch layers to their cheapest rank-1 orientation, smallest error increase per MAC saved
-       first (ties: layer order), until the total fits.
-    3. Greedy: a step moves one layer from (o, r) either to (o, r + 1) or to any rank of another
-       given orientation. Only steps that strictly reduce the layer's error, keep the layer's cost
-       strictly below its original cost and keep the total within the budget are eligible. Take
-       the step with the largest error reduction per MAC added (a step that adds no MACs ranks
-       first; ties: larger reduction, then layer order, then ``ORIENTATIONS`` order, then lower
-       rank); repeat until no step is eligible.
-
-    Each layer keeps its one best step in a heap; a step whose MACs no longer fit is re-evaluated
-    against the remaining budget when popped (the remaining budget only shrinks, so stored scores
-    stay upper bounds; a step that lowers MACs triggers a rebuild). Cost: O(steps * (R + log L))
-    with R the number of ranks of a layer. Every step lowers the total error, so it terminates.
-    """
-    budget = _as_int(budget_macs, "budget_macs")
-    names = [layer.name for layer in layers]
-    if len(set(names)) != len(names):
-        raise ValueError("layer names passed to allocate() must be unique")
-    tabs = [_Layer(layer) for layer in layers]
-
-    state = [(t.start, 1) for t in tabs]
-    cost = [int(t.cost[t.start][0]) for t in tabs]
-    total = sum(cost)
-    if total > budget:
-        minimum = sum(int(t.cost[t.cheapest][0]) for t in tabs)
-        if minimum > budget:
-            raise BudgetUnreachable(budget, minimum)
-        swaps = []
-        for i, t in enumerate(tabs):
-            if t.cheapest != t.start:
-                saved = int(t.cost[t.start][0] - t.cost[t.cheapest][0])  # > 0
-                worse = float(t.err[t.cheapest][0] - t.err[t.start][0])
-                swaps.append((worse / saved, i))
-        for _, i in sorted(swaps):
-            if total <= budget:
-                break
-            t = tabs[i]
-            state[i] = (t.cheapest, 1)
-            new_cost = int(t.cost[t.cheapest][0])
-            total += new_cost - cost[i]
-            cost[i] = new_cost
-
+def _greedy(
+    tabs: list[_Layer], state: list[tuple[str, int]], budget: int
+) -> list[tuple[str, int]]:
+    """Rule step 3 of :func:`allocate`, from ``state`` (which must fit the budget)."""
+    state = list(state)
+    total = sum(int(t.cost[o][r - 1]) for t, (o, r) in zip(tabs, state))
     version = [0] * len(tabs)
     heap: list = []
 
@@ -500,11 +456,10 @@ def allocate(
         if ver != version[i]:
             continue
         version[i] += 1
-        if dc > budget - total:  # budget shrank since this step was scored
+        if dc > budget - total:  # the budget shrank since this step was scored: rescore it
             push(i)
             continue
         state[i] = target
-        cost[i] += dc
         total += dc
         if dc < 0:  # room grew: steps skipped earlier may fit now, rescore everyone
             heap.clear()
@@ -513,10 +468,87 @@ def allocate(
                 push(j)
         else:
             push(i)
+    return state
+
+
+def allocate(
+    layers: list[LayerChoice], budget_macs: int
+) -> tuple[dict[str, tuple[str, int]], int]:
+    """Choose (orientation, rank) per layer so that total factorized MACs <= ``budget_macs``.
+
+    Returns ``({name: (orientation, rank)}, total_macs)`` where ``total_macs`` is the sum of
+    ``Spectrum.macs`` over the given layers at the chosen configuration.
+
+    The error of a layer at (o, r) is its absolute dropped energy
+    ``weight_norm_sq * spectra[o].rel_error(r)**2``; the goal is a small total error. Only
+    options cheaper than the layer's original Conv are ever used; a layer whose rank 1 is not
+    cheaper in any given orientation is a ``ValueError`` (the caller should leave it out). Rule:
+
+    1. Cheapest start: every layer at rank 1 in the orientation with the fewest MACs (ties:
+       smaller error, then ``ORIENTATIONS`` order). If it exceeds the budget, raise
+       :class:`BudgetUnreachable`; its message gives this minimum.
+    2. Error-best start: every layer at rank 1 in the orientation with the smallest error (ties:
+       fewer MACs, then ``ORIENTATIONS`` order). If it exceeds the budget, switch layers to their
+       cheapest orientation, smallest error increase per MAC saved first (ties: layer order),
+       until it fits.
+    3. Greedy, from each start: a step moves one layer from (o, r) either to (o, r + 1) or to any
+       rank of another given orientation. Eligible steps strictly reduce the layer's error, keep
+       the layer's cost strictly below its original cost and keep the total within the budget.
+       Take the step with the largest error reduction per MAC added (a step that adds no MACs
+       ranks first; ties: larger reduction, then layer order, then ``ORIENTATIONS`` order, then
+       lower rank); repeat until no step is eligible.
+    4. Return the end state with the smaller total error (ties: the error-best start's).
+
+    Two starts because the greedy only takes error-reducing steps: from the error-best start it
+    cannot give up a little error in one layer to free MACs for a big gain in another, while
+    from the cheapest start it may climb a worse path; neither result dominates the other.
+
+    Each layer keeps its one best step in a heap; a step whose MACs no longer fit is rescored
+    against the remaining budget when popped (the remaining budget only shrinks, so stored scores
+    stay upper bounds; a step that lowers MACs triggers a full rescore). Cost: O(steps * (R +
+    log L)) with R the number of ranks of a layer. Every step lowers the total error, so the
+    greedy terminates.
+    """
+    budget = _as_int(budget_macs, "budget_macs")
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):
+        raise ValueError("layer names passed to allocate() must be unique")
+    tabs = [_Layer(layer) for layer in layers]
+
+    def cost1(t: _Layer, o: str) -> int:
+        return int(t.cost[o][0])
+
+    cheapest = [(t.cheapest, 1) for t in tabs]
+    minimum = sum(cost1(t, t.cheapest) for t in tabs)
+    if minimum > budget:
+        raise BudgetUnreachable(budget, minimum)
+
+    best = [(t.start, 1) for t in tabs]
+    total = sum(cost1(t, t.start) for t in tabs)
+    swaps = []  # (error added per MAC saved, layer); start != cheapest implies start costs more
+    for i, t in enumerate(tabs):
+        if t.cheapest != t.start:
+            saved = cost1(t, t.start) - cost1(t, t.cheapest)
+            swaps.append((float(t.err[t.cheapest][0] - t.err[t.start][0]) / saved, i, saved))
+    for _, i, saved in sorted(swaps):
+        if total <= budget:
+            break
+        best[i] = (tabs[i].cheapest, 1)
+        total -= saved
+
+    def error(state: list[tuple[str, int]]) -> float:
+        return math.fsum(float(t.err[o][r - 1]) for t, (o, r) in zip(tabs, state))
+
+    state = _greedy(tabs, best, budget)
+    if cheapest != best:
+        other = _greedy(tabs, cheapest, budget)
+        if error(other) < error(state):
+            state = other
 
     choice = {t.name: state[i] for i, t in enumerate(tabs)}
     final = sum(
         layer.spectra[o].macs(r, layer.p_in, layer.p_out) for layer, (o, r) in zip(layers, state)
     )
-    assert final == total <= budget
+    if final > budget:  # pragma: no cover - guarded by construction
+        raise AssertionError(f"allocate() overshot the budget: {final} > {budget}")
     return choice, final

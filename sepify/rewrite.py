@@ -563,7 +563,7 @@ def _plan_ranks(candidates: list[Candidate], opts: RewriteOptions, total_macs: i
         else:
             out[c.node.name] = "no saving even at rank 1"
     budget -= sum(c.original_macs for c in candidates if c not in usable)
-    layers = [LayerChoice(c.node.name, c.spectra, c.p_in, c.p_out, float(np.sum(c.weight.astype(np.float64) ** 2)))
+    layers = [LayerChoice(c.node.name, c.spectra, c.p_in, c.p_out, next(iter(c.spectra.values())).norm_sq)
               for c in usable]
     try:
         plan, reached = allocate(layers, budget)
