@@ -13,7 +13,6 @@ for the numbers, and the formula is reported only where it is exact.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 

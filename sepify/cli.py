@@ -62,6 +62,19 @@ def _emit(text: str | None, output: str | None) -> None:
         click.echo(text, nl=False)
 
 
+def _render(render, output: str | None) -> None:
+    """``render(stream)`` prints a table on ``stream`` (returns None) or returns text. The
+    result goes to stdout, or atomically to ``output``."""
+    if output and output != "-":
+        import io
+
+        buf = io.StringIO()
+        text = render(buf)
+        _emit(buf.getvalue() if text is None else text, output)
+    else:
+        _emit(render(sys.stdout), None)
+
+
 def _shapes_and_dims(input_shape: tuple[str, ...], dim: tuple[str, ...]):
     from .loading import parse_dim, parse_input_shape
 
@@ -108,14 +121,7 @@ def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = run(model, input_shapes=shapes, dims=dims)
     data = result.to_dict()
-    if fmt == "table" and output and output != "-":
-        import io
-
-        buf = io.StringIO()
-        render_analysis(data, "table", buf, sort, top, by_op)
-        _emit(buf.getvalue(), output)
-        return
-    _emit(render_analysis(data, fmt, sys.stdout, sort, top, by_op), output)
+    _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output)
 
 
 def _rank_value(ctx, param, value):
@@ -201,15 +207,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     from .rewrite_report import render_rewrite
 
     if report_file:
-        import io
-
-        buf = io.StringIO()
-        text = render_rewrite(result.report, fmt, buf)
-        from .fileio import write_text
-
-        write_text(report_file, text if text is not None else buf.getvalue())
-    text = render_rewrite(result.report, fmt, sys.stdout)
-    _emit(text, None)
+        _render(lambda stream: render_rewrite(result.report, fmt, stream), report_file)
+    _render(lambda stream: render_rewrite(result.report, fmt, stream), None)
     if failed:
         click.echo(f"sepify: verification failed: relative error {result.report['verification']['max_rel_l2_error']:.4g} "
                    f"> tolerance {tolerance:g}", err=True)
@@ -252,7 +251,6 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
     Under GITHUB_ACTIONS=true, also prints ::error annotations and appends a summary to
     $GITHUB_STEP_SUMMARY. See docs/ci.md.
     """
-    import io
     import os
 
     from .budgets import check as run
@@ -269,12 +267,7 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
                  baseline=baseline, input_shapes=shapes, dims=dims)
     data = report.to_dict()
     to_file = bool(output and output != "-")
-    if fmt == "table" and to_file:
-        buf = io.StringIO()
-        render_check(data, "table", buf)
-        _emit(buf.getvalue(), output)
-    else:
-        _emit(render_check(data, fmt, sys.stdout), output)
+    _render(lambda stream: render_check(data, fmt, stream), output)
     if junit:
         write_junit(data, junit)
     if os.environ.get("GITHUB_ACTIONS") == "true":
@@ -302,20 +295,13 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
 @_handle_errors
 def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match, input_shape, dim):
     """Layer-by-layer cost comparison of OLD and NEW (models or `sepify analyze --format json` files)."""
-    import io
-
     from .diff import compare, parse_mapping, render_diff
 
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
                      input_shapes=shapes, dims=dims)
     data = result.to_dict()
-    if fmt == "table" and output and output != "-":
-        buf = io.StringIO()
-        render_diff(data, "table", buf, show_all, sort, top)
-        _emit(buf.getvalue(), output)
-        return
-    _emit(render_diff(data, fmt, sys.stdout, show_all, sort, top), output)
+    _render(lambda stream: render_diff(data, fmt, stream, show_all, sort, top), output)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ from . import __version__
 from .errors import BudgetError, UsageError
 from .factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
 from .graph import GraphView, is_float, subgraphs
-from .loading import LoadedModel, bind_inputs, drop_initializer_inputs, load, read_model
+from .loading import drop_initializer_inputs, load, read_model
 
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
 
@@ -350,8 +350,6 @@ def _all_graphs(g: onnx.GraphProto):
 
 def _build(graph, gs, c: Candidate, orientation: str, rank: int, names: _Names) -> list[str]:
     """Replace the Conv (and its folded BN) in the gs graph by the two factor convs."""
-    from .factorize import ORIENTATIONS as _O  # noqa: F401 - documented pairing
-
     node = next(n for n in graph.nodes if n.name == c.node.name and n.op == "Conv")
     first_w, second_w = c.spectra[orientation].factors(rank)
     attrs = dict(node.attrs)
