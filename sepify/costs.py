@@ -357,19 +357,27 @@ _EINSUM_TERM = re.compile(r"[A-Za-z]|\.\.\.")
 
 @cost_rule("Einsum")
 def einsum(ctx: OpContext) -> Cost:
-    """Naive evaluation: (operands - 1) x product of the sizes of all distinct indices.
+    """Evaluated left to right, one pair of operands at a time (as onnxruntime does): each
+    contraction costs the product of the sizes of the indices of its two operands; the partial
+    result keeps the indices still needed (by later operands or the output). For two operands
+    this is the product of the sizes of all distinct indices.
     A single-operand Einsum (transpose, trace, reduction) is 0 MACs and numel(input) FLOPs."""
     eq = ctx.attr("equation", "")
     eq = eq.decode() if isinstance(eq, bytes) else eq
-    lhs = eq.replace(" ", "").split("->")[0]
+    eq = eq.replace(" ", "")
+    lhs, arrow, rhs = eq.partition("->")
     terms = lhs.split(",")
     if len(terms) != len(ctx.node.input):
         raise Unknown(f"equation {eq!r} does not match {len(ctx.node.input)} inputs")
+    if len(terms) == 1:
+        return Cost(0, ctx.in_numel(0))
     sizes: dict[str, Num] = {}
     ell: tuple = ()
+    term_letters: list[set[str]] = []
     for i, term in enumerate(terms):
         shape = ctx.in_shape(i)
         letters = _EINSUM_TERM.findall(term)
+        term_letters.append(set(letters))
         n_named = sum(1 for t in letters if t != "...")
         pos = 0
         for t in letters:
@@ -384,10 +392,22 @@ def einsum(ctx: OpContext) -> Cost:
                 if t not in sizes or sizes[t] == 1:
                     sizes[t] = d
                 pos += 1
-    total = prod(list(sizes.values()) + list(ell))
-    if len(terms) == 1:
-        return Cost(0, ctx.in_numel(0))
-    macs = (len(terms) - 1) * total
+    sizes["..."] = prod(ell)
+    if arrow:
+        out_letters = set(_EINSUM_TERM.findall(rhs))
+    else:  # implicit output: the letters that appear once, and the ellipsis
+        counts: dict[str, int] = {}
+        for letters in term_letters:
+            for t in letters:
+                counts[t] = counts.get(t, 0) + 1
+        out_letters = {t for t, c in counts.items() if c == 1 or t == "..."}
+    macs: Num = 0
+    current = term_letters[0]
+    for j in range(1, len(terms)):
+        pair = current | term_letters[j]
+        macs = macs + prod(sizes[t] for t in sorted(pair))
+        later = set(out_letters).union(*term_letters[j + 1:])
+        current = pair & later
     return Cost(macs, 2 * macs)
 
 

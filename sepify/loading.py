@@ -269,6 +269,14 @@ def bind_inputs(
     if unused:
         raise UsageError(f"--dim {unused[0]}: no input of the model has a dimension named {unused[0]!r}"
                          + (f" (symbols: {', '.join(sorted(symbols))})" if symbols else " (it has no symbolic dimensions)"))
+    # a declared output/intermediate dim named by something other than an input symbol (exporters
+    # write "Convy_dim_0", "batch_size_out"...) would stay opaque: shape inference keeps the
+    # declared name over the one it derives. Forget it so inference derives the dimension.
+    for vi in list(graph.output) + list(graph.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param not in symbols:
+                    d.Clear()
     bound = {k: v for k, v in symbols.items() if v is not None}
     if bound:
         _bind_value_infos(graph.input, bound)
@@ -300,14 +308,54 @@ def infer_shapes(model: onnx.ModelProto, label: str = "<model>") -> onnx.ModelPr
 
 def _needs_data_prop(model: onnx.ModelProto) -> bool:
     """Data propagation only helps where shapes are computed at run time (``Shape``/``Size``
-    feeding ``Reshape``, ``Expand``...); without such ops it is skipped (it costs ~70%)."""
-    ops = {"Shape", "Size"}
-    return any(n.op_type in ops or n.op_type in ("If", "Loop", "Scan") for n in model.graph.node)
+    feeding ``Reshape``, ``Expand``...) or computed from constants by other nodes (a weight made
+    by ``ConstantOfShape`` of a ``Concat`` of constants); without such ops it is skipped (it
+    costs ~70%). Initializers and ``Constant`` outputs are read without it."""
+    present = {n.op_type for n in model.graph.node}
+    if present & {"Shape", "Size", "If", "Loop", "Scan"}:
+        return True
+    if not present & _SHAPE_CONSUMERS:
+        return False
+    computed: set[str] = set()
+    for n in model.graph.node:
+        op = n.op_type
+        if op in _SHAPE_CONSUMERS:
+            start = 0 if op in ("ConstantOfShape", "Range") else 1
+            if any(name in computed for name in n.input[start:]):
+                return True
+        if op != "Constant":
+            computed.update(n.output)
+    return False
+
+
+# ops whose output shape depends on the values of their (non-data) inputs
+_SHAPE_CONSUMERS = {"Reshape", "Expand", "ConstantOfShape", "Tile", "Slice", "Pad", "Resize", "Upsample",
+                    "Unsqueeze", "Squeeze", "Split", "Range", "OneHot", "TopK", "CenterCropPad"}
+
+
+def _without_external_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The checker resolves external data locations against the current directory (it is not
+    told the model's folder) and fails elsewhere. sepify never reads weight bytes, so check a
+    copy in which the external initializers are graph inputs of the same type and shape."""
+    ext = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not ext:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    names = {t.name for t in ext}
+    keep = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    listed = {i.name for i in graph.input}
+    graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                       for t in ext if t.name not in listed)
+    return copy
 
 
 def check(model: onnx.ModelProto, label: str) -> None:
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_without_external_initializers(model))
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
         raise ModelError(f"{label}: invalid graph: {_first_line(e)}") from None
 
