@@ -549,6 +549,8 @@ def _plan_ranks(candidates: list[Candidate], opts: RewriteOptions, total_macs: i
     if opts.target_macs is None and opts.target_ratio is None:
         return {c.node.name: _choose(c, opts) for c in candidates}
     target = opts.target_macs if opts.target_macs is not None else int(total_macs * opts.target_ratio)
+    if target >= total_macs:  # the original model fits: any rewrite would only add weight error
+        return {c.node.name: "kept: the budget is met without rewriting it" for c in candidates}
     fixed = total_macs - sum(c.original_macs for c in candidates)
     budget = target - fixed
     if budget < 0:

@@ -67,6 +67,8 @@ def rewrite_markdown(report: dict) -> str:
     name = os.path.basename(report.get("model") or "") or "model"
     out = [f"## sepify rewrite: `{_md_escape(name)}` ({_md_escape(_criterion(report))})", "",
            diff_markdown(report["diff"]).rstrip("\n")]
+    if any(r.get("folded_batchnorm") for r in report["layers"]):
+        out.append("")  # a list right after "</details>" would be swallowed by the HTML block
     for r in report["layers"]:
         if r.get("folded_batchnorm"):
             out.append(f"- folded BatchNormalization `{_md_escape(r['folded_batchnorm'])}` into `{_md_escape(r['name'])}`")
