@@ -166,7 +166,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     from pathlib import Path
 
     from .errors import EXIT_FAILED, UsageError
-    from .rewrite import RewriteOptions, rewrite as run
+    from .rewriter import RewriteOptions, rewrite as run
     from .units import parse_fraction, parse_quantity
 
     if not output and not dry_run:

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sepify import __version__
 from sepify.errors import BudgetError
-from sepify.rewrite import RewriteOptions, rewrite
+from sepify.rewriter import RewriteOptions, rewrite
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "samples") not in sys.path:
@@ -459,9 +459,11 @@ def test_max_error_picks_the_smallest_rank_within_the_bound(orientation):
 
 
 def test_auto_orientation_reports_the_one_it_chose():
-    # a kernel that is exactly rank 1 per output channel (pw-first) but not per input channel (dw-first)
+    # a kernel that is exactly rank 1 per output channel (pw-first) but not per input channel
+    # (dw-first). With N=5 < M=6, rank-1 pw-first costs N·M + N·9 = 75 MACs per position and
+    # dw-first M·9 + N·M = 84, so pw-first is both within the budget and exact.
     rng = np.random.default_rng(3)
-    n, m = 6, 5
+    n, m = 5, 6
     u, v = rng.standard_normal((n, m)), rng.standard_normal((n, 9))
     w = np.einsum("nm,nk->nmk", u, v).reshape(n, m, 3, 3)
     model = conv_model([1, m, 8, 8], w, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
@@ -677,3 +679,27 @@ def test_save_is_atomic_and_refuses_the_input(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "tiny.onnx"]
     assert src.read_bytes() == data
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+def test_auto_orientation_never_costs_more_than_the_cheaper_fixed_orientation():
+    # N=6 > M=5: rank-1 pw-first (exact here) costs 6·5 + 6·9 = 84 MACs per position, dw-first
+    # 5·9 + 6·5 = 75. auto keeps the layer within 75 per position, so it takes dw-first.
+    rng = np.random.default_rng(3)
+    n, m = 6, 5
+    u, v = rng.standard_normal((n, m)), rng.standard_normal((n, 9))
+    w = np.einsum("nm,nk->nmk", u, v).reshape(n, m, 3, 3)
+    model = conv_model([1, m, 8, 8], w, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    result = rewrite(model, rank=1, orientation="auto")
+    (layer,) = result.layers
+    assert layer.orientation == "dw-first"
+    assert layer.macs_after == (m * 9 + n * m) * 64
+    assert layer.rel_error == pytest.approx(math.sqrt(max(0.0, 1 - naive_energy(w, 1, "dw-first", 1))), abs=1e-6)
+
+
+def test_top_level_api_is_the_rewrite_function():
+    import sepify
+
+    result = sepify.rewrite(make_samples.worked_example(), rank=1)
+    assert isinstance(result.model, onnx.ModelProto)
+    # 8·8·5·5·3 depthwise + 8·8·3·256 pointwise
+    assert result.report["totals"]["after"]["macs"] == 8 * 8 * 5 * 5 * 3 + 8 * 8 * 3 * 256

@@ -312,9 +312,20 @@ def _choose(c: Candidate, opts: RewriteOptions) -> tuple[str, int]:
     if len(options) == 1:
         return options[0][0], options[0][1]
     if opts.energy is not None or opts.max_error is not None:
+        # the criterion fixes the error: take the cheaper orientation
         best = min(options, key=lambda t: (t[3], t[2], ORIENTATIONS.index(t[0])))
-    else:
+    elif opts.rank == "full":
+        # both are exact: take the cheaper
         best = min(options, key=lambda t: (round(t[2], 12), t[3], ORIENTATIONS.index(t[0])))
+    else:
+        # --rank r: the MACs of rank r in the cheaper orientation are the layer's budget; take
+        # the lowest-error (orientation, rank) within it, so auto never costs more than the
+        # cheaper fixed orientation and never has a larger error
+        budget = min(t[3] for t in options)
+        within = [(o, r, sp.rel_error(r), sp.macs(r, c.p_in, c.p_out))
+                  for o, sp in c.spectra.items() for r in range(1, sp.max_rank + 1)
+                  if sp.macs(r, c.p_in, c.p_out) <= budget]
+        best = min(within, key=lambda t: (round(t[2], 12), t[3], ORIENTATIONS.index(t[0]), t[1]))
     return best[0], best[1]
 
 
