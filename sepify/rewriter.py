@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .errors import BudgetError, UsageError
+from .errors import BudgetError, ModelError, UsageError
 from .factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
 from .graph import GraphView, is_float, subgraphs
 from .loading import drop_initializer_inputs, load, read_model
@@ -427,7 +427,8 @@ def rewrite(
 
     external = has_external_data(raw)
     unnamed = _name_nodes(raw)
-    loaded = load(raw, input_shapes=input_shapes, dims=dims)
+    # shapes come from a weightless copy: checker and shape inference never copy the weights
+    loaded = load(_weightless(raw), input_shapes=input_shapes, dims=dims)
     loaded.path, loaded.file_size = path, (path.stat().st_size if path else None)
     if raw.functions:
         from onnx import inliner
@@ -436,6 +437,7 @@ def rewrite(
     old_ir = drop_initializer_inputs(raw)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     view = GraphView(loaded.model.graph, symbols=loaded.symbols)
+    view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
 
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
@@ -494,22 +496,25 @@ def rewrite(
     if old_ir:
         new.ir_version = 4  # initializers are no longer listed as inputs
 
-    if not external and new.ByteSize() < 2**31 - 2**20:
-        try:
-            onnx.checker.check_model(new, full_check=True)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:  # a sepify bug
-            raise RuntimeError(f"the rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
-    shape_copy = onnx.ModelProto()
-    shape_copy.CopyFrom(new)
-    if external or new.ByteSize() >= 2**31 - 2**20:
-        _strip_weights(shape_copy)
-    new_loaded = load(shape_copy, input_shapes=input_shapes, dims=dims)
+    try:  # checker and strict shape inference of the result, on a weightless copy
+        new_loaded = load(_weightless(new), input_shapes=input_shapes, dims=dims)
+    except ModelError as e:  # a sepify bug, not a user error
+        raise RuntimeError(f"the rewritten model fails validation: {e}") from e
     after = analyze_loaded(new_loaded)
     skipped.sort(key=lambda s: _node_order(view, s.name))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped)
     if unnamed:
         report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
     return RewriteResult(new, results, skipped, report, external, path)
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep name, type and shape but no bytes (marked external),
+    for validation and shape inference without copying the weights."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    _strip_weights(copy)
+    return copy
 
 
 def _strip_weights(model: onnx.ModelProto) -> None:
