@@ -458,15 +458,21 @@ def test_max_error_picks_the_smallest_rank_within_the_bound(orientation):
             assert math.sqrt(1 - naive_energy(w, 1, layer.orientation, layer.rank - 1)) > bound
 
 
+def _rank1_per_output_channel_conv(n: int, m: int):
+    """A 3x3 Conv m -> n whose kernel W[o] is rank 1 (an outer product) for every output o."""
+    rng = np.random.default_rng(3)
+    u, v = rng.standard_normal((n, m)), rng.standard_normal((n, 9))
+    w = np.einsum("nm,nk->nmk", u, v).reshape(n, m, 3, 3)
+    return w, conv_model([1, m, 8, 8], w, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+
+
 def test_auto_orientation_reports_the_one_it_chose():
     # a kernel that is exactly rank 1 per output channel (pw-first) but not per input channel
     # (dw-first). With N=5 < M=6, rank-1 pw-first costs N·M + N·9 = 75 MACs per position and
     # dw-first M·9 + N·M = 84, so pw-first is both within the budget and exact.
     rng = np.random.default_rng(3)
     n, m = 5, 6
-    u, v = rng.standard_normal((n, m)), rng.standard_normal((n, 9))
-    w = np.einsum("nm,nk->nmk", u, v).reshape(n, m, 3, 3)
-    model = conv_model([1, m, 8, 8], w, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    w, model = _rank1_per_output_channel_conv(n, m)
     result = rewrite(model, rank=1, orientation="auto")
     (layer,) = result.layers
     assert layer.orientation == "pw-first"
@@ -684,11 +690,8 @@ def test_save_is_atomic_and_refuses_the_input(tmp_path):
 def test_auto_orientation_never_costs_more_than_the_cheaper_fixed_orientation():
     # N=6 > M=5: rank-1 pw-first (exact here) costs 6·5 + 6·9 = 84 MACs per position, dw-first
     # 5·9 + 6·5 = 75. auto keeps the layer within 75 per position, so it takes dw-first.
-    rng = np.random.default_rng(3)
     n, m = 6, 5
-    u, v = rng.standard_normal((n, m)), rng.standard_normal((n, 9))
-    w = np.einsum("nm,nk->nmk", u, v).reshape(n, m, 3, 3)
-    model = conv_model([1, m, 8, 8], w, pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+    w, model = _rank1_per_output_channel_conv(n, m)
     result = rewrite(model, rank=1, orientation="auto")
     (layer,) = result.layers
     assert layer.orientation == "dw-first"
