@@ -121,10 +121,6 @@ def fmt_many(q: str, *values, digits: int = 1) -> tuple[str, ...]:
     return tuple(fmt_value(q, v, digits) for v in values)
 
 
-def _fmt_pair(q: str, a, b) -> tuple[str, str]:
-    return fmt_many(q, a, b)  # type: ignore[return-value]
-
-
 # --- results ----------------------------------------------------------------------------------
 @dataclass
 class BudgetResult:
@@ -240,12 +236,12 @@ def evaluate(report: dict, limits: Mapping[str, int | float | None] | None = Non
             continue
         lim = limits[q]
         v, detail = values[q]
-        label, unit = QUANTITIES[q][1], QUANTITIES[q][2]
+        label = QUANTITIES[q][1]
         if v is None:
             results.append(BudgetResult(q, "max", lim, None, False, f"{label} could not be measured", detail))
             continue
         passed = v <= lim
-        sv, sl = _fmt_pair(q, v, lim)
+        sv, sl = fmt_many(q, v, lim)
         if passed:
             msg = f"{label} {sv} within {QUANTITIES[q][0]} {sl}"
         else:

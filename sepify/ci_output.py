@@ -21,6 +21,7 @@ import xml.etree.ElementTree as ET
 
 from .budgets import QUANTITIES, fmt_many, fmt_value
 from .fileio import write_bytes
+from .report import md_escape
 
 CHECK_FORMATS = ("table", "json", "markdown")
 _STATUS = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}
@@ -94,29 +95,25 @@ def check_table(data: dict, stream=None) -> None:
     console.print(summary_line(data))
 
 
-def _md(s) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
 def check_markdown(data: dict) -> str:
     icon = {0: "✅", 1: "❌", 2: "⚠️"}[data["exit_code"]]
     out = [f"### {icon} {summary_line(data)}", ""]
     for m in data["models"]:
-        out.append(f"#### `{_md(m['path'])}` — {_STATUS[m['status']]}")
+        out.append(f"#### `{md_escape(m['path'])}` — {_STATUS[m['status']]}")
         out.append("")
         if m["status"] == "error":
-            out += [f"> {_md(m['error'])}", ""]
+            out += [f"> {md_escape(m['error'])}", ""]
             continue
         if m.get("baseline"):
-            out += [f"Baseline: `{_md(m['baseline'])}`", ""]
+            out += [f"Baseline: `{md_escape(m['baseline'])}`", ""]
         out += ["| quantity | limit | value | margin | result |", "|---|---:|---:|---:|---|"]
         for b in m["budgets"]:
             q, lim, val, margin, res = budget_cells(b)
             res = "✅ pass" if b["passed"] else "❌ **FAIL**"
-            out.append(f"| {_md(q)} | {_md(lim)} | {_md(val)} | {_md(margin)} | {res} |")
+            out.append(f"| {md_escape(q)} | {md_escape(lim)} | {md_escape(val)} | {md_escape(margin)} | {res} |")
         out.append("")
         for note in m.get("notes") or []:
-            out.append(f"- note: {_md(note)}")
+            out.append(f"- note: {md_escape(note)}")
         if m.get("notes"):
             out.append("")
     return "\n".join(out)

@@ -480,11 +480,11 @@ def ms_attention(ctx: OpContext) -> Cost:
     batch, seq, d_in = x
     sizes = ctx.attr("qkv_hidden_sizes")
     if sizes:
-        dq, dk, dv = (int(s) for s in sizes)
+        dq, _, dv = (int(s) for s in sizes)  # Q·Kᵀ needs dk == dq
     else:
         if not isinstance(w[1], int):
             raise Unknown("symbolic weight size")
-        dq = dk = dv = w[1] // 3
+        dq = dv = w[1] // 3
     proj = batch * seq * d_in * w[1]
     kv_len: Num = seq
     if ctx.has_input(4):
@@ -521,14 +521,13 @@ def ms_group_query_attention(ctx: OpContext) -> Cost:
     """com.microsoft ``GroupQueryAttention``: query (B, S, heads x head); total key length from
     the ``present_key`` output (B, kv_heads, T, head)."""
     heads = int(ctx.attr("num_heads", 0))
-    kv_heads = int(ctx.attr("kv_num_heads", 0))
     q = ctx.in_shape(0)
     if not heads or len(q) != 3:
         raise Unknown("unsupported GroupQueryAttention layout")
     present = ctx.out_shape(1)
     batch, seq = q[0], q[1]
     head = present[3]
-    del kv_heads  # K and V have fewer heads, but every query head attends over all T positions
+    # K and V may have fewer heads (kv_num_heads), but every query head attends over all T positions
     return _attention_core(batch, heads, seq, present[2], head, head)
 
 

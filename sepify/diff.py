@@ -46,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from . import __version__
 from .errors import ModelError, UsageError
+from .report import md_escape
 from .units import human, human_bytes
 
 SCHEMA = "sepify.diff/1"
@@ -546,14 +547,10 @@ def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str 
     console.print(f"layers: {_counts_line(data)}{hidden}")
 
 
-def _md(s) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
 def diff_markdown(data: dict, show_unchanged: bool = False, sort: str = "graph", top: int | None = None) -> str:
-    out = [f"### sepify diff: `{_md(_title(data))}`", "",
+    out = [f"### sepify diff: `{md_escape(_title(data))}`", "",
            "| | before | after | Δ | % | ratio |", "|---|---:|---:|---:|---:|---:|"]
-    out += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _totals_rows(data)]
+    out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in _totals_rows(data)]
     out += ["", f"**Layers:** {_counts_line(data)}", ""]
     extra_cols = data.get("extra_columns") or []
     rows = select_rows(data, show_unchanged, sort)
@@ -562,12 +559,12 @@ def diff_markdown(data: dict, show_unchanged: bool = False, sort: str = "graph",
     if rows:
         head = (*_LAYER_HEAD, *extra_cols)
         out += [f"<details><summary>{len(rows)} layer row(s)</summary>", "",
-                "| " + " | ".join(_md(h) for h in head) + " |",
+                "| " + " | ".join(md_escape(h) for h in head) + " |",
                 "|" + "|".join("---" if i in (0, 1, 2) else "---:" for i in range(len(head))) + "|"]
         for r in rows:
             cells = _layer_cells(r, extra_cols)
             cells[1] = f"`{cells[1]}`"
-            out.append("| " + " | ".join(_md(c) for c in cells) + " |")
+            out.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
         out += ["", "</details>"]
     return "\n".join(out) + "\n"
 

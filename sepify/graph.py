@@ -113,6 +113,36 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
                 yield f"{a.name}[{i}]", g
 
 
+def outer_inputs(node: onnx.NodeProto) -> list[str]:
+    """Names that a node's subgraphs (If/Loop/Scan bodies, nested) read from enclosing scopes."""
+    names: list[str] = []
+    for _, g in subgraphs(node):
+        local = {i.name for i in g.input} | {i.name for i in g.initializer}
+        for n in g.node:
+            names.extend(x for x in n.input if x and x not in local)
+            names.extend(x for x in outer_inputs(n) if x not in local)
+            local.update(n.output)
+    return names
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph nested in it."""
+    yield graph
+    for node in graph.node:
+        for _, g in subgraphs(node):
+            yield from all_graphs(g)
+
+
+def _scoped(view: "GraphView | None", table: str, name: str):
+    """Look ``name`` up in ``view.<table>``, then in the enclosing scopes."""
+    while view is not None:
+        found = getattr(view, table).get(name)
+        if found is not None:
+            return found
+        view = view.outer
+    return None
+
+
 class GraphView:
     """Shapes, dtypes, constness, producers and consumers of one graph scope."""
 
@@ -180,13 +210,8 @@ class GraphView:
 
     # -- lookups -------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo | None:
-        v = self
-        while v is not None:
-            t = v.info.get(name)
-            if t is not None:
-                return t
-            v = v.outer
-        return None
+        t = self.info.get(name)  # hot path: the local scope first
+        return t if t is not None or self.outer is None else _scoped(self.outer, "info", name)
 
     def shape(self, name: str) -> tuple | None:
         if not name:
@@ -209,13 +234,7 @@ class GraphView:
         return False
 
     def initializer(self, name: str) -> TensorProto | None:
-        v = self
-        while v is not None:
-            t = v.initializers.get(name)
-            if t is not None:
-                return t
-            v = v.outer
-        return None
+        return _scoped(self, "initializers", name)
 
     def producer_node(self, name: str) -> onnx.NodeProto | None:
         idx = self.producer.get(name)
@@ -259,9 +278,7 @@ class GraphView:
             for name in ins:
                 last[name] = idx
             if sub:
-                from .loading import _subgraph_inputs
-
-                for name in _subgraph_inputs(self.nodes[idx]):
+                for name in outer_inputs(self.nodes[idx]):
                     last[name] = idx
         last.pop("", None)
         return last

@@ -30,6 +30,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import ModelError, UsageError
+from .graph import outer_inputs
 
 Source = "str | os.PathLike | onnx.ModelProto"
 
@@ -112,20 +113,11 @@ def drop_initializer_inputs(model: onnx.ModelProto) -> bool:
     return True
 
 
-def topological_sort(graph: onnx.GraphProto, label: str, force: bool = False) -> bool:
-    """Reorder ``graph.node`` topologically if it is not already. Returns True if reordered.
-
-    The common case (already sorted) is a single linear pass; networkx is used only to sort.
-    """
+def topological_sort(graph: onnx.GraphProto, label: str) -> None:
+    """Reorder ``graph.node`` topologically (networkx). Called only when the checker reports
+    that the nodes are not sorted; a cycle, a node reading its own output or an undefined
+    tensor is a :class:`ModelError`."""
     known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    ok = not force
-    for node in (graph.node if not force else ()):
-        if any(name not in known for name in node.input) or any(_outer_refs(node, known)):
-            ok = False
-            break
-        known.update(node.output)
-    if ok:
-        return False
     import networkx as nx
 
     producer = {}
@@ -136,7 +128,7 @@ def topological_sort(graph: onnx.GraphProto, label: str, force: bool = False) ->
     g = nx.DiGraph()
     g.add_nodes_from(range(len(graph.node)))
     for i, node in enumerate(graph.node):
-        for name in list(node.input) + _subgraph_inputs(node):
+        for name in list(node.input) + outer_inputs(node):
             j = producer.get(name)
             if j is not None and j != i:
                 g.add_edge(j, i)
@@ -156,26 +148,6 @@ def topological_sort(graph: onnx.GraphProto, label: str, force: bool = False) ->
         c.CopyFrom(n)
     del graph.node[:]
     graph.node.extend(copies)
-    return True
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
-    """Names a node's subgraphs read from the enclosing scope (for ordering)."""
-    names: list[str] = []
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            for n in g.node:
-                names.extend(x for x in n.input if x and x not in local)
-                names.extend(_subgraph_inputs(n))
-                local.update(n.output)
-    return names
-
-
-def _outer_refs(node: onnx.NodeProto, known: set[str]):
-    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-        return ()
-    return (name for name in _subgraph_inputs(node) if name not in known)
 
 
 _SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*([A-Za-z0-9_?,x\s]+)$")
@@ -389,7 +361,7 @@ def load(
         # the checker (C++, fast) tells whether the nodes are sorted; sort only if needed
         if "topologically sorted" not in str(e):
             raise
-        topological_sort(model.graph, label, force=True)
+        topological_sort(model.graph, label)
         notes.append("nodes were not in topological order; sorted")
         check(model, label)
     # after the checker: for IR < 4 it requires every initializer to be listed as an input

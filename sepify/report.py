@@ -115,14 +115,15 @@ def analysis_csv(data: dict, sort: str = "graph", top: int | None = None) -> str
     return buf.getvalue()
 
 
-def _md_escape(s: str) -> str:
+def md_escape(s) -> str:
+    """Escape a value for a Markdown table cell."""
     return str(s).replace("|", "\\|").replace("\n", " ")
 
 
 def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, by_op: bool = False) -> str:
     t = data["totals"]
     name = os.path.basename(data["model"].get("path") or "") or data["model"].get("graph") or "model"
-    out = [f"### sepify analyze: `{_md_escape(name)}`", "",
+    out = [f"### sepify analyze: `{md_escape(name)}`", "",
            "| MACs | FLOPs | params | buffers | activation peak | unknown nodes |",
            "|---:|---:|---:|---:|---:|---:|",
            f"| {human(t['macs'])} | {human(t['flops'])} | {human(t['params'])} | {human(t['buffers'])} "
@@ -133,7 +134,7 @@ def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, b
         out += ["| op type | count | MACs | FLOPs | params |", "|---|---:|---:|---:|---:|"]
         groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
         for op, g in groups[:top] if top else groups:
-            out.append(f"| {_md_escape(op)} | {g['count']} | {human(g['macs'])} | {human(g['flops'])} | {human(g['params'])} |")
+            out.append(f"| {md_escape(op)} | {g['count']} | {human(g['macs'])} | {human(g['flops'])} | {human(g['params'])} |")
     else:
         rows = select_layers(data["layers"], sort, top)
         out += ["<details><summary>layers" + (f" (top {top} by {sort if sort != 'graph' else 'macs'})" if top else "")
@@ -141,11 +142,11 @@ def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, b
                 "| # | name | op | output | MACs | params | note |", "|---:|---|---|---|---:|---:|---|"]
         for r in rows:
             note = f"unknown: {r['unknown']}" if r["unknown"] else r["note"]
-            out.append(f"| {r['index']} | {_md_escape(r['name'])} | {r['op_type']} | {_shape(r['output_shapes'])} "
-                       f"| {human(r['macs'])} | {human(r['params']) if r['params'] else ''} | {_md_escape(note)} |")
+            out.append(f"| {r['index']} | {md_escape(r['name'])} | {r['op_type']} | {_shape(r['output_shapes'])} "
+                       f"| {human(r['macs'])} | {human(r['params']) if r['params'] else ''} | {md_escape(note)} |")
         out += ["", "</details>"]
     for note in data.get("notes", []):
-        out.append(f"- {_md_escape(note)}")
+        out.append(f"- {md_escape(note)}")
     return "\n".join(out) + "\n"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .report import _console, _md_escape, dumps_json
+from .report import _console, md_escape, dumps_json
 from .units import human
 
 
@@ -65,16 +65,16 @@ def rewrite_markdown(report: dict) -> str:
     from .diff import diff_markdown
 
     name = os.path.basename(report.get("model") or "") or "model"
-    out = [f"## sepify rewrite: `{_md_escape(name)}` ({_md_escape(_criterion(report))})", "",
+    out = [f"## sepify rewrite: `{md_escape(name)}` ({md_escape(_criterion(report))})", "",
            diff_markdown(report["diff"]).rstrip("\n")]
     if any(r.get("folded_batchnorm") for r in report["layers"]):
         out.append("")  # a list right after "</details>" would be swallowed by the HTML block
     for r in report["layers"]:
         if r.get("folded_batchnorm"):
-            out.append(f"- folded BatchNormalization `{_md_escape(r['folded_batchnorm'])}` into `{_md_escape(r['name'])}`")
+            out.append(f"- folded BatchNormalization `{md_escape(r['folded_batchnorm'])}` into `{md_escape(r['name'])}`")
     if report["skipped"]:
         out += ["", "<details><summary>not rewritten</summary>", ""]
-        out += [f"- `{_md_escape(s['name'])}`: {_md_escape(s['reason'])}" for s in report["skipped"]]
+        out += [f"- `{md_escape(s['name'])}`: {md_escape(s['reason'])}" for s in report["skipped"]]
         out += ["", "</details>"]
     out += [""] + [f"{line}  " for line in _verification_lines(report.get("verification"))]
     return "\n".join(out) + "\n"

@@ -26,7 +26,7 @@ import onnx
 from . import __version__
 from .errors import BudgetError, ModelError, UsageError
 from .factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
-from .graph import GraphView, is_float, subgraphs
+from .graph import GraphView, all_graphs, is_float, subgraphs
 from .loading import drop_initializer_inputs, load, read_model
 
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
@@ -333,7 +333,7 @@ def _choose(c: Candidate, opts: RewriteOptions) -> tuple[str, int]:
 class _Names:
     def __init__(self, model: onnx.ModelProto):
         self.used: set[str] = set()
-        for g in _all_graphs(model.graph):
+        for g in all_graphs(model.graph):
             self.used.update(n.name for n in g.node)
             self.used.update(o for n in g.node for o in n.output)
             self.used.update(i.name for i in g.initializer)
@@ -346,17 +346,6 @@ class _Names:
             name = f"{base}_{k}"
         self.used.add(name)
         return name
-
-
-def _all_graphs(g: onnx.GraphProto):
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _all_graphs(sg)
 
 
 def _build(graph, gs, c: Candidate, orientation: str, rank: int, names: _Names) -> list[str]:
@@ -451,7 +440,7 @@ def rewrite(
             candidates.append(plan)
     for node in view.nodes:  # convs inside If/Loop/Scan bodies are reported, not rewritten
         for _, sub in subgraphs(node):
-            for g in _all_graphs(sub):
+            for g in all_graphs(sub):
                 skipped.extend(Skipped(n.name or "Conv", f"inside a subgraph of {node.name or node.op_type} (not rewritten)")
                                for n in g.node if n.op_type == "Conv")
 
