@@ -58,18 +58,20 @@ def main() -> None:
         t = time.perf_counter()
         onnx.save(vgg16(), str(src))
         print(f"built and saved VGG-16: {src.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t:.1f} s")
-        t = time.perf_counter()
-        onnx.save(onnx.load(str(src)), str(Path(tmp) / "copy.onnx"))
-        floor = time.perf_counter() - t
-        print(f"onnx.load + onnx.save:            {floor:6.2f} s")
-        t = time.perf_counter()
-        result = sepify.rewrite(str(src), rank=1)
-        mid = time.perf_counter() - t
-        result.save(out)
-        total = time.perf_counter() - t
-        tb, ta = result.report["totals"]["before"], result.report["totals"]["after"]
+        floor = mid = total = float("inf")
+        for _ in range(3):  # best of 3: the figures are dominated by memory and disk traffic
+            t = time.perf_counter()
+            onnx.save(onnx.load(str(src)), str(Path(tmp) / "copy.onnx"))
+            floor = min(floor, time.perf_counter() - t)
+            t = time.perf_counter()
+            result = sepify.rewrite(str(src), rank=1)
+            mid = min(mid, time.perf_counter() - t)
+            result.save(out)
+            total = min(total, time.perf_counter() - t)
+        print(f"onnx.load + onnx.save:            {floor:6.2f} s   (best of 3)")
         print(f"sepify.rewrite (in memory):       {mid:6.2f} s")
         print(f"sepify.rewrite + save:            {total:6.2f} s   ({total - floor:+.2f} s beyond load + save)")
+        tb, ta = result.report["totals"]["before"], result.report["totals"]["after"]
         print(f"rewrote {len(result.layers)} convs: MACs {tb['macs']:,} -> {ta['macs']:,}, params {tb['params']:,} -> {ta['params']:,}")
 
 

@@ -163,16 +163,16 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
             allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, dry_run, fmt, report_file,
             input_shape, dim):
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
-    from pathlib import Path
-
     from .errors import EXIT_FAILED, UsageError
     from .rewriter import RewriteOptions, rewrite as run
     from .units import parse_fraction, parse_quantity
 
     if not output and not dry_run:
         raise UsageError("give -o OUTPUT (or --dry-run to only report)")
-    if output and Path(output).resolve() == Path(model).resolve():
-        raise UsageError(f"{output}: the output path is the input model; refusing to overwrite it")
+    if output:
+        from .fileio import refuse_overwrite
+
+        refuse_overwrite(output, model)  # before the work, not only at save time
     shapes, dims = _shapes_and_dims(input_shape, dim)
     opts = RewriteOptions(
         rank=rank, energy=energy, max_error=max_error,
@@ -186,17 +186,13 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         from .verify import load_inputs, verify
 
         feeds = load_inputs(inputs_file) if inputs_file else None
-        import onnx
-
-        original = model if result.external_data else onnx.load(model, load_external_data=False)
-        if result.external_data:
+        if result.external_data:  # run the rewritten model from disk, beside its weights
             if not output or dry_run:
                 raise UsageError("--verify of a model with external data needs -o (the rewritten model is run from disk)")
             result.save(output)
             saved = True
-            ver = verify(model, output, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
-        else:
-            ver = verify(original, result.model, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
+        rewritten = output if result.external_data else result.model
+        ver = verify(model, rewritten, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
         ver["tolerance"] = tolerance
         ver["passed"] = tolerance is None or ver["max_rel_l2_error"] <= tolerance
         result.report["verification"] = ver

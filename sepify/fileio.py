@@ -59,6 +59,12 @@ def write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> Non
 TWO_GB = 2**31 - 1
 
 
+def refuse_overwrite(output: str | os.PathLike, source: str | os.PathLike | None) -> None:
+    """The input model is never modified: refuse an output path that is the input file."""
+    if source is not None and Path(output).resolve() == Path(source).resolve():
+        raise UsageError(f"{output}: the output path is the input model; refusing to overwrite it")
+
+
 def has_external_data(model) -> bool:
     from onnx import TensorProto
 

@@ -8,13 +8,13 @@ Preparation steps, in order:
 1. read the protobuf without the external weight bytes (``load_external_data=False``);
 2. reject what is not a model (empty, truncated, random bytes, a protobuf of another kind);
 3. inline model-local functions;
-4. put nodes in topological order if they are not (a cycle is an error);
-5. ``onnx.checker`` (structure, not shapes);
-6. old models (IR < 4) list initializers among the graph inputs: drop them from the inputs so
+4. ``onnx.checker`` (structure, not shapes); when it reports nodes out of topological order,
+   sort them (networkx) and check again (a cycle or an undefined tensor is an error);
+5. old models (IR < 4) list initializers among the graph inputs: drop them from the inputs so
    shape inference treats them as the constants they are (after the checker, which for
    IR < 4 requires them to be listed);
-7. apply ``--input-shape`` overrides and ``--dim`` bindings; name anonymous input dims;
-8. ONNX shape inference with data propagation (strict: a rejected opset or contradictory
+6. apply ``--input-shape`` overrides and ``--dim`` bindings; name anonymous input dims;
+7. ONNX shape inference with data propagation (strict: a rejected opset or contradictory
    shapes is an error).
 """
 
@@ -54,11 +54,15 @@ class LoadedModel:
         return self.path.parent if self.path else None
 
 
-def read_model(source, *, load_external_data: bool = False) -> tuple[onnx.ModelProto, Path | None]:
-    """Read a model from a path or copy a ModelProto; validate that it is a model at all."""
+def read_model(source, *, load_external_data: bool = False, copy: bool = True) -> tuple[onnx.ModelProto, Path | None]:
+    """Read a model from a path or copy a ModelProto (``copy=False``: use it as it is, for a
+    private copy the caller owns); validate that it is a model at all."""
     if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
+        if copy:
+            model = onnx.ModelProto()
+            model.CopyFrom(source)
+        else:
+            model = source
         path = None
         label = "<model>"
     else:
@@ -325,6 +329,52 @@ def _without_external_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def weightless_copy(model: onnx.ModelProto, keep_bytes: int = 1024) -> onnx.ModelProto:
+    """A copy of the model whose initializers larger than ``keep_bytes`` keep their name, type
+    and shape but no data (they are marked external, location ``sepify-weightless``). The
+    weight bytes are never copied; checker and shape inference on it cost what the graph costs.
+    Small initializers (shape vectors, scalars) are kept whole: shape inference reads them."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or _nbytes(t) <= keep_bytes:
+            out.graph.initializer.append(t)
+            continue
+        stub = out.graph.initializer.add()
+        stub.name, stub.data_type = t.name, t.data_type
+        stub.dims.extend(t.dims)
+        stub.data_location = onnx.TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "sepify-weightless"
+    return out
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """Size of a tensor's data from its dims (``ByteSize()`` would walk the bytes)."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, TypeError, ValueError):
+        size = 8
+    return n * size
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 5
+        if repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
 def check(model: onnx.ModelProto, label: str) -> None:
     try:
         onnx.checker.check_model(_without_external_initializers(model))
@@ -339,12 +389,14 @@ def load(
     dims: Mapping[str, int] | None = None,
     load_external_data: bool = False,
     bind_unbound_to: int | None = None,
+    copy: bool = True,
 ) -> LoadedModel:
     """Read, validate and prepare a model, with shapes inferred. See the module docstring.
 
     ``bind_unbound_to``: give every symbol left unbound this value (used for a numeric pass).
+    ``copy=False``: a ModelProto source is a private copy that may be changed in place.
     """
-    model, path = read_model(source, load_external_data=load_external_data)
+    model, path = read_model(source, load_external_data=load_external_data, copy=copy)
     label = str(path) if path else "<model>"
     notes: list[str] = []
     if model.functions:

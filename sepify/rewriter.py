@@ -27,7 +27,7 @@ from . import __version__
 from .errors import BudgetError, ModelError, UsageError
 from .factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
 from .graph import GraphView, all_graphs, is_float, subgraphs
-from .loading import drop_initializer_inputs, load, read_model
+from .loading import drop_initializer_inputs, load, read_model, weightless_copy
 
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
 
@@ -139,11 +139,10 @@ class RewriteResult:
 
     def save(self, path: str | Path) -> None:
         """Write the model atomically (external data kept in external form), then check it."""
-        from .fileio import save_model
+        from .fileio import refuse_overwrite, save_model
 
         out = Path(path)
-        if self.source_path is not None and out.resolve() == self.source_path.resolve():
-            raise UsageError(f"{out}: the output path is the input model; refusing to overwrite it")
+        refuse_overwrite(out, self.source_path)
         save_model(self.model, out, self.external_data)
         if self.external_data:
             try:
@@ -348,9 +347,10 @@ class _Names:
         return name
 
 
-def _build(graph, gs, c: Candidate, orientation: str, rank: int, names: _Names) -> list[str]:
-    """Replace the Conv (and its folded BN) in the gs graph by the two factor convs."""
-    node = next(n for n in graph.nodes if n.name == c.node.name and n.op == "Conv")
+def _build(graph, gs, by_name: dict, c: Candidate, orientation: str, rank: int, names: _Names) -> list[str]:
+    """Replace the Conv (and its folded BN) in the gs graph by the two factor convs.
+    ``by_name``: the gs nodes by name (every top-level node is named, see :func:`_name_nodes`)."""
+    node = by_name[c.node.name]
     first_w, second_w = c.spectra[orientation].factors(rank)
     attrs = dict(node.attrs)
     spatial_attrs = {k: v for k, v in attrs.items() if k in ("auto_pad", "pads", "strides", "dilations", "kernel_shape")}
@@ -358,8 +358,7 @@ def _build(graph, gs, c: Candidate, orientation: str, rank: int, names: _Names) 
     point_attrs = {"kernel_shape": [1] * nd, "strides": [1] * nd, "pads": [0] * (2 * nd), "dilations": [1] * nd}
     x = node.inputs[0]
     if c.bn is not None:
-        bn = next(n for n in graph.nodes if n.name == c.bn.name and n.op == "BatchNormalization") \
-            if c.bn.name else next(n for n in graph.nodes if n.op == "BatchNormalization" and n.inputs[0] is node.outputs[0])
+        bn = by_name[c.bn.name]
         y = bn.outputs[0]
         bn.outputs = []
         bn.inputs = []
@@ -417,7 +416,7 @@ def rewrite(
     external = has_external_data(raw)
     unnamed = _name_nodes(raw)
     # shapes come from a weightless copy: checker and shape inference never copy the weights
-    loaded = load(_weightless(raw), input_shapes=input_shapes, dims=dims)
+    loaded = load(weightless_copy(raw), input_shapes=input_shapes, dims=dims, copy=False)
     loaded.path, loaded.file_size = path, (path.stat().st_size if path else None)
     if raw.functions:
         from onnx import inliner
@@ -456,6 +455,7 @@ def rewrite(
     if base_dir:
         onnx.load_external_data_for_model(work, base_dir)
     graph = gs.import_onnx(work)
+    by_name = {n.name: n for n in graph.nodes}
     names = _Names(work)
     results: list[LayerResult] = []
     for c in candidates:
@@ -471,7 +471,7 @@ def rewrite(
         if macs_after >= c.original_macs and not opts.allow_increase:
             skipped.append(Skipped(c.node.name, f"no saving at rank {rank} ({macs_after:,} >= {c.original_macs:,} MACs; --allow-increase to force)"))
             continue
-        new_nodes = _build(graph, gs, c, orientation, rank, names)
+        new_nodes = _build(graph, gs, by_name, c, orientation, rank, names)
         first, second = sp.factors(rank)
         results.append(LayerResult(
             name=c.node.name, orientation=orientation, rank=rank, max_rank=sp.max_rank,
@@ -486,38 +486,16 @@ def rewrite(
         new.ir_version = 4  # initializers are no longer listed as inputs
 
     try:  # checker and strict shape inference of the result, on a weightless copy
-        new_loaded = load(_weightless(new), input_shapes=input_shapes, dims=dims)
+        new_loaded = load(weightless_copy(new), input_shapes=input_shapes, dims=dims, copy=False)
     except ModelError as e:  # a sepify bug, not a user error
         raise RuntimeError(f"the rewritten model fails validation: {e}") from e
     after = analyze_loaded(new_loaded)
-    skipped.sort(key=lambda s: _node_order(view, s.name))
+    order = {n.name: i for i, n in enumerate(view.nodes)}
+    skipped.sort(key=lambda s: order.get(s.name, len(order)))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped)
     if unnamed:
         report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
     return RewriteResult(new, results, skipped, report, external, path)
-
-
-def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy whose large initializers keep name, type and shape but no bytes (marked external),
-    for validation and shape inference without copying the weights."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    _strip_weights(copy)
-    return copy
-
-
-def _strip_weights(model: onnx.ModelProto) -> None:
-    """Replace large initializers' bytes by empty external references (shapes are kept), so
-    the analysis of a big rewritten model does not copy its weights through shape inference."""
-    for t in model.graph.initializer:
-        if t.ByteSize() > 1024:
-            t.ClearField("raw_data")
-            for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(f)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            del t.external_data[:]
-            e = t.external_data.add()
-            e.key, e.value = "location", "sepify-stripped"
 
 
 def _name_nodes(model: onnx.ModelProto) -> int:
@@ -540,13 +518,6 @@ def _name_nodes(model: onnx.ModelProto) -> int:
         seen.add(name)
         count += 1
     return count
-
-
-def _node_order(view: GraphView, name: str) -> int:
-    for i, n in enumerate(view.nodes):
-        if n.name == name:
-            return i
-    return len(view.nodes)
 
 
 def _plan_ranks(candidates: list[Candidate], opts: RewriteOptions, total_macs: int) -> dict:
