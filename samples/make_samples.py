@@ -147,21 +147,34 @@ class _Builder:
         output_shape: Sequence[int | str],
         doc: str = "",
     ) -> onnx.ModelProto:
-        graph = helper.make_graph(
-            self.nodes,
-            graph_name,
-            [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
-            [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(output_shape))],
-            initializer=self.inits,
-            doc_string=doc,
-        )
-        return helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            ir_version=IR_VERSION,
-            producer_name=PRODUCER,
-            producer_version="1",
-        )
+        return _make_model(graph_name, self.nodes, self.inits, input_shape, output_shape, doc)
+
+
+def _make_model(
+    graph_name: str,
+    nodes: Sequence[onnx.NodeProto],
+    inits: Sequence[onnx.TensorProto],
+    input_shape: Sequence[int | str],
+    output_shape: Sequence[int | str],
+    doc: str = "",
+) -> onnx.ModelProto:
+    """One float input ``input``, one float output ``output``; opset, IR version and producer
+    the same for every sample."""
+    graph = helper.make_graph(
+        list(nodes),
+        graph_name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, list(output_shape))],
+        initializer=list(inits),
+        doc_string=doc,
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name=PRODUCER,
+        producer_version="1",
+    )
 
 
 def _same_pad(k: int) -> list[int]:
@@ -313,20 +326,7 @@ def conv_chain(n_pairs: int, channels: int = 8, spatial: int = 8) -> onnx.ModelP
         x = "output" if i == last else f"{relu}_out"
         nodes.append(make_node("Relu", [f"{conv}_out"], [x], name=relu))
     shape = [1, channels, spatial, spatial]
-    graph = helper.make_graph(
-        nodes,
-        f"conv_chain_{n_pairs}",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, shape)],
-        initializer=inits,
-    )
-    return helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET)],
-        ir_version=IR_VERSION,
-        producer_name=PRODUCER,
-        producer_version="1",
-    )
+    return _make_model(f"conv_chain_{n_pairs}", nodes, inits, shape, shape)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -137,12 +137,17 @@ def test_full_rank_reconstructs_weight(case):
     assert rel_diff(composed, dense(w, group)) < tol(w)
 
 
+def at_random_rank(case, data):
+    """Unpack a drawn case, factorize it, and draw a rank in 1..max_rank."""
+    w, group, orientation = case
+    spec = spectrum(w, group, orientation)
+    return w, group, orientation, spec, data.draw(st.integers(1, spec.max_rank))
+
+
 @HYP
 @given(conv_weights(), st.data())
 def test_truncated_error_matches_naive_svd(case, data):
-    w, group, orientation = case
-    spec = spectrum(w, group, orientation)
-    rank = data.draw(st.integers(1, spec.max_rank))
+    w, group, orientation, spec, rank = at_random_rank(case, data)
     first, second = spec.factors(rank)
     r, m, n = rank, w.shape[1] * group, w.shape[0]
     ones = (1,) * (w.ndim - 2)
@@ -190,9 +195,7 @@ def test_error_monotone_energy_and_rank_search(case, fraction, bound):
 @given(conv_weights(), st.data())
 def test_factors_split_singular_values_evenly(case, data):
     """Each rank-one term sqrt(s_i) u_i (x) sqrt(s_i) v_i: both factors have norm sqrt(s_i)."""
-    w, group, orientation = case
-    spec = spectrum(w, group, orientation)
-    rank = data.draw(st.integers(1, spec.max_rank))
+    w, group, orientation, spec, rank = at_random_rank(case, data)
     first, second = (np.asarray(f, np.float64) for f in spec.factors(rank))
     roots = np.sqrt(np.array(naive_singular_values(w, group, orientation))[:, :rank])  # (slices, r)
     n, mg = w.shape[:2]
@@ -331,9 +334,7 @@ def test_worked_example_macs():
 @HYP
 @given(conv_weights(), st.data(), st.integers(0, 500), st.integers(0, 500))
 def test_macs_match_factor_shapes(case, data, p_in, p_out):
-    w, group, orientation = case
-    spec = spectrum(w, group, orientation)
-    rank = data.draw(st.integers(1, spec.max_rank))
+    w, group, orientation, spec, rank = at_random_rank(case, data)
     first, second = spec.factors(rank)
     if orientation == "dw-first":  # both Convs run at the output resolution
         expected = conv_macs(first.shape, p_out) + conv_macs(second.shape, p_out)
