@@ -352,8 +352,9 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
 
     numeric_rows = None
     nbytes = _Bytes(view, values)
-    if numeric is not None:
-        numeric_rows = _Walker().walk(GraphView(numeric.model.graph, symbols=numeric.symbols))
+    numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols) if numeric is not None else None
+    if numeric_view is not None:
+        numeric_rows = _Walker().walk(numeric_view)
         if len(numeric_rows) != len(rows):
             numeric_rows = None
 
@@ -389,7 +390,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
             macs_formula=macs_f, flops_formula=flops_f,
         ))
 
-    peak_view = view if numeric is None else GraphView(numeric.model.graph, symbols=numeric.symbols)
+    peak_view = numeric_view or view
     totals = Totals(
         macs=num_macs, flops=num_flops,
         params=sum(layer.params for layer in layers), buffers=sum(layer.buffers for layer in layers),
