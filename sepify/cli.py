@@ -269,6 +269,9 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
     if os.environ.get("GITHUB_ACTIONS") == "true":
         # annotations go to stdout, unless stdout carries the JSON report (the runner reads stderr too)
         github_report(data, stream=sys.stderr if fmt == "json" and not to_file else sys.stdout)
+    for m in data["models"]:  # like every command: a model error is also one line on stderr
+        if m["status"] == "error":
+            click.echo(f"sepify: error: {m['error']}", err=True)
     sys.exit(report.exit_code)
 
 

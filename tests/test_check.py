@@ -97,6 +97,8 @@ def test_all_models_checked_and_error_wins(work):
     assert r.exit_code == 2
     data = json.loads(r.stdout)
     assert [m["status"] for m in data["models"]] == ["pass", "error", "fail"]
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("sepify: error: ") and "bad.onnx" in errors[0]
     assert data["summary"] == {"models": 3, "passed": 1, "failed": 1, "errors": 1, "budgets": 4, "budgets_failed": 1}
     big = data["models"][2]["budgets"][0]
     assert (big["name"], big["value"], big["limit"], big["margin"]) == ("max-macs", macs(103), 1_850_000,
