@@ -40,11 +40,14 @@ class Cost:
 class OpContext:
     """What a rule sees: the node, its attributes, and shapes of its inputs and outputs."""
 
-    __slots__ = ("node", "view", "_attrs")
+    __slots__ = ("node", "view", "ins", "outs", "_attrs")
 
-    def __init__(self, node: onnx.NodeProto, view: GraphView):
+    def __init__(self, node: onnx.NodeProto, view: GraphView, ins: list[str] | None = None,
+                 outs: list[str] | None = None):
         self.node = node
         self.view = view
+        self.ins = list(node.input) if ins is None else ins  # plain lists: protobuf reads are slow
+        self.outs = list(node.output) if outs is None else outs
         self._attrs = None
 
     @property
@@ -58,38 +61,50 @@ class OpContext:
         return self.attrs.get(name, default)
 
     def has_input(self, i: int) -> bool:
-        return len(self.node.input) > i and bool(self.node.input[i])
+        return len(self.ins) > i and bool(self.ins[i])
 
     def _dims(self, name: str, what: str) -> tuple:
-        shape = self.view.shape(name)
-        if shape is None:
-            raise Unknown(f"shape of {what} {name!r} unknown")
-        out = []
-        for d in shape:
-            if d is None:
-                raise Unknown(f"shape of {what} {name!r} has an unknown dimension")
-            if isinstance(d, str):
-                if d not in self.view.symbols:
-                    raise Unknown(f"shape of {what} {name!r} has a data-dependent dimension {d!r}")
-                d = Poly.symbol(d)
-            out.append(d)
-        return tuple(out)
+        """Dims as ints and symbolic :class:`Poly`; converted once per tensor (view cache)."""
+        cache = self.view.dims_cache
+        dims = cache.get(name)
+        if dims is None:
+            dims = cache[name] = _convert_dims(self.view.shape(name), self.view.symbols)
+        if dims.__class__ is str:
+            raise Unknown(dims.format(what=what, name=name))
+        return dims
 
     def in_shape(self, i: int) -> tuple:
         if not self.has_input(i):
             raise Unknown(f"input {i} missing")
-        return self._dims(self.node.input[i], "input")
+        return self._dims(self.ins[i], "input")
 
     def out_shape(self, i: int = 0) -> tuple:
-        if len(self.node.output) <= i or not self.node.output[i]:
+        if len(self.outs) <= i or not self.outs[i]:
             raise Unknown(f"output {i} missing")
-        return self._dims(self.node.output[i], "output")
+        return self._dims(self.outs[i], "output")
 
     def in_numel(self, i: int = 0) -> Num:
         return prod(self.in_shape(i))
 
     def out_numel(self, i: int = 0) -> Num:
         return prod(self.out_shape(i))
+
+
+def _convert_dims(shape: tuple | None, symbols) -> tuple | str:
+    """The dims a rule computes with, or the reason (a template) they are unusable."""
+    if shape is None:
+        return "shape of {what} {name!r} unknown"
+    out = []
+    for d in shape:
+        if d.__class__ is int:
+            out.append(d)
+        elif d is None:
+            return "shape of {what} {name!r} has an unknown dimension"
+        elif d in symbols:
+            out.append(Poly.symbol(d))
+        else:
+            return "shape of {what} {name!r} has a data-dependent dimension " + repr(d).replace("{", "{{").replace("}", "}}")
+    return tuple(out)
 
 
 Rule = Callable[[OpContext], Cost]
@@ -225,10 +240,11 @@ def _conv_cost(ctx: OpContext, x: int, w: int, bias: int | None) -> Cost:
     wshape = ctx.in_shape(w)
     if len(wshape) < 3:
         raise Unknown(f"weight rank {len(wshape)} < 3")
-    macs = ctx.out_numel(0) * prod(wshape[1:])
+    y = ctx.out_numel(0)
+    macs = y * prod(wshape[1:])
     flops = 2 * macs
     if bias is not None and ctx.has_input(bias):
-        flops = flops + ctx.out_numel(0)
+        flops = flops + y
     return Cost(macs, flops)
 
 
@@ -367,8 +383,8 @@ def einsum(ctx: OpContext) -> Cost:
     eq = eq.replace(" ", "")
     lhs, arrow, rhs = eq.partition("->")
     terms = lhs.split(",")
-    if len(terms) != len(ctx.node.input):
-        raise Unknown(f"equation {eq!r} does not match {len(ctx.node.input)} inputs")
+    if len(terms) != len(ctx.ins):
+        raise Unknown(f"equation {eq!r} does not match {len(ctx.ins)} inputs")
     if len(terms) == 1:
         return Cost(0, ctx.in_numel(0))
     sizes: dict[str, Num] = {}

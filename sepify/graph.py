@@ -53,7 +53,17 @@ def is_float(dtype: int) -> bool:
     return dtype in _FLOAT_TYPES
 
 
-@dataclass
+def static_numel(shape: tuple) -> int | None:
+    """Number of elements when every dim is a known int, else None."""
+    n = 1
+    for d in shape:
+        if d.__class__ is not int:
+            return None
+        n *= d
+    return n
+
+
+@dataclass(slots=True)
 class TensorInfo:
     shape: tuple | None  # None: rank unknown
     dtype: int = TensorProto.UNDEFINED
@@ -65,19 +75,22 @@ def _shape_of(t: onnx.TypeProto) -> tuple | None:
     tt = t.tensor_type
     if not tt.HasField("shape"):
         return None
-    dims = []
-    for d in tt.shape.dim:
-        which = d.WhichOneof("value")
-        if which == "dim_value":
-            dims.append(d.dim_value)
-        elif which == "dim_param" and d.dim_param:
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
-    return tuple(dims)
+    return _dims_of(tt.shape.dim)
+
+
+def _dims_of(dims) -> tuple:
+    """ints, symbol names, or None (unknown). The common case, a non-zero ``dim_value``, costs
+    one field read."""
+    return tuple([d.dim_value or _zero_or_param(d) for d in dims])
+
+
+def _zero_or_param(d) -> int | str | None:
+    p = d.dim_param
+    return p if p else (0 if d.HasField("dim_value") else None)
 
 
 _SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def has_subgraph(node: onnx.NodeProto) -> bool:
@@ -161,11 +174,16 @@ class GraphView:
         self.graph_outputs = [o.name for o in graph.output]
         self.graph_inputs = [i.name for i in graph.input]
         self._input_set = set(self.graph_inputs)
+        self.dims_cache: dict = {}  # tensor name -> dims for cost rules (see costs.OpContext)
 
         info = self.info
-        for vi in graph.value_info:
+        for vi in graph.value_info:  # hot: one entry per tensor of the graph
             t = vi.type
-            info[vi.name] = TensorInfo(_shape_of(t), t.tensor_type.elem_type)
+            tt = t.tensor_type
+            shape = _dims_of(tt.shape.dim) if tt.HasField("shape") else None
+            if shape is not None and t.WhichOneof("value") != "tensor_type":
+                shape = None
+            info[vi.name] = TensorInfo(shape, tt.elem_type)
         for vi in list(graph.input) + list(graph.output):
             info[vi.name] = TensorInfo(_shape_of(vi.type), vi.type.tensor_type.elem_type)
         for init in graph.initializer:
@@ -185,7 +203,9 @@ class GraphView:
         for idx, node in enumerate(self.nodes):
             ins = list(node.input)
             outs = list(node.output)
-            sub = has_subgraph(node)
+            op = node.op_type
+            domain = node.domain
+            sub = (op in _SUBGRAPH_OPS or domain not in _DEFAULT_DOMAINS) and has_subgraph(node)
             io.append((ins, outs, sub))
             for name in ins:
                 if name:
@@ -197,16 +217,18 @@ class GraphView:
             for name in outs:
                 if name:
                     producer[name] = idx
-            op = node.op_type
-            if op == "Constant" and node.domain in ("", "ai.onnx"):
+            if op == "Constant" and domain in _DEFAULT_DOMAINS:
                 const.update(outs)
                 if outs[0] not in info or info[outs[0]].shape is None:
                     ci = _constant_attr_info(node)
                     if ci is not None:
                         info[outs[0]] = ci
-            elif (ins and not sub and op not in _NONDETERMINISTIC and node.domain in ("", "ai.onnx")
-                  and all((not n) or n in const or self.is_const(n) for n in ins)):
-                const.update(o for o in outs if o)
+            elif ins and not sub and op not in _NONDETERMINISTIC and domain in _DEFAULT_DOMAINS:
+                for n in ins:  # (in sorted order, a constant of this scope is already in ``const``)
+                    if n and n not in const and (outer is None or not self.is_const(n)):
+                        break
+                else:
+                    const.update(o for o in outs if o)
 
     # -- lookups -------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo | None:
