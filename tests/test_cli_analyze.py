@@ -171,3 +171,22 @@ def test_python_m_sepify(tiny, bad_files):
     assert bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "truncated.onnx" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_large_model_table_lists_every_layer_and_json_parses(make_samples, tmp_path):
+    # 1,100 (1x1 Conv 8->8 + Relu) pairs on 8x8: 2,200 rows, more than rich renders
+    # (report.RICH_MAX_ROWS), so the plain aligned table is used; every row must still be there.
+    path = tmp_path / "chain.onnx"
+    onnx.save(make_samples.conv_chain(1100), str(path))
+    r = run(path)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert sum(1 for line in lines if " Conv " in line) == 1100
+    assert sum(1 for line in lines if " Relu " in line) == 1100
+    per_pair = 8 * 8 * 8 * 8  # output elements x C_in x 1x1 kernel
+    assert f"{1100 * per_pair:,}" in r.stdout
+    out = tmp_path / "a.json"
+    assert run(path, "--format", "json", "-o", out).exit_code == 0
+    data = json.loads(out.read_text())
+    assert len(data["layers"]) == 2200 and data["totals"]["macs"] == 1100 * per_pair
+    assert data["layers"][0]["name"] == "conv1" and data["layers"][0]["macs"] == per_pair
