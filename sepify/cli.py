@@ -33,9 +33,10 @@ def _handle_errors(fn):
                 raise
             click.echo(f"sepify: error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("sepify: interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, _Terminated)
+            click.echo(f"sepify: {'terminated' if terminated else 'interrupted'}; outputs were left as they were", err=True)
+            sys.exit(143 if terminated else 130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except MemoryError:
@@ -99,6 +100,28 @@ def main(debug: bool) -> None:
     3 internal error.
     """
     _State.debug = debug
+    _terminate_like_interrupt(click.get_current_context())
+
+
+def _terminate_like_interrupt(ctx: click.Context) -> None:
+    """SIGTERM (CI cancelling a job) unwinds like Ctrl-C: temporary files are removed by the
+    atomic writers' cleanup, the previous output stays as it was, exit code 130 (128 + SIGINT) or
+    143 (128 + SIGTERM). The previous handler is restored when the command ends."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler."""
 
 
 @main.command()
