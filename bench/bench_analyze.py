@@ -4,6 +4,7 @@ Generates a chain of 1x1 Conv + Relu (default 50,000 nodes), then measures in on
   * baseline: ``onnx.load`` + ``onnx.shape_inference.infer_shapes`` on the file;
   * ``sepify.analyze(path)`` in-process (load, checker, shape inference with data propagation,
     cost walk, activation peak);
+  * ``sepify.check`` in-process (the same analysis, then the budgets: here one MAC limit);
   * the CLI end to end (``sepify analyze --format json``), including interpreter start-up;
   * start-up of ``sepify --help`` and of analyzing a tiny sample.
 Figures are printed; nothing is asserted (this is not a test).
@@ -57,12 +58,20 @@ def main() -> None:
         def analyze():
             sepify.analyze(str(path))
 
-        b = a = float("inf")
+        from sepify.budgets import check
+
+        def check_():
+            report = check([str(path)], limits={"macs": 10**12}, discover=False)
+            assert report.exit_code == 0, report.to_dict()
+
+        b = a = k = float("inf")
         for _ in range(args.repeat):  # interleaved, best of each: this VM's timings drift
             b = min(b, best_of(baseline, 1))
             a = min(a, best_of(analyze, 1))
+            k = min(k, best_of(check_, 1))
         print(f"onnx.load + infer_shapes:      {b:7.3f} s")
         print(f"sepify.analyze (in-process):   {a:7.3f} s   ratio {a / b:.2f}x")
+        print(f"sepify.check (in-process):     {k:7.3f} s   ratio {k / b:.2f}x")
 
         def cli():
             subprocess.run([sys.executable, "-m", "sepify", "analyze", str(path), "--format", "json", "-o",

@@ -24,7 +24,7 @@ import onnx
 from . import __version__
 from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
 from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
-from .loading import LoadedModel, load
+from .loading import LoadedModel, check_inferred_shapes, load
 from .symbolic import Num, evaluate, formula
 from .units import human, human3
 
@@ -349,6 +349,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
     used for the numbers of layers whose cost is not polynomial in the symbols."""
     model = loaded.model
     view = GraphView(model.graph, symbols=loaded.symbols)
+    check_inferred_shapes(view, loaded.label)
     walker = _Walker()
     rows = walker.walk(view)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}

@@ -71,18 +71,26 @@ def has_external_data(model) -> bool:
     return any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def save_model(model, target: str | os.PathLike, external_data: bool = False) -> None:
-    """Write an ONNX model atomically. With ``external_data`` (or when the model is too large
-    for one protobuf) the weights go to ``<target>.data`` beside it; both files are written to
-    temporary names first and renamed into place, the data file first."""
-    import shutil
+def save_model(model, target: str | os.PathLike, external_data: bool = False,
+               source: str | os.PathLike | None = None) -> bool:
+    """Write an ONNX model atomically; return whether it was written with external data.
 
-    import onnx
+    With ``external_data`` (or when the model is too large for one protobuf, or still references
+    external data files) the weights go to ``<target>.data`` beside it; both files are written
+    to temporary names first and renamed into place, the data file first. Tensors that
+    reference external data (a rewrite leaves the weights it does not change on disk) are
+    copied from their files in the folder of ``source`` (the model file they came from) in
+    chunks, never loaded whole. ``model`` itself is not modified: the file's header is a copy
+    whose moved tensors hold no bytes."""
+    import shutil
 
     target = Path(target)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{target}: folder {folder} does not exist")
+    from onnx import TensorProto
+
+    external_data = external_data or any(t.data_location == TensorProto.EXTERNAL for t, _ in _tensors(model))
     if not external_data:
         try:
             size = model.ByteSize()
@@ -91,16 +99,176 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False) ->
         external_data = size >= TWO_GB - 2**20
     if not external_data:
         write_bytes(target, model.SerializeToString())
-        return
+        return False
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
     data_name = target.name + ".data"
     try:
-        onnx.save_model(model, str(tmpdir / target.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        if (tmpdir / data_name).exists():
+        with open(tmpdir / data_name, "wb") as data:
+            moved = _write_data(model, data, Path(source) if source is not None else None)
+            data.flush()
+            os.fsync(data.fileno())
+        header = _header(model, moved, data_name)
+        with open(tmpdir / target.name, "wb") as f:
+            f.write(header.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        if moved:
             os.replace(tmpdir / data_name, folder / data_name)
         os.replace(tmpdir / target.name, target)
     except OSError as e:
         raise UsageError(f"{target}: cannot write: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+    return True
+
+
+_INLINE_BELOW = 1024  # in-memory initializers smaller than this stay in the model file (as onnx.save_model)
+_ALIGN_FROM, _ALIGN = 2**20, 2**16  # tensors of 1 MiB or more start on a 64 KiB boundary (mappable)
+_COPY_CHUNK = 16 * 2**20  # bytes copied at a time from a source data file
+
+
+def _tensors(model):
+    """Every tensor of the model, in a fixed order, with whether it is an initializer: the
+    initializers and sparse initializers of every graph and the tensors of node attributes
+    (subgraphs and model-local functions included)."""
+    from onnx import AttributeProto as A
+
+    def from_nodes(nodes):
+        for n in nodes:
+            for a in n.attribute:
+                if a.type == A.TENSOR:
+                    yield a.t, False
+                elif a.type == A.TENSORS:
+                    yield from ((t, False) for t in a.tensors)
+                elif a.type == A.SPARSE_TENSOR:
+                    yield from ((t, False) for t in (a.sparse_tensor.values, a.sparse_tensor.indices))
+                elif a.type == A.GRAPH:
+                    yield from from_graph(a.g)
+                elif a.type == A.GRAPHS:
+                    for g in a.graphs:
+                        yield from from_graph(g)
+
+    def from_graph(g):
+        yield from ((t, True) for t in g.initializer)
+        for s in g.sparse_initializer:
+            yield from ((t, False) for t in (s.values, s.indices))
+        yield from from_nodes(g.node)
+
+    yield from from_graph(model.graph)
+    for f in model.functions:
+        yield from from_nodes(f.node)
+
+
+def _write_data(model, data, source: Path | None) -> dict[int, tuple[int, int]]:
+    """Write the data of the tensors that go to the data file, in :func:`_tensors` order:
+    in-memory initializers of at least ``_INLINE_BELOW`` bytes (from memory) and every tensor
+    that references external data (copied from ``source``'s folder in chunks). Returns
+    ``{tensor index: (offset, length)}``."""
+    from onnx import TensorProto
+
+    external = TensorProto.EXTERNAL
+    if any(t.data_location == external for t, _ in _tensors(model)):
+        if source is None:
+            raise UsageError("the model references external data files but was not read from a file: "
+                             "their folder is unknown (load the model from its path)")
+        from .loading import check_external_data
+
+        check_external_data(model, source.parent, str(source))  # confined to the folder, in bounds
+    moved: dict[int, tuple[int, int]] = {}
+    buf = None
+    for i, (t, is_init) in enumerate(_tensors(model)):
+        if t.data_location == external:
+            info = {e.key: e.value for e in t.external_data}
+            path = source.parent / info["location"]
+            start = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else path.stat().st_size - start
+            offset = _pad(data, length)
+            buf = buf or bytearray(_COPY_CHUNK)
+            _copy_range(path, start, length, data, memoryview(buf), f"{source}: external data of tensor {t.name!r}")
+            moved[i] = (offset, length)
+        elif is_init and t.HasField("raw_data"):
+            raw = t.raw_data
+            if len(raw) < _INLINE_BELOW:
+                continue
+            offset = _pad(data, len(raw))
+            data.write(raw)
+            moved[i] = (offset, len(raw))
+    return moved
+
+
+def _copy_range(path: Path, start: int, length: int, data, buf: memoryview, what: str) -> None:
+    """Append ``length`` bytes of ``path`` from ``start`` to ``data``, one buffer at a time.
+    A read failure is a :class:`ModelError` (the input); a write failure stays an OSError."""
+    from .errors import ModelError
+
+    try:
+        src = open(path, "rb")
+    except OSError as e:
+        raise ModelError(f"{what}: cannot read {path.name!r}: {e.strerror or e}") from None
+    with src:
+        left = length
+        try:
+            src.seek(start)
+        except OSError as e:
+            raise ModelError(f"{what}: cannot read {path.name!r}: {e.strerror or e}") from None
+        while left:
+            try:
+                n = src.readinto(buf[:min(left, len(buf))])
+            except OSError as e:
+                raise ModelError(f"{what}: cannot read {path.name!r}: {e.strerror or e}") from None
+            if not n:
+                raise ModelError(f"{what}: {path.name!r} ended {left} bytes early")
+            data.write(buf[:n])
+            left -= n
+
+
+def _pad(data, size: int) -> int:
+    """Zero-pad the data file so that a tensor of ``size`` bytes starts aligned; its offset."""
+    offset = data.tell()
+    if size >= _ALIGN_FROM and offset % _ALIGN:
+        data.write(b"\0" * (-offset % _ALIGN))
+        offset = data.tell()
+    return offset
+
+
+def _header(model, moved: dict[int, tuple[int, int]], data_name: str):
+    """A copy of ``model`` in which the tensors of ``moved`` reference ``data_name`` and hold no
+    bytes. The top-level initializers are copied field by field without their bytes; the rest
+    of the graph (subgraphs, attributes: small) is copied whole and then pointed at the file."""
+    from onnx import ModelProto, TensorProto
+
+    header = ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name != "graph":
+            _set_field(header, fd, value)
+    for fd, value in model.graph.ListFields():
+        if fd.name != "initializer":
+            _set_field(header.graph, fd, value)
+    for i, t in enumerate(model.graph.initializer):
+        if i not in moved:
+            header.graph.initializer.append(t)
+            continue
+        stub = header.graph.initializer.add()
+        for fd, value in t.ListFields():
+            if fd.name not in ("raw_data", "external_data"):
+                _set_field(stub, fd, value)
+    for i, (t, _) in enumerate(_tensors(header)):
+        if i in moved:
+            offset, length = moved[i]
+            t.ClearField("raw_data")
+            del t.external_data[:]
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    return header
+
+
+def _set_field(dst, fd, value) -> None:
+    repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 5
+    if repeated:
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)

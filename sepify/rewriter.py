@@ -26,7 +26,7 @@ import onnx
 from . import __version__
 from .errors import BudgetError, ModelError, UsageError
 from .factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
-from .graph import GraphView, all_graphs, is_float, subgraphs
+from .graph import GraphView, all_graphs, is_float, outer_inputs, subgraphs
 from .loading import drop_initializer_inputs, load, read_model, weightless_copy
 
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
@@ -128,7 +128,11 @@ class Skipped:
 
 @dataclass
 class RewriteResult:
-    """``model``: the rewritten ModelProto; ``report``: the diff report as a dict (JSON form)."""
+    """``model``: the rewritten ModelProto; ``report``: the diff report as a dict (JSON form).
+
+    For a source with external data, the initializers the rewrite left untouched still
+    reference the source's data files (relative to ``source_path``'s folder; their bytes are
+    never loaded): :meth:`save` copies them into the new data file."""
 
     model: onnx.ModelProto
     layers: list[LayerResult]
@@ -143,8 +147,7 @@ class RewriteResult:
 
         out = Path(path)
         refuse_overwrite(out, self.source_path)
-        save_model(self.model, out, self.external_data)
-        if self.external_data:
+        if save_model(self.model, out, self.external_data, source=self.source_path):
             try:
                 onnx.checker.check_model(str(out), full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
@@ -259,9 +262,14 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
         bn = _foldable_bn(view, node)
         if bn is not None:
             try:
-                weight, bias = _fold_bn(model, view, bn, weight, bias, base_dir)
+                folded = _fold_bn(model, view, bn, weight, bias, base_dir)
+                if not all(np.all(np.isfinite(a)) for a in folded):
+                    raise ValueError("folding gives NaN or infinite values")
+                weight, bias = folded
             except Exception:  # noqa: BLE001 - leave unfoldable BN alone
                 bn = None
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        return "weight or bias contains NaN or infinite values"
     orientations = ORIENTATIONS if opts.orientation == "auto" else (opts.orientation,)
     spectra = {o: spectrum(weight, group, o) for o in orientations}
     original = n_out * c_per_group * _prod(kernel) * p_out
@@ -287,10 +295,11 @@ def _foldable_bn(view: GraphView, node: onnx.NodeProto) -> onnx.NodeProto | None
 def _fold_bn(model, view, bn, weight, bias, base_dir):
     gamma, beta, mean, var = (_const_array(model, view, n, base_dir).astype(np.float64) for n in bn.input[1:5])
     eps = float(_attrs(bn).get("epsilon", 1e-5))
-    s = gamma / np.sqrt(var + eps)
-    w = (weight.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
-    b0 = bias.astype(np.float64) if bias is not None else np.zeros_like(s)
-    b = ((b0 - mean) * s + beta).astype(weight.dtype)
+    with np.errstate(all="ignore"):  # a negative variance: NaN, and the caller does not fold
+        s = gamma / np.sqrt(var + eps)
+        w = (weight.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+        b0 = bias.astype(np.float64) if bias is not None else np.zeros_like(s)
+        b = ((b0 - mean) * s + beta).astype(weight.dtype)
     return w, b
 
 
@@ -416,7 +425,8 @@ def rewrite(
     external = has_external_data(raw)
     unnamed = _name_nodes(raw)
     # shapes come from a weightless copy: checker and shape inference never copy the weights
-    loaded = load(weightless_copy(raw), input_shapes=input_shapes, dims=dims, copy=False)
+    loaded = load(weightless_copy(raw, label=str(path) if path else "<model>"), input_shapes=input_shapes, dims=dims,
+                  copy=False, path=path)
     loaded.path, loaded.file_size = path, (path.stat().st_size if path else None)
     if raw.functions:
         from onnx import inliner
@@ -426,11 +436,19 @@ def rewrite(
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     view = GraphView(loaded.model.graph, symbols=loaded.symbols)
     view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
+    from .analysis import analyze_loaded
+
+    before = analyze_loaded(loaded)  # first: it also validates the inferred shapes (a ModelError)
 
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
+    live = _live_nodes(view)
     for idx, node in enumerate(view.nodes):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        if idx not in live:  # the graph cleanup after the edit removes it
+            skipped.append(Skipped(node.name or f"Conv_{idx}", "dead code: its output reaches no graph output "
+                                                                "(removed from the rewritten model)"))
             continue
         plan = plan_conv(loaded.model, view, idx, node, opts, base_dir, values)
         if isinstance(plan, str):
@@ -443,18 +461,20 @@ def rewrite(
                 skipped.extend(Skipped(n.name or "Conv", f"inside a subgraph of {node.name or node.op_type} (not rewritten)")
                                for n in g.node if n.op_type == "Conv")
 
-    from .analysis import analyze_loaded
-
-    before = analyze_loaded(loaded)
     choices = _plan_ranks(candidates, opts, before.totals.macs)
 
     # build
     import onnx_graphsurgeon as gs
 
-    work = raw  # our private copy, without bound input shapes or inferred value_info
-    if base_dir:
-        onnx.load_external_data_for_model(work, base_dir)
-    graph = gs.import_onnx(work)
+    # our private copy, without bound input shapes or inferred value_info. Weights in external
+    # data stay there (the rewritten convs' were read one by one above): the new model keeps
+    # referencing the untouched ones, and RewriteResult.save streams them into its data file
+    work = raw
+    try:
+        graph = gs.import_onnx(work)
+    except UnicodeDecodeError as e:  # ONNX allows any bytes in a string attribute; graphsurgeon does not
+        raise ModelError(f"{path or '<model>'}: cannot rewrite: a string attribute is not UTF-8 text "
+                         f"({e.object[:40]!r}), which onnx-graphsurgeon cannot read") from None
     by_name = {n.name: n for n in graph.nodes}
     names = _Names(work)
     results: list[LayerResult] = []
@@ -496,6 +516,21 @@ def rewrite(
     if unnamed:
         report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
     return RewriteResult(new, results, skipped, report, external, path)
+
+
+def _live_nodes(view: GraphView) -> set[int]:
+    """Indices of the nodes whose outputs reach a graph output (subgraph reads included)."""
+    live: set[int] = set()
+    producer = view.producer
+    stack = [producer[o] for o in view.graph_outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i in live:
+            continue
+        live.add(i)
+        ins, _, sub = view.io[i]
+        stack.extend(producer[n] for n in (ins + outer_inputs(view.nodes[i]) if sub else ins) if n in producer)
+    return live
 
 
 def _name_nodes(model: onnx.ModelProto) -> int:

@@ -673,6 +673,87 @@ def test_external_data_model_stays_external(tmp_path):
     assert {p.name: p.read_bytes() for p in src_dir.iterdir()} == before
 
 
+def _two_conv_external_model(tmp_path, rng):
+    """``a`` (3x3, 16 -> 512, rewritable) then ``b`` (1x1, 512 -> 512: a 1 MiB weight), saved
+    with every tensor in ``src/m.onnx.data``. Returns (path, b's weight)."""
+    wa = rng.standard_normal((512, 16, 3, 3)).astype(np.float32) / 12
+    wb = rng.standard_normal((512, 512, 1, 1)).astype(np.float32) / 23
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "Wa"], ["h"], name="a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["h", "Wb"], ["y"], name="b", kernel_shape=[1, 1])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 512, 6, 6])],
+        [numpy_helper.from_array(wa, "Wa"), numpy_helper.from_array(wb, "Wb")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    (tmp_path / "src").mkdir()
+    src = tmp_path / "src" / "m.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    return src, wb
+
+
+def test_external_data_left_untouched_is_streamed_not_loaded(tmp_path, monkeypatch):
+    rng = np.random.default_rng(7)
+    src, wb = _two_conv_external_model(tmp_path, rng)
+    x = rng.standard_normal((1, 16, 6, 6)).astype(np.float32)
+    (expected,) = run(src, {"x": x})
+    result = rewrite(src, include=["^a$"], rank="full", allow_increase=True)
+    assert [layer.name for layer in result.layers] == ["a"]
+    # the untouched weight still references the source's data file: its bytes were never read
+    kept = next(t for t in result.model.graph.initializer if t.name == "Wb")
+    assert kept.data_location == TensorProto.EXTERNAL and not kept.HasField("raw_data")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    monkeypatch.chdir(out_dir)
+    for _ in range(2):  # twice over the same output, from its folder (onnx.save_model refused: "file exists")
+        result.save("m.sep.onnx")
+    assert sorted(p.name for p in out_dir.iterdir()) == ["m.sep.onnx", "m.sep.onnx.data"]
+    header = onnx.load("m.sep.onnx", load_external_data=False)
+    b = next(t for t in header.graph.initializer if t.name == "Wb")
+    info = {e.key: e.value for e in b.external_data}
+    assert info["location"] == "m.sep.onnx.data" and int(info["offset"]) % 65536 == 0  # 1 MiB: aligned
+    with open("m.sep.onnx.data", "rb") as f:
+        f.seek(int(info["offset"]))
+        assert f.read(int(info["length"])) == wb.tobytes()
+    onnx.checker.check_model("m.sep.onnx", full_check=True)
+    assert rel_l2(expected, run(out_dir / "m.sep.onnx", {"x": x})[0]) < 1e-5
+    # save() left the in-memory model as it was
+    assert kept.data_location == TensorProto.EXTERNAL
+    assert {e.key: e.value for e in kept.external_data}["location"] == "m.onnx.data"
+    assert all(t.HasField("raw_data") for t in result.model.graph.initializer if t.name != "Wb")
+
+
+def test_external_references_of_an_in_memory_model_cannot_be_saved(tmp_path, monkeypatch):
+    from sepify.errors import UsageError
+
+    src, _ = _two_conv_external_model(tmp_path, np.random.default_rng(8))
+    header = onnx.load(str(src), load_external_data=False)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    result = rewrite(header, rank=1)
+    with pytest.raises(UsageError, match="not read from a file"):
+        result.save(tmp_path / "out" / "o.onnx")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_save_model_copies_external_attribute_tensors(tmp_path):
+    from sepify.fileio import save_model
+
+    value = np.arange(600, dtype=np.float32).reshape(20, 30)
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(value, "c"))
+    graph = helper.make_graph([const, helper.make_node("Add", ["x", "c"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [20, 30])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [20, 30])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
+    (tmp_path / "src").mkdir()
+    onnx.save_model(model, str(tmp_path / "src" / "c.onnx"), save_as_external_data=True, location="c.bin",
+                    size_threshold=0, convert_attribute=True)
+    header = onnx.load(str(tmp_path / "src" / "c.onnx"), load_external_data=False)
+    assert header.graph.node[0].attribute[0].t.data_location == TensorProto.EXTERNAL
+    assert save_model(header, tmp_path / "c2.onnx", source=tmp_path / "src" / "c.onnx")  # external: detected
+    saved = onnx.load(str(tmp_path / "c2.onnx"))
+    np.testing.assert_array_equal(numpy_helper.to_array(saved.graph.node[0].attribute[0].t), value)
+
+
 def test_save_is_atomic_and_refuses_the_input(tmp_path):
     src = tmp_path / "tiny.onnx"
     src.write_bytes(make_samples.tiny_cnn().SerializeToString())
