@@ -76,7 +76,8 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False,
     """Write an ONNX model atomically; return whether it was written with external data.
 
     With ``external_data`` (or when the model is too large for one protobuf, or still references
-    external data files) the weights go to ``<target>.data`` beside it; both files are written
+    external data files) the weights go to ``<target>.data`` (or ``<target>.alt.data``, see
+    :func:`_data_names`) beside it; both files are written
     to temporary names first and renamed into place, the data file first. Tensors that
     reference external data (a rewrite leaves the weights it does not change on disk) are
     copied from their files in the folder of ``source`` (the model file they came from) in
@@ -100,11 +101,12 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False,
     if not external_data:
         write_bytes(target, model.SerializeToString())
         return False
+    src = Path(source) if source is not None else None
+    data_name, stale = _data_names(model, target, src)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
-    data_name = target.name + ".data"
     try:
         with open(tmpdir / data_name, "wb") as data:
-            moved = _write_data(model, data, Path(source) if source is not None else None)
+            moved = _write_data(model, data, src)
             data.flush()
             os.fsync(data.fileno())
         header = _header(model, moved, data_name)
@@ -112,14 +114,60 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False,
             f.write(header.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
-        if moved:
+        if moved:  # a name the previous model does not reference: the previous pair stays whole
             os.replace(tmpdir / data_name, folder / data_name)
-        os.replace(tmpdir / target.name, target)
+        os.replace(tmpdir / target.name, target)  # the commit point
+        if stale is not None:  # the previous output's data file, now referenced by nothing
+            with contextlib.suppress(OSError):
+                stale.unlink()
     except OSError as e:
         raise UsageError(f"{target}: cannot write: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return True
+
+
+def _data_names(model, target: Path, source: Path | None) -> tuple[str, Path | None]:
+    """The data file name for a new ``target`` and the previous output's data file to remove
+    after the commit. The two names ``<target>.data`` and ``<target>.alt.data`` alternate, so the
+    new data file never replaces the one the previous ``target`` reads (an interruption between
+    the two renames would pair the old model with new data). A data file of the source model is
+    never chosen nor removed."""
+    from onnx import TensorProto
+
+    folder = target.parent if str(target.parent) else Path(".")
+    names = (target.name + ".data", target.name + ".alt.data")
+    protected = set()
+    if source is not None:
+        for t, _ in _tensors(model):
+            if t.data_location == TensorProto.EXTERNAL:
+                loc = {e.key: e.value for e in t.external_data}.get("location")
+                if loc:
+                    protected.add((source.parent / loc).resolve())
+    in_use = _referenced_data(target)
+    choices = [n for n in names if (folder / n).resolve() not in protected]
+    if not choices:
+        raise UsageError(f"{target}: both data file names {names[0]} and {names[1]} belong to the input model")
+    fresh = [n for n in choices if n not in in_use] or choices
+    name = fresh[0]
+    old = [n for n in names if n != name and n in in_use and (folder / n).resolve() not in protected]
+    return name, (folder / old[0]) if old else None
+
+
+def _referenced_data(model_path: Path) -> set[str]:
+    """External data locations the existing file at ``model_path`` reads (none if unreadable)."""
+    if not model_path.is_file():
+        return set()
+    try:
+        import onnx
+
+        header = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a model (e.g. some other file): references nothing
+        return set()
+    from onnx import TensorProto
+
+    return {e.value for t, _ in _tensors(header) if t.data_location == TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
 
 
 _INLINE_BELOW = 1024  # in-memory initializers smaller than this stay in the model file (as onnx.save_model)

@@ -66,3 +66,53 @@ def test_real_signals_at_many_moments(tmp_path, make_samples, sig):
             onnx.checker.check_model(str(out), full_check=True)
         assert _temp_files(out_dir) == []
     assert codes - {0}, "no run was interrupted: the delays no longer cover the rewrite"
+
+
+def test_interrupt_between_the_two_renames_of_an_external_data_output(tmp_path, make_samples, monkeypatch):
+    """A model with external data is a pair of files. The new data file gets a name the previous
+    model does not read, so an interruption after the data rename and before the model rename
+    leaves the previous pair whole and loadable."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import sepify
+    import sepify.fileio as fileio
+
+    src = tmp_path / "src" / "tiny.onnx"
+    src.parent.mkdir()
+    onnx.save_model(make_samples.tiny_cnn(), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="tiny.onnx.data", size_threshold=0)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "tiny.sep.onnx"
+    sepify.rewrite(str(src), rank="full", allow_increase=True).save(out)  # the previous output
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    assert len(before) == 2  # model + one data file
+
+    real_replace = fileio.os.replace
+    calls = []
+
+    def replace_then_interrupt(a, b):
+        calls.append(b)
+        if len(calls) == 2:  # the data file is in place; the model rename is next
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(fileio.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sepify.rewrite(str(src), rank=1).save(out)
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    # the previous files are untouched (a new data file may stand beside them) and no temp is left
+    for name, data in before.items():
+        assert (out_dir / name).read_bytes() == data
+    assert _temp_files(out_dir) == []
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    np.testing.assert_allclose(run(out), run(src), rtol=1e-4, atol=1e-5)  # still the full-rank (exact) pair
+
+    # a completed save replaces the pair and removes the previous data file
+    sepify.rewrite(str(src), rank=1).save(out)
+    names = sorted(p.name for p in out_dir.iterdir())
+    assert len(names) == 2 and "tiny.sep.onnx" in names, names
+    onnx.checker.check_model(str(out), full_check=True)
