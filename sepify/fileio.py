@@ -285,21 +285,16 @@ def _header(model, moved: dict[int, tuple[int, int]], data_name: str):
     of the graph (subgraphs, attributes: small) is copied whole and then pointed at the file."""
     from onnx import ModelProto, TensorProto
 
+    from .loading import copy_fields
+
     header = ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            _set_field(header, fd, value)
-    for fd, value in model.graph.ListFields():
-        if fd.name != "initializer":
-            _set_field(header.graph, fd, value)
+    copy_fields(model, header, skip="graph")
+    copy_fields(model.graph, header.graph, skip="initializer")
     for i, t in enumerate(model.graph.initializer):
         if i not in moved:
             header.graph.initializer.append(t)
             continue
-        stub = header.graph.initializer.add()
-        for fd, value in t.ListFields():
-            if fd.name not in ("raw_data", "external_data"):
-                _set_field(stub, fd, value)
+        copy_fields(t, header.graph.initializer.add(), skip=("raw_data", "external_data"))
     for i, (t, _) in enumerate(_tensors(header)):
         if i in moved:
             offset, length = moved[i]
@@ -312,11 +307,3 @@ def _header(model, moved: dict[int, tuple[int, int]], data_name: str):
     return header
 
 
-def _set_field(dst, fd, value) -> None:
-    repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 5
-    if repeated:
-        getattr(dst, fd.name).extend(value)
-    elif fd.message_type is not None:
-        getattr(dst, fd.name).CopyFrom(value)
-    else:
-        setattr(dst, fd.name, value)

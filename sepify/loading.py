@@ -606,8 +606,8 @@ def weightless_copy(model: onnx.ModelProto, keep_bytes: int = 1024, label: str |
     ``label`` (a model read from a file): first check what the checker would have checked
     about the data the stubs hide (a :class:`ModelError` naming ``label``)."""
     out = onnx.ModelProto()
-    _copy_fields(model, out, skip="graph")
-    _copy_fields(model.graph, out.graph, skip="initializer")
+    copy_fields(model, out, skip="graph")
+    copy_fields(model.graph, out.graph, skip="initializer")
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL or _nbytes(t) <= keep_bytes:
             out.graph.initializer.append(t)
@@ -656,17 +656,23 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return n * size
 
 
-def _copy_fields(src, dst, skip: str) -> None:
+def copy_fields(src, dst, skip: str | tuple[str, ...]) -> None:
+    """Copy every set field of message ``src`` into ``dst`` except the field(s) ``skip``."""
+    skip = (skip,) if isinstance(skip, str) else skip
     for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 5
-        if repeated:
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
+        if fd.name not in skip:
+            set_field(dst, fd, value)
+
+
+def set_field(dst, fd, value) -> None:
+    """Copy one protobuf field (``fd`` from ``ListFields()``) into ``dst``, whatever its kind."""
+    repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 5
+    if repeated:
+        getattr(dst, fd.name).extend(value)
+    elif fd.message_type is not None:
+        getattr(dst, fd.name).CopyFrom(value)
+    else:
+        setattr(dst, fd.name, value)
 
 
 def check(model: onnx.ModelProto, label: str) -> None:
