@@ -153,3 +153,15 @@ def make_samples():
     import make_samples as ms
 
     return ms
+
+
+def pytest_collection_modifyitems(config, items):
+    """``huge`` tests are opt-in. ``addopts`` deselects them with ``-m 'not huge'``, but any ``-m``
+    on the command line replaces that (``-m 'not heavy'`` would run them): deselect them here
+    unless the marker expression names ``huge``."""
+    if "huge" in (config.option.markexpr or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("huge") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("huge") is not None])
+        items[:] = keep
