@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from . import __version__
-from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
+from .costs import PARAM_ROLES, RULES, Cost, OpContext, Unknown, find_rule
 from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from .loading import LoadedModel, check_inferred_shapes, load
 from .symbolic import Num, evaluate, formula
@@ -30,10 +30,11 @@ from .units import human, human3
 
 SCHEMA = "sepify.analysis/1"
 
+_NO_ROLES: dict = {}
 _WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "ConvInteger": 1, "QLinearConv": 3}
 
 
-@dataclass
+@dataclass(slots=True)
 class Layer:
     index: int
     name: str
@@ -130,6 +131,8 @@ class Analysis:
 @dataclass(slots=True)
 class _Row:
     node: onnx.NodeProto
+    op: str
+    domain: str  # "" for the default domain
     cost: Cost | None
     unknown: str | None
     params: int
@@ -144,46 +147,75 @@ class _Walker:
     def __init__(self):
         self.counted: set[str] = set()  # constant tensors already counted (shared weights count once)
         self.param_bytes = 0
+        self._sizes: dict = {}  # TensorInfo -> (elements, default role, bytes)
 
-    def params_of(self, node: onnx.NodeProto, view: GraphView, ins: list[str] | None = None) -> tuple[int, int, str]:
-        roles = PARAM_ROLES.get(node.op_type, {})
+    def _size(self, t) -> tuple[int | None, str, int]:
+        """(elements, default role, bytes) of a constant of this type, once per distinct type."""
+        try:
+            return self._sizes[t]
+        except KeyError:
+            pass
+        n = static_numel(t.shape)
+        if n is None:
+            out = (None, "none", 0)
+        else:
+            out = (n, "param" if is_float(t.dtype) and n > 1 else "none", int(n * (itemsize(t.dtype) or 0)))
+        self._sizes[t] = out
+        return out
+
+    def params_of(self, op: str, view: GraphView, ins: list[str]) -> tuple[int, int, str]:
+        roles = PARAM_ROLES.get(op, _NO_ROLES)
         params = buffers = 0
         notes = []
-        ins = list(node.input) if ins is None else ins
         top = view.outer is None
+        const, info, counted = view.const, view.info, self.counted
         for i, name in enumerate(ins):
-            if not name or not (name in view.const if top else view.is_const(name)):
+            if not name or not (name in const if top else view.is_const(name)):
                 continue
-            t = view.tensor(name)
+            t = info.get(name) or view.tensor(name)
             if t is None or t.shape is None:
                 notes.append(f"constant {name!r} has unknown shape")
                 continue
-            role = roles.get(i)
-            n = static_numel(t.shape)
+            n, role, nbytes = self._size(t)
             if n is None:
                 continue
-            if role is None:
-                role = "param" if is_float(t.dtype) and n > 1 else "none"
-            if role == "none" or name in self.counted:
+            role = roles.get(i, role)
+            if role == "none" or name in counted:
                 continue
-            self.counted.add(name)
+            counted.add(name)
             if role == "param":
                 params += n
-                self.param_bytes += int(n * (itemsize(t.dtype) or 0))
+                self.param_bytes += nbytes
             else:
                 buffers += n
-        w = _WEIGHT_INPUT.get(node.op_type)
-        if w is not None and len(ins) > w and ins[w] and not view.is_const(ins[w]):
+        w = _WEIGHT_INPUT.get(op)
+        if w is not None and len(ins) > w and ins[w] and not (ins[w] in const or view.is_const(ins[w])):
             notes.append(f"weight {ins[w]!r} is not a constant")
-        return params, buffers, "; ".join(notes)
+        return params, buffers, "; ".join(notes) if notes else ""
 
     def walk(self, view: GraphView) -> list[_Row]:
+        """One row per node that computes on activations, in graph order (hot: one pass, the
+        common case of a node with no constant input skips the parameter count)."""
         rows = []
+        append = rows.append
         const = view.const
-        for (_, node), (ins, outs, sub) in zip(view.topological(), view.io):
-            if outs and all((not o) or o in const for o in outs):
-                continue  # builds a constant: part of the weights, not a layer
-            params, buffers, note = self.params_of(node, view, ins)
+        top = view.outer is None
+        nodes = view.nodes
+        rules = RULES
+        for idx, (ins, outs, sub) in enumerate(view.io):
+            for o in outs:
+                if o and o not in const:
+                    break
+            else:
+                if outs:
+                    continue  # builds a constant: part of the weights, not a layer
+            op = view.ops[idx]
+            domain = view.domains[idx]
+            node = nodes[idx]
+            params = buffers = 0
+            note = ""
+            if op in _WEIGHT_INPUT or any(n in const for n in ins) or (not top and any(n and view.is_const(n) for n in ins)):
+                params, buffers, note = self.params_of(op, view, ins)
             try:
                 if sub:
                     cost, sub_note, sub_params, sub_buffers = self.control_flow(node, view)
@@ -191,18 +223,17 @@ class _Walker:
                     buffers += sub_buffers
                     note = "; ".join(x for x in (note, sub_note) if x)
                 else:
-                    rule = find_rule(node.domain, node.op_type)
+                    rule = rules.get((domain, op))
                     if rule is None:
-                        dom = node.domain if node.domain not in ("", "ai.onnx") else ""
-                        raise Unknown(f"no cost rule for {dom + '.' if dom else ''}{node.op_type}")
+                        raise Unknown(f"no cost rule for {domain + '.' if domain else ''}{op}")
                     cost = rule(OpContext(node, view, ins, outs))
                     if cost.note:
                         note = "; ".join(x for x in (note, cost.note) if x)
-                rows.append(_Row(node, cost, None, params, buffers, note, outs))
+                append(_Row(node, op, domain, cost, None, params, buffers, note, outs))
             except Unknown as e:
-                rows.append(_Row(node, None, str(e), params, buffers, note, outs))
+                append(_Row(node, op, domain, None, str(e), params, buffers, note, outs))
             except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
-                rows.append(_Row(node, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
+                append(_Row(node, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
         return rows
 
     def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
@@ -215,7 +246,7 @@ class _Walker:
             params += r.params
             buffers += r.buffers
             if r.cost is None:
-                unknown.append(f"{r.node.name or r.node.op_type}: {r.unknown}")
+                unknown.append(f"{r.node.name or r.op}: {r.unknown}")
             else:
                 macs = macs + r.cost.macs
                 flops = flops + r.cost.flops
@@ -268,17 +299,23 @@ class _Walker:
 
 
 class _Bytes:
-    """Bytes of a tensor (symbols at their values), computed once per tensor; None if unknown."""
+    """Bytes of a tensor (symbols at their values), or None if unknown; computed once per
+    distinct tensor type (tensors of one type share their :class:`~sepify.graph.TensorInfo`)."""
 
     def __init__(self, view: GraphView, values: Mapping[str, int]):
         self.view, self.values, self.cache = view, values, {}
 
     def __call__(self, name: str) -> int | None:
+        t = self.view.info.get(name)
+        if t is None:
+            t = self.view.tensor(name)
+        return self.of(t)
+
+    def of(self, t) -> int | None:
         try:
-            return self.cache[name]
+            return self.cache[t]
         except KeyError:
             pass
-        t = self.view.tensor(name)
         out = None
         if t is not None and t.shape is not None:
             size = itemsize(t.dtype)
@@ -293,19 +330,22 @@ class _Bytes:
                     break
             if n is not None and size is not None:
                 out = int(n * size)
-        self.cache[name] = out
+        self.cache[t] = out
         return out
 
 
 def _output_info(view: GraphView, outs: list[str], nbytes: _Bytes):
     shapes = []
     total: int | None = 0
+    info = view.info
     for o in outs:
         if not o:
             continue
-        t = view.tensor(o)
+        t = info.get(o)
+        if t is None:
+            t = view.tensor(o)
         shapes.append(list(t.shape) if t is not None and t.shape is not None else None)
-        b = nbytes(o)
+        b = nbytes.of(t)
         total = None if b is None or total is None else total + b
     return shapes, total
 
@@ -324,19 +364,20 @@ def _activation_peak(view: GraphView, nbytes: _Bytes) -> int:
             sizes[name] = nbytes(name) or 0
             live += sizes[name]
     peak = live
+    pop = sizes.pop
     for idx, (ins, outs, _) in enumerate(view.io):
-        new = [o for o in outs if o and o not in const]
-        for o in new:
-            sizes[o] = nbytes(o) or 0
-            live += sizes[o]
+        for o in outs:
+            if o and o not in const:
+                b = sizes[o] = nbytes(o) or 0
+                live += b
         if live > peak:
             peak = live
         for name in ins:
-            if name in sizes and last.get(name) == idx and name not in keep:
-                live -= sizes.pop(name)
-        for o in new:
-            if o not in last and o not in keep and o in sizes:
-                live -= sizes.pop(o)
+            if name in sizes and last[name] == idx and name not in keep:
+                live -= pop(name)
+        for o in outs:
+            if o not in last and o in sizes and o not in keep:
+                live -= pop(o)
     return peak
 
 
@@ -373,26 +414,26 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
         cost, reason = row.cost, row.unknown
         macs_f = flops_f = None
         if cost is not None:
-            macs_f, flops_f = formula(cost.macs, human3), formula(cost.flops, human3)
-            macs, flops = evaluate(cost.macs, values), evaluate(cost.flops, values)
+            macs, flops = cost.macs, cost.flops
+            if macs.__class__ is not int or flops.__class__ is not int:  # symbolic (a Poly)
+                macs_f, flops_f = formula(macs, human3), formula(flops, human3)
+                macs, flops = evaluate(macs, values), evaluate(flops, values)
+            tot_macs = tot_macs + cost.macs
+            tot_flops = tot_flops + cost.flops
+            num_macs += macs
+            num_flops += flops
         elif numeric_rows is not None and numeric_rows[i].cost is not None:
             formula_exact = False
             macs, flops = evaluate(numeric_rows[i].cost.macs, {}), evaluate(numeric_rows[i].cost.flops, {})
+            num_macs += macs
+            num_flops += flops
             reason = None
             row.note = "; ".join(x for x in (row.note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
         else:
             macs = flops = None
-        if cost is not None:
-            tot_macs = tot_macs + cost.macs
-            tot_flops = tot_flops + cost.flops
-        if macs is not None:
-            num_macs += macs
-            num_flops += flops
         layers.append(Layer(
-            index=i, name=row.node.name or f"{row.node.op_type}_{i}", op_type=row.node.op_type,
-            domain=row.node.domain, macs=macs, flops=flops, params=row.params, buffers=row.buffers,
-            output_shapes=shapes, output_bytes=out_bytes, unknown=reason, note=row.note,
-            macs_formula=macs_f, flops_formula=flops_f,
+            i, row.node.name or f"{row.op}_{i}", row.op, row.domain, macs, flops, row.params, row.buffers,
+            shapes, out_bytes, reason, row.note, macs_f, flops_f,
         ))
 
     peak_view = numeric_view or view

@@ -64,11 +64,17 @@ class OpContext:
         return len(self.ins) > i and bool(self.ins[i])
 
     def _dims(self, name: str, what: str) -> tuple:
-        """Dims as ints and symbolic :class:`Poly`; converted once per tensor (view cache)."""
-        cache = self.view.dims_cache
-        dims = cache.get(name)
+        """Dims as ints and symbolic :class:`Poly`; converted once per distinct tensor type
+        (cached on the shared :class:`~sepify.graph.TensorInfo`)."""
+        view = self.view
+        t = view.info.get(name)
+        if t is None:
+            t = view.tensor(name)
+            if t is None:
+                raise Unknown(f"shape of {what} {name!r} unknown")
+        dims = t.dims
         if dims is None:
-            dims = cache[name] = _convert_dims(self.view.shape(name), self.view.symbols)
+            dims = t.dims = _convert_dims(t.shape, view.symbols)
         if dims.__class__ is str:
             raise Unknown(dims.format(what=what, name=name))
         return dims

@@ -15,7 +15,6 @@ the weight bytes.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -63,10 +62,27 @@ def static_numel(shape: tuple) -> int | None:
     return n
 
 
-@dataclass(slots=True)
 class TensorInfo:
-    shape: tuple | None  # None: rank unknown
-    dtype: int = TensorProto.UNDEFINED
+    """Shape (``None``: rank unknown) and dtype of a tensor. Tensors of the same type share one
+    instance (see :class:`GraphView`), so an instance is never changed after it is made; the
+    cost rules cache the dims they compute with in ``dims`` (see :mod:`sepify.costs`)."""
+
+    __slots__ = ("shape", "dtype", "dims")
+
+    def __init__(self, shape: tuple | None, dtype: int = TensorProto.UNDEFINED):
+        self.shape = shape
+        self.dtype = dtype
+        self.dims = None  # the shape as cost rules use it, or the reason it is unusable
+
+    def __repr__(self) -> str:
+        return f"TensorInfo(shape={self.shape!r}, dtype={self.dtype!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorInfo):
+            return NotImplemented
+        return self.shape == other.shape and self.dtype == other.dtype
+
+    __hash__ = object.__hash__
 
 
 def _shape_of(t: onnx.TypeProto) -> tuple | None:
@@ -170,65 +186,97 @@ class GraphView:
         self.const: set[str] = set()
         self.initializers: dict[str, TensorProto] = {}
         self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
+        self._consumers: dict[str, list[int]] | None = None
         self.graph_outputs = [o.name for o in graph.output]
         self.graph_inputs = [i.name for i in graph.input]
         self._input_set = set(self.graph_inputs)
-        self.dims_cache: dict = {}  # tensor name -> dims for cost rules (see costs.OpContext)
 
         info = self.info
-        for vi in graph.value_info:  # hot: one entry per tensor of the graph
+        # hot: one value_info per tensor of the graph. Most tensors share a few types, so each
+        # distinct serialized TypeProto is decoded once (one C call per tensor instead of ~10
+        # field reads) and its TensorInfo is shared.
+        by_type: dict[bytes, TensorInfo] = {}
+        for vi in graph.value_info:
             t = vi.type
-            tt = t.tensor_type
-            shape = _dims_of(tt.shape.dim) if tt.HasField("shape") else None
-            if shape is not None and t.WhichOneof("value") != "tensor_type":
-                shape = None
-            info[vi.name] = TensorInfo(shape, tt.elem_type)
+            key = t.SerializeToString()
+            ti = by_type.get(key)
+            if ti is None:
+                ti = by_type[key] = TensorInfo(_shape_of(t), t.tensor_type.elem_type)
+            info[vi.name] = ti
         for vi in list(graph.input) + list(graph.output):
             info[vi.name] = TensorInfo(_shape_of(vi.type), vi.type.tensor_type.elem_type)
+        by_dims: dict[tuple, TensorInfo] = {}
+        initializers = self.initializers
         for init in graph.initializer:
             name = init.name
-            info[name] = TensorInfo(tuple(init.dims), init.data_type)
-            self.initializers[name] = init
-            self.const.add(name)
+            key = (init.data_type, *init.dims)
+            ti = by_dims.get(key)
+            if ti is None:
+                ti = by_dims[key] = TensorInfo(key[1:], key[0])
+            info[name] = ti
+            initializers[name] = init
+        self.const.update(initializers)
         for sp in graph.sparse_initializer:
             info[sp.values.name] = TensorInfo(tuple(int(d) for d in sp.dims), sp.values.data_type)
             self.const.add(sp.values.name)
 
         const = self.const
-        consumers = self.consumers
         producer = self.producer
-        self.io: list[tuple[list[str], list[str], bool]] = []  # per node: inputs, outputs, has subgraph
-        io = self.io
+        last = self._last_use = {}  # tensor -> index of the last node that reads it
+        # per node: inputs, outputs (plain lists: protobuf reads are slow), has subgraph
+        self.io: list[tuple[list[str], list[str], bool]] = []
+        self.ops: list[str] = []  # per node: op type
+        self.domains: list[str] = []  # per node: domain ("" for the default domain)
+        io, ops, domains = self.io, self.ops, self.domains
         for idx, node in enumerate(self.nodes):
-            ins = list(node.input)
-            outs = list(node.output)
+            ins = node.input[:]
+            outs = node.output[:]
             op = node.op_type
             domain = node.domain
-            sub = (op in _SUBGRAPH_OPS or domain not in _DEFAULT_DOMAINS) and has_subgraph(node)
+            if domain:
+                if domain == "ai.onnx":
+                    domain = ""
+                sub = has_subgraph(node)
+            else:
+                sub = op in _SUBGRAPH_OPS and has_subgraph(node)
             io.append((ins, outs, sub))
+            ops.append(op)
+            domains.append(domain)
             for name in ins:
-                if name:
-                    lst = consumers.get(name)
-                    if lst is None:
-                        consumers[name] = [idx]
-                    else:
-                        lst.append(idx)
+                last[name] = idx
+            if sub:
+                for name in outer_inputs(node):
+                    last[name] = idx
             for name in outs:
                 if name:
                     producer[name] = idx
-            if op == "Constant" and domain in _DEFAULT_DOMAINS:
+            if domain:
+                continue
+            if op == "Constant":
                 const.update(outs)
                 if outs[0] not in info or info[outs[0]].shape is None:
                     ci = _constant_attr_info(node)
                     if ci is not None:
                         info[outs[0]] = ci
-            elif ins and not sub and op not in _NONDETERMINISTIC and domain in _DEFAULT_DOMAINS:
+            elif ins and not sub and op not in _NONDETERMINISTIC:
                 for n in ins:  # (in sorted order, a constant of this scope is already in ``const``)
                     if n and n not in const and (outer is None or not self.is_const(n)):
                         break
                 else:
                     const.update(o for o in outs if o)
+        last.pop("", None)
+
+    @property
+    def consumers(self) -> dict[str, list[int]]:
+        """For each tensor, the indices of the nodes that read it (not through subgraphs)."""
+        if self._consumers is None:
+            consumers: dict[str, list[int]] = {}
+            for idx, (ins, _, _) in enumerate(self.io):
+                for name in ins:
+                    if name:
+                        consumers.setdefault(name, []).append(idx)
+            self._consumers = consumers
+        return self._consumers
 
     # -- lookups -------------------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo | None:
@@ -295,12 +343,4 @@ class GraphView:
 
     def last_use(self) -> dict[str, int]:
         """For each tensor, the index of the last node that reads it (inputs of subgraphs included)."""
-        last: dict[str, int] = {}
-        for idx, (ins, _, sub) in enumerate(self.io):
-            for name in ins:
-                last[name] = idx
-            if sub:
-                for name in outer_inputs(self.nodes[idx]):
-                    last[name] = idx
-        last.pop("", None)
-        return last
+        return self._last_use

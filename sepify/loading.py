@@ -185,11 +185,18 @@ def check_inferred_shapes(view, label: str) -> None:
     output channels a multiple of ``group``, output spatial size >= 1). ONNX shape inference
     checks none of these; a negative size would give negative costs, a zero size means the
     input is smaller than the kernel."""
-    for names in (view.info, view.producer, view.consumers):
-        if any(k.__class__ is not str for k in names):
+    for names in (view.info, view.producer):  # (every node input is in one of them, or undefined)
+        try:
+            "".join(names)  # one C loop; raises on a name that is bytes
+        except TypeError:
             name = next(k for k in names if k.__class__ is not str)
-            raise ModelError(f"{label}: the tensor name {name!r} is not valid UTF-8 text (a corrupt file?)")
-    shapes = {t.shape for t in view.info.values()}  # few distinct shapes: test each once
+            raise ModelError(f"{label}: the tensor name {name!r} is not valid UTF-8 text (a corrupt file?)") from None
+    for ins, _, _ in view.io:
+        for k in ins:
+            if k.__class__ is not str:
+                raise ModelError(f"{label}: the tensor name {k!r} is not valid UTF-8 text (a corrupt file?)")
+    infos = {id(t): t for t in view.info.values()}.values()  # shared per distinct type: test each once
+    shapes = {t.shape for t in infos}
     if any(s and any(d.__class__ is int and d < 0 for d in s) for s in shapes):
         name, shape = next((n, t.shape) for n, t in view.info.items()
                            if t.shape and any(d.__class__ is int and d < 0 for d in t.shape))
@@ -197,8 +204,8 @@ def check_inferred_shapes(view, label: str) -> None:
                          f"(the model is inconsistent: an input smaller than a kernel, a wrong stride or pad?)")
     zeros = any(s and 0 in s for s in shapes)
     info = view.info
-    for node, (ins, outs, _) in zip(view.nodes, view.io):
-        if node.op_type != "Conv" or len(ins) < 2 or node.domain not in ("", "ai.onnx"):
+    for node, op, domain, (ins, outs, _) in zip(view.nodes, view.ops, view.domains, view.io):
+        if op != "Conv" or len(ins) < 2 or domain:
             continue
         x, w = info.get(ins[0]), info.get(ins[1])
         xs, ws = (x.shape if x else view.shape(ins[0])), (w.shape if w else view.shape(ins[1]))
