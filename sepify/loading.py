@@ -57,6 +57,14 @@ class LoadedModel:
 def read_model(source, *, load_external_data: bool = False, copy: bool = True) -> tuple[onnx.ModelProto, Path | None]:
     """Read a model from a path or copy a ModelProto (``copy=False``: use it as it is, for a
     private copy the caller owns); validate that it is a model at all."""
+    model, path, _ = _read(source, load_external_data=load_external_data, copy=copy)
+    return model, path
+
+
+def _read(source, *, load_external_data: bool = False, copy: bool = True) -> tuple[onnx.ModelProto, Path | None, bytes | None]:
+    """:func:`read_model`, also returning the file's bytes when they are the model exactly as
+    parsed and hold no external data reference (the checker and shape inference can take them
+    as they are, saving a serialization each), else None."""
     if isinstance(source, onnx.ModelProto):
         if copy:
             model = onnx.ModelProto()
@@ -86,13 +94,13 @@ def read_model(source, *, load_external_data: bool = False, copy: bool = True) -
         _sanity(model, label)
         # walking every node's attributes costs ~0.2 s on 50,000 nodes: only a file that spells
         # the external data key "location" somewhere can have external tensors with a location
-        check_external_data(model, path.parent, label, everywhere=b"location" in data)
-        del data
+        has_location = b"location" in data
+        check_external_data(model, path.parent, label, everywhere=has_location)
         if load_external_data:
             read_external_data(model, path)
-        return model, path
+        return model, path, (None if has_location or load_external_data else data)
     _sanity(model, label)
-    return model, path
+    return model, path, None
 
 
 def read_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -165,10 +173,10 @@ def _check_declared_dims(graph: onnx.GraphProto, label: str) -> None:
                                      f"(a corrupt file?)")
 
 
-def _check_input_dims(graph: onnx.GraphProto, label: str) -> None:
+def _check_input_dims(graph: onnx.GraphProto, label: str, inits: set[str]) -> None:
     """After binding: a graph input with a dimension of size 0 is an empty tensor, and the model
-    has no costs to report for it. It is an error (``--input-shape`` gives the input a shape)."""
-    inits = {t.name for t in graph.initializer}
+    has no costs to report for it. It is an error (``--input-shape`` gives the input a shape).
+    ``inits``: the names of the initializers."""
     for vi in graph.input:
         if vi.name in inits or vi.type.WhichOneof("value") != "tensor_type" or not vi.type.tensor_type.HasField("shape"):
             continue
@@ -212,10 +220,11 @@ def check_inferred_shapes(view, label: str) -> None:
         if not xs or not ws or len(xs) < 2 or len(ws) < 2:
             continue
         group = 1
-        for a in node.attribute:
-            if a.name == "group":
-                group = a.i
-                break
+        if b"group" in node.SerializeToString():  # (one C call: most Convs have no group attribute)
+            for a in node.attribute:
+                if a.name == "group":
+                    group = a.i
+                    break
         name = node.name or node.op_type
         if group < 1:
             raise ModelError(f"{label}: Conv {name!r}: group {group} is not a positive integer")
@@ -485,15 +494,19 @@ def bind_inputs(
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     dims: Mapping[str, int] | None = None,
     label: str = "<model>",
-) -> dict[str, int | None]:
-    """Apply input shape overrides and symbol bindings in place; return the symbols seen.
+    initializers: set[str] | None = None,
+) -> tuple[dict[str, int | None], bool]:
+    """Apply input shape overrides and symbol bindings in place; return the symbols seen and
+    whether the model was changed.
 
     Anonymous input dims (no value, no name) are given the name ``<input>_d<axis>`` so they can
-    be bound with ``--dim`` and appear in formulas. Returns ``{symbol: bound value or None}``.
+    be bound with ``--dim`` and appear in formulas. The symbols are ``{symbol: bound value or
+    None}``. ``initializers``: the names of the initializers, when the caller has them.
     """
     graph = model.graph
-    inits = {i.name for i in graph.initializer}
+    inits = {i.name for i in graph.initializer} if initializers is None else initializers
     inputs = {i.name: i for i in graph.input if i.name not in inits}
+    changed = bool(input_shapes)
     for name, shape in (input_shapes or {}).items():
         if name not in inputs:
             raise UsageError(f"--input-shape names {name!r}, which is not a graph input (inputs: {', '.join(inputs) or 'none'})")
@@ -515,6 +528,7 @@ def bind_inputs(
                 continue
             if not d.HasField("dim_param") or not d.dim_param:
                 d.dim_param = f"{vi.name}_d{axis}"
+                changed = True
             symbols[d.dim_param] = dims.get(d.dim_param)
     unused = sorted(set(dims) - set(symbols))
     if unused:
@@ -528,20 +542,23 @@ def bind_inputs(
             for d in vi.type.tensor_type.shape.dim:
                 if d.HasField("dim_param") and d.dim_param not in symbols:
                     d.Clear()
+                    changed = True
     bound = {k: v for k, v in symbols.items() if v is not None}
     if bound:
         _bind_value_infos(graph.input, bound)
         _bind_value_infos(graph.output, bound)
         _bind_value_infos(graph.value_info, bound)
-    return symbols
+        changed = True
+    return symbols, changed
 
 
-def infer_shapes(model: onnx.ModelProto, label: str = "<model>") -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, label: str = "<model>", data: bytes | None = None) -> onnx.ModelProto:
     """ONNX shape inference with data propagation; errors become :class:`ModelError`.
 
     For IR < 4 the C++ inferencer reads no types from initializers (they were inputs then);
     since :func:`drop_initializer_inputs` has removed them from the inputs, infer as IR 4
-    and restore the original IR version on the result."""
+    and restore the original IR version on the result. ``data``: the model serialized (saves
+    serializing it again)."""
     ir = model.ir_version
     try:
         if ir < 4:
@@ -552,7 +569,8 @@ def infer_shapes(model: onnx.ModelProto, label: str = "<model>") -> onnx.ModelPr
                 model.ir_version = ir
             out.ir_version = ir
             return out
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=_needs_data_prop(model))
+        return onnx.shape_inference.infer_shapes(model if data is None else data, check_type=True, strict_mode=True,
+                                                 data_prop=_needs_data_prop(model))
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError, ValueError) as e:
         raise ModelError(f"{label}: shape inference failed: {_first_line(e)}") from None
 
@@ -682,7 +700,9 @@ def set_field(dst, fd, value) -> None:
         setattr(dst, fd.name, value)
 
 
-def check(model: onnx.ModelProto, label: str) -> None:
+def check(model: onnx.ModelProto, label: str, data: bytes | None = None) -> None:
+    """The ONNX checker; a failure is a :class:`ModelError`. ``data``: the model serialized, with
+    no external data reference (see :func:`_read`)."""
     if model.ir_version < 4:  # (the checker would not see it for the external ones, turned into inputs)
         listed = {i.name for i in model.graph.input}
         missing = next((t.name for t in model.graph.initializer if t.name not in listed), None)
@@ -690,7 +710,7 @@ def check(model: onnx.ModelProto, label: str) -> None:
             raise ModelError(f"{label}: invalid graph: initializer {missing!r} is not listed as a graph input "
                              f"(IR version {model.ir_version} < 4 requires it)")
     try:
-        onnx.checker.check_model(_without_external_initializers(model))
+        onnx.checker.check_model(data if data is not None else _without_external_initializers(model))
     except UnicodeDecodeError as e:  # the checker's message quotes a corrupt op type or name
         raise ModelError(f"{label}: invalid graph: an op type, domain or name is not valid UTF-8 text "
                          f"(byte {e.object[e.start:e.start + 1]!r} in {e.object[:60]!r})") from None
@@ -714,11 +734,12 @@ def load(
     ``copy=False``: a ModelProto source is a private copy that may be changed in place.
     ``path``: the file a ModelProto source was read from (named in errors, set on the result).
     """
-    model, read_path = read_model(source, load_external_data=load_external_data, copy=copy)
+    model, read_path, data = _read(source, load_external_data=load_external_data, copy=copy)
     path = read_path or (Path(os.fspath(path)) if path is not None else None)
     label = str(path) if path else "<model>"
     notes: list[str] = []
     if model.functions:
+        data = None
         try:
             import onnx.inliner
 
@@ -727,25 +748,31 @@ def load(
             raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
         notes.append("model-local functions were inlined")
     try:
-        check(model, label)
+        check(model, label, data)
     except ModelError as e:
         # the checker (C++, fast) tells whether the nodes are sorted; sort only if needed
         if "topologically sorted" not in str(e):
             raise
         topological_sort(model.graph, label)
+        data = None
         notes.append("nodes were not in topological order; sorted")
         check(model, label)
     # after the checker: for IR < 4 it requires every initializer to be listed as an input
     if drop_initializer_inputs(model):
+        data = None
         notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
-    symbols = bind_inputs(model, input_shapes, dims, label)
+    initializers = {t.name for t in model.graph.initializer} if model.graph.input else set()
+    symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers)
     if bind_unbound_to is not None:
         free = {k: bind_unbound_to for k, v in symbols.items() if v is None}
         if free:
-            bind_inputs(model, None, free, label)
-    _check_input_dims(model.graph, label)
+            bind_inputs(model, None, free, label, initializers)
+            changed = True
+    if changed:
+        data = None
+    _check_input_dims(model.graph, label, initializers)
     try:
-        model = infer_shapes(model, label)
+        model = infer_shapes(model, label, data)
     except ModelError:
         if bind_unbound_to is None or all(v is not None for v in symbols.values()):
             raise
