@@ -94,7 +94,14 @@ class Analysis:
     totals: Totals
     notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, layers: bool = True) -> dict:
+        """The JSON report (schema ``sepify.analysis/1``). ``layers=False``: the summary that
+        budgets read (cheap on a large model): no ``by_op``, and ``layers`` holds only the
+        heaviest layer by MACs and the layers of unknown cost."""
+        if not layers:
+            known = [x for x in self.layers if x.macs is not None]
+            heaviest = max(known, key=lambda x: x.macs, default=None)
+            keep = [x for x in self.layers if x is heaviest or x.unknown]
         return {
             "schema": SCHEMA,
             "sepify_version": __version__,
@@ -102,8 +109,8 @@ class Analysis:
             "inputs": self.inputs,
             "symbols": self.symbols,
             "totals": self.totals.to_dict(),
-            "by_op": self.by_op(),
-            "layers": [layer.to_dict() for layer in self.layers],
+            **({"by_op": self.by_op()} if layers else {}),
+            "layers": [layer.to_dict() for layer in (self.layers if layers else keep)],
             "notes": self.notes,
         }
 

@@ -652,7 +652,7 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         baseline = s.baseline.replace("{stem}", path.stem).replace("{name}", path.name)
         result.baseline = _display(Path(baseline), cwd)
     try:
-        data = analyze(path, input_shapes=s.input_shapes or None, dims=s.dims or None).to_dict()
+        data = analyze(path, input_shapes=s.input_shapes or None, dims=s.dims or None).to_dict(layers=False)
         t = data["totals"]
         result.totals = {"macs": t["macs"], "flops": t["flops"], "params": t["params"],
                          "activation_peak_bytes": t["activation_peak_bytes"], "unknown": t["unknown"],

@@ -139,12 +139,14 @@ class _Terminated(KeyboardInterrupt):
 def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     """Per-layer and total MACs, FLOPs, parameters and activation sizes of MODEL."""
     from .analysis import analyze as run
+    from .analysis import no_gc
     from .report import render_analysis
 
     shapes, dims = _shapes_and_dims(input_shape, dim)
-    result = run(model, input_shapes=shapes, dims=dims)
-    data = result.to_dict()
-    _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output)
+    with no_gc():  # the report makes a few objects per layer, and no reference cycles
+        result = run(model, input_shapes=shapes, dims=dims)
+        data = result.to_dict()
+        _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output)
 
 
 def _rank_value(ctx, param, value):

@@ -213,7 +213,7 @@ def check_inferred_shapes(view, label: str) -> None:
     zeros = any(s and 0 in s for s in shapes)
     info = view.info
     for node, op, domain, (ins, outs, _) in zip(view.nodes, view.ops, view.domains, view.io):
-        if op != "Conv" or len(ins) < 2 or domain:
+        if op != "Conv" or domain or len(ins) < 2:
             continue
         x, w = info.get(ins[0]), info.get(ins[1])
         xs, ws = (x.shape if x else view.shape(ins[0])), (w.shape if w else view.shape(ins[1]))
@@ -225,21 +225,26 @@ def check_inferred_shapes(view, label: str) -> None:
                 if a.name == "group":
                     group = a.i
                     break
-        name = node.name or node.op_type
-        if group < 1:
-            raise ModelError(f"{label}: Conv {name!r}: group {group} is not a positive integer")
-        c, cw, m = xs[1], ws[1], ws[0]
-        if c.__class__ is int and cw.__class__ is int and c != cw * group:
-            raise ModelError(f"{label}: Conv {name!r}: input {ins[0]!r} has {c} channels, but weight {ins[1]!r} "
-                             f"of shape {list(ws)} with group {group} expects {cw * group}")
-        if m.__class__ is int and m % group:
-            raise ModelError(f"{label}: Conv {name!r}: weight {ins[1]!r} has {m} output channels, "
-                             f"not a multiple of group {group}")
+        if group != 1 or xs[1] != ws[1]:
+            _check_conv_channels(node, label, group, ins, xs, ws)
         if zeros and outs and 0 not in xs:
             ys = view.shape(outs[0])
             if ys and 0 in ys[2:]:
-                raise ModelError(f"{label}: Conv {name!r}: output {outs[0]!r} has shape {list(ys)}: "
+                raise ModelError(f"{label}: Conv {node.name or node.op_type!r}: output {outs[0]!r} has shape {list(ys)}: "
                                  f"the input {list(xs)} is smaller than the kernel")
+
+
+def _check_conv_channels(node, label: str, group: int, ins: list[str], xs: tuple, ws: tuple) -> None:
+    name = node.name or node.op_type
+    if group < 1:
+        raise ModelError(f"{label}: Conv {name!r}: group {group} is not a positive integer")
+    c, cw, m = xs[1], ws[1], ws[0]
+    if c.__class__ is int and cw.__class__ is int and c != cw * group:
+        raise ModelError(f"{label}: Conv {name!r}: input {ins[0]!r} has {c} channels, but weight {ins[1]!r} "
+                         f"of shape {list(ws)} with group {group} expects {cw * group}")
+    if m.__class__ is int and m % group:
+        raise ModelError(f"{label}: Conv {name!r}: weight {ins[1]!r} has {m} output channels, "
+                         f"not a multiple of group {group}")
 
 
 def _external_tensors(model: onnx.ModelProto, everywhere: bool = True):
