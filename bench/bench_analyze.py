@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ def best_of(fn, repeat):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=50_000)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
 
     import onnx
@@ -65,14 +66,21 @@ def main() -> None:
             report = check([str(path)], limits={"macs": 10**12}, discover=False)
             assert report.exit_code == 0, report.to_dict()
 
-        b = a = k = float("inf")
-        for _ in range(args.repeat):  # interleaved, best of each: this VM's timings drift
-            b = min(b, best_of(baseline, 1))
-            a = min(a, best_of(analyze, 1))
-            k = min(k, best_of(check_, 1))
+        # interleaved: this VM's timings drift by +-30% from one second to the next, so each
+        # step is timed right after its baseline; reported: the best time of each, and the
+        # median of the per-round ratios (each round's own baseline)
+        times: dict[str, list[float]] = {"baseline": [], "analyze": [], "check": []}
+        for _ in range(args.repeat):
+            times["baseline"].append(best_of(baseline, 1))
+            times["analyze"].append(best_of(analyze, 1))
+            times["check"].append(best_of(check_, 1))
+        b = min(times["baseline"])
         print(f"onnx.load + infer_shapes:      {b:7.3f} s")
-        print(f"sepify.analyze (in-process):   {a:7.3f} s   ratio {a / b:.2f}x")
-        print(f"sepify.check (in-process):     {k:7.3f} s   ratio {k / b:.2f}x")
+        for label, key in (("sepify.analyze (in-process):", "analyze"), ("sepify.check (in-process):  ", "check")):
+            t = min(times[key])
+            ratios = sorted(x / y for x, y in zip(times[key], times["baseline"]))
+            print(f"{label}   {t:7.3f} s   ratio of best times {t / b:.2f}x, median of rounds "
+                  f"{statistics.median(ratios):.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
         # the CLI against the same baseline run in a fresh interpreter (both pay start-up and
         # `import onnx`), interleaved

@@ -135,17 +135,10 @@ class Analysis:
 
 
 # --- the walk ---------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _Row:
-    node: onnx.NodeProto
-    op: str
-    domain: str  # "" for the default domain
-    cost: Cost | None
-    unknown: str | None
-    params: int
-    buffers: int
-    note: str
-    outs: list[str]
+# A walked node is a plain tuple (cheap to make; there is one per node):
+#   (node, op, domain ("" for the default domain), cost or None, reason it is unknown or None,
+#    params, buffers, note, output names)
+_Row = tuple
 
 
 class _Walker:
@@ -171,33 +164,36 @@ class _Walker:
         return out
 
     def params_of(self, op: str, view: GraphView, ins: list[str]) -> tuple[int, int, str]:
+        """Parameters and buffers among the constant inputs of a node (each constant counted once
+        in the model), and a note on unusual ones."""
         roles = PARAM_ROLES.get(op, _NO_ROLES)
         params = buffers = 0
-        notes = []
+        notes = None
         top = view.outer is None
-        const, info, counted = view.const, view.info, self.counted
+        const, info, counted, sizes = view.const, view.info, self.counted, self._sizes
         for i, name in enumerate(ins):
-            if not name or not (name in const if top else view.is_const(name)):
+            if not name or not (name in const if top else view.is_const(name)) or name in counted:
                 continue
             t = info.get(name) or view.tensor(name)
             if t is None or t.shape is None:
-                notes.append(f"constant {name!r} has unknown shape")
+                notes = (notes or []) + [f"constant {name!r} has unknown shape"]
                 continue
-            n, role, nbytes = self._size(t)
+            size = sizes.get(t) or self._size(t)
+            n = size[0]
             if n is None:
                 continue
-            role = roles.get(i, role)
-            if role == "none" or name in counted:
+            role = roles.get(i, size[1])
+            if role == "none":
                 continue
             counted.add(name)
             if role == "param":
                 params += n
-                self.param_bytes += nbytes
+                self.param_bytes += size[2]
             else:
                 buffers += n
         w = _WEIGHT_INPUT.get(op)
         if w is not None and len(ins) > w and ins[w] and not (ins[w] in const or view.is_const(ins[w])):
-            notes.append(f"weight {ins[w]!r} is not a constant")
+            notes = (notes or []) + [f"weight {ins[w]!r} is not a constant"]
         return params, buffers, "; ".join(notes) if notes else ""
 
     def walk(self, view: GraphView) -> list[_Row]:
@@ -209,20 +205,18 @@ class _Walker:
         top = view.outer is None
         nodes = view.nodes
         rules = RULES
-        for idx, (ins, outs, sub) in enumerate(view.io):
+        for (ins, outs, sub), op, domain, node in zip(view.io, view.ops, view.domains, nodes):
             for o in outs:
                 if o and o not in const:
                     break
             else:
                 if outs:
                     continue  # builds a constant: part of the weights, not a layer
-            op = view.ops[idx]
-            domain = view.domains[idx]
-            node = nodes[idx]
-            params = buffers = 0
-            note = ""
-            if op in _WEIGHT_INPUT or any(n in const for n in ins) or (not top and any(n and view.is_const(n) for n in ins)):
+            if op in _WEIGHT_INPUT or not const.isdisjoint(ins) or (not top and any(n and view.is_const(n) for n in ins)):
                 params, buffers, note = self.params_of(op, view, ins)
+            else:
+                params = buffers = 0
+                note = ""
             try:
                 if sub:
                     cost, sub_note, sub_params, sub_buffers = self.control_flow(node, view)
@@ -236,11 +230,11 @@ class _Walker:
                     cost = rule(OpContext(node, view, ins, outs))
                     if cost.note:
                         note = "; ".join(x for x in (note, cost.note) if x)
-                append(_Row(node, op, domain, cost, None, params, buffers, note, outs))
+                append((node, op, domain, cost, None, params, buffers, note, outs))
             except Unknown as e:
-                append(_Row(node, op, domain, None, str(e), params, buffers, note, outs))
+                append((node, op, domain, None, str(e), params, buffers, note, outs))
             except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
-                append(_Row(node, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
+                append((node, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
         return rows
 
     def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
@@ -249,14 +243,14 @@ class _Walker:
         flops: Num = 0
         params = buffers = 0
         unknown = []
-        for r in rows:
-            params += r.params
-            buffers += r.buffers
-            if r.cost is None:
-                unknown.append(f"{r.node.name or r.op}: {r.unknown}")
+        for node, op, _, cost, reason, p, b, _, _ in rows:
+            params += p
+            buffers += b
+            if cost is None:
+                unknown.append(f"{node.name or op}: {reason}")
             else:
-                macs = macs + r.cost.macs
-                flops = flops + r.cost.flops
+                macs = macs + cost.macs
+                flops = flops + cost.flops
         return macs, flops, params, buffers, unknown
 
     def control_flow(self, node: onnx.NodeProto, view: GraphView) -> tuple[Cost, str, int, int]:
@@ -341,22 +335,6 @@ class _Bytes:
         return out
 
 
-def _output_info(view: GraphView, outs: list[str], nbytes: _Bytes):
-    shapes = []
-    total: int | None = 0
-    info = view.info
-    for o in outs:
-        if not o:
-            continue
-        t = info.get(o)
-        if t is None:
-            t = view.tensor(o)
-        shapes.append(list(t.shape) if t is not None and t.shape is not None else None)
-        b = nbytes.of(t)
-        total = None if b is None or total is None else total + b
-    return shapes, total
-
-
 def _activation_peak(view: GraphView, nbytes: _Bytes) -> int:
     """Peak of live activation bytes over the execution order; constants excluded.
     A tensor is live from its producer (graph inputs: from the start) to its last consumer;
@@ -372,10 +350,11 @@ def _activation_peak(view: GraphView, nbytes: _Bytes) -> int:
             live += sizes[name]
     peak = live
     pop = sizes.pop
+    info, of = view.info, nbytes.of
     for idx, (ins, outs, _) in enumerate(view.io):
         for o in outs:
             if o and o not in const:
-                b = sizes[o] = nbytes(o) or 0
+                b = sizes[o] = of(info.get(o) or view.tensor(o)) or 0
                 live += b
         if live > peak:
             peak = live
@@ -416,9 +395,18 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
     tot_flops: Num = 0
     formula_exact = True
     num_macs = num_flops = 0
-    for i, row in enumerate(rows):
-        shapes, out_bytes = _output_info(view, row.outs, nbytes)
-        cost, reason = row.cost, row.unknown
+    info = view.info
+    for i, (node, op, domain, cost, reason, params, buffers, note, outs) in enumerate(rows):
+        # output shapes and bytes (hot: inlined)
+        shapes = []
+        out_bytes: int | None = 0
+        for o in outs:
+            if not o:
+                continue
+            t = info.get(o) or view.tensor(o)
+            shapes.append(list(t.shape) if t is not None and t.shape is not None else None)
+            b = nbytes.of(t)
+            out_bytes = None if b is None or out_bytes is None else out_bytes + b
         macs_f = flops_f = None
         if cost is not None:
             macs, flops = cost.macs, cost.flops
@@ -429,19 +417,17 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
             tot_flops = tot_flops + cost.flops
             num_macs += macs
             num_flops += flops
-        elif numeric_rows is not None and numeric_rows[i].cost is not None:
+        elif numeric_rows is not None and numeric_rows[i][3] is not None:
             formula_exact = False
-            macs, flops = evaluate(numeric_rows[i].cost.macs, {}), evaluate(numeric_rows[i].cost.flops, {})
+            macs, flops = evaluate(numeric_rows[i][3].macs, {}), evaluate(numeric_rows[i][3].flops, {})
             num_macs += macs
             num_flops += flops
             reason = None
-            row.note = "; ".join(x for x in (row.note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
+            note = "; ".join(x for x in (note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
         else:
             macs = flops = None
-        layers.append(Layer(
-            i, row.node.name or f"{row.op}_{i}", row.op, row.domain, macs, flops, row.params, row.buffers,
-            shapes, out_bytes, reason, row.note, macs_f, flops_f,
-        ))
+        layers.append(Layer(i, node.name or f"{op}_{i}", op, domain, macs, flops, params, buffers,
+                            shapes, out_bytes, reason, note, macs_f, flops_f))
 
     peak_view = numeric_view or view
     totals = Totals(

@@ -63,9 +63,9 @@ class OpContext:
     def has_input(self, i: int) -> bool:
         return len(self.ins) > i and bool(self.ins[i])
 
-    def _dims(self, name: str, what: str) -> tuple:
-        """Dims as ints and symbolic :class:`Poly`; converted once per distinct tensor type
-        (cached on the shared :class:`~sepify.graph.TensorInfo`)."""
+    def _info(self, name: str, what: str):
+        """The tensor's :class:`~sepify.graph.TensorInfo` with its rule dims (ints and symbolic
+        :class:`Poly`) computed: once per distinct tensor type, since tensors share their info."""
         view = self.view
         t = view.info.get(name)
         if t is None:
@@ -77,23 +77,33 @@ class OpContext:
             dims = t.dims = _convert_dims(t.shape, view.symbols)
         if dims.__class__ is str:
             raise Unknown(dims.format(what=what, name=name))
-        return dims
+        return t
 
     def in_shape(self, i: int) -> tuple:
         if not self.has_input(i):
             raise Unknown(f"input {i} missing")
-        return self._dims(self.ins[i], "input")
+        return self._info(self.ins[i], "input").dims
 
     def out_shape(self, i: int = 0) -> tuple:
         if len(self.outs) <= i or not self.outs[i]:
             raise Unknown(f"output {i} missing")
-        return self._dims(self.outs[i], "output")
+        return self._info(self.outs[i], "output").dims
 
     def in_numel(self, i: int = 0) -> Num:
-        return prod(self.in_shape(i))
+        if not self.has_input(i):
+            raise Unknown(f"input {i} missing")
+        t = self._info(self.ins[i], "input")
+        if t.numel is None:
+            t.numel = prod(t.dims)
+        return t.numel
 
     def out_numel(self, i: int = 0) -> Num:
-        return prod(self.out_shape(i))
+        if len(self.outs) <= i or not self.outs[i]:
+            raise Unknown(f"output {i} missing")
+        t = self._info(self.outs[i], "output")
+        if t.numel is None:
+            t.numel = prod(t.dims)
+        return t.numel
 
 
 def _convert_dims(shape: tuple | None, symbols) -> tuple | str:

@@ -67,12 +67,13 @@ class TensorInfo:
     instance (see :class:`GraphView`), so an instance is never changed after it is made; the
     cost rules cache the dims they compute with in ``dims`` (see :mod:`sepify.costs`)."""
 
-    __slots__ = ("shape", "dtype", "dims")
+    __slots__ = ("shape", "dtype", "dims", "numel")
 
     def __init__(self, shape: tuple | None, dtype: int = TensorProto.UNDEFINED):
         self.shape = shape
         self.dtype = dtype
         self.dims = None  # the shape as cost rules use it, or the reason it is unusable
+        self.numel = None  # the product of ``dims``, once a rule has asked for it
 
     def __repr__(self) -> str:
         return f"TensorInfo(shape={self.shape!r}, dtype={self.dtype!r})"
@@ -209,10 +210,12 @@ class GraphView:
         initializers = self.initializers
         for init in graph.initializer:
             name = init.name
-            key = (init.data_type, *init.dims)
+            key = init.dims[:]
+            key.append(init.data_type)
+            key = tuple(key)
             ti = by_dims.get(key)
             if ti is None:
-                ti = by_dims[key] = TensorInfo(key[1:], key[0])
+                ti = by_dims[key] = TensorInfo(key[:-1], key[-1])
             info[name] = ti
             initializers[name] = init
         self.const.update(initializers)

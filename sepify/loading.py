@@ -57,14 +57,15 @@ class LoadedModel:
 def read_model(source, *, load_external_data: bool = False, copy: bool = True) -> tuple[onnx.ModelProto, Path | None]:
     """Read a model from a path or copy a ModelProto (``copy=False``: use it as it is, for a
     private copy the caller owns); validate that it is a model at all."""
-    model, path, _ = _read(source, load_external_data=load_external_data, copy=copy)
+    model, path, _, _ = _read(source, load_external_data=load_external_data, copy=copy)
     return model, path
 
 
-def _read(source, *, load_external_data: bool = False, copy: bool = True) -> tuple[onnx.ModelProto, Path | None, bytes | None]:
+def _read(source, *, load_external_data: bool = False,
+          copy: bool = True) -> tuple[onnx.ModelProto, Path | None, bytes | None, list[str]]:
     """:func:`read_model`, also returning the file's bytes when they are the model exactly as
     parsed and hold no external data reference (the checker and shape inference can take them
-    as they are, saving a serialization each), else None."""
+    as they are, saving a serialization each), else None; and the initializer names."""
     if isinstance(source, onnx.ModelProto):
         if copy:
             model = onnx.ModelProto()
@@ -91,16 +92,16 @@ def _read(source, *, load_external_data: bool = False, copy: bool = True) -> tup
             model.ParseFromString(data)
         except (DecodeError, ValueError, RuntimeError) as e:
             raise ModelError(f"{label}: not an ONNX model or truncated file (protobuf parse failed: {_first_line(e)})") from None
-        _sanity(model, label)
+        init_names = _sanity(model, label)
         # walking every node's attributes costs ~0.2 s on 50,000 nodes: only a file that spells
         # the external data key "location" somewhere can have external tensors with a location
         has_location = b"location" in data
         check_external_data(model, path.parent, label, everywhere=has_location)
         if load_external_data:
             read_external_data(model, path)
-        return model, path, (None if has_location or load_external_data else data)
-    _sanity(model, label)
-    return model, path, None
+        return model, path, (None if has_location or load_external_data else data), init_names
+    init_names = _sanity(model, label)
+    return model, path, None, init_names
 
 
 def read_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -117,20 +118,23 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _sanity(model: onnx.ModelProto, label: str) -> None:
+def _sanity(model: onnx.ModelProto, label: str) -> list[str]:
+    """Is it a model at all, with text where ONNX wants text? Returns the initializer names."""
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelError(f"{label}: not an ONNX model (no IR version or no graph)")
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{label}: not an ONNX model (the graph has no nodes and no outputs)")
-    _check_text(model, label)
+    init_names = _check_text(model, label)
     _check_declared_dims(model.graph, label)
+    return init_names
 
 
-def _check_text(model: onnx.ModelProto, label: str) -> None:
+def _check_text(model: onnx.ModelProto, label: str) -> list[str]:
     """Strings in ONNX are UTF-8, but protobuf does not check it for ONNX's (proto2) messages:
     a corrupt string reads back as ``bytes``, which reports and the rewriter cannot use. The
     model-level strings and the node and initializer names are checked here; the checker trips
-    over a corrupt op type or domain, and :func:`check_inferred_shapes` checks tensor names."""
+    over a corrupt op type or domain, and :func:`check_inferred_shapes` checks tensor names.
+    Returns the initializer names (read here anyway)."""
     def bad(where: str):
         raise ModelError(f"{label}: {where} is not valid UTF-8 text (a corrupt file?)")
 
@@ -149,12 +153,14 @@ def _check_text(model: onnx.ModelProto, label: str) -> None:
     for vi in (*g.input, *g.output):
         if vi.name.__class__ is not str:
             bad(f"the name of graph input/output {vi.name!r}")
-    for t in g.initializer:
-        if t.name.__class__ is not str:
-            bad(f"the name of initializer {t.name!r}")
-    for n in g.node:
-        if n.name.__class__ is not str:
-            bad(f"the name of node {n.name!r}")
+    init_names = [t.name for t in g.initializer]
+    node_names = [n.name for n in g.node]
+    for what, names in (("initializer", init_names), ("node", node_names)):
+        try:
+            "".join(names)  # one C loop; raises on a name that is bytes
+        except TypeError:
+            bad(f"the name of {what} {next(x for x in names if x.__class__ is not str)!r}")
+    return init_names
 
 
 def _check_declared_dims(graph: onnx.GraphProto, label: str) -> None:
@@ -739,7 +745,7 @@ def load(
     ``copy=False``: a ModelProto source is a private copy that may be changed in place.
     ``path``: the file a ModelProto source was read from (named in errors, set on the result).
     """
-    model, read_path, data = _read(source, load_external_data=load_external_data, copy=copy)
+    model, read_path, data, init_names = _read(source, load_external_data=load_external_data, copy=copy)
     path = read_path or (Path(os.fspath(path)) if path is not None else None)
     label = str(path) if path else "<model>"
     notes: list[str] = []
@@ -749,6 +755,7 @@ def load(
             import onnx.inliner
 
             model = onnx.inliner.inline_local_functions(model)
+            init_names = [t.name for t in model.graph.initializer]
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error
             raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
         notes.append("model-local functions were inlined")
@@ -766,7 +773,7 @@ def load(
     if drop_initializer_inputs(model):
         data = None
         notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
-    initializers = {t.name for t in model.graph.initializer} if model.graph.input else set()
+    initializers = set(init_names)
     symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers)
     if bind_unbound_to is not None:
         free = {k: bind_unbound_to for k, v in symbols.items() if v is None}
