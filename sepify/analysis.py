@@ -136,8 +136,8 @@ class Analysis:
 
 # --- the walk ---------------------------------------------------------------------------------
 # A walked node is a plain tuple (cheap to make; there is one per node):
-#   (node, op, domain ("" for the default domain), cost or None, reason it is unknown or None,
-#    params, buffers, note, output names)
+#   (node name, op, domain ("" for the default domain), cost or None, reason it is unknown or
+#    None, params, buffers, note, output names)
 _Row = tuple
 
 
@@ -205,7 +205,7 @@ class _Walker:
         top = view.outer is None
         nodes = view.nodes
         rules = RULES
-        for (ins, outs, sub), op, domain, node in zip(view.io, view.ops, view.domains, nodes):
+        for (ins, outs, sub), op, domain, node, name in zip(view.io, view.ops, view.domains, nodes, view.names):
             for o in outs:
                 if o and o not in const:
                     break
@@ -230,11 +230,11 @@ class _Walker:
                     cost = rule(OpContext(node, view, ins, outs))
                     if cost.note:
                         note = "; ".join(x for x in (note, cost.note) if x)
-                append((node, op, domain, cost, None, params, buffers, note, outs))
+                append((name, op, domain, cost, None, params, buffers, note, outs))
             except Unknown as e:
-                append((node, op, domain, None, str(e), params, buffers, note, outs))
+                append((name, op, domain, None, str(e), params, buffers, note, outs))
             except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
-                append((node, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
+                append((name, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
         return rows
 
     def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
@@ -243,11 +243,11 @@ class _Walker:
         flops: Num = 0
         params = buffers = 0
         unknown = []
-        for node, op, _, cost, reason, p, b, _, _ in rows:
+        for name, op, _, cost, reason, p, b, _, _ in rows:
             params += p
             buffers += b
             if cost is None:
-                unknown.append(f"{node.name or op}: {reason}")
+                unknown.append(f"{name or op}: {reason}")
             else:
                 macs = macs + cost.macs
                 flops = flops + cost.flops
@@ -299,6 +299,9 @@ class _Walker:
         return Cost(macs, flops), f"{op}: subgraphs counted once", params, buffers
 
 
+_MISSING = object()
+
+
 class _Bytes:
     """Bytes of a tensor (symbols at their values), or None if unknown; computed once per
     distinct tensor type (tensors of one type share their :class:`~sepify.graph.TensorInfo`)."""
@@ -313,10 +316,9 @@ class _Bytes:
         return self.of(t)
 
     def of(self, t) -> int | None:
-        try:
-            return self.cache[t]
-        except KeyError:
-            pass
+        out = self.cache.get(t, _MISSING)
+        if out is not _MISSING:
+            return out
         out = None
         if t is not None and t.shape is not None:
             size = itemsize(t.dtype)
@@ -396,7 +398,8 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
     formula_exact = True
     num_macs = num_flops = 0
     info = view.info
-    for i, (node, op, domain, cost, reason, params, buffers, note, outs) in enumerate(rows):
+    tot_params = tot_buffers = act_bytes = n_unknown = 0
+    for i, (name, op, domain, cost, reason, params, buffers, note, outs) in enumerate(rows):
         # output shapes and bytes (hot: inlined)
         shapes = []
         out_bytes: int | None = 0
@@ -426,16 +429,21 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> A
             note = "; ".join(x for x in (note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
         else:
             macs = flops = None
-        layers.append(Layer(i, node.name or f"{op}_{i}", op, domain, macs, flops, params, buffers,
+        layers.append(Layer(i, name or f"{op}_{i}", op, domain, macs, flops, params, buffers,
                             shapes, out_bytes, reason, note, macs_f, flops_f))
+        tot_params += params
+        tot_buffers += buffers
+        if out_bytes:
+            act_bytes += out_bytes
+        if reason:
+            n_unknown += 1
 
     peak_view = numeric_view or view
     totals = Totals(
         macs=num_macs, flops=num_flops,
-        params=sum(layer.params for layer in layers), buffers=sum(layer.buffers for layer in layers),
+        params=tot_params, buffers=tot_buffers,
         activation_peak_bytes=_activation_peak(peak_view, nbytes if peak_view is view else _Bytes(peak_view, values)),
-        activation_bytes=sum(layer.output_bytes or 0 for layer in layers),
-        unknown=sum(1 for layer in layers if layer.unknown), nodes=len(model.graph.node),
+        activation_bytes=act_bytes, unknown=n_unknown, nodes=len(view.nodes),
         param_bytes=walker.param_bytes,
         macs_formula=formula(tot_macs, human3) if formula_exact else None,
         flops_formula=formula(tot_flops, human3) if formula_exact else None,

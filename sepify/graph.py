@@ -186,7 +186,7 @@ class GraphView:
         self.info: dict[str, TensorInfo] = {}
         self.const: set[str] = set()
         self.initializers: dict[str, TensorProto] = {}
-        self.producer: dict[str, int] = {}
+        self._producer: dict[str, int] | None = None
         self._consumers: dict[str, list[int]] | None = None
         self.graph_outputs = [o.name for o in graph.output]
         self.graph_inputs = [i.name for i in graph.input]
@@ -224,18 +224,19 @@ class GraphView:
             self.const.add(sp.values.name)
 
         const = self.const
-        producer = self.producer
         last = self._last_use = {}  # tensor -> index of the last node that reads it
         # per node: inputs, outputs (plain lists: protobuf reads are slow), has subgraph
         self.io: list[tuple[list[str], list[str], bool]] = []
         self.ops: list[str] = []  # per node: op type
         self.domains: list[str] = []  # per node: domain ("" for the default domain)
-        io, ops, domains = self.io, self.ops, self.domains
+        self.names: list[str] = []  # per node: name (may be "")
+        io, ops, domains, names = self.io, self.ops, self.domains, self.names
         for idx, node in enumerate(self.nodes):
             ins = node.input[:]
             outs = node.output[:]
             op = node.op_type
             domain = node.domain
+            names.append(node.name)
             if domain:
                 if domain == "ai.onnx":
                     domain = ""
@@ -250,9 +251,6 @@ class GraphView:
             if sub:
                 for name in outer_inputs(node):
                     last[name] = idx
-            for name in outs:
-                if name:
-                    producer[name] = idx
             if domain:
                 continue
             if op == "Constant":
@@ -268,6 +266,13 @@ class GraphView:
                 else:
                     const.update(o for o in outs if o)
         last.pop("", None)
+
+    @property
+    def producer(self) -> dict[str, int]:
+        """For each tensor made by a node of this graph, the node's index."""
+        if self._producer is None:
+            self._producer = {o: idx for idx, (_, outs, _) in enumerate(self.io) for o in outs if o}
+        return self._producer
 
     @property
     def consumers(self) -> dict[str, list[int]]:

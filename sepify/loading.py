@@ -61,11 +61,16 @@ def read_model(source, *, load_external_data: bool = False, copy: bool = True) -
     return model, path
 
 
-def _read(source, *, load_external_data: bool = False,
-          copy: bool = True) -> tuple[onnx.ModelProto, Path | None, bytes | None, list[str]]:
+def _read(source, *, load_external_data: bool = False, copy: bool = True,
+          defer_scan: bool = False) -> tuple[onnx.ModelProto, Path | None, bytes | None, list[str]]:
     """:func:`read_model`, also returning the file's bytes when they are the model exactly as
     parsed and hold no external data reference (the checker and shape inference can take them
-    as they are, saving a serialization each), else None; and the initializer names."""
+    as they are, saving a serialization each), else None; and the initializer names.
+
+    ``defer_scan``: when the bytes are returned, the scan for external tensors is left to the
+    caller, who must give the bytes to the checker (it rejects an external tensor with no
+    location, the only kind a file without the string "location" can hold) or else call
+    :func:`check_external_data` itself (``everywhere=False``)."""
     if isinstance(source, onnx.ModelProto):
         if copy:
             model = onnx.ModelProto()
@@ -96,10 +101,12 @@ def _read(source, *, load_external_data: bool = False,
         # walking every node's attributes costs ~0.2 s on 50,000 nodes: only a file that spells
         # the external data key "location" somewhere can have external tensors with a location
         has_location = b"location" in data
-        check_external_data(model, path.parent, label, everywhere=has_location)
+        pristine = not has_location and not load_external_data
+        if not (pristine and defer_scan):
+            check_external_data(model, path.parent, label, everywhere=has_location)
         if load_external_data:
             read_external_data(model, path)
-        return model, path, (None if has_location or load_external_data else data), init_names
+        return model, path, (data if pristine else None), init_names
     init_names = _sanity(model, label)
     return model, path, None, init_names
 
@@ -132,9 +139,9 @@ def _sanity(model: onnx.ModelProto, label: str) -> list[str]:
 def _check_text(model: onnx.ModelProto, label: str) -> list[str]:
     """Strings in ONNX are UTF-8, but protobuf does not check it for ONNX's (proto2) messages:
     a corrupt string reads back as ``bytes``, which reports and the rewriter cannot use. The
-    model-level strings and the node and initializer names are checked here; the checker trips
-    over a corrupt op type or domain, and :func:`check_inferred_shapes` checks tensor names.
-    Returns the initializer names (read here anyway)."""
+    model-level strings and the initializer names are checked here; the checker trips over a
+    corrupt op type or domain, and :func:`check_inferred_shapes` checks node and tensor names
+    (on the graph view, which reads them anyway). Returns the initializer names."""
     def bad(where: str):
         raise ModelError(f"{label}: {where} is not valid UTF-8 text (a corrupt file?)")
 
@@ -154,12 +161,10 @@ def _check_text(model: onnx.ModelProto, label: str) -> list[str]:
         if vi.name.__class__ is not str:
             bad(f"the name of graph input/output {vi.name!r}")
     init_names = [t.name for t in g.initializer]
-    node_names = [n.name for n in g.node]
-    for what, names in (("initializer", init_names), ("node", node_names)):
-        try:
-            "".join(names)  # one C loop; raises on a name that is bytes
-        except TypeError:
-            bad(f"the name of {what} {next(x for x in names if x.__class__ is not str)!r}")
+    try:
+        "".join(init_names)  # one C loop; raises on a name that is bytes
+    except TypeError:
+        bad(f"the name of initializer {next(x for x in init_names if x.__class__ is not str)!r}")
     return init_names
 
 
@@ -199,14 +204,14 @@ def check_inferred_shapes(view, label: str) -> None:
     output channels a multiple of ``group``, output spatial size >= 1). ONNX shape inference
     checks none of these; a negative size would give negative costs, a zero size means the
     input is smaller than the kernel."""
-    for names in (view.info, view.producer):  # (every node input is in one of them, or undefined)
+    for what, names in (("tensor", view.info), ("node", view.names)):
         try:
             "".join(names)  # one C loop; raises on a name that is bytes
         except TypeError:
             name = next(k for k in names if k.__class__ is not str)
-            raise ModelError(f"{label}: the tensor name {name!r} is not valid UTF-8 text (a corrupt file?)") from None
-    for ins, _, _ in view.io:
-        for k in ins:
+            raise ModelError(f"{label}: the {what} name {name!r} is not valid UTF-8 text (a corrupt file?)") from None
+    for ins, outs, _ in view.io:
+        for k in (*ins, *outs):
             if k.__class__ is not str:
                 raise ModelError(f"{label}: the tensor name {k!r} is not valid UTF-8 text (a corrupt file?)")
     infos = {id(t): t for t in view.info.values()}.values()  # shared per distinct type: test each once
@@ -745,7 +750,9 @@ def load(
     ``copy=False``: a ModelProto source is a private copy that may be changed in place.
     ``path``: the file a ModelProto source was read from (named in errors, set on the result).
     """
-    model, read_path, data, init_names = _read(source, load_external_data=load_external_data, copy=copy)
+    model, read_path, data, init_names = _read(source, load_external_data=load_external_data, copy=copy,
+                                               defer_scan=True)
+    unscanned = data is not None  # see _read: the checker must see these bytes, or scan now
     path = read_path or (Path(os.fspath(path)) if path is not None else None)
     label = str(path) if path else "<model>"
     notes: list[str] = []
@@ -759,6 +766,8 @@ def load(
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error
             raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
         notes.append("model-local functions were inlined")
+    if unscanned and data is None:
+        check_external_data(model, path.parent, label, everywhere=False)
     try:
         check(model, label, data)
     except ModelError as e:
@@ -766,6 +775,8 @@ def load(
         if "topologically sorted" not in str(e):
             raise
         topological_sort(model.graph, label)
+        if unscanned:  # (the checker stopped at the order: it may not have seen every tensor)
+            check_external_data(model, path.parent, label, everywhere=False)
         data = None
         notes.append("nodes were not in topological order; sorted")
         check(model, label)
