@@ -51,11 +51,22 @@ def dumps_json(data: dict) -> str:
     parts = []
     for key, value in data.items():
         if isinstance(value, list) and len(value) > 20 and all(isinstance(x, dict) for x in value):
-            body = ",\n".join("    " + json.dumps(x) for x in value)
-            parts.append(f"  {json.dumps(key)}: [\n{body}\n  ]")
+            parts.append(f"  {json.dumps(key)}: [\n    {_rows_json(value)}\n  ]")
         else:
             parts.append(f"  {json.dumps(key)}: " + json.dumps(value, indent=2).replace("\n", "\n  "))
     return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
+def _rows_json(rows: list[dict]) -> str:
+    """The objects of ``rows``, compact, one per line (joined by ``",\n    "``), encoded by one
+    call of the C encoder. The line breaks go where ``}, {"<first key>": `` occurs in the
+    one-line encoding: it cannot occur inside a JSON string (a ``"`` there is always ``\"``),
+    so only whitespace between tokens is added and the JSON is the same."""
+    first = next(iter(rows[0]), None)
+    if first is None or not isinstance(first, str):
+        return ",\n    ".join(json.dumps(x) for x in rows)
+    key = json.dumps(first)
+    return json.dumps(rows)[1:-1].replace("}, {" + key + ": ", "},\n    {" + key + ": ")
 
 
 RICH_MAX_ROWS = 2000  # above this a plain aligned table is printed: rich takes ~0.7 ms a row
@@ -78,16 +89,13 @@ def print_table(stream, title: str, columns: list[tuple[str, str]], rows: list[t
         _console(stream).print(table)
         return
     body = [tuple(h for h, _ in columns)] + rows + ([total] if total is not None else [])
-    widths = [max(len(r[i]) for r in body) for i in range(len(columns))]
-
-    def line(row) -> str:
-        cells = [c.rjust(w) if just == "right" else c.ljust(w) for c, w, (_, just) in zip(row, widths, columns)]
-        return "  ".join(cells).rstrip()
-
-    out = [title, line(body[0]), "  ".join("-" * w for w in widths)]
-    out += [line(r) for r in rows]
+    widths = [max(map(len, cells)) for cells in zip(*body)]
+    fmt = "  ".join(f"{{:{'>' if just == 'right' else '<'}{w}}}" for w, (_, just) in zip(widths, columns))
+    rule = "  ".join("-" * w for w in widths)
+    out = [title, fmt.format(*body[0]).rstrip(), rule]
+    out += [fmt.format(*r).rstrip() for r in rows]
     if total is not None:
-        out += ["  ".join("-" * w for w in widths), line(total)]
+        out += [rule, fmt.format(*total).rstrip()]
     stream.write("\n".join(out) + "\n")
 
 

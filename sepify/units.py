@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import UsageError
@@ -45,6 +46,7 @@ def parse_fraction(text: str | float, what: str = "value") -> float:
         raise UsageError(f"invalid {what}: {text!r} (expected a fraction like 0.02 or a percentage like 2%)") from None
 
 
+@functools.lru_cache(maxsize=8192)  # a large model's table repeats a few values many times
 def human(n: int | float | None, digits: int = 1) -> str:
     """``568740352`` → ``568.7M``; SI steps of 1000. ``None`` → ``?``."""
     if n is None:
@@ -57,6 +59,7 @@ def human(n: int | float | None, digits: int = 1) -> str:
     return f"{sign}{n:g}" if isinstance(n, float) else f"{sign}{n}"
 
 
+@functools.lru_cache(maxsize=8192)
 def human_bytes(n: int | float | None, digits: int = 1) -> str:
     """Bytes in binary units: ``8388608`` → ``8.0MiB``."""
     if n is None:

@@ -190,3 +190,19 @@ def test_large_model_table_lists_every_layer_and_json_parses(make_samples, tmp_p
     data = json.loads(out.read_text())
     assert len(data["layers"]) == 2200 and data["totals"]["macs"] == 1100 * per_pair
     assert data["layers"][0]["name"] == "conv1" and data["layers"][0]["macs"] == per_pair
+    # one layer object per line (the report's line breaks are only whitespace between tokens)
+    layer_lines = [line for line in out.read_text().splitlines() if line.startswith('    {"index": ')]
+    assert len(layer_lines) == 2200
+    assert json.loads(layer_lines[5].rstrip(",")) == data["layers"][5]
+
+
+def test_json_rows_one_per_line_even_when_a_name_mimics_the_separator():
+    from sepify.report import dumps_json
+
+    rows = [{"index": i, "name": 'x}, {"index": 3' if i == 1 else f"n{i}", "output_shapes": [[1, i]]}
+            for i in range(30)]
+    text = dumps_json({"layers": rows})
+    assert json.loads(text) == {"layers": rows}
+    lines = text.splitlines()
+    assert len(lines) == 2 + 30 + 2  # "{" and '"layers": [', one line per row, "]" and "}"
+    assert json.loads(lines[3].rstrip(",")) == rows[1]
