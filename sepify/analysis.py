@@ -373,11 +373,13 @@ def _shape_list(t) -> list | None:
     return list(t.shape) if t is not None and t.shape is not None else None
 
 
-def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None) -> Analysis:
+def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view: GraphView | None = None) -> Analysis:
     """Analyze a prepared model. ``numeric``: the same model with unbound symbols set to 1,
-    used for the numbers of layers whose cost is not polynomial in the symbols."""
+    used for the numbers of layers whose cost is not polynomial in the symbols. ``view``: the
+    caller's view of ``loaded.model.graph``, if it has one."""
     model = loaded.model
-    view = GraphView(model.graph, symbols=loaded.symbols)
+    if view is None:
+        view = GraphView(model.graph, symbols=loaded.symbols)
     check_inferred_shapes(view, loaded.label)
     walker = _Walker()
     rows = walker.walk(view)

@@ -438,7 +438,7 @@ def rewrite(
     view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
     from .analysis import analyze_loaded
 
-    before = analyze_loaded(loaded)  # first: it also validates the inferred shapes (a ModelError)
+    before = analyze_loaded(loaded, view=view)  # first: it also validates the inferred shapes (a ModelError)
 
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
