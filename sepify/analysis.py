@@ -485,10 +485,13 @@ def analyze(
     """
     with no_gc():
         loaded = load(source, input_shapes=input_shapes, dims=dims)
+        view = GraphView(loaded.model.graph, symbols=loaded.symbols)
         numeric = None
-        if any(v is None for v in loaded.symbols.values()) and _loses_symbols(loaded):
+        if any(v is None for v in loaded.symbols.values()) and view.loses_dims():
+            # shape inference lost a symbolic dimension somewhere: a second pass with the
+            # unbound symbols at 1 gives the numbers where the formulas cannot
             numeric = load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1)
-        return analyze_loaded(loaded, numeric)
+        return analyze_loaded(loaded, numeric, view=view)
 
 
 @contextlib.contextmanager
@@ -503,18 +506,3 @@ def no_gc():
     finally:
         if was_enabled:
             gc.enable()
-
-
-def _loses_symbols(loaded: LoadedModel) -> bool:
-    """Does shape inference leave any unknown dimension on a node output (graph outputs too)?"""
-    graph = loaded.model.graph
-    for vi in list(graph.value_info) + list(graph.output):
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
-            return True
-        for d in tt.shape.dim:
-            if not d.HasField("dim_value") and not d.dim_param:
-                return True
-            if d.dim_param and d.dim_param.startswith("unk__"):
-                return True
-    return False

@@ -267,6 +267,18 @@ class GraphView:
                     const.update(o for o in outs if o)
         last.pop("", None)
 
+    def distinct_infos(self) -> list[TensorInfo]:
+        """Each distinct :class:`TensorInfo` of this scope once (tensors of one type share one)."""
+        return list({id(t): t for t in self.info.values()}.values())
+
+    def loses_dims(self) -> bool:
+        """Did shape inference leave any tensor of this scope without a shape, or with an
+        unknown or data-dependent (``unk__``) dimension?"""
+        for t in self.distinct_infos():
+            if t.shape is None or any(d is None or (d.__class__ is str and d.startswith("unk__")) for d in t.shape):
+                return True
+        return False
+
     @property
     def producer(self) -> dict[str, int]:
         """For each tensor made by a node of this graph, the node's index."""

@@ -214,8 +214,7 @@ def check_inferred_shapes(view, label: str) -> None:
         for k in (*ins, *outs):
             if k.__class__ is not str:
                 raise ModelError(f"{label}: the tensor name {k!r} is not valid UTF-8 text (a corrupt file?)")
-    infos = {id(t): t for t in view.info.values()}.values()  # shared per distinct type: test each once
-    shapes = {t.shape for t in infos}
+    shapes = {t.shape for t in view.distinct_infos()}  # tensors share their type's info: test each once
     if any(s and any(d.__class__ is int and d < 0 for d in s) for s in shapes):
         name, shape = next((n, t.shape) for n, t in view.info.items()
                            if t.shape and any(d.__class__ is int and d < 0 for d in t.shape))

@@ -32,6 +32,13 @@ class Poly:
         self.terms = {m: c for m, c in (terms or {}).items() if c != 0}
 
     @classmethod
+    def _of(cls, terms: dict) -> "Poly":
+        """A Poly owning ``terms``, which has no zero coefficient (the fast constructor)."""
+        p = object.__new__(cls)
+        p.terms = terms
+        return p
+
+    @classmethod
     def symbol(cls, name: str) -> "Poly":
         return cls({((name, 1),): 1})
 
@@ -40,22 +47,35 @@ class Poly:
         return x if isinstance(x, Poly) else Poly({(): int(x)})
 
     def __add__(self, other: Num) -> "Poly":
-        other = Poly.lift(other)
         terms = dict(self.terms)
-        for m, c in other.terms.items():
-            terms[m] = terms.get(m, 0) + c
-        return Poly(terms)
+        if other.__class__ is int:  # the common case: a constant
+            if other:
+                c = terms.get((), 0) + other
+                if c:
+                    terms[()] = c
+                else:
+                    del terms[()]
+            return Poly._of(terms)
+        for m, c in Poly.lift(other).terms.items():
+            c += terms.get(m, 0)
+            if c:
+                terms[m] = c
+            else:
+                terms.pop(m, None)
+        return Poly._of(terms)
 
     __radd__ = __add__
 
     def __mul__(self, other: Num) -> "Poly":
-        other = Poly.lift(other)
+        if other.__class__ is int:  # the common case: a constant
+            return Poly._of({m: c * other for m, c in self.terms.items()} if other else {})
         terms: dict = {}
+        other_terms = Poly.lift(other).terms
         for m1, c1 in self.terms.items():
-            for m2, c2 in other.terms.items():
-                m = _mono_mul(m1, m2)
+            for m2, c2 in other_terms.items():
+                m = _mono_mul(m1, m2) if m1 and m2 else (m1 or m2)
                 terms[m] = terms.get(m, 0) + c1 * c2
-        return Poly(terms)
+        return Poly({m: c for m, c in terms.items() if c})
 
     __rmul__ = __mul__
 
@@ -71,6 +91,9 @@ class Poly:
     def symbols(self) -> set[str]:
         return {s for m in self.terms for s, _ in m}
 
+    def has_symbols(self) -> bool:
+        return any(self.terms)  # a non-constant monomial is a non-empty tuple
+
     def evaluate(self, values: Mapping[str, int]) -> int:
         total = 0
         for m, c in self.terms.items():
@@ -82,6 +105,15 @@ class Poly:
 
     def format(self, number_format=str) -> str:
         """Human form, highest degree first: ``4.09G·batch + 1.2M``."""
+        key = (number_format, frozenset(self.terms.items()))
+        text = _FORMATTED.get(key)
+        if text is None:
+            text = self._format(number_format)
+            if len(_FORMATTED) < 65536:
+                _FORMATTED[key] = text
+        return text
+
+    def _format(self, number_format) -> str:
         if not self.terms:
             return "0"
         parts = []
@@ -99,8 +131,12 @@ class Poly:
         return f"Poly({self.format()})"
 
 
+# formatted polynomials (a model's layers repeat a few costs many times); bounded
+_FORMATTED: dict = {}
+
+
 def is_symbolic(x: object) -> bool:
-    return isinstance(x, Poly) and bool(x.symbols)
+    return isinstance(x, Poly) and x.has_symbols()
 
 
 def evaluate(x: Num | None, values: Mapping[str, int]) -> int | None:
@@ -118,6 +154,6 @@ def prod(values) -> Num:
 
 def formula(x: Num | None, number_format=str) -> str | None:
     """The formula string of a symbolic value, ``None`` for a concrete one."""
-    if isinstance(x, Poly) and x.symbols:
+    if isinstance(x, Poly) and x.has_symbols():
         return x.format(number_format)
     return None
