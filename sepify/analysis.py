@@ -25,7 +25,7 @@ from . import __version__
 from .costs import PARAM_ROLES, RULES, Cost, OpContext, Unknown, find_rule
 from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from .loading import LoadedModel, check_inferred_shapes, load
-from .symbolic import Num, evaluate, formula
+from .symbolic import Num, Poly, evaluate, formula
 from .units import human, human3
 
 SCHEMA = "sepify.analysis/1"
@@ -369,6 +369,15 @@ def _activation_peak(view: GraphView, nbytes: _Bytes) -> int:
     return peak
 
 
+def _add_terms(acc: dict, x: Num) -> None:
+    """``acc += x`` for a polynomial kept as ``{monomial: coefficient}``."""
+    if x.__class__ is int:
+        acc[()] = acc.get((), 0) + x
+    else:
+        for m, c in x.terms.items():
+            acc[m] = acc.get(m, 0) + c
+
+
 def _shape_list(t) -> list | None:
     return list(t.shape) if t is not None and t.shape is not None else None
 
@@ -395,8 +404,9 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
             numeric_rows = None
 
     layers: list[Layer] = []
-    tot_macs: Num = 0
-    tot_flops: Num = 0
+    tot_macs = tot_flops = 0  # the constant parts of the totals, and their symbolic terms:
+    sym_macs: dict = {}  # (summed in place: adding Polys one layer at a time copies them)
+    sym_flops: dict = {}
     formula_exact = True
     num_macs = num_flops = 0
     info = view.info
@@ -418,8 +428,11 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
             if macs.__class__ is not int or flops.__class__ is not int:  # symbolic (a Poly)
                 macs_f, flops_f = formula(macs, human3), formula(flops, human3)
                 macs, flops = evaluate(macs, values), evaluate(flops, values)
-            tot_macs = tot_macs + cost.macs
-            tot_flops = tot_flops + cost.flops
+                _add_terms(sym_macs, cost.macs)
+                _add_terms(sym_flops, cost.flops)
+            else:
+                tot_macs += macs
+                tot_flops += flops
             num_macs += macs
             num_flops += flops
         elif numeric_rows is not None and numeric_rows[i][3] is not None:
@@ -447,8 +460,8 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         activation_peak_bytes=_activation_peak(peak_view, nbytes if peak_view is view else _Bytes(peak_view, values)),
         activation_bytes=act_bytes, unknown=n_unknown, nodes=len(view.nodes),
         param_bytes=walker.param_bytes,
-        macs_formula=formula(tot_macs, human3) if formula_exact else None,
-        flops_formula=formula(tot_flops, human3) if formula_exact else None,
+        macs_formula=formula(Poly(sym_macs) + tot_macs, human3) if formula_exact else None,
+        flops_formula=formula(Poly(sym_flops) + tot_flops, human3) if formula_exact else None,
     )
     notes = list(loaded.notes)
     if unbound:
