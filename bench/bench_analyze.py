@@ -5,6 +5,7 @@ Generates a chain of 1x1 Conv + Relu (default 50,000 nodes), then measures in on
   * ``sepify.analyze(path)`` in-process (load, checker, shape inference with data propagation,
     cost walk, activation peak);
   * ``sepify.check`` in-process (the same analysis, then the budgets: here one MAC limit);
+  * ``sepify.analyze`` on the same chain with a symbolic batch dimension (costs as polynomials);
   * the CLI end to end (``sepify analyze --format json``, the default table, ``sepify check``)
     against the baseline run in a fresh interpreter (both include start-up and ``import onnx``);
   * start-up of ``sepify --help`` and of analyzing a tiny sample.
@@ -81,6 +82,23 @@ def main() -> None:
             ratios = sorted(x / y for x, y in zip(times[key], times["baseline"]))
             print(f"{label}   {t:7.3f} s   ratio of best times {t / b:.2f}x, median of rounds "
                   f"{statistics.median(ratios):.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+
+        # the same chain with a symbolic batch dimension: costs are polynomials (``102M·batch``)
+        sym = Path(tmp) / "chain_batch.onnx"
+        m = make_samples.conv_chain(args.nodes // 2)
+        for vi in (*m.graph.input, *m.graph.output):
+            vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+        onnx.save(m, str(sym))
+        del m
+
+        def sym_baseline():
+            onnx.shape_inference.infer_shapes(onnx.load(str(sym)))
+
+        pairs = [(best_of(sym_baseline, 1), best_of(lambda: sepify.analyze(str(sym)), 1)) for _ in range(args.repeat)]
+        sb, sa = min(p[0] for p in pairs), min(p[1] for p in pairs)
+        ratios = sorted(a / b for b, a in pairs)
+        print(f"symbolic batch: baseline {sb:.3f} s, sepify.analyze {sa:.3f} s   ratio of best times {sa / sb:.2f}x, "
+              f"median of rounds {statistics.median(ratios):.2f}x")
 
         # the CLI against the same baseline run in a fresh interpreter (both pay start-up and
         # `import onnx`), interleaved

@@ -204,16 +204,13 @@ def check_inferred_shapes(view, label: str) -> None:
     output channels a multiple of ``group``, output spatial size >= 1). ONNX shape inference
     checks none of these; a negative size would give negative costs, a zero size means the
     input is smaller than the kernel."""
-    for what, names in (("tensor", view.info), ("node", view.names)):
+    outputs = [o for _, outs, _ in view.io for o in outs]
+    for what, names in (("tensor", view.info), ("tensor", view.last_use()), ("tensor", outputs), ("node", view.names)):
         try:
             "".join(names)  # one C loop; raises on a name that is bytes
         except TypeError:
             name = next(k for k in names if k.__class__ is not str)
             raise ModelError(f"{label}: the {what} name {name!r} is not valid UTF-8 text (a corrupt file?)") from None
-    for ins, outs, _ in view.io:
-        for k in (*ins, *outs):
-            if k.__class__ is not str:
-                raise ModelError(f"{label}: the tensor name {k!r} is not valid UTF-8 text (a corrupt file?)")
     shapes = {t.shape for t in view.distinct_infos()}  # tensors share their type's info: test each once
     if any(s and any(d.__class__ is int and d < 0 for d in s) for s in shapes):
         name, shape = next((n, t.shape) for n, t in view.info.items()
