@@ -86,6 +86,8 @@ def _read(source, *, load_external_data: bool = False, copy: bool = True,
             raise ModelError(f"{label}: no such file")
         if path.is_dir():
             raise ModelError(f"{label}: is a directory, not an ONNX file")
+        if not path.is_file():  # a FIFO or a device would block the read or never end
+            raise ModelError(f"{label}: not a regular file (a pipe or a device?), not an ONNX file")
         try:
             data = path.read_bytes()
         except OSError as e:

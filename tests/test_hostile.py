@@ -100,6 +100,16 @@ def _empty(root):
     return _save(b"", _model_path(root))
 
 
+if hasattr(os, "mkfifo"):
+    @case("fifo", r"not a regular file")
+    def _fifo(root):
+        # reading a named pipe blocks until a writer comes: refused before any read
+        path = _model_path(root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(path)
+        return path
+
+
 @case("random_bytes", r"not an ONNX model")
 def _random(root):
     return _save(np.random.default_rng(5).bytes(4096), _model_path(root))
