@@ -26,7 +26,15 @@ def _console(stream, width: int | None = None):
 def _shape(shapes) -> str:
     if not shapes:
         return ""
-    return ", ".join("?" if s is None else "x".join("?" if d is None else str(d) for d in s) for s in shapes)
+    return ", ".join([_dims(s) for s in shapes]) if len(shapes) > 1 else _dims(shapes[0])
+
+
+def _dims(s) -> str:
+    if s is None:
+        return "?"
+    if None in s:
+        return "x".join(["?" if d is None else str(d) for d in s])
+    return "x".join(map(str, s))
 
 
 SORT_KEYS = ("graph", "macs", "flops", "params", "output_bytes", "name")
