@@ -137,7 +137,8 @@ class Analysis:
 # --- the walk ---------------------------------------------------------------------------------
 # A walked node is a plain tuple (cheap to make; there is one per node):
 #   (node name, op, domain ("" for the default domain), cost or None, reason it is unknown or
-#    None, params, buffers, note, output names)
+#    None, params, buffers, note, output names, output shapes, output bytes)
+# (the last two only when the walk is asked for them, see _Walker.walk; else None)
 _Row = tuple
 
 
@@ -196,16 +197,38 @@ class _Walker:
             notes = (notes or []) + [f"weight {ins[w]!r} is not a constant"]
         return params, buffers, "; ".join(notes) if notes else ""
 
-    def walk(self, view: GraphView) -> list[_Row]:
+    def walk(self, view: GraphView, nbytes: "_Bytes | None" = None) -> list[_Row]:
         """One row per node that computes on activations, in graph order (hot: one pass, the
-        common case of a node with no constant input skips the parameter count)."""
+        common case of a node with no constant input skips the parameter count).
+
+        ``nbytes`` (the main graph): also give each row its output shapes and bytes, and set
+        ``self.peak`` to the peak of live activation bytes over the execution order, constants
+        excluded. A tensor is live from its producer (graph inputs: from the start) to its last
+        consumer (subgraph reads included); graph outputs stay live to the end; tensors of
+        unknown size count 0. (Nodes that build constants are not rows: they read and make
+        only constants, so they change nothing that is live.)"""
         rows = []
         append = rows.append
         const = view.const
         top = view.outer is None
         nodes = view.nodes
         rules = RULES
-        for (ins, outs, sub), op, domain, node, name in zip(view.io, view.ops, view.domains, nodes, view.names):
+        report = nbytes is not None
+        if report:
+            info, of = view.info, nbytes.of
+            last = view.last_use()
+            keep = set(view.graph_outputs)
+            sizes: dict[str, int] = {}
+            pop = sizes.pop
+            live = 0
+            for name in view.graph_inputs:
+                if name not in const:
+                    sizes[name] = nbytes(name) or 0
+                    live += sizes[name]
+            peak = live
+        shapes = out_bytes = None
+        for idx, ((ins, outs, sub), op, domain, node, name) in enumerate(
+                zip(view.io, view.ops, view.domains, nodes, view.names)):
             for o in outs:
                 if o and o not in const:
                     break
@@ -217,6 +240,27 @@ class _Walker:
             else:
                 params = buffers = 0
                 note = ""
+            if report:  # output shapes and bytes; liveness
+                shapes = []
+                out_bytes = 0
+                for o in outs:
+                    if not o:
+                        continue
+                    t = info.get(o) or view.tensor(o)
+                    shapes.append(list(t.shape) if t is not None and t.shape is not None else None)
+                    b = of(t)
+                    out_bytes = None if b is None or out_bytes is None else out_bytes + b
+                    if o not in const:
+                        b = sizes[o] = b or 0
+                        live += b
+                if live > peak:
+                    peak = live
+                for n in ins:
+                    if n in sizes and last[n] == idx and n not in keep:
+                        live -= pop(n)
+                for o in outs:
+                    if o not in last and o in sizes and o not in keep:
+                        live -= pop(o)
             try:
                 if sub:
                     cost, sub_note, sub_params, sub_buffers = self.control_flow(node, view)
@@ -230,11 +274,14 @@ class _Walker:
                     cost = rule(OpContext(node, view, ins, outs))
                     if cost.note:
                         note = "; ".join(x for x in (note, cost.note) if x)
-                append((name, op, domain, cost, None, params, buffers, note, outs))
+                append((name, op, domain, cost, None, params, buffers, note, outs, shapes, out_bytes))
             except Unknown as e:
-                append((name, op, domain, None, str(e), params, buffers, note, outs))
+                append((name, op, domain, None, str(e), params, buffers, note, outs, shapes, out_bytes))
             except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
-                append((name, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs))
+                append((name, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs,
+                        shapes, out_bytes))
+        if report:
+            self.peak = peak
         return rows
 
     def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
@@ -243,7 +290,7 @@ class _Walker:
         flops: Num = 0
         params = buffers = 0
         unknown = []
-        for name, op, _, cost, reason, p, b, _, _ in rows:
+        for name, op, _, cost, reason, p, b, *_ in rows:
             params += p
             buffers += b
             if cost is None:
@@ -337,38 +384,6 @@ class _Bytes:
         return out
 
 
-def _activation_peak(view: GraphView, nbytes: _Bytes) -> int:
-    """Peak of live activation bytes over the execution order; constants excluded.
-    A tensor is live from its producer (graph inputs: from the start) to its last consumer;
-    graph outputs stay live to the end. Tensors of unknown size count 0."""
-    last = view.last_use()
-    keep = set(view.graph_outputs)
-    const = view.const
-    live = 0
-    sizes: dict[str, int] = {}
-    for name in view.graph_inputs:
-        if name not in const:
-            sizes[name] = nbytes(name) or 0
-            live += sizes[name]
-    peak = live
-    pop = sizes.pop
-    info, of = view.info, nbytes.of
-    for idx, (ins, outs, _) in enumerate(view.io):
-        for o in outs:
-            if o and o not in const:
-                b = sizes[o] = of(info.get(o) or view.tensor(o)) or 0
-                live += b
-        if live > peak:
-            peak = live
-        for name in ins:
-            if name in sizes and last[name] == idx and name not in keep:
-                live -= pop(name)
-        for o in outs:
-            if o not in last and o in sizes and o not in keep:
-                live -= pop(o)
-    return peak
-
-
 def _add_terms(acc: dict, x: Num) -> None:
     """``acc += x`` for a polynomial kept as ``{monomial: coefficient}``."""
     if x.__class__ is int:
@@ -390,16 +405,18 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     if view is None:
         view = GraphView(model.graph, symbols=loaded.symbols)
     check_inferred_shapes(view, loaded.label)
-    walker = _Walker()
-    rows = walker.walk(view)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
+    walker = _Walker()
+    rows = walker.walk(view, _Bytes(view, values))
+    peak = walker.peak
 
     numeric_rows = None
-    nbytes = _Bytes(view, values)
-    numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols) if numeric is not None else None
-    if numeric_view is not None:
-        numeric_rows = _Walker().walk(numeric_view)
+    if numeric is not None:  # the peak too is measured on the numeric view: it has every size
+        numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols)
+        numeric_walker = _Walker()
+        numeric_rows = numeric_walker.walk(numeric_view, _Bytes(numeric_view, values))
+        peak = numeric_walker.peak
         if len(numeric_rows) != len(rows):
             numeric_rows = None
 
@@ -409,19 +426,8 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     sym_flops: dict = {}
     formula_exact = True
     num_macs = num_flops = 0
-    info = view.info
     tot_params = tot_buffers = act_bytes = n_unknown = 0
-    for i, (name, op, domain, cost, reason, params, buffers, note, outs) in enumerate(rows):
-        # output shapes and bytes (hot: inlined)
-        shapes = []
-        out_bytes: int | None = 0
-        for o in outs:
-            if not o:
-                continue
-            t = info.get(o) or view.tensor(o)
-            shapes.append(list(t.shape) if t is not None and t.shape is not None else None)
-            b = nbytes.of(t)
-            out_bytes = None if b is None or out_bytes is None else out_bytes + b
+    for i, (name, op, domain, cost, reason, params, buffers, note, outs, shapes, out_bytes) in enumerate(rows):
         macs_f = flops_f = None
         if cost is not None:
             macs, flops = cost.macs, cost.flops
@@ -453,11 +459,10 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         if reason:
             n_unknown += 1
 
-    peak_view = numeric_view or view
     totals = Totals(
         macs=num_macs, flops=num_flops,
         params=tot_params, buffers=tot_buffers,
-        activation_peak_bytes=_activation_peak(peak_view, nbytes if peak_view is view else _Bytes(peak_view, values)),
+        activation_peak_bytes=peak,
         activation_bytes=act_bytes, unknown=n_unknown, nodes=len(view.nodes),
         param_bytes=walker.param_bytes,
         macs_formula=formula(Poly(sym_macs) + tot_macs, human3) if formula_exact else None,
