@@ -24,7 +24,7 @@ import onnx
 from . import __version__
 from .costs import PARAM_ROLES, RULES, Cost, OpContext, Unknown, find_rule
 from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
-from .loading import LoadedModel, check_inferred_shapes, load
+from .loading import LoadedModel, check_conv, check_inferred_shapes, load
 from .symbolic import Num, Poly, evaluate, formula
 from .units import human, human3
 
@@ -145,7 +145,8 @@ _Row = tuple
 class _Walker:
     """Computes costs and parameter counts over a graph and its subgraphs."""
 
-    def __init__(self):
+    def __init__(self, label: str = "<model>"):
+        self.label = label  # the model, named in a ModelError
         self.counted: set[str] = set()  # constant tensors already counted (shared weights count once)
         self.param_bytes = 0
         self._sizes: dict = {}  # TensorInfo -> (elements, default role, bytes)
@@ -237,6 +238,8 @@ class _Walker:
                     continue  # builds a constant: part of the weights, not a layer
             if op in _WEIGHT_INPUT or not const.isdisjoint(ins) or (not top and any(n and view.is_const(n) for n in ins)):
                 params, buffers, note = self.params_of(op, view, ins)
+                if op == "Conv" and not domain:  # validation, in this one pass over the nodes
+                    check_conv(node, view, ins, outs, self.label)
             else:
                 params = buffers = 0
                 note = ""
@@ -407,14 +410,14 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     check_inferred_shapes(view, loaded.label)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
-    walker = _Walker()
+    walker = _Walker(loaded.label)
     rows = walker.walk(view, _Bytes(view, values))
     peak = walker.peak
 
     numeric_rows = None
     if numeric is not None:  # the peak too is measured on the numeric view: it has every size
         numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols)
-        numeric_walker = _Walker()
+        numeric_walker = _Walker(loaded.label)
         numeric_rows = numeric_walker.walk(numeric_view, _Bytes(numeric_view, values))
         peak = numeric_walker.peak
         if len(numeric_rows) != len(rows):

@@ -201,11 +201,10 @@ def _check_input_dims(graph: onnx.GraphProto, label: str, inits: set[str]) -> No
 
 def check_inferred_shapes(view, label: str) -> None:
     """After shape inference, on the graph view that every command builds (its dims are already
-    Python tuples, so this costs a few ms on a 50,000-node graph): no tensor has a negative
-    dimension, and every Conv agrees with its weight (input channels ``C == W[1] * group``,
-    output channels a multiple of ``group``, output spatial size >= 1). ONNX shape inference
-    checks none of these; a negative size would give negative costs, a zero size means the
-    input is smaller than the kernel."""
+    Python tuples, so this costs little on a 50,000-node graph): every node and tensor name is
+    text, and no tensor has a negative dimension (ONNX shape inference does not check it; a
+    negative size would give negative costs). Each Conv is checked by :func:`check_conv`, which
+    the analysis calls in its one pass over the nodes."""
     outputs = [o for _, outs, _ in view.io for o in outs]
     for what, names in (("tensor", view.info), ("tensor", view.last_use()), ("tensor", outputs), ("node", view.names)):
         try:
@@ -219,28 +218,32 @@ def check_inferred_shapes(view, label: str) -> None:
                            if t.shape and any(d.__class__ is int and d < 0 for d in t.shape))
         raise ModelError(f"{label}: tensor {name!r} gets the negative shape {list(shape)} "
                          f"(the model is inconsistent: an input smaller than a kernel, a wrong stride or pad?)")
-    zeros = any(s and 0 in s for s in shapes)
+
+
+def check_conv(node, view, ins: list[str], outs: list[str], label: str) -> None:
+    """A Conv agrees with its weight: input channels ``C == W[1] * group``, output channels a
+    multiple of ``group``, output spatial size >= 1 (a zero size means the input is smaller than
+    the kernel). ONNX shape inference checks none of these. A failure is a :class:`ModelError`."""
+    if len(ins) < 2:
+        return
     info = view.info
-    for node, op, domain, (ins, outs, _) in zip(view.nodes, view.ops, view.domains, view.io):
-        if op != "Conv" or domain or len(ins) < 2:
-            continue
-        x, w = info.get(ins[0]), info.get(ins[1])
-        xs, ws = (x.shape if x else view.shape(ins[0])), (w.shape if w else view.shape(ins[1]))
-        if not xs or not ws or len(xs) < 2 or len(ws) < 2:
-            continue
-        group = 1
-        if b"group" in node.SerializeToString():  # (one C call: most Convs have no group attribute)
-            for a in node.attribute:
-                if a.name == "group":
-                    group = a.i
-                    break
-        if group != 1 or xs[1] != ws[1]:
-            _check_conv_channels(node, label, group, ins, xs, ws)
-        if zeros and outs and 0 not in xs:
-            ys = view.shape(outs[0])
-            if ys and 0 in ys[2:]:
-                raise ModelError(f"{label}: Conv {node.name or node.op_type!r}: output {outs[0]!r} has shape {list(ys)}: "
-                                 f"the input {list(xs)} is smaller than the kernel")
+    x, w = info.get(ins[0]), info.get(ins[1])
+    xs, ws = (x.shape if x else view.shape(ins[0])), (w.shape if w else view.shape(ins[1]))
+    if not xs or not ws or len(xs) < 2 or len(ws) < 2:
+        return
+    group = 1
+    if b"group" in node.SerializeToString():  # (one C call: most Convs have no group attribute)
+        for a in node.attribute:
+            if a.name == "group":
+                group = a.i
+                break
+    if group != 1 or xs[1] != ws[1]:
+        _check_conv_channels(node, label, group, ins, xs, ws)
+    if outs and 0 not in xs:
+        ys = view.shape(outs[0])
+        if ys and 0 in ys[2:]:
+            raise ModelError(f"{label}: Conv {node.name or node.op_type!r}: output {outs[0]!r} has shape {list(ys)}: "
+                             f"the input {list(xs)} is smaller than the kernel")
 
 
 def _check_conv_channels(node, label: str, group: int, ins: list[str], xs: tuple, ws: tuple) -> None:
