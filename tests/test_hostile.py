@@ -608,3 +608,21 @@ def test_subprocess_stderr_is_one_line(name, command, tmp_path):
     assert lines[0].startswith("sepify: error: ") and str(path) in lines[0]
     assert re.search(expected, lines[0], re.IGNORECASE), lines[0]
     assert_nothing_written(out_dir)
+
+
+def test_conv_inside_an_if_branch_is_checked_against_its_weight(tmp_path):
+    # the branch's Conv reads 3 channels with a weight made for 5: a ModelError like at the top level
+    h = onnx.helper
+    w = onnx.numpy_helper.from_array(np.ones((4, 5, 3, 3), np.float32), "W")
+    branch = h.make_graph([h.make_node("Conv", ["X", "W"], ["Yb"], name="branch_conv")], "then",
+                          [], [h.make_tensor_value_info("Yb", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
+    other = h.make_graph([h.make_node("Identity", ["X"], ["Yo"])], "else",
+                         [], [h.make_tensor_value_info("Yo", TensorProto.FLOAT, [1, 3, 8, 8])])
+    graph = h.make_graph(
+        [h.make_node("If", ["cond"], ["Y"], then_branch=branch, else_branch=other)], "g",
+        [h.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8]),
+         h.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 4)])
+    path = _save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "if.onnx")
+    with pytest.raises(ModelError, match=r"branch_conv.*3 channels.*expects 5"):
+        sepify.analyze(path)
