@@ -66,6 +66,7 @@ from sepify.errors import BudgetError
 
 __all__ = [
     "ORIENTATIONS",
+    "KEEP",
     "BudgetUnreachable",
     "LayerChoice",
     "Spectrum",
@@ -76,6 +77,7 @@ __all__ = [
 ]
 
 ORIENTATIONS = ("dw-first", "pw-first")
+KEEP = "original"  # the allocator's option of leaving a layer as it is (no error, its original MACs)
 
 # Slack for ``rank_for_energy`` / ``rank_for_error``: a rank whose energy is within this of the
 # requested fraction (or whose error is within this of the bound) counts as meeting it, so that
@@ -404,6 +406,10 @@ class _Layer:
         order = self.orients.index
         self.start = min(ok, key=lambda o: (self.err[o][0], self.cost[o][0], order(o)))
         self.cheapest = min(ok, key=lambda o: (self.cost[o][0], self.err[o][0], order(o)))
+        # one more option: the original Conv, kept (no error, its original cost)
+        self.cost[KEEP] = np.array([self.original], dtype=np.int64)
+        self.err[KEEP] = np.zeros(1)
+        self.options = [*self.orients, KEEP]
 
     def best_step(self, o: str, r: int, room: int):
         """Best improving step from state (o, r) adding at most ``room`` MACs, or None.
@@ -413,10 +419,11 @@ class _Layer:
         """
         cur_c, cur_e = int(self.cost[o][r - 1]), float(self.err[o][r - 1])
         best, best_key = None, None
-        for oi, o2 in enumerate(self.orients):
+        for oi, o2 in enumerate(self.options):
             c, e = self.cost[o2], self.err[o2]
             ranks = np.arange(1, len(c) + 1)
-            mask = (c < self.original) & (e < cur_e) & (c - cur_c <= room)
+            cheaper = (c < self.original) if o2 != KEEP else True  # a factorization must save MACs
+            mask = cheaper & (e < cur_e) & (c - cur_c <= room)
             if o2 == o:  # within the current orientation only rank + 1
                 mask &= ranks == r + 1
             if not mask.any():
@@ -476,13 +483,16 @@ def allocate(
 ) -> tuple[dict[str, tuple[str, int]], int]:
     """Choose (orientation, rank) per layer so that total factorized MACs <= ``budget_macs``.
 
-    Returns ``({name: (orientation, rank)}, total_macs)`` where ``total_macs`` is the sum of
-    ``Spectrum.macs`` over the given layers at the chosen configuration.
+    Returns ``({name: (orientation, rank)}, total_macs)``: the layers to factorize (a layer the
+    budget lets keep its original Conv is absent) and the total MACs of the given layers at the
+    chosen configuration (``Spectrum.macs``, or the original MACs of a kept layer).
 
     The error of a layer at (o, r) is its absolute dropped energy
-    ``weight_norm_sq * spectra[o].rel_error(r)**2``; the goal is a small total error. Only
-    options cheaper than the layer's original Conv are ever used; a layer whose rank 1 is not
-    cheaper in any given orientation is a ``ValueError`` (the caller should leave it out). Rule:
+    ``weight_norm_sq * spectra[o].rel_error(r)**2``; the goal is a small total error. A
+    factorization is only used when it is cheaper than the layer's original Conv; the original
+    itself is one more option (:data:`KEEP`: no error, the original MACs), reached by a step like
+    any other. A layer whose rank 1 is not cheaper in any given orientation is a ``ValueError``
+    (the caller should leave it out). Rule:
 
     1. Cheapest start: every layer at rank 1 in the orientation with the fewest MACs (ties:
        smaller error, then ``ORIENTATIONS`` order). If it exceeds the budget, raise
@@ -491,9 +501,10 @@ def allocate(
        fewer MACs, then ``ORIENTATIONS`` order). If it exceeds the budget, switch layers to their
        cheapest orientation, smallest error increase per MAC saved first (ties: layer order),
        until it fits.
-    3. Greedy, from each start: a step moves one layer from (o, r) either to (o, r + 1) or to any
-       rank of another given orientation. Eligible steps strictly reduce the layer's error, keep
-       the layer's cost strictly below its original cost and keep the total within the budget.
+    3. Greedy, from each start: a step moves one layer from (o, r) either to (o, r + 1), to any
+       rank of another given orientation, or to its original Conv (kept). Eligible steps strictly
+       reduce the layer's error, keep a factorized layer's cost strictly below its original cost
+       and keep the total within the budget.
        Take the step with the largest error reduction per MAC added (a step that adds no MACs
        ranks first; ties: larger reduction, then layer order, then ``ORIENTATIONS`` order, then
        lower rank); repeat until no step is eligible.
@@ -545,9 +556,10 @@ def allocate(
         if error(other) < error(state):
             state = other
 
-    choice = {t.name: state[i] for i, t in enumerate(tabs)}
+    choice = {t.name: state[i] for i, t in enumerate(tabs) if state[i][0] != KEEP}
     final = sum(
-        layer.spectra[o].macs(r, layer.p_in, layer.p_out) for layer, (o, r) in zip(layers, state)
+        t.original if o == KEEP else layer.spectra[o].macs(r, layer.p_in, layer.p_out)
+        for t, layer, (o, r) in zip(tabs, layers, state)
     )
     if final > budget:  # pragma: no cover - guarded by construction
         raise AssertionError(f"allocate() overshot the budget: {final} > {budget}")

@@ -26,6 +26,7 @@ from sepify.factorize import (
     BudgetUnreachable,
     LayerChoice,
     Spectrum,
+    KEEP,
     allocate,
     original_macs,
     reconstruct,
@@ -474,16 +475,17 @@ def original_cost(layer: LayerChoice) -> int:
 
 
 def brute_force_ranks(svals: list[np.ndarray], unit_costs, original, budget):
-    """Optimal dw-first ranks for single-slice layers: min total dropped s^2 within budget."""
+    """Optimal dw-first ranks for single-slice layers: min total dropped s^2 within budget
+    (rank None: the layer keeps its original Conv, no error)."""
     best = None
     options = [
-        [r for r in range(1, len(s) + 1) if c * r < orig]
+        [r for r in range(1, len(s) + 1) if c * r < orig] + [None]
         for s, c, orig in zip(svals, unit_costs, original)
     ]
     for ranks in itertools.product(*options):
-        if sum(c * r for c, r in zip(unit_costs, ranks)) > budget:
+        if sum(orig if r is None else c * r for c, r, orig in zip(unit_costs, ranks, original)) > budget:
             continue
-        err = sum(float(np.sum(s[r:] ** 2)) for s, r in zip(svals, ranks))
+        err = sum(0.0 if r is None else float(np.sum(s[r:] ** 2)) for s, r in zip(svals, ranks))
         if best is None or err < best[0] - 1e-12:
             best = (err, ranks)
     return best[1]
@@ -506,9 +508,14 @@ def test_allocate_gives_rank_where_it_buys_more_error():
     assert total == 4 * unit
     optimum = brute_force_ranks([steep, flat], [unit, unit], [original] * 2, budget)
     assert (ranks["steep"][1], ranks["flat"][1]) == optimum
-    # a big budget is capped by "cheaper than the original Conv": 25 r < 144  =>  r <= 5
-    ranks, total = allocate(layers, 10**9)
-    assert ranks == {"steep": ("dw-first", 5), "flat": ("dw-first", 5)} and total == 10 * unit
+    # a factorization must be cheaper than the original Conv (25 r < 144  =>  r <= 5); with
+    # room for one original, the layer whose low ranks lose the most keeps it (no error)
+    budget = original + 5 * unit
+    ranks, total = allocate(layers, budget)
+    assert ranks == {"steep": ("dw-first", 5)} and total == original + 5 * unit
+    assert brute_force_ranks([steep, flat], [unit, unit], [original] * 2, budget) == (5, None)
+    # a budget for both originals keeps both: nothing to factorize
+    assert allocate(layers, 10**9) == ({}, 2 * original)
 
 
 def test_allocate_uses_absolute_not_relative_error():
@@ -535,14 +542,21 @@ def brute_force_choice(layers, budget):
             for o, sp in layer.spectra.items()
             for r in range(1, sp.max_rank + 1)
             if cost(layer, o, r) < orig
-        ])
+        ] + [(KEEP, 1)])
+
+    def c(layer, o, r):
+        return original_cost(layer) if o == KEEP else cost(layer, o, r)
+
+    def e(layer, o, r):
+        return 0.0 if o == KEEP else abs_err(layer, o, r)
+
     best = None
     for combo in itertools.product(*options):
-        if sum(cost(layer, o, r) for layer, (o, r) in zip(layers, combo)) <= budget:
-            err = sum(abs_err(layer, o, r) for layer, (o, r) in zip(layers, combo))
+        if sum(c(layer, o, r) for layer, (o, r) in zip(layers, combo)) <= budget:
+            err = sum(e(layer, o, r) for layer, (o, r) in zip(layers, combo))
             if best is None or err < best[0]:
                 best = (err, combo)
-    return {layer.name: oc for layer, oc in zip(layers, best[1])}
+    return {layer.name: oc for layer, oc in zip(layers, best[1]) if oc[0] != KEEP}
 
 
 def test_allocate_can_trade_orientation_error_for_macs():
@@ -661,17 +675,21 @@ def allocation_problems(draw):
 def test_allocate_invariants(problem):
     layers, budget = problem
     ranks, total = allocate(layers, budget)
-    assert set(ranks) == {layer.name for layer in layers}
-    costs = {layer.name: cost(layer, *ranks[layer.name]) for layer in layers}
+    assert set(ranks) <= {layer.name for layer in layers}  # a layer kept as it is is absent
+    costs = {layer.name: cost(layer, *ranks[layer.name]) if layer.name in ranks else original_cost(layer)
+             for layer in layers}
     assert total == sum(costs.values()) <= budget
     for layer in layers:
         orig = original_cost(layer)
+        if layer.name not in ranks:
+            continue  # kept: no error, nothing better
         o, r = ranks[layer.name]
         assert o in layer.spectra and 1 <= r <= layer.spectra[o].max_rank
         assert costs[layer.name] < orig
-        # greedy stopped: no single improving step (rank + 1, or any rank of the other
-        # orientation) still fits both the budget and the layer's original cost
+        # greedy stopped: no single improving step (rank + 1, any rank of the other orientation,
+        # or keeping the original) still fits the budget (and, factorized, the original's cost)
         err = abs_err(layer, o, r)
+        assert not (err > 0 and total - costs[layer.name] + orig <= budget), (layer.name, "keep")
         moves = [(o, r + 1)] if r < layer.spectra[o].max_rank else []
         moves += [
             (o2, r2)
@@ -693,7 +711,7 @@ def test_allocate_invariants(problem):
         best = min(ok, key=lambda o: (layer.spectra[o].rel_error(1), cost(layer, o, 1)))
         start.append((cost(layer, best, 1), abs_err(layer, best, 1)))
     if sum(c for c, _ in start) <= budget:
-        final_err = sum(abs_err(layer, *ranks[layer.name]) for layer in layers)
+        final_err = sum(abs_err(layer, *ranks[layer.name]) for layer in layers if layer.name in ranks)
         assert final_err <= sum(e for _, e in start) * (1 + 1e-12)
 
 

@@ -379,14 +379,25 @@ def test_target_macs_reaches_the_budget_within_one_rank_step(budget):
     result = rewrite(make_samples.tiny_cnn(), target_macs=budget)
     after = result.report["totals"]["after"]["macs"]
     assert after <= budget
-    assert sorted(layer.name for layer in result.layers) == sorted(TINY)
+    rewritten = {layer.name for layer in result.layers}
+    kept = set(TINY) - rewritten  # a conv the budget lets keep its original cost (no error)
+    assert rewritten <= set(TINY)
+    assert all(skipped(result)[name] == "kept: the budget is met without rewriting it" for name in kept)
     for layer in result.layers:
         assert layer.orientation == "dw-first"
         assert layer.macs_after == layer.rank * TINY_STEP[layer.name]
         next_cost = (layer.rank + 1) * TINY_STEP[layer.name]
         at_max = layer.rank == TINY_MAX_RANK[layer.name] or next_cost >= TINY_ORIGINAL[layer.name]
         assert at_max or after + TINY_STEP[layer.name] > budget, (layer.name, layer.rank, after, budget)
-    assert after == TINY_NOT_REWRITTEN + sum(layer.macs_after for layer in result.layers)
+        # nor could it keep its original Conv (rank < max: its factorization loses something)
+        if layer.rank < TINY_MAX_RANK[layer.name]:
+            assert after - layer.macs_after + TINY_ORIGINAL[layer.name] > budget, (layer.name, after, budget)
+    assert after == (TINY_NOT_REWRITTEN + sum(layer.macs_after for layer in result.layers)
+                     + sum(TINY_ORIGINAL[name] for name in kept))
+    if budget < RANK1_EVERYWHERE + min(TINY_ORIGINAL[n] - TINY_STEP[n] for n in TINY):
+        assert not kept  # no original fits beside the others at rank 1
+    if budget >= TINY_TOTAL - TINY_ORIGINAL["conv2"] + TINY_STEP["conv2"]:
+        assert kept  # room for at least one original
 
 
 def test_target_ratio_is_a_fraction_of_the_original_total():
