@@ -19,7 +19,7 @@ def _console(stream, width: int | None = None):
     from rich.console import Console
 
     tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=stream, width=width or (None if tty else 160), highlight=False,
+    return Console(file=stream, width=width or (None if tty else 160), highlight=False, markup=False,
                    color_system="auto" if tty else None, soft_wrap=False)
 
 
@@ -130,10 +130,8 @@ def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None
         total = ("", "total", "", "", human(t["macs"]), human(t["flops"]), human(t["params"]),
                  human_bytes(t["activation_peak_bytes"]) + " peak", "")
     print_table(stream, title, columns, rows, total)
-    console = _console(stream)
-    console.print(summary_line(data))
-    for note in data.get("notes", []):
-        console.print(f"note: {note}")
+    # plain text (rich would read "[...]" in a tensor name as markup, and wrap long notes)
+    stream.write("\n".join([summary_line(data), *(f"note: {note}" for note in data.get("notes", []))]) + "\n")
 
 
 def summary_line(data: dict) -> str:

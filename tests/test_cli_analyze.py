@@ -206,3 +206,21 @@ def test_json_rows_one_per_line_even_when_a_name_mimics_the_separator():
     lines = text.splitlines()
     assert len(lines) == 2 + 30 + 2  # "{" and '"layers": [', one line per row, "]" and "}"
     assert json.loads(lines[3].rstrip(",")) == rows[1]
+
+
+def test_brackets_in_names_are_printed_as_they_are(tmp_path):
+    # rich reads "[v2]" as a style tag and drops it unless markup is off: a node name, an
+    # unknown op's reason (tensor names) and a note must appear verbatim in the table
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Relu", ["x[v2]"], ["y[v2]"], name="relu[v2]"),
+         h.make_node("Mystery", ["y[v2]"], ["z"], name="custom[bold]", domain="my.ops")],
+        "g", [h.make_tensor_value_info("x[v2]", onnx.TensorProto.FLOAT, [1, 4])],
+        [h.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 4])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("my.ops", 1)])
+    path = tmp_path / "brackets.onnx"
+    onnx.save(model, str(path))
+    r = run(path)
+    assert r.exit_code == 0, r.output
+    assert "relu[v2]" in r.stdout and "custom[bold]" in r.stdout
+    assert "my.ops.Mystery" in r.stdout  # its row says why its cost is unknown
