@@ -116,15 +116,18 @@ def main() -> None:
             "analyze (table)": ("analyze", str(path)),
             "check --max-macs 1T": ("check", str(path), "--max-macs", "1T", "--no-config"),
         }
-        cb = float("inf")
-        best = dict.fromkeys(runs, float("inf"))
-        for _ in range(max(1, args.repeat // 2)):
-            cb = min(cb, best_of(cli_base, 1))
+        cli_times: dict[str, list[float]] = {"baseline": [], **{label: [] for label in runs}}
+        for _ in range(max(3, args.repeat // 2)):
+            cli_times["baseline"].append(best_of(cli_base, 1))
             for label, argv in runs.items():
-                best[label] = min(best[label], best_of(lambda: cli(*argv), 1))
+                cli_times[label].append(best_of(lambda: cli(*argv), 1))
+        cb = min(cli_times["baseline"])
         print(f"baseline in a fresh interpreter: {cb:7.3f} s")
-        for label, t in best.items():
-            print(f"CLI sepify {label:24s} {t:7.3f} s   ratio {t / cb:.2f}x")
+        for label in runs:
+            t = min(cli_times[label])
+            ratios = sorted(x / y for x, y in zip(cli_times[label], cli_times["baseline"]))
+            print(f"CLI sepify {label:24s} {t:7.3f} s   ratio of best times {t / cb:.2f}x, "
+                  f"median of rounds {statistics.median(ratios):.2f}x")
 
     def help_():
         subprocess.run([sys.executable, "-m", "sepify", "--help"], check=True, stdout=subprocess.DEVNULL)
