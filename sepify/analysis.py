@@ -150,6 +150,7 @@ class _Walker:
         self.counted: set[str] = set()  # constant tensors already counted (shared weights count once)
         self.param_bytes = 0
         self._sizes: dict = {}  # TensorInfo -> (elements, default role, bytes)
+        self._sources: dict = {}  # computed constant -> the stored tensor(s) it is made from
 
     def _size(self, t) -> tuple[int | None, str, int]:
         """(elements, default role, bytes) of a constant of this type, once per distinct type."""
@@ -165,6 +166,38 @@ class _Walker:
         self._sizes[t] = out
         return out
 
+    def _source(self, view: GraphView, name: str):
+        """What a computed constant is made from: the stored tensors behind its data inputs
+        (through ``DequantizeLinear``, ``Cast``, ``Transpose``...; scales, zero points and shape
+        vectors are not data), as a key for counting a weight once however many nodes rebuild
+        it (two ``DequantizeLinear`` of one int8 weight, say). ``Constant`` outputs and anything
+        else are their own source."""
+        key = self._sources.get(name)
+        if key is not None:
+            return key
+        key = name
+        v = view
+        while v is not None and name not in v.producer:
+            v = v.outer
+        if v is not None and name not in v.initializers:
+            idx = v.producer[name]
+            op = v.ops[idx]
+            roles = PARAM_ROLES.get(op, _NO_ROLES)
+            data = []
+            for i, n in enumerate(v.io[idx][0]):
+                if not n or op == "Constant":
+                    continue
+                role = roles.get(i)
+                if role is None:
+                    t = v.tensor(n)
+                    role = "param" if t is not None and t.shape is not None and self._size(t)[1] == "param" else "none"
+                if role == "param":
+                    data.append(self._source(v, n))
+            if data:
+                key = data[0] if len(data) == 1 else ("+",) + tuple(sorted(map(str, data)))
+        self._sources[name] = key
+        return key
+
     def params_of(self, op: str, view: GraphView, ins: list[str]) -> tuple[int, int, str]:
         """Parameters and buffers among the constant inputs of a node (each constant counted once
         in the model), and a note on unusual ones."""
@@ -173,6 +206,7 @@ class _Walker:
         notes = None
         top = view.outer is None
         const, info, counted, sizes = view.const, view.info, self.counted, self._sizes
+        initializers = view.initializers
         for i, name in enumerate(ins):
             if not name or not (name in const if top else view.is_const(name)) or name in counted:
                 continue
@@ -187,6 +221,11 @@ class _Walker:
             role = roles.get(i, size[1])
             if role == "none":
                 continue
+            if name not in initializers:  # a computed constant: counted once per stored weight
+                key = self._source(view, name)
+                if key in counted:
+                    continue
+                counted.add(key)
             counted.add(name)
             if role == "param":
                 params += n

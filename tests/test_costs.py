@@ -607,6 +607,26 @@ def test_weight_from_dequantize_linear_of_int8():
     assert a.totals.macs == CONV_MACS
 
 
+def test_weight_dequantized_twice_counts_once():
+    # quantizers that give every consumer its own DequantizeLinear ("dedicated QDQ pairs")
+    # rebuild one stored int8 weight twice: it is one weight, counted once
+    nodes = [helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["Wd1"], name="dq1"),
+             helper.make_node("DequantizeLinear", ["Wq", "s", "zp"], ["Wd2"], name="dq2"),
+             helper.make_node("Conv", ["x", "Wd1"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "Wd2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    inits = [init("Wq", rand(4, 4, 3, 3, dtype=np.int8)), init("s", np.array(0.1, np.float32)),
+             init("zp", np.array(0, np.int8))]
+    a = sepify.analyze(make_model(nodes, [X4], ["y"], inits))
+    assert [layer.name for layer in a.layers] == ["c1", "c2"]
+    assert [layer.params for layer in a.layers] == [144, 0]  # counted where first used
+    assert a.totals.params == 144
+    assert a.totals.macs == 2 * CONV_MACS
+    # two different stored weights behind two DequantizeLinear still count twice
+    inits.append(init("Wq2", rand(4, 4, 3, 3, dtype=np.int8)))
+    nodes[1] = helper.make_node("DequantizeLinear", ["Wq2", "s", "zp"], ["Wd2"], name="dq2")
+    assert sepify.analyze(make_model(nodes, [X4], ["y"], inits)).totals.params == 288
+
+
 def test_weight_through_transpose_of_constant():
     nodes = [helper.make_node("Transpose", ["Wt"], ["W"], name="t", perm=[1, 0, 2, 3]),
              helper.make_node("Conv", ["x", "W"], ["y"], name="c1", pads=[1, 1, 1, 1])]
