@@ -32,14 +32,18 @@ for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", 
         _FLOAT_TYPES.add(getattr(TensorProto, _name))
 
 
+_SUB_BYTE_BITS = {"INT2": 2, "UINT2": 2, "INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "FLOAT6E2M3": 6, "FLOAT6E3M2": 6}
+
+
 @functools.lru_cache(maxsize=None)
 def itemsize(dtype: int) -> float | None:
     """Bytes per element of an ONNX tensor dtype (sub-byte types give fractions)."""
     if dtype in (TensorProto.UNDEFINED, TensorProto.STRING):
         return None
     name = TensorProto.DataType.Name(dtype)
-    if name in ("INT4", "UINT4", "FLOAT4E2M1"):
-        return 0.5
+    bits = _SUB_BYTE_BITS.get(name)
+    if bits is not None:  # packed: several elements per byte
+        return bits / 8
     if name.startswith("FLOAT8"):
         return 1.0
     try:

@@ -289,6 +289,7 @@ def _external_tensors(model: onnx.ModelProto, everywhere: bool = True):
 
 # byte-aligned element types (sub-byte types are packed: INT4, UINT4, FLOAT4E2M1 two per byte)
 _PACKED_HALF = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+_PACKED_QUARTER = {getattr(onnx.TensorProto, n) for n in ("INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
 _BYTE_ALIGNED = {getattr(onnx.TensorProto, n) for n in (
     "FLOAT", "UINT8", "INT8", "UINT16", "INT16", "INT32", "INT64", "BOOL", "FLOAT16", "DOUBLE", "UINT32", "UINT64",
     "COMPLEX64", "COMPLEX128", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ",
@@ -304,6 +305,8 @@ def _data_bytes(t: onnx.TensorProto) -> int | None:
         n *= d
     if t.data_type in _PACKED_HALF:
         return (n + 1) // 2
+    if t.data_type in _PACKED_QUARTER:
+        return (n + 3) // 4
     if t.data_type in _BYTE_ALIGNED:
         from .graph import itemsize
 
