@@ -327,7 +327,9 @@ class _Walker:
         return rows
 
     def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
-        rows = self.walk(GraphView(graph, outer=view))
+        sub = GraphView(graph, outer=view)
+        check_inferred_shapes(sub, self.label)  # names and negative dims, as for the main graph
+        rows = self.walk(sub)
         macs: Num = 0
         flops: Num = 0
         params = buffers = 0

@@ -369,6 +369,28 @@ def _with_bad_text(model: onnx.ModelProto, setter) -> bytes:
     return model.SerializeToString().replace(b"QQMARKQQ", b"QQ\xff\xfeRKQQ")
 
 
+def _if_model(branch_output: str = "Yb") -> onnx.ModelProto:
+    """An If whose then-branch runs a Relu (its output named ``branch_output``)."""
+    h = onnx.helper
+    then = h.make_graph([h.make_node("Relu", ["X"], [branch_output], name="branch_relu"),
+                         h.make_node("Identity", [branch_output], ["Yb2"], name="branch_id")], "then",
+                        [], [h.make_tensor_value_info("Yb2", TensorProto.FLOAT, [1, 3, 8, 8])])
+    other = h.make_graph([h.make_node("Identity", ["X"], ["Yo"])], "else",
+                         [], [h.make_tensor_value_info("Yo", TensorProto.FLOAT, [1, 3, 8, 8])])
+    graph = h.make_graph(
+        [h.make_node("If", ["cond"], ["Y"], then_branch=then, else_branch=other)], "g",
+        [h.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8]),
+         h.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@case("tensor_name_not_utf8_in_a_subgraph", r"not valid UTF-8")
+def _subgraph_bad_name(root):
+    data = _if_model("QQMARKQQ").SerializeToString().replace(b"QQMARKQQ", b"QQ\xff\xfeRKQQ")
+    return _save(data, _model_path(root))
+
+
 for _field, _setter in {
     "producer_name": lambda m, v: setattr(m, "producer_name", v),
     "graph_name": lambda m, v: setattr(m.graph, "name", v),
