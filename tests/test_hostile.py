@@ -369,25 +369,28 @@ def _with_bad_text(model: onnx.ModelProto, setter) -> bytes:
     return model.SerializeToString().replace(b"QQMARKQQ", b"QQ\xff\xfeRKQQ")
 
 
-def _if_model(branch_output: str = "Yb") -> onnx.ModelProto:
-    """An If whose then-branch runs a Relu (its output named ``branch_output``)."""
+def _if_model(then_nodes: list, then_out=("Yb", [1, 3, 8, 8]), then_inits=()) -> onnx.ModelProto:
+    """An If on input X (1x3x8x8): the then-branch runs ``then_nodes`` (reading X, making
+    ``then_out``); the else-branch passes X on."""
     h = onnx.helper
-    then = h.make_graph([h.make_node("Relu", ["X"], [branch_output], name="branch_relu"),
-                         h.make_node("Identity", [branch_output], ["Yb2"], name="branch_id")], "then",
-                        [], [h.make_tensor_value_info("Yb2", TensorProto.FLOAT, [1, 3, 8, 8])])
+    then = h.make_graph(then_nodes, "then", [], [h.make_tensor_value_info(then_out[0], TensorProto.FLOAT, then_out[1])],
+                        list(then_inits))
     other = h.make_graph([h.make_node("Identity", ["X"], ["Yo"])], "else",
                          [], [h.make_tensor_value_info("Yo", TensorProto.FLOAT, [1, 3, 8, 8])])
     graph = h.make_graph(
         [h.make_node("If", ["cond"], ["Y"], then_branch=then, else_branch=other)], "g",
         [h.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8]),
          h.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 3, 8, 8])])
+        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 4)])
     return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
 
 
 @case("tensor_name_not_utf8_in_a_subgraph", r"not valid UTF-8")
 def _subgraph_bad_name(root):
-    data = _if_model("QQMARKQQ").SerializeToString().replace(b"QQMARKQQ", b"QQ\xff\xfeRKQQ")
+    h = onnx.helper
+    model = _if_model([h.make_node("Relu", ["X"], ["QQMARKQQ"], name="branch_relu"),
+                       h.make_node("Identity", ["QQMARKQQ"], ["Yb"], name="branch_id")])
+    data = model.SerializeToString().replace(b"QQMARKQQ", b"QQ\xff\xfeRKQQ")
     return _save(data, _model_path(root))
 
 
@@ -634,17 +637,9 @@ def test_subprocess_stderr_is_one_line(name, command, tmp_path):
 
 def test_conv_inside_an_if_branch_is_checked_against_its_weight(tmp_path):
     # the branch's Conv reads 3 channels with a weight made for 5: a ModelError like at the top level
-    h = onnx.helper
     w = onnx.numpy_helper.from_array(np.ones((4, 5, 3, 3), np.float32), "W")
-    branch = h.make_graph([h.make_node("Conv", ["X", "W"], ["Yb"], name="branch_conv")], "then",
-                          [], [h.make_tensor_value_info("Yb", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
-    other = h.make_graph([h.make_node("Identity", ["X"], ["Yo"])], "else",
-                         [], [h.make_tensor_value_info("Yo", TensorProto.FLOAT, [1, 3, 8, 8])])
-    graph = h.make_graph(
-        [h.make_node("If", ["cond"], ["Y"], then_branch=branch, else_branch=other)], "g",
-        [h.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 8, 8]),
-         h.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [h.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 4)])
-    path = _save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), tmp_path / "if.onnx")
+    model = _if_model([onnx.helper.make_node("Conv", ["X", "W"], ["Yb"], name="branch_conv")],
+                      then_out=("Yb", [1, 4, 6, 6]), then_inits=[w])
+    path = _save(model, tmp_path / "if.onnx")
     with pytest.raises(ModelError, match=r"branch_conv.*3 channels.*expects 5"):
         sepify.analyze(path)
