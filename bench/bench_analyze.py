@@ -17,7 +17,6 @@ Figures are printed; nothing is asserted (this is not a test).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys

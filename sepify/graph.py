@@ -111,7 +111,6 @@ def _zero_or_param(d) -> int | str | None:
 
 
 _SUBGRAPH_OPS = {"If", "Loop", "Scan", "SequenceMap"}
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
 def has_subgraph(node: onnx.NodeProto) -> bool:

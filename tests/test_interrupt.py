@@ -3,7 +3,6 @@ no temporary file behind (issue 5)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
