@@ -152,7 +152,7 @@ DATA_MOVEMENT = (
     "SequenceInsert", "SequenceErase", "SequenceLength", "ConcatFromSequence", "Optional",
     "OptionalGetElement", "OptionalHasElement", "Col2Im", "CenterCropPadding", "CenterCropPad",
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial",
-    "NonMaxSuppression", "GridSample", "RoiAlign", "MaxRoiPool", "MaxUnpool",
+    "NonMaxSuppression", "MaxRoiPool", "MaxUnpool",
 )
 
 
@@ -248,6 +248,33 @@ def _resize(ctx: OpContext) -> Cost:
     axes = sum(1 for a, b in zip(x, y) if a != b) or 1
     per_axis = 8 if mode == "cubic" else 3
     return Cost(0, per_axis * axes * prod(y))
+
+
+_INTERPOLATION = {"nearest": 0, "linear": 3, "bilinear": 3, "cubic": 8, "bicubic": 8}
+
+
+@cost_rule("GridSample")
+def _grid_sample(ctx: OpContext) -> Cost:
+    """Interpolation at the grid's points, as Resize: nearest 0; (bi)linear 3 per output
+    element per spatial axis; (bi)cubic 8 (the grid's coordinate arithmetic is not counted)."""
+    mode = ctx.attr("mode", "linear")  # (the default: "bilinear" before opset 20, "linear" since)
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode not in _INTERPOLATION:
+        raise Unknown(f"GridSample mode {mode!r}")
+    y = ctx.out_shape(0)
+    return Cost(0, _INTERPOLATION[mode] * (len(y) - 2) * ctx.out_numel(0))
+
+
+@cost_rule("RoiAlign")
+def _roi_align(ctx: OpContext) -> Cost:
+    """Each output element pools sampling_ratio² points, each a bilinear (or max) read of the
+    feature map: 2 axes x 3 for the interpolation, plus 1 to pool it; so 7 x sampling_ratio²
+    per output element. An adaptive sampling ratio (0, the default) follows each box's size,
+    known only at run time: counted at 1 point per bin, a lower bound, and the row says so."""
+    ratio = int(ctx.attr("sampling_ratio", 0))
+    if ratio <= 0:
+        return Cost(0, 7 * ctx.out_numel(0), "adaptive sampling_ratio: FLOPs at 1 sample per bin (a lower bound)")
+    return Cost(0, 7 * ratio * ratio * ctx.out_numel(0))
 
 
 # --- convolutions ---------------------------------------------------------------------------

@@ -688,3 +688,32 @@ def test_item_sizes_of_packed_and_plain_types(dtype, bits):
     from sepify.graph import itemsize
 
     assert itemsize(getattr(TensorProto, dtype)) == bits / 8
+
+
+# --- GridSample, RoiAlign -------------------------------------------------------------------
+@pytest.mark.parametrize("mode, per_axis", [("bilinear", 3), ("nearest", 0), ("bicubic", 8)])
+def test_grid_sample_interpolates_like_resize(mode, per_axis):
+    # X (2,3,10,12) sampled at a (2,5,7,2) grid: Y (2,3,5,7); 2 spatial axes
+    m = single_node_model("GridSample", [(2, 3, 10, 12), (2, 5, 7, 2)], mode=mode, opset=17)
+    layer, _ = analyze_one(m)
+    assert layer.output_shapes == [[2, 3, 5, 7]]
+    assert layer.macs == 0
+    assert layer.flops == per_axis * 2 * (2 * 3 * 5 * 7)
+
+
+def test_roi_align_with_a_fixed_sampling_ratio():
+    # 6 boxes over X (1,8,20,20), 7x7 output, 2x2 samples per bin: Y (6,8,7,7)
+    m = single_node_model("RoiAlign", [(1, 8, 20, 20), (6, 4), Input((6,), TensorProto.INT64)],
+                          output_height=7, output_width=7, sampling_ratio=2)
+    layer, _ = analyze_one(m)
+    assert layer.output_shapes == [[6, 8, 7, 7]]
+    assert layer.flops == 7 * 2 * 2 * (6 * 8 * 7 * 7)  # (2 axes x 3 + 1 to pool) per sample
+
+
+def test_roi_align_with_an_adaptive_sampling_ratio_is_a_lower_bound_and_says_so():
+    # sampling_ratio 0 (the default) follows each box's size at run time: at least 1 sample per bin
+    m = single_node_model("RoiAlign", [(1, 8, 20, 20), (6, 4), Input((6,), TensorProto.INT64)],
+                          output_height=7, output_width=7)
+    layer, a = analyze_one(m)
+    assert layer.flops == 7 * (6 * 8 * 7 * 7)
+    assert "lower bound" in layer.note and layer.unknown is None and a.totals.unknown == 0
