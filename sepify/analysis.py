@@ -25,7 +25,7 @@ from . import __version__
 from .costs import PARAM_ROLES, RULES, Cost, OpContext, Unknown, find_rule
 from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from .loading import LoadedModel, check_conv, check_inferred_shapes, load
-from .symbolic import Num, Poly, evaluate, formula
+from .symbolic import Num, Poly, add_terms, evaluate, formula
 from .units import human, human3
 
 SCHEMA = "sepify.analysis/1"
@@ -277,11 +277,11 @@ class _Walker:
                     continue  # builds a constant: part of the weights, not a layer
             if op in _WEIGHT_INPUT or not const.isdisjoint(ins) or (not top and any(n and view.is_const(n) for n in ins)):
                 params, buffers, note = self.params_of(op, view, ins)
-                if op == "Conv" and not domain:  # validation, in this one pass over the nodes
-                    check_conv(node, view, ins, outs, self.label)
             else:
                 params = buffers = 0
                 note = ""
+            if op == "Conv" and not domain:  # validation, in this one pass over the nodes
+                check_conv(node, view, ins, outs, self.label)
             if report:  # output shapes and bytes; liveness
                 shapes = []
                 out_bytes = 0
@@ -428,15 +428,6 @@ class _Bytes:
         return out
 
 
-def _add_terms(acc: dict, x: Num) -> None:
-    """``acc += x`` for a polynomial kept as ``{monomial: coefficient}``."""
-    if x.__class__ is int:
-        acc[()] = acc.get((), 0) + x
-    else:
-        for m, c in x.terms.items():
-            acc[m] = acc.get(m, 0) + c
-
-
 def _shape_list(t) -> list | None:
     return list(t.shape) if t is not None and t.shape is not None else None
 
@@ -478,8 +469,8 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
             if macs.__class__ is not int or flops.__class__ is not int:  # symbolic (a Poly)
                 macs_f, flops_f = formula(macs, human3), formula(flops, human3)
                 macs, flops = evaluate(macs, values), evaluate(flops, values)
-                _add_terms(sym_macs, cost.macs)
-                _add_terms(sym_flops, cost.flops)
+                add_terms(sym_macs, cost.macs)
+                add_terms(sym_flops, cost.flops)
             else:
                 tot_macs += macs
                 tot_flops += flops

@@ -81,13 +81,7 @@ class TensorInfo:
 
     def __repr__(self) -> str:
         return f"TensorInfo(shape={self.shape!r}, dtype={self.dtype!r})"
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, TensorInfo):
-            return NotImplemented
-        return self.shape == other.shape and self.dtype == other.dtype
-
-    __hash__ = object.__hash__
+    # (equality and hash are identity: caches key on the shared instance)
 
 
 def _shape_of(t: onnx.TypeProto) -> tuple | None:
@@ -117,6 +111,10 @@ def has_subgraph(node: onnx.NodeProto) -> bool:
     """Does the node carry graph attributes? (cheap test first: only a few ops can)"""
     if node.op_type not in _SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
         return False
+    return _has_graph_attribute(node)
+
+
+def _has_graph_attribute(node: onnx.NodeProto) -> bool:
     return any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute)
 
 
@@ -239,13 +237,11 @@ class GraphView:
             outs = node.output[:]
             op = node.op_type
             domain = node.domain
+            if domain == "ai.onnx":
+                domain = ""
             names.append(node.name)
-            if domain:
-                if domain == "ai.onnx":
-                    domain = ""
-                sub = has_subgraph(node)
-            else:
-                sub = op in _SUBGRAPH_OPS and has_subgraph(node)
+            # only a few default-domain ops, and ops of other domains, can carry subgraphs
+            sub = (domain != "" or op in _SUBGRAPH_OPS) and _has_graph_attribute(node)
             io.append((ins, outs, sub))
             ops.append(op)
             domains.append(domain)

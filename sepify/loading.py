@@ -99,7 +99,8 @@ def _read(source, *, load_external_data: bool = False, copy: bool = True,
             model.ParseFromString(data)
         except (DecodeError, ValueError, RuntimeError) as e:
             raise ModelError(f"{label}: not an ONNX model or truncated file (protobuf parse failed: {_first_line(e)})") from None
-        init_names = _sanity(model, label)
+        init_names = [t.name for t in model.graph.initializer]
+        _sanity(model, label, init_names)
         # walking every node's attributes costs ~0.2 s on 50,000 nodes: only a file that spells
         # the external data key "location" somewhere can have external tensors with a location
         has_location = b"location" in data
@@ -109,7 +110,8 @@ def _read(source, *, load_external_data: bool = False, copy: bool = True,
         if load_external_data:
             read_external_data(model, path)
         return model, path, (data if pristine else None), init_names
-    init_names = _sanity(model, label)
+    init_names = [t.name for t in model.graph.initializer]
+    _sanity(model, label, init_names)
     return model, path, None, init_names
 
 
@@ -127,23 +129,23 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _sanity(model: onnx.ModelProto, label: str) -> list[str]:
-    """Is it a model at all, with text where ONNX wants text? Returns the initializer names."""
+def _sanity(model: onnx.ModelProto, label: str, init_names: list[str]) -> None:
+    """Is it a model at all, with text where ONNX wants text? ``init_names``: the initializer
+    names, read once by the caller."""
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelError(f"{label}: not an ONNX model (no IR version or no graph)")
     if not model.graph.node and not model.graph.output:
         raise ModelError(f"{label}: not an ONNX model (the graph has no nodes and no outputs)")
-    init_names = _check_text(model, label)
+    _check_text(model, label, init_names)
     _check_declared_dims(model.graph, label)
-    return init_names
 
 
-def _check_text(model: onnx.ModelProto, label: str) -> list[str]:
+def _check_text(model: onnx.ModelProto, label: str, init_names: list[str]) -> None:
     """Strings in ONNX are UTF-8, but protobuf does not check it for ONNX's (proto2) messages:
     a corrupt string reads back as ``bytes``, which reports and the rewriter cannot use. The
     model-level strings and the initializer names are checked here; the checker trips over a
     corrupt op type or domain, and :func:`check_inferred_shapes` checks node and tensor names
-    (on the graph view, which reads them anyway). Returns the initializer names."""
+    (on the graph view, which reads them anyway)."""
     def bad(where: str):
         raise ModelError(f"{label}: {where} is not valid UTF-8 text (a corrupt file?)")
 
@@ -162,12 +164,10 @@ def _check_text(model: onnx.ModelProto, label: str) -> list[str]:
     for vi in (*g.input, *g.output):
         if vi.name.__class__ is not str:
             bad(f"the name of graph input/output {vi.name!r}")
-    init_names = [t.name for t in g.initializer]
     try:
         "".join(init_names)  # one C loop; raises on a name that is bytes
     except TypeError:
         bad(f"the name of initializer {next(x for x in init_names if x.__class__ is not str)!r}")
-    return init_names
 
 
 def _check_declared_dims(graph: onnx.GraphProto, label: str) -> None:
@@ -756,10 +756,17 @@ def load(
     """
     model, read_path, data, init_names = _read(source, load_external_data=load_external_data, copy=copy,
                                                defer_scan=True)
-    unscanned = data is not None  # see _read: the checker must see these bytes, or scan now
     path = read_path or (Path(os.fspath(path)) if path is not None else None)
     label = str(path) if path else "<model>"
     notes: list[str] = []
+    unscanned = data is not None  # _read left the external-data scan to the checker reading ``data``
+
+    def scan_external_data_now() -> None:
+        nonlocal unscanned
+        if unscanned:
+            check_external_data(model, path.parent, label, everywhere=False)
+            unscanned = False
+
     if model.functions:
         data = None
         try:
@@ -770,8 +777,8 @@ def load(
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error
             raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
         notes.append("model-local functions were inlined")
-    if unscanned and data is None:
-        check_external_data(model, path.parent, label, everywhere=False)
+    if data is None:
+        scan_external_data_now()
     try:
         check(model, label, data)
     except ModelError as e:
@@ -779,8 +786,7 @@ def load(
         if "topologically sorted" not in str(e):
             raise
         topological_sort(model.graph, label)
-        if unscanned:  # (the checker stopped at the order: it may not have seen every tensor)
-            check_external_data(model, path.parent, label, everywhere=False)
+        scan_external_data_now()  # (it stopped at the order: it may not have seen every tensor)
         data = None
         notes.append("nodes were not in topological order; sorted")
         check(model, label)

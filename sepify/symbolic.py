@@ -10,6 +10,7 @@ symbolic quantity is not polynomial and is computed numerically instead.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Union
 
 Num = Union[int, "Poly"]
@@ -105,34 +106,36 @@ class Poly:
 
     def format(self, number_format=str) -> str:
         """Human form, highest degree first: ``4.09G·batch + 1.2M``."""
-        key = (number_format, frozenset(self.terms.items()))
-        text = _FORMATTED.get(key)
-        if text is None:
-            text = self._format(number_format)
-            if len(_FORMATTED) < 65536:
-                _FORMATTED[key] = text
-        return text
-
-    def _format(self, number_format) -> str:
-        if not self.terms:
-            return "0"
-        parts = []
-        for m, c in sorted(self.terms.items(), key=lambda t: (-sum(p for _, p in t[0]), t[0])):
-            syms = "·".join(s if p == 1 else f"{s}^{p}" for s, p in m)
-            if not syms:
-                parts.append(number_format(c))
-            elif c == 1:
-                parts.append(syms)
-            else:
-                parts.append(f"{number_format(c)}·{syms}")
-        return " + ".join(parts)
+        return _format(frozenset(self.terms.items()), number_format)
 
     def __repr__(self) -> str:
         return f"Poly({self.format()})"
 
 
-# formatted polynomials (a model's layers repeat a few costs many times); bounded
-_FORMATTED: dict = {}
+@functools.lru_cache(maxsize=65536)  # a model's layers repeat a few costs many times
+def _format(terms: frozenset, number_format) -> str:
+    if not terms:
+        return "0"
+    parts = []
+    for m, c in sorted(terms, key=lambda t: (-sum(p for _, p in t[0]), t[0])):
+        syms = "·".join(s if p == 1 else f"{s}^{p}" for s, p in m)
+        if not syms:
+            parts.append(number_format(c))
+        elif c == 1:
+            parts.append(syms)
+        else:
+            parts.append(f"{number_format(c)}·{syms}")
+    return " + ".join(parts)
+
+
+def add_terms(acc: dict, x: Num) -> None:
+    """``acc += x`` in place, for a running sum kept as ``{monomial: coefficient}`` (adding
+    Polys one at a time would copy the sum each time); ``Poly(acc)`` is the total."""
+    if x.__class__ is int:
+        acc[()] = acc.get((), 0) + x
+    else:
+        for m, c in x.terms.items():
+            acc[m] = acc.get(m, 0) + c
 
 
 def is_symbolic(x: object) -> bool:
