@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from . import __version__
-from .costs import PARAM_ROLES, RULES, Cost, OpContext, Unknown, find_rule
+from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
 from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from .loading import LoadedModel, check_conv, check_inferred_shapes, load
 from .symbolic import Num, Poly, add_terms, evaluate, formula
@@ -252,7 +252,6 @@ class _Walker:
         const = view.const
         top = view.outer is None
         nodes = view.nodes
-        rules = RULES
         report = nbytes is not None
         if report:
             info, of = view.info, nbytes.of
@@ -310,7 +309,7 @@ class _Walker:
                     buffers += sub_buffers
                     note = "; ".join(x for x in (note, sub_note) if x)
                 else:
-                    rule = rules.get((domain, op))
+                    rule = find_rule(domain, op)
                     if rule is None:
                         raise Unknown(f"no cost rule for {domain + '.' if domain else ''}{op}")
                     cost = rule(OpContext(node, view, ins, outs))
