@@ -140,7 +140,7 @@ def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     """Per-layer and total MACs, FLOPs, parameters and activation sizes of MODEL."""
     from .analysis import analyze as run
     from .analysis import no_gc
-    from .report import render_analysis
+    from .render.analysis import render_analysis
 
     shapes, dims = _shapes_and_dims(input_shape, dim)
     with no_gc():  # the report makes a few objects per layer, and no reference cycles

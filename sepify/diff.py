@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from . import __version__
 from .errors import ModelError, UsageError
-from .report import md_escape
+from .render.analysis import md_escape
 from .units import human, human_bytes
 
 SCHEMA = "sepify.diff/1"
@@ -521,7 +521,7 @@ def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str 
                top: int | None = None) -> None:
     from rich.table import Table
 
-    from .report import _console
+    from .render.analysis import _console
 
     stream = stream or sys.stdout
     console = _console(stream)

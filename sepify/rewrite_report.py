@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .report import _console, md_escape, dumps_json
+from .render.analysis import _console, md_escape, dumps_json
 from .units import human
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from .units import human, human_bytes
+from ..units import human, human_bytes
 
 FORMATS = ("table", "json", "csv", "markdown")
 
