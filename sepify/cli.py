@@ -225,7 +225,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     if output and not dry_run and not saved:
         result.save(output)
         result.report["output"] = output
-    from .rewrite_report import render_rewrite
+    from .render.rewrite import render_rewrite
 
     if report_file:
         _render(lambda stream: render_rewrite(result.report, fmt, stream), report_file)
