@@ -319,7 +319,8 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
 @_handle_errors
 def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match, input_shape, dim):
     """Layer-by-layer cost comparison of OLD and NEW (models or `sepify analyze --format json` files)."""
-    from .diff import compare, parse_mapping, render_diff
+    from .diff import compare, parse_mapping
+    from .render.diff import render_diff
 
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,

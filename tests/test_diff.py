@@ -19,7 +19,8 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from sepify.cli import main
-from sepify.diff import compare, load_report, parse_mapping, render_diff
+from sepify.diff import compare, load_report, parse_mapping
+from sepify.render.diff import render_diff
 from sepify.errors import ModelError, UsageError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ def _verification_lines(ver: dict | None) -> list[str]:
 
 
 def rewrite_table(report: dict, stream=None) -> None:
-    from ..diff import diff_table
+    from .diff import diff_table
 
     stream = stream or sys.stdout
     console = _console(stream)
@@ -62,7 +62,7 @@ def _criterion(report: dict) -> str:
 
 
 def rewrite_markdown(report: dict) -> str:
-    from ..diff import diff_markdown
+    from .diff import diff_markdown
 
     name = os.path.basename(report.get("model") or "") or "model"
     out = [f"## sepify rewrite: `{md_escape(name)}` ({md_escape(_criterion(report))})", "",

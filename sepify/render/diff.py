@@ -1,0 +1,189 @@
+"""Renderers of ``sepify diff`` (``Diff.to_dict()``, schema ``sepify.diff/1``): table, JSON,
+Markdown. ``sepify rewrite`` prints its per-layer table through :func:`diff_table` too."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..diff import _BYTES
+from ..errors import UsageError
+from ..units import human, human_bytes
+from .analysis import md_escape
+
+
+# --- rendering --------------------------------------------------------------------------------
+DIFF_FORMATS = ("table", "json", "markdown")
+_MARK = {"changed": "~", "added": "+", "removed": "-", "unchanged": "="}
+_TOTAL_LABELS = {"macs": "MACs", "flops": "FLOPs", "params": "params", "buffers": "buffers",
+                 "param_bytes": "param bytes", "activation_peak_bytes": "activation peak",
+                 "activation_bytes": "activation bytes", "unknown": "unknown nodes", "nodes": "nodes",
+                 "layers": "layers", "file_size": "file size"}
+
+
+def _num(q: str, v, signed: bool = False, digits: int = 1) -> str:
+    if v is None:
+        return "?"
+    text = human_bytes(v, digits) if q in _BYTES else human(v, digits)
+    return ("+" + text) if signed and v > 0 else text
+
+
+def _pct(p) -> str:
+    return "" if p is None else f"{p:+.1f}%"
+
+
+def _extra_value(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, int):
+        return human(v) if abs(v) >= 10_000 else str(v)
+    return str(v)
+
+
+def _label(r: dict) -> str:
+    o, n = r["old_names"], r["new_names"]
+    if not o or not n or o == n:
+        return ", ".join(o or n)
+    if r["match"] == "split" and all(x.startswith(o[0] + "/") for x in n):
+        tail = ", ".join(x[len(o[0]) + 1:] for x in n)
+        return f"{', '.join(o)} → {o[0]}/{{{tail}}}"
+    return f"{', '.join(o)} → {', '.join(n)}"
+
+
+def _op_label(r: dict) -> str:
+    if r["old_op"] and r["new_op"] and r["old_op"] != r["new_op"]:
+        return f"{r['old_op']} → {r['new_op']}"
+    return r["new_op"] or r["old_op"] or ""
+
+
+def select_rows(data: dict, show_unchanged: bool = False, sort: str = "graph") -> list[dict]:
+    rows = [r for r in data["rows"] if show_unchanged or r["status"] != "unchanged"]
+    if sort == "delta":
+        rows.sort(key=lambda r: (-abs(r["delta"]["macs"] or 0), -abs(r["delta"]["params"] or 0)))
+    return rows
+
+
+def _title(data: dict) -> str:
+    def name(side):
+        return data[side].get("path") or data[side].get("graph") or side
+
+    return f"{name('old')} → {name('new')}"
+
+
+def _counts_line(data: dict) -> str:
+    c = data["counts"]
+    text = f"{c['changed']} changed, {c['added']} added, {c['removed']} removed, {c['unchanged']} unchanged"
+    if c.get("renamed"):
+        text += f" ({c['renamed']} renamed)"
+    return text
+
+
+def _totals_rows(data: dict) -> list[tuple[str, str, str, str, str, str]]:
+    out = []
+    for q, t in data["totals"].items():
+        if t["old"] is None and t["new"] is None:
+            continue
+        if q in ("buffers", "unknown") and not t["old"] and not t["new"]:
+            continue
+        ratio = ""
+        if t["ratio"] is not None and t["delta"]:
+            ratio = f"×{t['ratio']:.3g}"
+            if 0 < t["ratio"] < 1:
+                ratio += f" ({1 / t['ratio']:.2f}× less)"
+        out.append((_TOTAL_LABELS.get(q, q), _num(q, t["old"], digits=2), _num(q, t["new"], digits=2),
+                    _num(q, t["delta"], True, 2) if t["delta"] else ("0" if t["delta"] == 0 else "?"),
+                    _pct(t["pct"]) if t["delta"] else "", ratio))
+    return out
+
+
+def _layer_cells(r: dict, extra_cols: list[str]) -> list[str]:
+    o, n = r["old"] or {}, r["new"] or {}
+    d, p = r["delta"], r["pct"]
+
+    def pct(q):
+        if r["status"] == "added":
+            return "new"
+        return _pct(p[q]) if d[q] else ""
+
+    return [
+        _MARK[r["status"]], _label(r), _op_label(r),
+        _num("macs", o.get("macs")) if r["old"] else "", _num("macs", n.get("macs")) if r["new"] else "",
+        _num("macs", d["macs"], True) if d["macs"] != 0 else "", pct("macs"),
+        _num("params", d["params"], True) if d["params"] != 0 else "", pct("params"),
+        _num("output_bytes", d["output_bytes"], True) if d["output_bytes"] != 0 else "", pct("output_bytes"),
+        *[_extra_value(r["extra"].get(k)) for k in extra_cols],
+    ]
+
+
+_LAYER_HEAD = ("", "layer", "op", "MACs before", "MACs after", "Δ MACs", "%", "Δ params", "%",
+               "Δ out bytes", "%")
+
+
+def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str = "graph",
+               top: int | None = None) -> None:
+    from rich.table import Table
+
+    from .analysis import _console
+
+    stream = stream or sys.stdout
+    console = _console(stream)
+    extra_cols = data.get("extra_columns") or []
+    rows = select_rows(data, show_unchanged, sort)
+    if top:
+        rows = rows[:top]
+    table = Table(title=f"sepify diff: {_title(data)}")
+    for i, col in enumerate((*_LAYER_HEAD, *extra_cols)):
+        table.add_column(col, justify="left" if i in (0, 1, 2) else "right",
+                         overflow="fold" if i == 1 else "ellipsis")
+    for r in rows:
+        table.add_row(*_layer_cells(r, extra_cols))
+    if rows:
+        console.print(table)
+    totals = Table(title="totals")
+    for i, col in enumerate(("", "before", "after", "Δ", "%", "ratio")):
+        totals.add_column(col, justify="left" if i == 0 else "right")
+    for row in _totals_rows(data):
+        totals.add_row(*row)
+    console.print(totals)
+    hidden = "" if show_unchanged or not data["counts"]["unchanged"] else " (unchanged layers hidden; --all shows them)"
+    console.print(f"layers: {_counts_line(data)}{hidden}")
+
+
+def diff_markdown(data: dict, show_unchanged: bool = False, sort: str = "graph", top: int | None = None) -> str:
+    out = [f"### sepify diff: `{md_escape(_title(data))}`", "",
+           "| | before | after | Δ | % | ratio |", "|---|---:|---:|---:|---:|---:|"]
+    out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in _totals_rows(data)]
+    out += ["", f"**Layers:** {_counts_line(data)}", ""]
+    extra_cols = data.get("extra_columns") or []
+    rows = select_rows(data, show_unchanged, sort)
+    if top:
+        rows = rows[:top]
+    if rows:
+        head = (*_LAYER_HEAD, *extra_cols)
+        out += [f"<details><summary>{len(rows)} layer row(s)</summary>", "",
+                "| " + " | ".join(md_escape(h) for h in head) + " |",
+                "|" + "|".join("---" if i in (0, 1, 2) else "---:" for i in range(len(head))) + "|"]
+        for r in rows:
+            cells = _layer_cells(r, extra_cols)
+            cells[1] = f"`{cells[1]}`"
+            out.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
+        out += ["", "</details>"]
+    return "\n".join(out) + "\n"
+
+
+def render_diff(data: dict, fmt: str = "table", stream=None, show_unchanged: bool = False,
+                sort: str = "graph", top: int | None = None) -> str | None:
+    """Render ``Diff.to_dict()``: returns text for json/markdown, prints a table to ``stream``
+    (default stdout) and returns None for ``table``."""
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "markdown":
+        return diff_markdown(data, show_unchanged, sort, top)
+    if fmt == "table":
+        diff_table(data, stream, show_unchanged, sort, top)
+        return None
+    raise UsageError(f"unknown diff format {fmt!r} (choose from {', '.join(DIFF_FORMATS)})")
