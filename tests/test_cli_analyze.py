@@ -197,7 +197,7 @@ def test_large_model_table_lists_every_layer_and_json_parses(make_samples, tmp_p
 
 
 def test_json_rows_one_per_line_even_when_a_name_mimics_the_separator():
-    from sepify.render.analysis import dumps_json
+    from sepify.render.common import dumps_json
 
     rows = [{"index": i, "name": 'x}, {"index": 3' if i == 1 else f"n{i}", "output_shapes": [[1, i]]}
             for i in range(30)]

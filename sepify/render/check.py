@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 
 from ..budgets import QUANTITIES, fmt_many, fmt_value
 from ..fileio import write_bytes
-from .analysis import md_escape
+from .common import md_escape
 
 CHECK_FORMATS = ("table", "json", "markdown")
 _STATUS = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}
@@ -67,7 +67,7 @@ def summary_line(data: dict) -> str:
 def check_table(data: dict, stream=None) -> None:
     from rich.table import Table
 
-    from .analysis import _console
+    from .common import _console
 
     stream = stream or sys.stdout
     console = _console(stream)

@@ -9,7 +9,7 @@ import sys
 from ..diff import _BYTES
 from ..errors import UsageError
 from ..units import human, human_bytes
-from .analysis import md_escape
+from .common import md_escape
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str 
                top: int | None = None) -> None:
     from rich.table import Table
 
-    from .analysis import _console
+    from .common import _console
 
     stream = stream or sys.stdout
     console = _console(stream)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .analysis import _console, md_escape, dumps_json
+from .common import _console, dumps_json, md_escape
 from ..units import human
 
 
