@@ -25,7 +25,7 @@ import onnx
 
 from . import __version__
 from .errors import BudgetError, ModelError, UsageError
-from .factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
+from .rewrite.factorize import ORIENTATIONS, LayerChoice, Spectrum, allocate, spectrum
 from .graph import GraphView, all_graphs, is_float, outer_inputs, subgraphs
 from .loading import drop_initializer_inputs, load, read_model, weightless_copy
 

@@ -1,4 +1,4 @@
-"""Tests for sepify.factorize.
+"""Tests for sepify.rewrite.factorize.
 
 Expected values are computed independently of the module under test: singular values by a naive
 per-slice ``np.linalg.svd`` loop, kernel equivalence from the grouped-Conv semantics (each factor
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from sepify.errors import BudgetError, SepifyError
-from sepify.factorize import (
+from sepify.rewrite.factorize import (
     ORIENTATIONS,
     BudgetUnreachable,
     LayerChoice,
@@ -737,7 +737,7 @@ def test_allocate_validation():
 def test_docstring_example():
     import doctest
 
-    import sepify.factorize as module
+    import sepify.rewrite.factorize as module
 
     result = doctest.testmod(module)
     assert result.attempted >= 6 and result.failed == 0
