@@ -208,7 +208,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     result = run(model, opts, input_shapes=shapes, dims=dims)
     failed = saved = False
     if do_verify or tolerance is not None or inputs_file:
-        from .verify import load_inputs, verify
+        from .rewrite.verify import load_inputs, verify
 
         feeds = load_inputs(inputs_file) if inputs_file else None
         if result.external_data:  # run the rewritten model from disk, beside its weights

@@ -15,7 +15,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from .errors import ModelError, UsageError
+from ..errors import ModelError, UsageError
 
 _INT_RANGES = {np.dtype("bool"): (0, 2)}
 
