@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return getattr(analysis, name)
     if name in ("rewrite", "RewriteOptions", "RewriteResult"):
-        from . import rewriter
+        from .rewrite import pipeline as rewriter
 
         return getattr(rewriter, name)
     if name == "check":

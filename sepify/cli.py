@@ -189,7 +189,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
             input_shape, dim):
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
     from .errors import EXIT_FAILED, UsageError
-    from .rewriter import RewriteOptions, rewrite as run
+    from .rewrite.pipeline import RewriteOptions, rewrite as run
     from .units import parse_fraction, parse_quantity
 
     if not output and not dry_run:

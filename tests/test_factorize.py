@@ -21,13 +21,11 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from sepify.errors import BudgetError, SepifyError
+from sepify.rewrite.allocate import BudgetUnreachable, LayerChoice, allocate
 from sepify.rewrite.factorize import (
-    ORIENTATIONS,
-    BudgetUnreachable,
-    LayerChoice,
-    Spectrum,
     KEEP,
-    allocate,
+    ORIENTATIONS,
+    Spectrum,
     original_macs,
     reconstruct,
     spectrum,

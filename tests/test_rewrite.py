@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sepify import __version__
 from sepify.errors import BudgetError
-from sepify.rewriter import RewriteOptions, rewrite
+from sepify.rewrite.pipeline import RewriteOptions, rewrite
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "samples") not in sys.path:

@@ -24,7 +24,7 @@ class _CallableModule(types.ModuleType):
     """``sepify.rewrite(model, ...)`` calls :func:`sepify.rewrite.pipeline.rewrite`."""
 
     def __call__(self, *args, **kwargs):
-        from ..rewriter import rewrite
+        from .pipeline import rewrite
 
         return rewrite(*args, **kwargs)
 

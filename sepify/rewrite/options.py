@@ -1,0 +1,64 @@
+"""Options of a rewrite: how ranks are chosen, which Convs are considered."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import UsageError
+from .factorize import ORIENTATIONS
+
+ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
+
+
+@dataclass
+class RewriteOptions:
+    """How to choose ranks. Exactly one of rank / energy / max_error / target_* applies
+    (rank=1 when none is given)."""
+
+    rank: int | str | None = None  # an int, or "full"
+    energy: float | None = None
+    max_error: float | None = None
+    target_macs: int | None = None
+    target_ratio: float | None = None
+    orientation: str = "dw-first"
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    allow_increase: bool = False
+    fold_batchnorm: bool = True
+
+    def validate(self) -> None:
+        chosen = [k for k in ("rank", "energy", "max_error", "target_macs", "target_ratio") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise UsageError(f"choose one rank criterion, not {' and '.join('--' + c.replace('_', '-') for c in chosen)}")
+        if self.rank is not None and self.rank != "full" and (not isinstance(self.rank, int) or self.rank < 1):
+            raise UsageError(f"--rank must be a positive integer or 'full', not {self.rank!r}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise UsageError("--energy must be in (0, 1]")
+        if self.max_error is not None and not 0 <= self.max_error < 1:
+            raise UsageError("--max-error must be in [0, 1)")
+        if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
+            raise UsageError("--target-ratio must be in (0, 1]")
+        if self.orientation not in ORIENTATION_CHOICES:
+            raise UsageError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}")
+        for p in list(self.include) + list(self.exclude):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise UsageError(f"invalid pattern {p!r}: {e}") from None
+
+    @property
+    def criterion(self) -> str:
+        if self.energy is not None:
+            return f"energy {self.energy}"
+        if self.max_error is not None:
+            return f"max-error {self.max_error}"
+        if self.target_macs is not None:
+            return f"target-macs {self.target_macs}"
+        if self.target_ratio is not None:
+            return f"target-ratio {self.target_ratio}"
+        return f"rank {self.rank if self.rank is not None else 1}"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.__dict__.items()}

@@ -1,0 +1,235 @@
+"""Plan: the eligibility rules of the rewrite.
+
+Each Conv is checked once (:func:`plan_conv`): the result is a :class:`Candidate` (its weight,
+possibly BN-folded, and its SVD spectra) or the reason it is not rewritten (a string).
+
+Conv -> BatchNormalization with constant statistics is folded before factorizing::
+
+    s = gamma / sqrt(var + eps);   W' = W * s[:, None, ...];   b' = (b - mean) * s + beta
+
+so the factorized kernel is what the deployed model computes and the BN node disappears.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from ..graph import GraphView, is_float, outer_inputs
+from .factorize import ORIENTATIONS, Spectrum, spectrum
+from .options import RewriteOptions
+
+
+@dataclass
+class Candidate:
+    """An eligible Conv: its (possibly BN-folded) weight and spectra."""
+
+    node: onnx.NodeProto
+    index: int
+    weight: np.ndarray
+    bias: np.ndarray | None
+    group: int
+    p_in: int  # batch x prod(input spatial)
+    p_out: int  # batch x prod(output spatial)
+    spectra: dict[str, Spectrum]
+    bn: onnx.NodeProto | None = None
+    original_macs: int = 0
+    original_params: int = 0
+
+
+
+@dataclass
+class Skipped:
+    name: str
+    reason: str
+
+
+
+# --- weights ---------------------------------------------------------------------------------
+def _const_array(model: onnx.ModelProto, view: GraphView, name: str, base_dir: str | None) -> np.ndarray:
+    """The value of a constant tensor: an initializer, a Constant node's value, or evaluated from
+    the constant-only nodes that compute it (with onnx's reference evaluator)."""
+    init = view.initializer(name)
+    if init is not None:
+        return onnx.numpy_helper.to_array(init, base_dir or "")
+    needed: list[onnx.NodeProto] = []
+    seen: set[str] = set()
+    stack = [name]
+    inits: dict[str, onnx.TensorProto] = {}
+    while stack:
+        t = stack.pop()
+        if t in seen or not t:
+            continue
+        seen.add(t)
+        i = view.initializer(t)
+        if i is not None:
+            inits[t] = i
+            continue
+        node = view.producer_node(t)
+        if node is None:
+            raise ValueError(f"constant {t!r} has no producer")
+        if node not in needed:
+            needed.append(node)
+        stack.extend(node.input)
+    order = {id(n): i for i, n in enumerate(view.nodes)}
+    needed.sort(key=lambda n: order[id(n)])
+    from onnx.reference import ReferenceEvaluator
+
+    tensors = []
+    for t in inits.values():
+        arr = onnx.numpy_helper.to_array(t, base_dir or "")
+        tensors.append(onnx.numpy_helper.from_array(arr, t.name))
+    g = onnx.helper.make_graph(needed, "const", [], [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)], tensors)
+    m = onnx.helper.make_model(g, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return np.asarray(ReferenceEvaluator(m).run(None, {})[0])
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
+              base_dir: str | None, values: Mapping[str, int]) -> Candidate | str:
+    """Check one Conv: a :class:`Candidate`, or the reason it is not rewritten."""
+    name = node.name
+    if opts.include and not _matches(name, opts.include):
+        return "not matched by --include"
+    if opts.exclude and _matches(name, opts.exclude):
+        return "excluded by --exclude"
+    if len(node.input) < 2 or not view.is_const(node.input[1]):
+        return "weight is not a constant"
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if has_bias and not view.is_const(node.input[2]):
+        return "bias is not a constant"
+    wshape = view.shape(node.input[1])
+    if wshape is None or not all(isinstance(d, int) for d in wshape) or not 3 <= len(wshape) <= 5:
+        return "weight shape unknown or not 1-D/2-D/3-D"
+    if not is_float(view.dtype(node.input[1])):
+        return "weight is not floating point"
+    attrs = _attrs(node)
+    group = int(attrs.get("group", 1))
+    n_out, c_per_group = wshape[0], wshape[1]
+    kernel = wshape[2:]
+    if _prod(kernel) == 1:
+        return "1x1 kernel (already pointwise)"
+    if c_per_group == 1 and group > 1:
+        return "already depthwise (group == C_in)"
+    xs, ys = view.shape(node.input[0]), view.shape(node.output[0])
+    if xs is None or ys is None or len(ys) != len(wshape) or len(xs) != len(wshape):
+        return "input or output shape unknown"
+
+    def positions(shape):
+        dims = [shape[0]] + list(shape[2:])
+        out = 1
+        for d in dims:
+            if d is None or (isinstance(d, str) and d not in values):
+                return None
+            out *= d if isinstance(d, int) else values[d]
+        return out
+
+    p_in, p_out = positions(xs), positions(ys)
+    if p_in is None or p_out is None:
+        return "input or output shape unknown"
+    try:
+        weight = _const_array(model, view, node.input[1], base_dir)
+        bias = _const_array(model, view, node.input[2], base_dir) if has_bias else None
+    except Exception as e:  # noqa: BLE001 - an unreadable constant is a reason, not a crash
+        return f"cannot read weight ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+    if tuple(weight.shape) != tuple(wshape):
+        return f"weight shape {tuple(weight.shape)} disagrees with inferred {tuple(wshape)}"
+    bn = None
+    if opts.fold_batchnorm:
+        bn = _foldable_bn(view, node)
+        if bn is not None:
+            try:
+                folded = _fold_bn(model, view, bn, weight, bias, base_dir)
+                if not all(np.all(np.isfinite(a)) for a in folded):
+                    raise ValueError("folding gives NaN or infinite values")
+                weight, bias = folded
+            except Exception:  # noqa: BLE001 - leave unfoldable BN alone
+                bn = None
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        return "weight or bias contains NaN or infinite values"
+    orientations = ORIENTATIONS if opts.orientation == "auto" else (opts.orientation,)
+    spectra = {o: spectrum(weight, group, o) for o in orientations}
+    original = n_out * c_per_group * _prod(kernel) * p_out
+    return Candidate(node, idx, weight, bias, group, p_in, p_out, spectra, bn, original,
+                     weight.size + (bias.size if bias is not None else 0))
+
+
+def _foldable_bn(view: GraphView, node: onnx.NodeProto) -> onnx.NodeProto | None:
+    out = node.output[0]
+    users = view.consumers.get(out, [])
+    if len(users) != 1 or out in view.graph_outputs:
+        return None
+    bn = view.nodes[users[0]]
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or bn.input[0] != out:
+        return None
+    if int(_attrs(bn).get("training_mode", 0)) != 0 or any(o for o in bn.output[1:]):
+        return None
+    if len(bn.input) < 5 or not all(view.is_const(i) for i in bn.input[1:5]):
+        return None
+    return bn
+
+
+def _fold_bn(model, view, bn, weight, bias, base_dir):
+    gamma, beta, mean, var = (_const_array(model, view, n, base_dir).astype(np.float64) for n in bn.input[1:5])
+    eps = float(_attrs(bn).get("epsilon", 1e-5))
+    with np.errstate(all="ignore"):  # a negative variance: NaN, and the caller does not fold
+        s = gamma / np.sqrt(var + eps)
+        w = (weight.astype(np.float64) * s.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+        b0 = bias.astype(np.float64) if bias is not None else np.zeros_like(s)
+        b = ((b0 - mean) * s + beta).astype(weight.dtype)
+    return w, b
+
+
+def _live_nodes(view: GraphView) -> set[int]:
+    """Indices of the nodes whose outputs reach a graph output (subgraph reads included)."""
+    live: set[int] = set()
+    producer = view.producer
+    stack = [producer[o] for o in view.graph_outputs if o in producer]
+    while stack:
+        i = stack.pop()
+        if i in live:
+            continue
+        live.add(i)
+        ins, _, sub = view.io[i]
+        stack.extend(producer[n] for n in (ins + outer_inputs(view.nodes[i]) if sub else ins) if n in producer)
+    return live
+
+
+def _name_nodes(model: onnx.ModelProto) -> int:
+    """Give unnamed top-level nodes a name (``Conv_12``), and nodes whose name an earlier node
+    already has a unique one (``conv_12``), so rows and rewrites can refer to them."""
+    used = {n.name for n in model.graph.node if n.name}
+    seen: set[str] = set()
+    count = 0
+    for i, n in enumerate(model.graph.node):
+        if n.name and n.name not in seen:
+            seen.add(n.name)
+            continue
+        base = f"{n.name or n.op_type}_{i}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        n.name = name
+        used.add(name)
+        seen.add(name)
+        count += 1
+    return count
