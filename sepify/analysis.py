@@ -50,14 +50,20 @@ class Layer:
     note: str = ""
     macs_formula: str | None = None
     flops_formula: str | None = None
+    node_index: int | None = None  # position in the graph's node list (execution order)
+    onnx_name: str | None = None  # the node's own name, when ``name`` is derived (unnamed/duplicate)
+    live_bytes: int | None = None  # live activation bytes while this node runs (peak = the max)
 
     def to_dict(self) -> dict:
         d = {
             "index": self.index, "name": self.name, "op_type": self.op_type, "domain": self.domain,
             "macs": self.macs, "flops": self.flops, "params": self.params, "buffers": self.buffers,
             "output_shapes": self.output_shapes, "output_bytes": self.output_bytes,
-            "unknown": self.unknown, "note": self.note,
+            "unknown": self.unknown, "note": self.note, "node_index": self.node_index,
+            "live_bytes": self.live_bytes,
         }
+        if self.onnx_name is not None:
+            d["onnx_name"] = self.onnx_name
         if self.macs_formula:
             d["macs_formula"] = self.macs_formula
         if self.flops_formula:
@@ -93,6 +99,7 @@ class Analysis:
     layers: list[Layer]
     totals: Totals
     notes: list[str] = field(default_factory=list)
+    activation_peak: dict | None = None  # where the peak is and the tensors live there
 
     def to_dict(self, layers: bool = True) -> dict:
         """The JSON report (schema ``sepify.analysis/1``). ``layers=False``: the summary that
@@ -111,6 +118,7 @@ class Analysis:
             "totals": self.totals.to_dict(),
             **({"by_op": self.by_op()} if layers else {}),
             "layers": [layer.to_dict() for layer in (self.layers if layers else keep)],
+            "activation_peak": self.activation_peak,
             "notes": self.notes,
         }
 
@@ -246,7 +254,10 @@ class _Walker:
         excluded. A tensor is live from its producer (graph inputs: from the start) to its last
         consumer (subgraph reads included); graph outputs stay live to the end; tensors of
         unknown size count 0. (Nodes that build constants are not rows: they read and make
-        only constants, so they change nothing that is live.)"""
+        only constants, so they change nothing that is live.) ``self.trace`` then holds, per
+        row, (node index, live bytes while the node runs: its inputs and outputs included), and
+        ``self.peak_node`` the node index where the peak is first reached (None: no node, the
+        graph inputs alone)."""
         rows = []
         append = rows.append
         const = view.const
@@ -265,6 +276,9 @@ class _Walker:
                     sizes[name] = nbytes(name) or 0
                     live += sizes[name]
             peak = live
+            peak_node = None
+            trace = self.trace = []
+            trace_append = trace.append
         shapes = out_bytes = None
         for idx, ((ins, outs, sub), op, domain, node, name) in enumerate(
                 zip(view.io, view.ops, view.domains, nodes, view.names)):
@@ -296,6 +310,8 @@ class _Walker:
                         live += b
                 if live > peak:
                     peak = live
+                    peak_node = idx
+                trace_append((idx, live))
                 for n in ins:
                     if n in sizes and last[n] == idx and n not in keep:
                         live -= pop(n)
@@ -323,6 +339,7 @@ class _Walker:
                         shapes, out_bytes))
         if report:
             self.peak = peak
+            self.peak_node = peak_node
         return rows
 
     def _sub(self, graph: onnx.GraphProto, view: GraphView) -> tuple[Num, Num, int, int, list[str]]:
@@ -442,17 +459,24 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
     walker = _Walker(loaded.label)
-    rows = walker.walk(view, _Bytes(view, values))
+    nbytes = _Bytes(view, values)
+    rows = walker.walk(view, nbytes)
     peak = walker.peak
+    trace, peak_at = walker.trace, (view, nbytes, walker.peak_node)
 
     numeric_rows = None
     if numeric is not None:  # the peak too is measured on the numeric view: it has every size
         numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols)
         numeric_walker = _Walker(loaded.label)
-        numeric_rows = numeric_walker.walk(numeric_view, _Bytes(numeric_view, values))
+        numeric_bytes = _Bytes(numeric_view, values)
+        numeric_rows = numeric_walker.walk(numeric_view, numeric_bytes)
         peak = numeric_walker.peak
+        peak_at = (numeric_view, numeric_bytes, numeric_walker.peak_node)
         if len(numeric_rows) != len(rows):
             numeric_rows = None
+        else:
+            trace = [(i, b) for (i, _), (_, b) in zip(trace, numeric_walker.trace)]
+    names, originals = unique_node_names(view.names, view.ops)
 
     layers: list[Layer] = []
     tot_macs = tot_flops = 0  # the constant parts of the totals, and their symbolic terms:
@@ -484,8 +508,10 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
             note = "; ".join(x for x in (note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
         else:
             macs = flops = None
-        layers.append(Layer(i, name or f"{op}_{i}", op, domain, macs, flops, params, buffers,
-                            shapes, out_bytes, reason, note, macs_f, flops_f))
+        node_idx, live_b = trace[i]
+        layers.append(Layer(i, names[node_idx], op, domain, macs, flops, params, buffers,
+                            shapes, out_bytes, reason, note, macs_f, flops_f, node_idx,
+                            originals.get(node_idx), live_b))
         tot_params += params
         tot_buffers += buffers
         if out_bytes:
@@ -503,6 +529,9 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         flops_formula=formula(Poly(sym_flops) + tot_flops, human3) if formula_exact else None,
     )
     notes = list(loaded.notes)
+    if originals:
+        notes.append(f"{len(originals)} unnamed or duplicate-named node(s) are shown under derived names "
+                     "(Op_index / name_index; the node's own name is in onnx_name)")
     if unbound:
         notes.append("unbound symbolic dimensions set to 1 for the numbers: " + ", ".join(unbound)
                      + " (bind them with --dim NAME=VALUE)")
@@ -522,7 +551,68 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
                  "dtype": onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)} for vi in graph_inputs],
         symbols={k: {"value": values[k], "bound": v is not None} for k, v in sorted(loaded.symbols.items())},
         layers=layers, totals=totals, notes=notes,
+        activation_peak=_peak_tensors(*peak_at, peak, names, layers),
     )
+
+
+def _peak_tensors(view: GraphView, nbytes: "_Bytes", peak_node: int | None, peak: int, names: list[str],
+                  layers: list[Layer]) -> dict:
+    """Where the activation peak is (the first node reaching it) and the tensors live there:
+    the same liveness as :meth:`_Walker.walk` (a tensor is live from its producer to its last
+    reader; graph outputs to the end; an output nobody reads only while its node runs), replayed
+    for one node. Sorted by bytes, largest first."""
+    const, last, keep = view.const, view.last_use(), set(view.graph_outputs)
+    at = peak_node if peak_node is not None else -1
+    row = {x.node_index: x for x in layers}
+    tensors = []
+
+    def add(name: str, producer: int | None) -> None:
+        end = len(view.nodes) if name in keep else last.get(name, producer if producer is not None else -1)
+        if end >= at:
+            tensors.append({"name": name, "bytes": nbytes(name) or 0,
+                            "producer": row[producer].name if producer in row else None})
+
+    for name in view.graph_inputs:
+        if name not in const:
+            add(name, None)
+    for idx in range(at + 1):
+        for o in view.io[idx][1]:
+            if o and o not in const:
+                add(o, idx)
+    tensors.sort(key=lambda t: -t["bytes"])
+    layer = row.get(peak_node)
+    return {"bytes": peak, "layer": layer.name if layer else None, "index": layer.index if layer else None,
+            "tensors": tensors}
+
+
+def unique_node_names(names: Sequence[str], ops: Sequence[str]) -> tuple[list[str], dict[int, str]]:
+    """Unique names for the nodes of a graph, and {node index: own name} of the derived ones.
+
+    A named node keeps its name unless an earlier node has it; an unnamed node is called
+    ``<op>_<index>`` and a later node of a name already taken ``<name>_<index>`` (``_2``,
+    ``_3``... appended if that too is taken), with ``index`` its position in the node list.
+    ``sepify rewrite`` names the nodes of the model it writes the same way, so the names in
+    the analysis of a model are the names in its rewritten copy."""
+    out = list(names)
+    if all(names) and len(set(names)) == len(names):  # the common case
+        return out, {}
+    used = {n for n in names if n}
+    seen: set[str] = set()
+    originals: dict[int, str] = {}
+    for i, n in enumerate(names):
+        if n and n not in seen:
+            seen.add(n)
+            continue
+        base = f"{n or ops[i]}_{i}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        out[i] = name
+        originals[i] = n
+        used.add(name)
+        seen.add(name)
+    return out, originals
 
 
 def analyze(

@@ -176,7 +176,57 @@ def test_activation_peak_with_a_branch():
              helper.make_node("Add", ["a", "b"], ["y"], name="add")]
     m = make_model(nodes, [x], ["y"], [numpy_helper.from_array(rand(8, 4, 1, 1), "W1"),
                                        numpy_helper.from_array(rand(8, 4, 1, 1), "W2")])
-    assert sepify.analyze(m).totals.activation_peak_bytes == 6144
+    a = sepify.analyze(m)
+    assert a.totals.activation_peak_bytes == 6144
+    # live bytes per node, as in the comment above; the peak at "add": a, b and y are live
+    assert [layer.live_bytes for layer in a.layers] == [3072, 5120, 6144]
+    peak = a.to_dict()["activation_peak"]
+    assert (peak["layer"], peak["index"], peak["bytes"]) == ("add", 2, 6144)
+    assert sorted((t["name"], t["bytes"], t["producer"]) for t in peak["tensors"]) == [
+        ("a", 2048, "c1"), ("b", 2048, "c2"), ("y", 2048, "add")]
+
+
+def test_tensors_live_at_the_peak_include_inputs_and_outputs_nobody_reads():
+    # x (1,024 B) -> c1 Conv -> a (2,048 B, read by c3); c2 splits x into b (512 B, a graph
+    # output) and d (512 B, read by nobody: live only while c2 runs); c3 Conv a -> y (512 B).
+    # live: c1 x+a = 3,072; c2 x+a+b+d = 4,096 (the peak), then x and d are freed;
+    # c3 a+b+y = 3,072
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1"),
+             helper.make_node("Split", ["x"], ["b", "d"], name="c2", axis=1, num_outputs=2),
+             helper.make_node("Conv", ["a", "W3"], ["y"], name="c3")]
+    m = make_model(nodes, [x], ["b", "y"], [numpy_helper.from_array(rand(8, 4, 1, 1), "W1"),
+                                            numpy_helper.from_array(rand(2, 8, 1, 1), "W3")], opset=18)
+    a = sepify.analyze(m)
+    assert [layer.output_bytes for layer in a.layers] == [2048, 1024, 512]
+    assert [layer.live_bytes for layer in a.layers] == [3072, 4096, 3072]
+    assert a.totals.activation_peak_bytes == 4096
+    peak = a.to_dict()["activation_peak"]
+    assert (peak["layer"], peak["index"]) == ("c2", 1)
+    assert sorted((t["name"], t["bytes"], t["producer"]) for t in peak["tensors"]) == [
+        ("a", 2048, "c1"), ("b", 512, "c2"), ("d", 512, "c2"), ("x", 1024, None)]
+    assert sum(t["bytes"] for t in peak["tensors"]) == peak["bytes"]
+
+
+def test_unnamed_and_duplicate_nodes_get_derived_unique_names():
+    # node 0 unnamed -> Relu_0; node 1 "r"; node 2 "r" again -> r_2, but node 3 is named
+    # "r_2" (a name any node has is never given away) -> r_2_2
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
+    nodes = [helper.make_node("Relu", ["x"], ["a"]),
+             helper.make_node("Relu", ["a"], ["b"], name="r"),
+             helper.make_node("Relu", ["b"], ["c"], name="r"),
+             helper.make_node("Relu", ["c"], ["y"], name="r_2")]
+    m = make_model(nodes, [x], ["y"])
+    d = sepify.analyze(m).to_dict()
+    assert [r["name"] for r in d["layers"]] == ["Relu_0", "r", "r_2_2", "r_2"]
+    assert [r.get("onnx_name") for r in d["layers"]] == ["", None, "r", None]
+    assert [r["node_index"] for r in d["layers"]] == [0, 1, 2, 3]
+    # the rewriter names the nodes of the model it writes the same way
+    from sepify.rewriter import _name_nodes
+
+    renamed = copy.deepcopy(m)
+    _name_nodes(renamed)
+    assert [n.name for n in renamed.graph.node] == [r["name"] for r in d["layers"]]
 
 
 # --- JSON, determinism, API -------------------------------------------------------------------
