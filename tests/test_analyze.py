@@ -222,7 +222,7 @@ def test_unnamed_and_duplicate_nodes_get_derived_unique_names():
     assert [r.get("onnx_name") for r in d["layers"]] == ["", None, "r", None]
     assert [r["node_index"] for r in d["layers"]] == [0, 1, 2, 3]
     # the rewriter names the nodes of the model it writes the same way
-    from sepify.rewriter import _name_nodes
+    from sepify.rewrite.plan import _name_nodes
 
     renamed = copy.deepcopy(m)
     _name_nodes(renamed)
