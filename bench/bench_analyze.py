@@ -60,7 +60,7 @@ def main() -> None:
         def analyze():
             sepify.analyze(str(path))
 
-        from sepify.budgets import check
+        from sepify.check import check
 
         def check_():
             report = check([str(path)], limits={"macs": 10**12}, discover=False)

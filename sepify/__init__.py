@@ -4,7 +4,7 @@ Public API (imported lazily so that ``sepify --help`` starts fast)::
 
     sepify.analyze(path_or_model, input_shapes=None, dims=None) -> Analysis
     sepify.rewrite(path_or_model, rank=1, ...) -> RewriteResult (.model, .report, .save(path))
-    sepify.check(models, limits={...}) -> CheckReport  (sepify.budgets)
+    sepify.check(models, limits={...}) -> CheckReport  (sepify.check)
     sepify.compare(old, new) -> Diff                     (sepify.diff)
 """
 
@@ -26,7 +26,7 @@ def __getattr__(name: str):
 
         return getattr(rewriter, name)
     if name == "check":
-        from .budgets import check
+        from .check import check
 
         return check
     if name == "compare":

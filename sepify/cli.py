@@ -274,7 +274,7 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
     """
     import os
 
-    from .budgets import check as run
+    from .check import check as run
     from .render.check import github_report, render_check, write_junit
 
     if config and no_config:

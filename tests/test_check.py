@@ -1,4 +1,4 @@
-"""Tests for ``sepify check`` (sepify.budgets, sepify.render.check and the CLI command).
+"""Tests for ``sepify check`` (sepify.check, sepify.render.check and the CLI command).
 
 Models are built here with onnx.helper: ``net(c)`` is a 3x3 Conv 8->c (pads 1, no bias) on a
 1x8x16x16 input followed by a Relu, so MACs = 16·16·c·8·9 = 18,432·c and params = 72·c exactly;
@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from sepify.budgets import check, evaluate, find_config, parse_growth
+from sepify.check.budgets import check, evaluate, find_config, parse_growth
 from sepify.render.check import github_annotations, junit_xml, render_check
 from sepify.cli import main
 from sepify.errors import UsageError

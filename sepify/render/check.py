@@ -19,7 +19,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-from ..budgets import QUANTITIES, fmt_many, fmt_value
+from ..check.budgets import QUANTITIES, fmt_many, fmt_value
 from ..fileio import write_bytes
 from .common import md_escape
 

@@ -2,7 +2,7 @@
 
 Python API::
 
-    from sepify.budgets import check
+    from sepify.check import check
     report = check(["models/net.onnx"], limits={"macs": "600M"}, baseline="main.json", max_growth="2%")
     report.exit_code        # 0 within budget, 1 a budget exceeded, 2 a model/config error
     report.to_dict()        # the JSON (schema ``sepify.check/1``)
@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from . import __version__
-from .errors import EXIT_ERROR, EXIT_FAILED, EXIT_OK, SepifyError, UsageError
-from .units import human, human_bytes, parse_fraction, parse_quantity
+from .. import __version__
+from ..errors import EXIT_ERROR, EXIT_FAILED, EXIT_OK, SepifyError, UsageError
+from ..units import human, human_bytes, parse_fraction, parse_quantity
 
 SCHEMA = "sepify.check/1"
 
@@ -529,7 +529,7 @@ def parse_growth(value, what: str) -> dict[str, float | None]:
 
 
 def parse_input_shapes(value, where: str) -> dict[str, list]:
-    from .loading import parse_input_shape
+    from ..loading import parse_input_shape
 
     out: dict[str, list] = {}
     if isinstance(value, Mapping):
@@ -638,8 +638,8 @@ def _display(path: Path, cwd: Path) -> str:
 
 def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd: Path) -> ModelResult:
     """Check one model; a :class:`SepifyError` becomes ``status == "error"``."""
-    from .analysis import analyze
-    from .diff import load_report
+    from ..analysis import analyze
+    from ..diff import load_report
 
     t0 = time.perf_counter()
     layers, labels = cfg.settings_for(path) if cfg else ([], [])
