@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from sepify.check.budgets import check, evaluate, find_config, parse_growth
+from sepify.check import check, evaluate, find_config
+from sepify.check.config import parse_growth
 from sepify.render.check import github_annotations, junit_xml, render_check
 from sepify.cli import main
 from sepify.errors import UsageError

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 import types
 
-from .budgets import (QUANTITIES, BudgetResult, CheckReport, Config, ModelResult, Settings, check,  # noqa: F401
-                      check_model, evaluate, find_config, load_config, measure, merge, parse_config)
+from .budgets import QUANTITIES, BudgetResult, CheckReport, ModelResult, evaluate, measure
+from .config import Config, Settings, find_config, load_config, merge, parse_config
+from .run import check, check_model
 
 
 class _CallableModule(types.ModuleType):

@@ -1,0 +1,140 @@
+"""Running the check: every model against its budgets (config sections, then the command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..errors import SepifyError, UsageError
+from .baselines import baseline_path, load_baseline
+from .budgets import QUANTITIES, CheckReport, ModelResult, evaluate
+from .config import Config, Settings, find_config, load_config, merge, parse_growth, parse_limit
+
+
+# --- the check --------------------------------------------------------------------------------
+def check(
+    models: Sequence[str | os.PathLike] = (),
+    *,
+    config: str | os.PathLike | Config | None = None,
+    discover: bool = True,
+    cwd: str | os.PathLike | None = None,
+    limits: Mapping[str, int | float | str | None] | None = None,
+    max_growth=None,
+    baseline: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+    dims: Mapping[str, int] | None = None,
+) -> CheckReport:
+    """Check models against their budgets; every model is checked even if one fails.
+
+    ``models``: paths (relative to ``cwd``); empty: every file matched by the config sections.
+    ``config``: a file path or a :class:`Config`; when None and ``discover``, the nearest
+    ``pyproject.toml`` with ``[tool.sepify]`` above ``cwd``. ``limits`` (``{"macs": "600M"}``,
+    ``None`` removes a budget), ``max_growth`` (``"2%"``, ``{"macs": 0.02}`` or a list of CLI
+    items), ``baseline``, ``input_shapes`` and ``dims`` override the config for every model.
+
+    Config errors raise :class:`UsageError`; model errors are recorded on that model
+    (``status == "error"``, exit code 2) and the other models are still checked.
+    """
+    cwd = Path(cwd or os.getcwd()).resolve()
+    if isinstance(config, Config):
+        cfg = config
+    elif config is not None:
+        cfg = load_config(config, cwd)
+    elif discover:
+        found = find_config(cwd)
+        cfg = load_config(found) if found else None
+    else:
+        cfg = None
+
+    cli = Settings()
+    for q, v in (limits or {}).items():
+        if q not in QUANTITIES:
+            raise UsageError(f"unknown budget quantity {q!r} (known: {', '.join(QUANTITIES)})")
+        if v is not None:
+            cli.limits[q] = parse_limit(v, QUANTITIES[q][0])
+    if max_growth is not None and max_growth != () and max_growth != []:
+        cli.growth = parse_growth(max_growth, "max-growth")
+    if baseline is not None:
+        b = os.fspath(baseline)
+        cli.baseline = b if os.path.isabs(b) else str(cwd / b)
+    cli.input_shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
+    cli.dims = dict(dims or {})
+
+    paths: list[tuple[str, Path | None, str | None]] = []  # (display, path, error)
+    if models:
+        here = cwd == Path.cwd().resolve()
+        for m in models:
+            p = Path(os.fspath(m))
+            paths.append((os.fspath(m), p if p.is_absolute() or here else cwd / p, None))
+    elif cfg is not None and cfg.sections:
+        seen: set[Path] = set()
+        for sec in cfg.sections:
+            files = sec.files()
+            if not files:
+                paths.append((", ".join(sec.patterns), None, f"{sec.label}: 'path' matches no file"))
+            for f in files:
+                r = f.resolve()
+                if r not in seen:
+                    seen.add(r)
+                    paths.append((_display(f, cwd), f, None))
+    elif cfg is not None:
+        raise UsageError(f"no model given, and {cfg.label} has no [[models]] section with a 'path' to check")
+    else:
+        raise UsageError("no model given (pass model files, or declare [[tool.sepify.models]] paths in a config)")
+
+    results = []
+    for display, path, err in paths:
+        if err is not None:
+            results.append(ModelResult(display, "error", error=err))
+            continue
+        results.append(check_model(path, display, cfg, cli, cwd))
+    return CheckReport(results, config=cfg.label if cfg else None)
+
+
+def _display(path: Path, cwd: Path) -> str:
+    try:
+        return os.path.relpath(path, cwd)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd: Path) -> ModelResult:
+    """Check one model; a :class:`SepifyError` becomes ``status == "error"``."""
+    from ..analysis import analyze
+
+    t0 = time.perf_counter()
+    layers, labels = cfg.settings_for(path) if cfg else ([], [])
+    if cli.limits or cli.growth or cli.baseline or cli.input_shapes or cli.dims:
+        labels = [*labels, "command line"]
+    s = merge([*layers, cli])
+    result = ModelResult(display, "error", sources=labels)
+    baseline = None
+    if s.baseline:
+        baseline = baseline_path(s.baseline, path)
+        result.baseline = _display(Path(baseline), cwd)
+    try:
+        data = analyze(path, input_shapes=s.input_shapes or None, dims=s.dims or None).to_dict(layers=False)
+        t = data["totals"]
+        result.totals = {"macs": t["macs"], "flops": t["flops"], "params": t["params"],
+                         "activation_peak_bytes": t["activation_peak_bytes"], "unknown": t["unknown"],
+                         "file_size": data["model"].get("file_size")}
+        base_report = None
+        if baseline is not None:
+            base_report = load_baseline(baseline, input_shapes=s.input_shapes or None, dims=s.dims or None)
+        result.results = evaluate(data, s.limits, s.growth, base_report)
+        result.notes = list(data.get("notes") or [])
+        if all(q == "unknown" for q in s.limits) and base_report is None:
+            result.notes.append("no budget configured for this model: only max-unknown = 0 applies")
+        result.status = "pass" if all(r.passed for r in result.results) else "fail"
+    except SepifyError as e:
+        result.error = str(e)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def dumps(report: CheckReport | dict) -> str:
+    data = report.to_dict() if isinstance(report, CheckReport) else report
+    return json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
