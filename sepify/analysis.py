@@ -23,7 +23,7 @@ import onnx
 
 from . import __version__
 from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
-from .graph import GraphView, is_float, itemsize, static_numel, subgraphs
+from .model.graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from .loading import LoadedModel, check_conv, check_inferred_shapes, load
 from .symbolic import Num, Poly, add_terms, evaluate, formula
 from .units import human, human3
@@ -411,7 +411,7 @@ _MISSING = object()
 
 class _Bytes:
     """Bytes of a tensor (symbols at their values), or None if unknown; computed once per
-    distinct tensor type (tensors of one type share their :class:`~sepify.graph.TensorInfo`)."""
+    distinct tensor type (tensors of one type share their :class:`~sepify.model.graph.TensorInfo`)."""
 
     def __init__(self, view: GraphView, values: Mapping[str, int]):
         self.view, self.values, self.cache = view, values, {}

@@ -22,7 +22,7 @@ from typing import Callable
 import onnx
 from onnx import helper
 
-from .graph import GraphView
+from .model.graph import GraphView
 from .symbolic import Num, Poly, prod
 
 
@@ -64,7 +64,7 @@ class OpContext:
         return len(self.ins) > i and bool(self.ins[i])
 
     def _info(self, name: str, what: str):
-        """The tensor's :class:`~sepify.graph.TensorInfo` with its rule dims (ints and symbolic
+        """The tensor's :class:`~sepify.model.graph.TensorInfo` with its rule dims (ints and symbolic
         :class:`Poly`) computed: once per distinct tensor type, since tensors share their info."""
         view = self.view
         t = view.info.get(name)

@@ -685,7 +685,7 @@ _BITS = [("INT2", 2), ("UINT2", 2), ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4)
 
 @pytest.mark.parametrize("dtype, bits", [(d, b) for d, b in _BITS if hasattr(TensorProto, d)])  # (as onnx has them)
 def test_item_sizes_of_packed_and_plain_types(dtype, bits):
-    from sepify.graph import itemsize
+    from sepify.model.graph import itemsize
 
     assert itemsize(getattr(TensorProto, dtype)) == bits / 8
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ..graph import all_graphs
+from ..model.graph import all_graphs
 from .plan import Candidate
 
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..graph import GraphView, is_float, outer_inputs
+from ..model.graph import GraphView, is_float, outer_inputs
 from .factorize import ORIENTATIONS, Spectrum, spectrum
 from .options import RewriteOptions
 
