@@ -9,7 +9,7 @@ Conventions (docs/conventions.md has the full text; tests follow it):
 * A rule returns :class:`Cost`; when it cannot compute the cost (a shape it needs is unknown)
   it raises :class:`Unknown` with the reason. An op with no rule is unknown, never 0.
 
-Dimensions are ``int`` or :class:`~sepify.symbolic.Poly` (symbolic); rules only add and
+Dimensions are ``int`` or :class:`~sepify.cost.symbolic.Poly` (symbolic); rules only add and
 multiply them, so a symbolic batch gives a polynomial cost.
 """
 
@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from .model.graph import GraphView
-from .symbolic import Num, Poly, prod
+from .cost.symbolic import Num, Poly, prod
 
 
 class Unknown(Exception):

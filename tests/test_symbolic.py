@@ -1,11 +1,11 @@
-"""Polynomial arithmetic (sepify.symbolic) against plain integer arithmetic: for any expression
+"""Polynomial arithmetic (sepify.cost.symbolic) against plain integer arithmetic: for any expression
 built from symbols and ints with + and *, evaluating the Poly at some values equals computing
 the expression with the values substituted."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sepify.symbolic import Poly, evaluate, formula, prod
+from sepify.cost.symbolic import Poly, evaluate, formula, prod
 
 SYMBOLS = ("batch", "h", "w")
 
