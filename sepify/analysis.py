@@ -2,7 +2,7 @@
 
 One row per node that computes on activations (nodes that only build constants — weight
 ``DequantizeLinear``, ``Constant``, shape arithmetic on constants — are part of the weights, not
-layers). Conventions are in ``docs/conventions.md``; cost formulas in :mod:`sepify.costs`.
+layers). Conventions are in ``docs/conventions.md``; cost formulas in :mod:`sepify.cost.costs`.
 
 Symbolic dimensions: costs are computed as polynomials of the symbols left unbound; numbers
 are reported with each unbound symbol set to 1 (the report names them), and totals also as a
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from . import __version__
-from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
+from .cost.costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
 from .model.graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from .loading import LoadedModel, check_conv, check_inferred_shapes, load
 from .cost.symbolic import Num, Poly, add_terms, evaluate, formula

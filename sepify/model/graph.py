@@ -69,7 +69,7 @@ def static_numel(shape: tuple) -> int | None:
 class TensorInfo:
     """Shape (``None``: rank unknown) and dtype of a tensor. Tensors of the same type share one
     instance (see :class:`GraphView`), so an instance is never changed after it is made; the
-    cost rules cache the dims they compute with in ``dims`` (see :mod:`sepify.costs`)."""
+    cost rules cache the dims they compute with in ``dims`` (see :mod:`sepify.cost.costs`)."""
 
     __slots__ = ("shape", "dtype", "dims", "numel")
 

@@ -22,8 +22,8 @@ from typing import Callable
 import onnx
 from onnx import helper
 
-from .model.graph import GraphView
-from .cost.symbolic import Num, Poly, prod
+from ..model.graph import GraphView
+from .symbolic import Num, Poly, prod
 
 
 class Unknown(Exception):
