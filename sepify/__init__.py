@@ -18,7 +18,7 @@ __all__ = ["__version__", "analyze", "Analysis", "rewrite", "RewriteOptions", "c
 
 def __getattr__(name: str):
     if name in ("analyze", "Analysis"):
-        from . import analysis
+        from .cost import analysis
 
         return getattr(analysis, name)
     if name in ("rewrite", "RewriteOptions", "RewriteResult"):

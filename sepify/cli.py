@@ -138,8 +138,8 @@ class _Terminated(KeyboardInterrupt):
 @_handle_errors
 def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     """Per-layer and total MACs, FLOPs, parameters and activation sizes of MODEL."""
-    from .analysis import analyze as run
-    from .analysis import no_gc
+    from .cost.analysis import analyze as run
+    from .cost.analysis import no_gc
     from .render.analysis import render_analysis
 
     shapes, dims = _shapes_and_dims(input_shape, dim)

@@ -1,7 +1,7 @@
 """``sepify diff``: layer-by-layer cost comparison of two models — the one diff engine.
 
 :func:`compare` takes two analyze reports (the ``Analysis.to_dict()`` form, schema
-``sepify.analysis/1``) — or anything :func:`load_report` accepts: an :class:`~sepify.analysis.Analysis`,
+``sepify.analysis/1``) — or anything :func:`load_report` accepts: an :class:`~sepify.cost.analysis.Analysis`,
 an ``onnx.ModelProto``, the path of a model file or of a JSON written by
 ``sepify analyze --format json`` — and returns a :class:`Diff`. ``Diff.to_dict()`` is the JSON
 (schema ``sepify.diff/1``); :func:`sepify.render.diff.render_diff` renders that dict as a table, JSON or Markdown,
@@ -64,7 +64,7 @@ def load_report(source, *, input_shapes: Mapping[str, Sequence[int | str]] | Non
     """An analyze report (dict, schema ``sepify.analysis/1``) from any of:
 
     * such a dict (validated, returned as is);
-    * an :class:`~sepify.analysis.Analysis`;
+    * an :class:`~sepify.cost.analysis.Analysis`;
     * an ``onnx.ModelProto`` or the path of a model file (analyzed with ``input_shapes``/``dims``);
     * the path of a JSON file written by ``sepify analyze --format json`` (a ``.json`` suffix, or
       a file whose first non-blank character is ``{``); ``input_shapes``/``dims`` do not apply.
@@ -75,7 +75,7 @@ def load_report(source, *, input_shapes: Mapping[str, Sequence[int | str]] | Non
         return _validate(source, "<report>")
     if hasattr(source, "to_dict") and hasattr(source, "totals") and hasattr(source, "layers"):
         return source.to_dict()
-    from .analysis import analyze
+    from .cost.analysis import analyze
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))

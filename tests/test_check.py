@@ -351,7 +351,7 @@ def test_baseline_growth(work):
 
 
 def test_evaluate_api():
-    from sepify.analysis import analyze
+    from sepify.cost.analysis import analyze
 
     rep = analyze(net(103)).to_dict()
     base = analyze(net(100)).to_dict()

@@ -103,7 +103,7 @@ def _display(path: Path, cwd: Path) -> str:
 
 def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd: Path) -> ModelResult:
     """Check one model; a :class:`SepifyError` becomes ``status == "error"``."""
-    from ..analysis import analyze
+    from ..cost.analysis import analyze
 
     t0 = time.perf_counter()
     layers, labels = cfg.settings_for(path) if cfg else ([], [])

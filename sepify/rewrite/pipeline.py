@@ -105,7 +105,7 @@ def rewrite(
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     view = GraphView(loaded.model.graph, symbols=loaded.symbols)
     view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
-    from ..analysis import analyze_loaded
+    from ..cost.analysis import analyze_loaded
 
     before = analyze_loaded(loaded, view=view)  # first: it also validates the inferred shapes (a ModelError)
 
