@@ -77,7 +77,7 @@ def _render(render, output: str | None) -> None:
 
 
 def _shapes_and_dims(input_shape: tuple[str, ...], dim: tuple[str, ...]):
-    from .loading import parse_dim, parse_input_shape
+    from .model.loading import parse_dim, parse_input_shape
 
     shapes = dict(parse_input_shape(s) for s in input_shape)
     dims = dict(parse_dim(d) for d in dim)

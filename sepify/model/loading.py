@@ -29,8 +29,8 @@ from typing import Mapping, Sequence
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import ModelError, UsageError
-from .model.graph import outer_inputs
+from ..errors import ModelError, UsageError
+from .graph import outer_inputs
 
 Source = "str | os.PathLike | onnx.ModelProto"
 
@@ -262,7 +262,7 @@ def _check_conv_channels(node, label: str, group: int, ins: list[str], xs: tuple
 def _external_tensors(model: onnx.ModelProto, everywhere: bool = True):
     """Every tensor of the model (all graphs: initializers, sparse initializers, node attributes)
     whose data is in an external file; ``everywhere=False``: the main graph's initializers."""
-    from .model.graph import all_graphs
+    from .graph import all_graphs
 
     external = onnx.TensorProto.EXTERNAL
     if not everywhere:
@@ -308,7 +308,7 @@ def _data_bytes(t: onnx.TensorProto) -> int | None:
     if t.data_type in _PACKED_QUARTER:
         return (n + 3) // 4
     if t.data_type in _BYTE_ALIGNED:
-        from .model.graph import itemsize
+        from .graph import itemsize
 
         return n * int(itemsize(t.data_type))
     return None
