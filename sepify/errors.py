@@ -30,3 +30,9 @@ class UsageError(SepifyError):
 
 class BudgetError(SepifyError):
     """A requested budget cannot be met (e.g. ``rewrite --target-macs`` below rank 1 everywhere)."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 300 characters), for a one-line error."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -219,7 +219,7 @@ def _write_data(model, data, source: Path | None) -> dict[int, tuple[int, int]]:
         if source is None:
             raise UsageError("the model references external data files but was not read from a file: "
                              "their folder is unknown (load the model from its path)")
-        from .model.loading import check_external_data
+        from .model.external import check_external_data
 
         check_external_data(model, source.parent, str(source))  # confined to the folder, in bounds
     moved: dict[int, tuple[int, int]] = {}
@@ -285,7 +285,7 @@ def _header(model, moved: dict[int, tuple[int, int]], data_name: str):
     of the graph (subgraphs, attributes: small) is copied whole and then pointed at the file."""
     from onnx import ModelProto, TensorProto
 
-    from .model.loading import copy_fields
+    from .model.external import copy_fields
 
     header = ModelProto()
     copy_fields(model, header, skip="graph")

@@ -413,7 +413,7 @@ for _field, _setter in {
 def _large_weight_dims(root):
     # tiny_cnn with conv2.weight dims [32, 16, 3, 1] -> [32, 16, 3, 7]: analyze (checker) said
     # exit 2, rewrite validated a weightless stub and went on (exit 0). Fix:
-    # loading.weightless_copy(label=...) checks what the stubs hide.
+    # external.weightless_copy(label=...) checks what the stubs hide.
     m = _sample_model("tiny_cnn")
     w = next(t for t in m.graph.initializer if t.name == "conv2.weight")
     w.dims[3] = 7

@@ -15,7 +15,8 @@ import onnx
 from .. import __version__
 from ..errors import ModelError, UsageError
 from ..model.graph import GraphView, all_graphs, subgraphs
-from ..model.loading import drop_initializer_inputs, load, read_model, weightless_copy
+from ..model.external import weightless_copy
+from ..model.loading import drop_initializer_inputs, load, read_model
 from .allocate import plan_ranks
 from .emit import _Names, _build
 from .options import RewriteOptions
