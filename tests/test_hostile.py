@@ -322,7 +322,7 @@ def _bytes_set(name: str, offset: int, value: bytes) -> bytes:
 def _huge_stride(root):
     # tiny_cnn with conv1 strides [2**40, 1]: shape inference makes conv2's output 0 and
     # block3's -2 high; analyze reported negative MACs (exit 0), rewrite crashed in factorize
-    # (exit 3). Fix: loading.check_inferred_shapes (no negative dimension after inference).
+    # (exit 3). Fix: validation.check_inferred_shapes (no negative dimension after inference).
     m = _sample_model("tiny_cnn")
     next(a for a in m.graph.node[0].attribute if a.name == "strides").ints[0] = 2**40
     return _save(m, _model_path(root))
@@ -331,7 +331,7 @@ def _huge_stride(root):
 @case("regression_conv_group_0", r"group 0")
 def _group_0(root):
     # tiny_cnn with conv1 group = 0: analyze passed, rewrite crashed in factorize (exit 3).
-    # Fix: loading.check_inferred_shapes checks group, channels against the weight.
+    # Fix: validation.check_inferred_shapes checks group, channels against the weight.
     m = _sample_model("tiny_cnn")
     next(a for a in m.graph.node[0].attribute if a.name == "group").i = 0
     return _save(m, _model_path(root))
@@ -403,7 +403,7 @@ for _field, _setter in {
     "dim_param": lambda m, v: setattr(m.graph.input[0].type.tensor_type.shape.dim[0], "dim_param", v),
 }.items():
     # found probing the class of the doc_string crash: JSON/rich output of a bytes name, the
-    # rewriter's copies (exit 3). Fix: loading._check_text, loading.check_inferred_shapes.
+    # rewriter's copies (exit 3). Fix: loading._check_text, validation.check_inferred_shapes.
     case(f"regression_{_field}_not_utf8", r"not valid UTF-8")(
         lambda root, setter=_setter: _save(_with_bad_text(_sample_model("worked_example_separable"), setter),
                                            _model_path(root)))

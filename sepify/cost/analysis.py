@@ -24,7 +24,8 @@ import onnx
 from .. import __version__
 from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
 from ..model.graph import GraphView, is_float, itemsize, static_numel, subgraphs
-from ..model.loading import LoadedModel, check_conv, check_inferred_shapes, load
+from ..model.loading import LoadedModel, load
+from ..model.validation import check_conv, check_inferred_shapes
 from .symbolic import Num, Poly, add_terms, evaluate, formula
 from ..units import human, human3
 
