@@ -7,12 +7,13 @@ model error; 3 an internal error (a bug: please report it with ``--debug`` outpu
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 import click
 
 from . import __version__
-from .errors import EXIT_ERROR, SepifyError
+from .errors import EXIT_ERROR, SepifyError, UsageError
 
 EXIT_INTERNAL = 3
 
@@ -76,9 +77,32 @@ def _render(render, output: str | None) -> None:
         _emit(render(sys.stdout), None)
 
 
-def _shapes_and_dims(input_shape: tuple[str, ...], dim: tuple[str, ...]):
-    from .model.loading import parse_dim, parse_input_shape
+_SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*([A-Za-z0-9_?,x\s]+)$")
 
+
+def parse_input_shape(text: str) -> tuple[str, list[int | str]]:
+    """``images=1x3x640x640`` → ``("images", [1, 3, 640, 640])``; a non-number stays a symbol."""
+    m = _SHAPE_RE.match(text)
+    if not m:
+        raise UsageError(f"invalid --input-shape {text!r} (expected NAME=1x3x224x224)")
+    name, dims = m.group(1), m.group(2)
+    out: list[int | str] = []
+    for d in re.split(r"[x,]", dims.replace(" ", "")):
+        if not d:
+            raise UsageError(f"invalid --input-shape {text!r} (empty dimension)")
+        out.append(int(d) if d.isdigit() else d)
+    return name, out
+
+
+def parse_dim(text: str) -> tuple[str, int]:
+    """``batch=8`` → ``("batch", 8)``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"invalid --dim {text!r} (expected SYMBOL=POSITIVE_INTEGER)")
+    return name.strip(), int(value)
+
+
+def _shapes_and_dims(input_shape: tuple[str, ...], dim: tuple[str, ...]):
     shapes = dict(parse_input_shape(s) for s in input_shape)
     dims = dict(parse_dim(d) for d in dim)
     return shapes, dims

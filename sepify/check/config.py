@@ -276,7 +276,7 @@ def parse_growth(value, what: str) -> dict[str, float | None]:
 
 
 def parse_input_shapes(value, where: str) -> dict[str, list]:
-    from ..model.loading import parse_input_shape
+    from ..cli import parse_input_shape
 
     out: dict[str, list] = {}
     if isinstance(value, Mapping):

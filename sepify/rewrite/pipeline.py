@@ -16,7 +16,8 @@ from .. import __version__
 from ..errors import ModelError, UsageError
 from ..model.graph import GraphView, all_graphs, subgraphs
 from ..model.external import weightless_copy
-from ..model.loading import drop_initializer_inputs, load, read_model
+from ..model.loading import load
+from ..model.reading import drop_initializer_inputs, read_model
 from .allocate import plan_ranks
 from .emit import _Names, _build
 from .options import RewriteOptions
