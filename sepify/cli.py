@@ -53,28 +53,48 @@ def _handle_errors(fn):
     return wrapper
 
 
-def _emit(text: str | None, output: str | None) -> None:
+def _emit(text: str | None, output: str | None, inputs=None) -> None:
     if text is None:
         return
     if output and output != "-":
         from .fileio import write_text
 
-        write_text(output, text)
+        write_text(output, text, inputs)
     else:
         click.echo(text, nl=False)
 
 
-def _render(render, output: str | None) -> None:
+def _render(render, output: str | None, inputs=None) -> None:
     """``render(stream)`` prints a table on ``stream`` (returns None) or returns text. The
-    result goes to stdout, or atomically to ``output``."""
+    result goes to stdout, or atomically to ``output`` (refused if it is one of ``inputs``)."""
     if output and output != "-":
         import io
 
         buf = io.StringIO()
         text = render(buf)
-        _emit(buf.getvalue() if text is None else text, output)
+        _emit(buf.getvalue() if text is None else text, output, inputs)
     else:
         _emit(render(sys.stdout), None)
+
+
+def _guard(inputs, outputs: dict[str, str | None]):
+    """Refuse, before any work, an output that is an input of the command or that two output
+    options name the same file; returns ``inputs`` for the writers' own check."""
+    import os
+
+    from .errors import UsageError
+
+    given = [(opt, path) for opt, path in outputs.items() if path and path != "-"]
+    for opt, path in given:
+        inputs.refuse(path, opt)
+    for i, (opt_a, a) in enumerate(given):
+        for opt_b, b in given[i + 1:]:
+            same = os.path.abspath(a) == os.path.abspath(b)
+            if not same and os.path.exists(a) and os.path.exists(b):
+                same = os.path.samefile(a, b)
+            if same:
+                raise UsageError(f"{b}: {opt_a} and {opt_b} name the same file")
+    return inputs
 
 
 _SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*([A-Za-z0-9_?,x\s]+)$")
@@ -166,11 +186,14 @@ def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     from .cost.analysis import no_gc
     from .render.analysis import render_analysis
 
+    from .fileio import Inputs
+
+    inputs = _guard(Inputs().add_model(model), {"-o": output})
     shapes, dims = _shapes_and_dims(input_shape, dim)
     with no_gc():  # the report makes a few objects per layer, and no reference cycles
         result = run(model, input_shapes=shapes, dims=dims)
         data = result.to_dict()
-        _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output)
+        _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output, inputs)
 
 
 def _rank_value(ctx, param, value):
@@ -218,10 +241,11 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
 
     if not output and not dry_run:
         raise UsageError("give -o OUTPUT (or --dry-run to only report)")
-    if output:
-        from .fileio import refuse_overwrite
+    from .fileio import Inputs
 
-        refuse_overwrite(output, model)  # before the work, not only at save time
+    # before the work, not only at save time
+    inputs = _guard(Inputs().add_model(model).add(inputs_file, "the --inputs file"),
+                    {"-o": None if dry_run else output, "--report": report_file})
     shapes, dims = _shapes_and_dims(input_shape, dim)
     opts = RewriteOptions(
         rank=rank, energy=energy, max_error=max_error,
@@ -238,7 +262,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         if result.external_data:  # run the rewritten model from disk, beside its weights
             if not output or dry_run:
                 raise UsageError("--verify of a model with external data needs -o (the rewritten model is run from disk)")
-            result.save(output)
+            result.save(output, inputs)
             saved = True
         rewritten = output if result.external_data else result.model
         ver = verify(model, rewritten, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
@@ -247,12 +271,12 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         result.report["verification"] = ver
         failed = not ver["passed"]
     if output and not dry_run and not saved:
-        result.save(output)
+        result.save(output, inputs)
         result.report["output"] = output
     from .render.rewrite import render_rewrite
 
     if report_file:
-        _render(lambda stream: render_rewrite(result.report, fmt, stream), report_file)
+        _render(lambda stream: render_rewrite(result.report, fmt, stream), report_file, inputs)
     _render(lambda stream: render_rewrite(result.report, fmt, stream), None)
     if failed:
         click.echo(f"sepify: verification failed: relative error {result.report['verification']['max_rel_l2_error']:.4g} "
@@ -305,16 +329,26 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
         from .errors import UsageError
 
         raise UsageError("--config and --no-config exclude each other")
+    from .fileio import Inputs
+
+    # the models and baselines the config names are known after the check: refused again then
+    inputs = Inputs().add(config, "the config file").add(baseline, "the baseline")
+    for m in models:
+        inputs.add_model(m, "a checked model")
+    _guard(inputs, {"-o": output, "--junit": junit})
     shapes, dims = _shapes_and_dims(input_shape, dim)
     limits = {"macs": max_macs, "flops": max_flops, "params": max_params, "layer_macs": max_layer_macs,
               "activation_peak": max_activation_peak, "file_size": max_file_size, "unknown": max_unknown}
     report = run(models, config=config, discover=not no_config, limits=limits, max_growth=list(max_growth) or None,
                  baseline=baseline, input_shapes=shapes, dims=dims)
     data = report.to_dict()
+    for path, role in report.inputs:
+        (inputs.add_model if role in ("a checked model", "the baseline") else inputs.add)(path, role)
+    _guard(inputs, {"-o": output, "--junit": junit})
     to_file = bool(output and output != "-")
-    _render(lambda stream: render_check(data, fmt, stream), output)
+    _render(lambda stream: render_check(data, fmt, stream), output, inputs)
     if junit:
-        write_junit(data, junit)
+        write_junit(data, junit, inputs)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         # annotations go to stdout, unless stdout carries the JSON report (the runner reads stderr too)
         github_report(data, stream=sys.stderr if fmt == "json" and not to_file else sys.stdout)
@@ -346,11 +380,14 @@ def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match
     from .diff import compare, parse_mapping
     from .render.diff import render_diff
 
+    from .fileio import Inputs
+
+    inputs = _guard(Inputs().add_model(old, "the old model").add_model(new, "the new model"), {"-o": output})
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
                      input_shapes=shapes, dims=dims)
     data = result.to_dict()
-    _render(lambda stream: render_diff(data, fmt, stream, show_all, sort, top), output)
+    _render(lambda stream: render_diff(data, fmt, stream, show_all, sort, top), output, inputs)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,18 +18,23 @@ from .errors import UsageError
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; on success it replaces ``target``."""
+def atomic_path(target: str | os.PathLike, suffix: str = "", inputs: "Inputs | None" = None) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success it replaces ``target``.
+
+    ``inputs``: the files the command reads; a target that is one of them is refused
+    (:meth:`Inputs.refuse`). The file gets the mode a new file gets under the umask (0644 under
+    022), or the mode of the file it replaces."""
     target = Path(target)
+    if inputs is not None:
+        inputs.refuse(target)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{target}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=folder)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(folder, f".{target.name}.", suffix + ".tmp")
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
+            keep_mode(f.fileno(), target)
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
     except BaseException:
@@ -36,21 +43,45 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def write_text(target: str | os.PathLike, text: str) -> None:
-    write_bytes(target, text.encode("utf-8"))
+def _new_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create an empty file with a fresh name in ``folder``, with the mode the umask gives a new
+    file (``tempfile.mkstemp`` would make it 0600 whatever the umask)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
-def write_bytes(target: str | os.PathLike, data: bytes) -> None:
+def keep_mode(fd: int, target: Path) -> None:
+    """Give the open file ``fd`` the permission bits of the existing file ``target`` (an
+    overwritten file keeps its mode); a new target keeps the umask's mode."""
     try:
-        with atomic_path(target) as tmp:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return
+    os.fchmod(fd, mode)
+
+
+def write_text(target: str | os.PathLike, text: str, inputs: "Inputs | None" = None) -> None:
+    write_bytes(target, text.encode("utf-8"), inputs)
+
+
+def write_bytes(target: str | os.PathLike, data: bytes, inputs: "Inputs | None" = None) -> None:
+    try:
+        with atomic_path(target, inputs=inputs) as tmp:
             tmp.write_bytes(data)
     except OSError as e:
         raise UsageError(f"{target}: cannot write: {e.strerror or e}") from None
 
 
-def write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> None:
+def write_with(target: str | os.PathLike, writer: Callable[[Path], None], inputs: "Inputs | None" = None) -> None:
     try:
-        with atomic_path(target) as tmp:
+        with atomic_path(target, inputs=inputs) as tmp:
             writer(tmp)
     except OSError as e:
         raise UsageError(f"{target}: cannot write: {e.strerror or e}") from None
@@ -59,10 +90,92 @@ def write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> Non
 TWO_GB = 2**31 - 1
 
 
+class Inputs:
+    """The files a command reads — models and their external-data files, baselines, config
+    files, inputs files. No output may land on one of them: :meth:`refuse` is the one check
+    every writer runs (``-o``, ``--report``, ``--junit``, a rewritten model and its data file).
+
+    Files are compared as files (device and inode: the same path spelled differently, a
+    symbolic link, a hard link), not as strings. A target that does not exist yet cannot be an
+    input, so the external-data files of a model are listed only when a target exists."""
+
+    def __init__(self) -> None:
+        self._files: list[tuple[str, str]] = []   # (path, role)
+        self._models: list[tuple[str, str]] = []  # models whose external-data files count too
+        self._expanded = False
+
+    def add(self, path: str | os.PathLike | None, role: str) -> "Inputs":
+        if path is not None and os.fspath(path) not in ("", "-"):
+            self._files.append((os.fspath(path), role))
+        return self
+
+    def add_model(self, path: str | os.PathLike | None, role: str = "the input model") -> "Inputs":
+        """A model file: the file itself and the external-data files it references."""
+        if path is not None:
+            self.add(path, role)
+            self._models.append((os.fspath(path), role))
+        return self
+
+    def files(self) -> list[tuple[str, str]]:
+        if not self._expanded:
+            self._expanded = True
+            for path, role in self._models:
+                for data in external_data_files(path):
+                    self._files.append((str(data), f"an external-data file of {role} {path}"))
+        return list(self._files)
+
+    def find(self, target: str | os.PathLike) -> tuple[str, str] | None:
+        """The input (path, role) that ``target`` is, or None."""
+        try:
+            st = os.stat(target)
+        except OSError:
+            return None  # not there (or unreachable): it is no input of this command
+        for path, role in self.files():
+            try:
+                if os.path.samestat(st, os.stat(path)):
+                    return path, role
+            except OSError:
+                continue
+        return None
+
+    def refuse(self, target: str | os.PathLike, what: str | None = None) -> None:
+        """Raise :class:`UsageError` (exit 2, one line) when ``target`` is one of the inputs."""
+        hit = self.find(target)
+        if hit is not None:
+            path, role = hit
+            same = "" if os.path.normpath(path) == os.path.normpath(os.fspath(target)) else f" ({path})"
+            raise UsageError(f"{target}: {what + ' ' if what else ''}is {role}{same}; refusing to overwrite an input")
+
+
+def external_data_files(model_path: str | os.PathLike) -> list[Path]:
+    """The external-data files an ONNX file references (none if it is not a readable model)."""
+    path = Path(model_path)
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+    except OSError:
+        return []
+    if b"location" not in data:
+        return []
+    from onnx import ModelProto, TensorProto
+
+    model = ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - not a model (an analyze JSON, say): it references nothing
+        return []
+    out: list[Path] = []
+    for t, _ in _tensors(model):
+        if t.data_location == TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location")
+            if loc and (path.parent / loc) not in out:
+                out.append(path.parent / loc)
+    return out
+
+
 def refuse_overwrite(output: str | os.PathLike, source: str | os.PathLike | None) -> None:
-    """The input model is never modified: refuse an output path that is the input file."""
-    if source is not None and Path(output).resolve() == Path(source).resolve():
-        raise UsageError(f"{output}: the output path is the input model; refusing to overwrite it")
+    """The input model is never modified: refuse an output path that is the input model or one
+    of its external-data files (compared as files; see :class:`Inputs`)."""
+    Inputs().add_model(source).refuse(output)
 
 
 def has_external_data(model) -> bool:
@@ -72,7 +185,7 @@ def has_external_data(model) -> bool:
 
 
 def save_model(model, target: str | os.PathLike, external_data: bool = False,
-               source: str | os.PathLike | None = None) -> bool:
+               source: str | os.PathLike | None = None, inputs: Inputs | None = None) -> bool:
     """Write an ONNX model atomically; return whether it was written with external data.
 
     With ``external_data`` (or when the model is too large for one protobuf, or still references
@@ -82,10 +195,17 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False,
     reference external data (a rewrite leaves the weights it does not change on disk) are
     copied from their files in the folder of ``source`` (the model file they came from) in
     chunks, never loaded whole. ``model`` itself is not modified: the file's header is a copy
-    whose moved tensors hold no bytes."""
+    whose moved tensors hold no bytes.
+
+    ``inputs`` (default: ``source`` and its data files): neither the model file nor its data
+    file may be one of them (:meth:`Inputs.refuse`); a data file name that is an input is not
+    chosen. Files get the umask's mode, or the mode of the file they replace."""
     import shutil
 
     target = Path(target)
+    if inputs is None:
+        inputs = Inputs().add_model(source)
+    inputs.refuse(target)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
         raise UsageError(f"{target}: folder {folder} does not exist")
@@ -99,20 +219,22 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False,
             size = TWO_GB
         external_data = size >= TWO_GB - 2**20
     if not external_data:
-        write_bytes(target, model.SerializeToString())
+        write_bytes(target, model.SerializeToString(), inputs)
         return False
     src = Path(source) if source is not None else None
-    data_name, stale = _data_names(model, target, src)
+    data_name, stale = _data_names(model, target, src, inputs)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
     try:
-        with open(tmpdir / data_name, "wb") as data:
+        with open(tmpdir / data_name, "wb") as data:  # (open() applies the umask; mkdtemp's 0700 is the folder's)
             moved = _write_data(model, data, src)
             data.flush()
+            keep_mode(data.fileno(), folder / data_name)
             os.fsync(data.fileno())
         header = _header(model, moved, data_name)
         with open(tmpdir / target.name, "wb") as f:
             f.write(header.SerializeToString())
             f.flush()
+            keep_mode(f.fileno(), target)
             os.fsync(f.fileno())
         if moved:  # a name the previous model does not reference: the previous pair stays whole
             os.replace(tmpdir / data_name, folder / data_name)
@@ -127,30 +249,24 @@ def save_model(model, target: str | os.PathLike, external_data: bool = False,
     return True
 
 
-def _data_names(model, target: Path, source: Path | None) -> tuple[str, Path | None]:
+def _data_names(model, target: Path, source: Path | None, inputs: Inputs) -> tuple[str, Path | None]:
     """The data file name for a new ``target`` and the previous output's data file to remove
     after the commit. The two names ``<target>.data`` and ``<target>.alt.data`` alternate, so the
     new data file never replaces the one the previous ``target`` reads (an interruption between
-    the two renames would pair the old model with new data). A data file of the source model is
-    never chosen nor removed."""
-    from onnx import TensorProto
-
+    the two renames would pair the old model with new data). A name that is an input of the
+    command (a data file of the source model, say) is never chosen nor removed."""
     folder = target.parent if str(target.parent) else Path(".")
     names = (target.name + ".data", target.name + ".alt.data")
-    protected = set()
-    if source is not None:
-        for t, _ in _tensors(model):
-            if t.data_location == TensorProto.EXTERNAL:
-                loc = {e.key: e.value for e in t.external_data}.get("location")
-                if loc:
-                    protected.add((source.parent / loc).resolve())
+    protected = {n for n in names if inputs.find(folder / n) is not None}
     in_use = _referenced_data(target)
-    choices = [n for n in names if (folder / n).resolve() not in protected]
+    choices = [n for n in names if n not in protected]
     if not choices:
-        raise UsageError(f"{target}: both data file names {names[0]} and {names[1]} belong to the input model")
+        path, role = inputs.find(folder / names[0])
+        raise UsageError(f"{target}: both data file names {names[0]} and {names[1]} are inputs "
+                         f"({names[0]} is {role}); refusing to overwrite an input")
     fresh = [n for n in choices if n not in in_use] or choices
     name = fresh[0]
-    old = [n for n in names if n != name and n in in_use and (folder / n).resolve() not in protected]
+    old = [n for n in names if n != name and n in in_use and n not in protected]
     return name, (folder / old[0]) if old else None
 
 

@@ -143,6 +143,7 @@ class ModelResult:
     sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    baseline_file: str | None = field(default=None, repr=False)  # the baseline's path as read
 
     def to_dict(self) -> dict:
         return {
@@ -157,6 +158,8 @@ class ModelResult:
 class CheckReport:
     models: list[ModelResult]
     config: str | None = None
+    #: the files the check read, as (path, role): models, baselines, the config file
+    inputs: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:

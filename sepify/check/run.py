@@ -91,7 +91,13 @@ def check(
             results.append(ModelResult(display, "error", error=err))
             continue
         results.append(check_model(path, display, cfg, cli, cwd))
-    return CheckReport(results, config=cfg.label if cfg else None)
+    read = [(str(cfg.path), "the config file")] if cfg is not None and cfg.path is not None else []
+    for (_, path, _), r in zip(paths, results):
+        if path is not None:
+            read.append((str(path), "a checked model"))
+        if r.baseline_file is not None:
+            read.append((r.baseline_file, "the baseline"))
+    return CheckReport(results, config=cfg.label if cfg else None, inputs=read)
 
 
 def _display(path: Path, cwd: Path) -> str:
@@ -115,6 +121,7 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
     if s.baseline:
         baseline = baseline_path(s.baseline, path)
         result.baseline = _display(Path(baseline), cwd)
+        result.baseline_file = baseline
     try:
         data = analyze(path, input_shapes=s.input_shapes or None, dims=s.dims or None).to_dict(layers=False)
         t = data["totals"]

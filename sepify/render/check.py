@@ -162,8 +162,8 @@ def junit_xml(data: dict) -> bytes:
     return ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
 
 
-def write_junit(data: dict, path: str | os.PathLike) -> None:
-    write_bytes(path, junit_xml(data))
+def write_junit(data: dict, path: str | os.PathLike, inputs=None) -> None:
+    write_bytes(path, junit_xml(data), inputs)
 
 
 # --- GitHub Actions ---------------------------------------------------------------------------

@@ -59,13 +59,17 @@ class RewriteResult:
     external_data: bool = False
     source_path: Path | None = None
 
-    def save(self, path: str | Path) -> None:
-        """Write the model atomically (external data kept in external form), then check it."""
-        from ..fileio import refuse_overwrite, save_model
+    def save(self, path: str | Path, inputs=None) -> None:
+        """Write the model atomically (external data kept in external form), then check it.
+        Neither file may be the source model, one of its data files or one of ``inputs``
+        (a :class:`~sepify.fileio.Inputs`: the other files the caller read)."""
+        from ..fileio import Inputs, save_model
 
         out = Path(path)
-        refuse_overwrite(out, self.source_path)
-        if save_model(self.model, out, self.external_data, source=self.source_path):
+        guard = inputs if inputs is not None else Inputs()
+        guard.add_model(self.source_path)
+        guard.refuse(out)
+        if save_model(self.model, out, self.external_data, source=self.source_path, inputs=guard):
             try:
                 onnx.checker.check_model(str(out), full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
