@@ -143,7 +143,7 @@ class Inputs:
         hit = self.find(target)
         if hit is not None:
             path, role = hit
-            same = "" if os.path.normpath(path) == os.path.normpath(os.fspath(target)) else f" ({path})"
+            same = "" if os.path.abspath(path) == os.path.abspath(target) else f" ({path})"
             raise UsageError(f"{target}: {what + ' ' if what else ''}is {role}{same}; refusing to overwrite an input")
 
 
