@@ -217,6 +217,10 @@ def _rank_value(ctx, param, value):
 @click.option("--target-macs", metavar="N", help="Global MAC budget for the whole model, e.g. 600M.")
 @click.option("--target-ratio", metavar="F", help="Global MAC budget as a fraction of the original, e.g. 0.3 or 30%.")
 @click.option("--orientation", type=click.Choice(["dw-first", "pw-first", "auto"]), default="dw-first", show_default=True)
+@click.option("--form", type=click.Choice(["native", "split", "tiled"]), default=None,
+              help="Graph form of rank > 1 pairs: native (one depthwise conv with channel multiplier r), split (r "
+                   "multiplier-1 depthwise convs + Concat) or tiled (input repeated r times, one multiplier-1 "
+                   "depthwise conv); all compute the same function. Default native.")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only rewrite Convs whose name matches (re.search).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Never rewrite Convs whose name matches.")
 @click.option("--allow-increase", is_flag=True, help="Rewrite even where the chosen rank costs more MACs.")
@@ -231,7 +235,7 @@ def _rank_value(ctx, param, value):
 @_input_shape_opt
 @_dim_opt
 @_handle_errors
-def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, include, exclude,
+def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
             allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, dry_run, fmt, report_file,
             input_shape, dim):
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
@@ -251,7 +255,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         rank=rank, energy=energy, max_error=max_error,
         target_macs=parse_quantity(target_macs, "--target-macs") if target_macs is not None else None,
         target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
-        orientation=orientation, include=include, exclude=exclude, allow_increase=allow_increase,
+        orientation=orientation, form=form, include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn)
     result = run(model, opts, input_shapes=shapes, dims=dims)
     failed = saved = False

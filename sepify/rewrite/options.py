@@ -10,6 +10,8 @@ from ..errors import UsageError
 from .factorize import ORIENTATIONS
 
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
+OBJECTIVES = ("macs", "latency")
+FORM_CHOICES = ("native", "split", "tiled", "auto")  # == emit.FORM_CHOICES (emit imports plan, not options)
 
 
 @dataclass
@@ -27,9 +29,22 @@ class RewriteOptions:
     exclude: Sequence[str] = ()
     allow_increase: bool = False
     fold_batchnorm: bool = True
+    # latency (sepify.rewrite.measure): objective "macs" (default) or "latency" (measured; implied
+    # by target_speedup); form native|split|tiled|auto (default: auto under latency, else native);
+    # threads: onnxruntime intra-op threads of the measurements (None: onnxruntime's default)
+    objective: str | None = None
+    target_speedup: float | None = None
+    form: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = "latency" if self.target_speedup is not None else "macs"
+        if self.form is None:
+            self.form = "auto" if self.objective == "latency" else "native"
 
     def validate(self) -> None:
-        chosen = [k for k in ("rank", "energy", "max_error", "target_macs", "target_ratio") if getattr(self, k) is not None]
+        chosen = [k for k in ("rank", "energy", "max_error", "target_macs", "target_ratio", "target_speedup") if getattr(self, k) is not None]
         if len(chosen) > 1:
             raise UsageError(f"choose one rank criterion, not {' and '.join('--' + c.replace('_', '-') for c in chosen)}")
         if self.rank is not None and self.rank != "full" and (not isinstance(self.rank, int) or self.rank < 1):
@@ -40,6 +55,19 @@ class RewriteOptions:
             raise UsageError("--max-error must be in [0, 1)")
         if self.target_ratio is not None and not 0 < self.target_ratio <= 1:
             raise UsageError("--target-ratio must be in (0, 1]")
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.target_speedup is not None:
+            if self.objective != "latency":
+                raise UsageError("--target-speedup is a latency budget: it needs --objective latency, not macs")
+            if not (isinstance(self.target_speedup, (int, float)) and self.target_speedup > 0
+                    and self.target_speedup == self.target_speedup and self.target_speedup != float("inf")):
+                raise UsageError(f"--target-speedup must be a positive number, not {self.target_speedup!r}")
+        if self.form not in FORM_CHOICES:
+            raise UsageError(f"--form must be one of {', '.join(FORM_CHOICES)}, not {self.form!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise UsageError(f"--threads must be a positive integer, not {self.threads!r}")
         if self.orientation not in ORIENTATION_CHOICES:
             raise UsageError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}")
         for p in list(self.include) + list(self.exclude):
@@ -58,6 +86,8 @@ class RewriteOptions:
             return f"target-macs {self.target_macs}"
         if self.target_ratio is not None:
             return f"target-ratio {self.target_ratio}"
+        if self.target_speedup is not None:
+            return f"target-speedup {self.target_speedup}"
         return f"rank {self.rank if self.rank is not None else 1}"
 
     def to_dict(self) -> dict:

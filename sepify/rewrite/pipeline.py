@@ -19,7 +19,7 @@ from ..model.external import weightless_copy
 from ..model.loading import load
 from ..model.reading import drop_initializer_inputs, read_model
 from .allocate import plan_ranks
-from .emit import _Names, _build
+from .emit import _Names, _build, _opset
 from .options import RewriteOptions
 from .plan import Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
 
@@ -38,6 +38,8 @@ class LayerResult:
     params_after: int
     folded_batchnorm: str | None = None
     new_nodes: list[str] = field(default_factory=list)
+    form: str = "native"  # graph form of the pair (sepify.rewrite.emit)
+    latency: dict | None = None  # measured per-layer latency (sepify.rewrite.measure), when measured
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -166,14 +168,16 @@ def rewrite(
         if macs_after >= c.original_macs and not opts.allow_increase:
             skipped.append(Skipped(c.node.name, f"no saving at rank {rank} ({macs_after:,} >= {c.original_macs:,} MACs; --allow-increase to force)"))
             continue
-        new_nodes = _build(graph, gs, by_name, c, orientation, rank, names)
+        form = opts.form if opts.form != "auto" and rank > 1 else "native"
+        new_nodes = _build(graph, gs, by_name, c, orientation, rank, names, form=form, opset=_opset(work))
         first, second = sp.factors(rank)
         results.append(LayerResult(
             name=c.node.name, orientation=orientation, rank=rank, max_rank=sp.max_rank,
             energy=float(sp.energy(rank)), rel_error=float(sp.rel_error(rank)),
             macs_before=c.original_macs, macs_after=int(macs_after),
             params_before=c.original_params, params_after=int(first.size + second.size + (c.bias.size if c.bias is not None else 0)),
-            folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes))
+            folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
+            form=form))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     new = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(new, raw, opts, results)
