@@ -560,8 +560,7 @@ def brute_force_choice(layers, budget):
 def test_allocate_can_trade_orientation_error_for_macs():
     """From the error-best start (a: rank 1, b: pw-first rank 1; 3,200 MACs) no error-reducing
     step fits 3,800 MACs, yet b in its cheaper dw-first orientation frees the MACs for a's
-    rank 2, which drops far more energy. The allocator also greedily climbs from the cheapest
-    start and keeps the better end state."""
+    rank 2, which drops far more energy (a greedy from the error-best start misses it)."""
     a = choice("a", known_weight(np.array([3.0, 2.5, 0.1, 0.05]), 8, (2, 2), 0), orientations=DW)
     b = choice("b", np.random.default_rng(0).standard_normal((4, 2, 3)))
     assert b.spectra["pw-first"].rel_error(1) < b.spectra["dw-first"].rel_error(1)
@@ -572,8 +571,8 @@ def test_allocate_can_trade_orientation_error_for_macs():
 
 
 def test_allocate_keeps_error_best_start_when_it_wins():
-    """The mirror case: the cheapest start (dw-first everywhere) climbs to dw-first ranks 1 and 2,
-    but the error-best start (pw-first rank 1 everywhere) fits 14,400 MACs exactly and is better."""
+    """The mirror case: a greedy from the cheapest start (dw-first everywhere) climbs to dw-first
+    ranks 1 and 2, but pw-first rank 1 everywhere fits 14,400 MACs exactly and is better."""
     a = choice("a", np.random.default_rng([216, 0]).standard_normal((12, 2, 2, 2)), group=2)
     b = choice("b", np.random.default_rng([216, 1]).standard_normal((4, 2, 4, 4)))
     for layer in (a, b):
@@ -598,7 +597,7 @@ def test_allocate_rescores_after_a_step_that_frees_macs():
     assert allocate([a, b], 11_600) == (expected, 11_600)
 
 
-def test_allocate_ties_break_by_layer_order():
+def test_allocate_ties_give_the_earlier_layer_the_rank():
     w = known_weight(np.array([2.0, 1.0, 0.5]), 8, (3,), 0)
     a, b = choice("a", w, orientations=("dw-first",)), choice("b", w, orientations=("dw-first",))
     unit = cost(a, "dw-first", 1)
@@ -700,6 +699,11 @@ def test_allocate_invariants(problem):
             better = abs_err(layer, o2, r2) < err
             fits = c2 < orig and total - costs[layer.name] + c2 <= budget
             assert not (better and fits), (layer.name, o2, r2)
+    # optimal: the total error equals the brute-force minimum over every combination
+    expected = brute_force_choice(layers, budget)
+    def total_err(choice):
+        return sum(abs_err(layer, *choice[layer.name]) for layer in layers if layer.name in choice)
+    assert math.isclose(total_err(ranks), total_err(expected), rel_tol=1e-9, abs_tol=1e-12)
     # when the error-best rank-1 start (smallest rank-1 error among orientations cheaper than
     # the original) fits the budget, the result is no worse than it
     start = []
@@ -740,3 +744,60 @@ def test_docstring_example():
     result = doctest.testmod(module)
     assert result.attempted >= 6 and result.failed == 0
     assert isinstance(spectrum(np.ones((2, 1, 3))), Spectrum)
+
+
+# --------------------------------------------------------------------------- the knapsack solver
+from sepify.rewrite.allocate import Option, solve  # noqa: E402
+
+
+def brute_force_solve(options, budget):
+    best = None
+    for combo in itertools.product(*[range(len(o)) for o in options]):
+        c = sum(options[i][j].cost for i, j in enumerate(combo))
+        if c > budget:
+            continue
+        e = sum(options[i][j].error for i, j in enumerate(combo))
+        if best is None or e < best[0] - 1e-12:
+            best = (e, c)
+    return best
+
+
+@st.composite
+def knapsacks(draw):
+    layers = []
+    for _ in range(draw(st.integers(1, 5))):
+        n = draw(st.integers(1, 5))
+        costs = draw(st.lists(st.floats(0, 100, allow_nan=False), min_size=n, max_size=n))
+        errors = draw(st.lists(st.floats(0, 10, allow_nan=False), min_size=n, max_size=n))
+        layers.append([Option(j, c, e) for j, (c, e) in enumerate(zip(costs, errors))])
+    budget = draw(st.floats(0, 300, allow_nan=False))
+    return layers, budget
+
+
+@settings(max_examples=300, deadline=None)
+@given(knapsacks())
+def test_solve_matches_brute_force_on_real_costs(problem):
+    options, budget = problem
+    picks = solve(options, budget)
+    best = brute_force_solve(options, budget)
+    if best is None:
+        assert picks is None
+        return
+    cost = sum(options[i][j].cost for i, j in enumerate(picks))
+    err = sum(options[i][j].error for i, j in enumerate(picks))
+    assert cost <= budget * (1 + 1e-9) + 1e-9
+    assert err <= best[0] + 1e-9 * (1 + best[0])
+
+
+def test_solve_thinned_front_stays_feasible_and_near_optimal():
+    rng = np.random.default_rng(3)
+    options = [[Option(j, float(c), float(e)) for j, (c, e) in enumerate(zip(rng.uniform(1, 50, 6), rng.uniform(0, 5, 6)))]
+               for _ in range(7)]
+    budget = 150.0
+    exact = solve(options, budget)
+    thin = solve(options, budget, max_front=8)
+    def total(p, attr):
+        return sum(getattr(options[i][j], attr) for i, j in enumerate(p))
+    assert total(exact, "error") == pytest.approx(brute_force_solve(options, budget)[0])
+    assert total(thin, "cost") <= budget and total(thin, "error") >= total(exact, "error") - 1e-12
+    assert solve(options, 1.0) is None  # every option costs at least 1 per layer, 7 layers
