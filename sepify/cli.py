@@ -225,10 +225,15 @@ def _rank_value(ctx, param, value):
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Never rewrite Convs whose name matches.")
 @click.option("--allow-increase", is_flag=True, help="Rewrite even where the chosen rank costs more MACs.")
 @click.option("--no-fold-bn", is_flag=True, help="Do not fold a following BatchNormalization into the kernel.")
-@click.option("--verify", "do_verify", is_flag=True, help="Run both models in onnxruntime and compare outputs.")
-@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False), help="Inputs for --verify (.npz, one array per input).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random --verify inputs.")
-@click.option("--tolerance", type=float, help="Exit 1 when any output's relative L2 error exceeds this (implies --verify).")
+@click.option("--verify", "do_verify", is_flag=True,
+              help="Run both models in onnxruntime on every verification sample and compare outputs.")
+@click.option("--inputs", "inputs_file", type=click.Path(dir_okay=True),
+              help="Samples for --verify: .npz (one array per input, samples on a leading axis) or a folder of .npz.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random --verify input (a wiring smoke test, used without data).")
+@click.option("--tolerance", type=float,
+              help="Exit 1 when the checked error (max relative L2 over outputs and pre-saturation tensors) exceeds this (implies --verify).")
+@click.option("--verify-layers", is_flag=True, help="Also report the error after each rewritten layer (implies --verify).")
 @click.option("--dry-run", is_flag=True, help="Plan and report only; write no model.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
 @click.option("--report", "report_file", type=click.Path(dir_okay=False), help="Also write the report (in --format) to this file.")
@@ -236,8 +241,8 @@ def _rank_value(ctx, param, value):
 @_dim_opt
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
-            allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, dry_run, fmt, report_file,
-            input_shape, dim):
+            allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, verify_layers, dry_run, fmt,
+            report_file, input_shape, dim):
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
     from .errors import EXIT_FAILED, UsageError
     from .rewrite.pipeline import RewriteOptions, rewrite as run
@@ -257,23 +262,33 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
         orientation=orientation, form=form, include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn)
+    do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
+    samples = source = None
+    if do_verify:  # read and check the data before the work: a bad file is one line, exit 2
+        from .rewrite.verify import input_specs, load_samples, random_samples
+        from .loading import read_model
+
+        specs = input_specs(read_model(model, load_external_data=False, copy=False)[0], shapes)
+        if inputs_file:
+            samples = load_samples(inputs_file, specs)
+            source = f"{inputs_file} ({len(samples)} sample{'s' if len(samples) != 1 else ''})"
+        else:
+            random_samples(specs, dims, seed)  # unbound spatial dims: exit 2 now, not after the rewrite
     result = run(model, opts, input_shapes=shapes, dims=dims)
     failed = saved = False
-    if do_verify or tolerance is not None or inputs_file:
-        from .rewrite.verify import load_inputs, verify
+    if do_verify:
+        from .rewrite.verify import verify
 
-        feeds = load_inputs(inputs_file) if inputs_file else None
         if result.external_data:  # run the rewritten model from disk, beside its weights
             if not output or dry_run:
                 raise UsageError("--verify of a model with external data needs -o (the rewritten model is run from disk)")
             result.save(output, inputs)
             saved = True
         rewritten = output if result.external_data else result.model
-        ver = verify(model, rewritten, dims=dims, inputs=feeds, seed=seed, input_shapes=shapes)
-        ver["tolerance"] = tolerance
-        ver["passed"] = tolerance is None or ver["max_rel_l2_error"] <= tolerance
+        ver = verify(model, rewritten, samples, source=source, dims=dims, input_shapes=shapes, seed=seed,
+                     layers=result.report["layers"] if verify_layers else None, tolerance=tolerance)
         result.report["verification"] = ver
-        failed = not ver["passed"]
+        failed = ver["passed"] is False
     if output and not dry_run and not saved:
         result.save(output, inputs)
         result.report["output"] = output
@@ -283,7 +298,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         _render(lambda stream: render_rewrite(result.report, fmt, stream), report_file, inputs)
     _render(lambda stream: render_rewrite(result.report, fmt, stream), None)
     if failed:
-        click.echo(f"sepify: verification failed: relative error {result.report['verification']['max_rel_l2_error']:.4g} "
+        err = result.report["verification"]["checked_error"]
+        click.echo(f"sepify: verification failed: checked error {'non-finite' if err is None else f'{err:.4g}'} "
                    f"> tolerance {tolerance:g}", err=True)
         sys.exit(EXIT_FAILED)
 

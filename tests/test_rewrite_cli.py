@@ -166,24 +166,32 @@ def test_tolerance_met_exits_0(tiny, tmp_path):
 def test_verify_prints_per_output_errors(tiny, tmp_path):
     result = invoke(tiny, "-o", tmp_path / "o.onnx", "--verify")
     assert result.exit_code == 0, result.output
-    line = next(line for line in result.stdout.splitlines() if line.strip().startswith("output:"))
-    assert "rel L2 error" in line and "max abs error" in line and "cosine" in line and "top-1 agreement" in line
+    lines = result.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("verification"))
+    assert "random inputs: wiring smoke test, not an accuracy measurement" in lines[head]
+    assert lines[head + 1].startswith("  output [1, 10]: rel L2 ")
+    assert "max abs" in lines[head + 1] and "cosine" in lines[head + 1] and "top-1" in lines[head + 1]
+    assert lines[head + 2].startswith("    before Softmax (fc_out): rel L2 ")  # tiny_cnn ends in fc -> Softmax
+    assert "no --tolerance: not judged" in result.stdout
 
     result = invoke(tiny, "--dry-run", "--verify", "--format", "json", "--seed", "3")
     report = json.loads(result.stdout)
-    ver = report["verification"]["outputs"]["output"]
-    assert set(ver) >= {"max_abs_error", "rel_l2_error", "cosine", "top1_agreement"}
-    assert report["verification"]["inputs"] == "random normal, seed 3"
+    ver = report["verification"]
+    assert set(ver["outputs"]["output"]) >= {"max_abs_error", "rel_l2_error", "cosine", "top1_agreement", "top5_agreement"}
+    assert ver["inputs"] == "random normal, seed 3" and ver["smoke_test"] is True
+    assert ver["note"] == "random inputs: wiring smoke test, not an accuracy measurement"
+    assert ver["passed"] is None and ver["tolerance"] is None
 
 
 def test_verify_with_inputs_file(tiny, tmp_path):
     x = np.random.default_rng(7).standard_normal((1, 3, 32, 32)).astype(np.float32)
     npz = tmp_path / "inputs.npz"
-    np.savez(npz, input=x)
+    np.savez(npz, input=x)  # the input's rank exactly: one sample (the single-sample format)
     result = invoke(tiny, "--dry-run", "--inputs", npz, "--format", "json", "--rank", "full", "--allow-increase")
     assert result.exit_code == 0, result.output
     ver = json.loads(result.stdout)["verification"]
-    assert ver["inputs"] == "file"
+    assert ver["inputs"] == f"{npz} (1 sample)" and ver["samples"] == 1 and ver["smoke_test"] is False
+    assert ver["note"] is None
     assert ver["outputs"]["output"]["rel_l2_error"] < 1e-5
 
 

@@ -13,17 +13,67 @@ def _pct(a, b) -> str:
     return f"{a / b:.3f}x" if b else "-"
 
 
+def _g(x, spec=".4g") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _measures(o: dict) -> str:
+    """The numbers of one compared tensor, with its flags, in one line."""
+    if o.get("exact_match") is not None:
+        return f"exact match {o['exact_match']:.4f}"
+    if o.get("near_zero_reference"):
+        text = (f"reference near zero (RMS {o['rms_reference']:.3g}): relative error not meaningful; "
+                f"RMS error / scale {o['scaled_error']:.4g}, max abs {o['max_abs_error']:.4g}")
+    else:
+        text = f"rel L2 {o['rel_l2_error']:.4g}, max abs {o['max_abs_error']:.4g}, cosine {o['cosine']:.6f}"
+    if o.get("top1_agreement") is not None:
+        text += f", top-1 {o['top1_agreement']:.3f}"
+        if o.get("top5_agreement") is not None:
+            text += f", top-5 {o['top5_agreement']:.3f}"
+        text += f" ({o['rows']} row{'s' if o['rows'] != 1 else ''})"
+    if o.get("nonfinite_rewritten") or o.get("nonfinite_reference"):
+        text += f"; NON-FINITE values: {o.get('nonfinite_reference', 0)} original, {o.get('nonfinite_rewritten', 0)} rewritten"
+    return text
+
+
 def _verification_lines(ver: dict | None) -> list[str]:
     if not ver:
-        return ["verification: not run (use --verify; random inputs are a smoke test, not an accuracy measurement)"]
-    out = [f"verification ({ver['inputs']}):"]
+        return [("verification: not run (--verify; give data with --inputs or --calibration: random inputs are only "
+                 "a wiring smoke test)")]
+    n = ver.get("samples", 1)
+    if ver.get("smoke_test"):
+        out = [f"verification: {ver['note']} ({ver['inputs']}, {n} sample{'s' if n != 1 else ''}):"]
+    else:
+        out = [f"verification on {ver['inputs']}, {n} sample{'s' if n != 1 else ''}:"]
     for name, o in ver["outputs"].items():
-        top1 = f", top-1 agreement {o['top1_agreement']:.3f}" if o.get("top1_agreement") is not None else ""
-        out.append(f"  {name}: rel L2 error {o['rel_l2_error']:.4g}, max abs error {o['max_abs_error']:.4g}, "
-                   f"cosine {o['cosine']:.6f}{top1}")
-    if ver.get("tolerance") is not None:
-        out.append(f"  tolerance {ver['tolerance']:g}: {'passed' if ver['passed'] else 'FAILED'}")
+        out.append(f"  {name} {o.get('shape')}: {_measures(o)}")
+        pre = o.get("before_saturation")
+        if pre:
+            line = f"    before {pre['op']} ({pre['tensor']}): {_measures(pre)}"
+            if o.get("saturated_share") is not None and o["saturated_share"] >= 0.5:
+                line += f"; {pre['op']} saturated in {o['saturated_share']:.0%} (its output hides errors)"
+            out.append(line)
+    for note in ver.get("notes") or []:
+        out.append(f"  note: {note}")
+    err = ver.get("checked_error")
+    checked = f"  checked error {_g(err) if err is not None else 'non-finite'} (max relative L2 over outputs and pre-saturation tensors)"
+    if ver.get("tolerance") is None:
+        out.append(checked + "; no --tolerance: not judged")
+    else:
+        out.append(checked + f"; tolerance {ver['tolerance']:g}: {'passed' if ver['passed'] else 'FAILED'}")
     return out
+
+
+def _layer_rows(ver: dict | None) -> list[tuple[str, ...]]:
+    rows = []
+    for r in (ver or {}).get("layers") or []:
+        rel = "~0 ref" if r.get("near_zero_reference") else _g(r.get("rel_l2_error"))
+        rows.append((r["name"], r["tensor"], rel, _g(r.get("max_abs_error")), _g(r.get("cosine"), ".6f")))
+    return rows
+
+
+_LAYER_COLUMNS = [("layer", "left"), ("tensor", "left"), ("rel L2", "right"), ("max abs", "right"), ("cosine", "right")]
+_LAYER_TITLE = "error after each rewritten layer (end to end)"
 
 
 def rewrite_table(report: dict, stream=None) -> None:
@@ -47,6 +97,11 @@ def rewrite_table(report: dict, stream=None) -> None:
             console.print(f"  {s['name']}: {s['reason']}")
     for line in _verification_lines(report.get("verification")):
         console.print(line)
+    rows = _layer_rows(report.get("verification"))
+    if rows:
+        from .common import print_table
+
+        print_table(stream, _LAYER_TITLE, _LAYER_COLUMNS, rows, None)
     for note in report.get("notes", []):
         console.print(f"note: {note}")
     if report.get("output"):
@@ -76,7 +131,12 @@ def rewrite_markdown(report: dict) -> str:
         out += ["", "<details><summary>not rewritten</summary>", ""]
         out += [f"- `{md_escape(s['name'])}`: {md_escape(s['reason'])}" for s in report["skipped"]]
         out += ["", "</details>"]
-    out += [""] + [f"{line}  " for line in _verification_lines(report.get("verification"))]
+    out += [""] + [f"{md_escape(line)}  " for line in _verification_lines(report.get("verification"))]
+    rows = _layer_rows(report.get("verification"))
+    if rows:
+        out += ["", f"**{_LAYER_TITLE}**", "", "| " + " | ".join(h for h, _ in _LAYER_COLUMNS) + " |",
+                "|" + "|".join("---" if j == "left" else "---:" for _, j in _LAYER_COLUMNS) + "|"]
+        out += ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
     return "\n".join(out) + "\n"
 
 
