@@ -124,7 +124,7 @@ def random_samples(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = 
                 shape.append(int(dims[d]))
             elif axis == 0:
                 shape.append(1)
-                notes.append(f"input {spec.name!r}: batch dim {d or '?'} set to 1" + (f" (--dim {d}=N to change)" if d else ""))
+                notes.append(f"input {spec.name!r}: batch dim {d or '?'} set to 1" + (f" (bind with --dim {d}=VALUE)" if d else ""))
             else:
                 unbound.append(f"{spec.name}[{axis}]" + (f"={d}" if d else " (unnamed)"))
                 shape.append(None)
