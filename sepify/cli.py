@@ -266,7 +266,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     samples = source = None
     if do_verify:  # read and check the data before the work: a bad file is one line, exit 2
         from .rewrite.verify import input_specs, load_samples, random_samples
-        from .loading import read_model
+        from .model.reading import read_model
 
         specs = input_specs(read_model(model, load_external_data=False, copy=False)[0], shapes)
         if inputs_file:

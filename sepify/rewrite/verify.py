@@ -421,7 +421,7 @@ def _class_axis(rank: int, sat: Saturation | None) -> int | None:
 def _read(model) -> tuple[onnx.ModelProto, Path | None]:
     if isinstance(model, onnx.ModelProto):
         return model, None
-    from ..loading import read_model
+    from ..model.reading import read_model
 
     return read_model(model, load_external_data=False, copy=False)
 
