@@ -62,6 +62,15 @@ import numpy as np
 
 
 __all__ = [
+    "DEFAULT_LAM",
+    "Fit",
+    "LayerStats",
+    "METHODS",
+    "Moments",
+    "conv_output_spatial",
+    "fit",
+    "output_error_curve",
+    "patches",
     "ORIENTATIONS",
     "KEEP",
     "Spectrum",
@@ -328,3 +337,720 @@ def reconstruct(first, second, orientation: str, group: int, weight_shape) -> np
             raise ValueError(f"spatial factor must be {(n, r, *kernel)}, got {b.shape}")
         w = np.einsum("nim,nik->nmk", a.reshape(n, r, mg), b.reshape(n, r, k))
     return w.reshape(shape)
+
+
+# =========================================================================== data-aware factorization
+#
+# Everything below works on per-group "patch" vectors: for group j at one output position, the
+# input patch x in R^(Mg*K) has index m_local*K + k (channel-major, the kernel flattened in C order,
+# exactly as W[n, m_local, k1..kd] flattens), so the original layer is y = W_j x + b_j with
+# W_j = W[j*Ng:(j+1)*Ng].reshape(Ng, Mg*K). See docs/rewrite.md, "Calibrated factorization".
+
+# Default relative ridge strength: the penalty is lam_j * ||A_j - W_j||_F^2 with
+# lam_j = DEFAULT_LAM * (mean eigenvalue of Cov(x~) of group j), i.e. virtual isotropic calibration
+# data with DEFAULT_LAM times the average input variance, whose target is the original layer.
+DEFAULT_LAM = 1e-3
+# Relative diagonal jitter added to every normal matrix (numerical safety for exactly singular
+# systems, e.g. all-zero weight slices); far below any effect on the reported errors.
+_JITTER = 1e-12
+# Dimension of the largest joint block solved at once in the ALS depthwise step; above it the step
+# is a block Gauss-Seidel sweep over chunks of input channels (each an exact block minimisation).
+_GS_BLOCK = 768
+# Rows converted to float64 at a time by LayerStats.accumulate (bounds its temporary memory).
+_ACC_CHUNK = 2048
+
+METHODS = ("als", "refit")
+INITS = ("svd", "whitened")
+
+
+def _f64(a, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise ValueError(f"{what} must be a real numeric array, got dtype {a.dtype}")
+    return a.astype(np.float64, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Moments:
+    """Means and centred (1/n-normalised) covariances of one layer's patches, float64, per group.
+
+    ``cxx`` = Cov(x~), ``ctx`` = Cov(x, x~) (rows: original input, columns: rewritten input),
+    ``ctt`` = Cov(x). For statistics of the non-sequential case the three are the same array.
+    """
+
+    n: int
+    mean_x: np.ndarray  # (g, d)
+    mean_t: np.ndarray  # (g, d)
+    cxx: np.ndarray  # (g, d, d)
+    ctx: np.ndarray  # (g, d, d)
+    ctt: np.ndarray  # (g, d, d)
+
+
+@dataclass(eq=False)
+class LayerStats:
+    """Sufficient statistics of one layer's input patches (see docs/rewrite.md), float64.
+
+    ``x~`` is the input the REWRITTEN model feeds the layer, ``x`` the ORIGINAL model's input to
+    it; every array has a leading group axis ``g`` and ``d = Mg*K`` patch entries:
+
+    - ``n``: number of patch rows accumulated; ``sum_x`` / ``sum_t``: (g, d) sums of x~ / x;
+    - ``xx`` = sum x~ x~^T, ``tx`` = sum x x~^T (rows original, columns rewritten),
+      ``tt`` = sum x x^T: (g, d, d) each.
+
+    In the non-sequential case (x~ == x, :meth:`from_same`) ``sum_t``, ``tx`` and ``tt`` are the
+    very same arrays as ``sum_x`` and ``xx`` (no extra memory); :attr:`same` tells. Memory is
+    3 * g * d^2 * 8 bytes (one third of it when ``same``), independent of the number of rows.
+    """
+
+    n: int
+    sum_x: np.ndarray
+    sum_t: np.ndarray
+    xx: np.ndarray
+    tx: np.ndarray
+    tt: np.ndarray
+
+    def __post_init__(self):
+        self.n = _check_count(self.n, "n")
+        converted: dict[int, np.ndarray] = {}  # keep shared arrays shared
+
+        def conv(a, what):
+            key = id(a)
+            if key not in converted:
+                converted[key] = _f64(a, what)
+            return converted[key]
+
+        self.sum_x, self.sum_t = conv(self.sum_x, "sum_x"), conv(self.sum_t, "sum_t")
+        self.xx, self.tx, self.tt = conv(self.xx, "xx"), conv(self.tx, "tx"), conv(self.tt, "tt")
+        if self.sum_x.ndim != 2:
+            raise ValueError(f"sum_x must be (g, Mg*K), got shape {self.sum_x.shape}")
+        g, d = self.sum_x.shape
+        if g < 1 or d < 1:
+            raise ValueError(f"sum_x must be (g, Mg*K) with g, Mg*K >= 1, got {self.sum_x.shape}")
+        if self.sum_t.shape != (g, d):
+            raise ValueError(f"sum_t must be {(g, d)}, got {self.sum_t.shape}")
+        for name in ("xx", "tx", "tt"):
+            if getattr(self, name).shape != (g, d, d):
+                raise ValueError(f"{name} must be {(g, d, d)}, got {getattr(self, name).shape}")
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def zeros(cls, group: int, size: int, *, same: bool = True) -> "LayerStats":
+        """Empty statistics for ``group`` groups of ``size`` = Mg*K patch entries.
+
+        ``same=True`` shares the arrays of x and x~ (for the non-sequential case); it is undone
+        (copied) automatically the first time :meth:`accumulate` gets distinct ``t_rows``.
+        """
+        group, size = _as_int(group, "group"), _as_int(size, "size")
+        if group < 1 or size < 1:
+            raise ValueError(f"group and size must be >= 1, got {group}, {size}")
+        s, c = np.zeros((group, size)), np.zeros((group, size, size))
+        if same:
+            return cls(0, s, s, c, c, c)
+        return cls(0, s, np.zeros_like(s), c, np.zeros_like(c), np.zeros_like(c))
+
+    @classmethod
+    def from_same(cls, n: int, sum_x, xx) -> "LayerStats":
+        """Statistics of the non-sequential case x~ == x: ``sum_t = sum_x``, ``tx = tt = xx``."""
+        sum_x, xx = _f64(sum_x, "sum_x"), _f64(xx, "xx")
+        return cls(n, sum_x, sum_x, xx, xx, xx)
+
+    @classmethod
+    def from_rows(cls, x_rows, t_rows=None) -> "LayerStats":
+        """Statistics of (rows, g, Mg*K) patch arrays (``t_rows`` None: x == x~)."""
+        x = np.asarray(x_rows)
+        if x.ndim != 3:
+            raise ValueError(f"patch rows must be (rows, g, Mg*K), got shape {x.shape}")
+        return cls.zeros(x.shape[1], x.shape[2], same=t_rows is None).accumulate(x, t_rows)
+
+    @property
+    def group(self) -> int:
+        return self.sum_x.shape[0]
+
+    @property
+    def size(self) -> int:
+        """d = Mg*K, the length of one group's patch."""
+        return self.sum_x.shape[1]
+
+    @property
+    def same(self) -> bool:
+        """True when x and x~ share their arrays (non-sequential statistics)."""
+        return self.sum_t is self.sum_x and self.tx is self.xx and self.tt is self.xx
+
+    def _unshare(self) -> None:
+        if self.sum_t is self.sum_x:
+            self.sum_t = self.sum_x.copy()
+        if self.tx is self.xx or self.tx is self.tt:
+            self.tx = self.tx.copy()
+        if self.tt is self.xx:
+            self.tt = self.xx.copy()
+
+    def accumulate(self, x_rows, t_rows=None) -> "LayerStats":
+        """Add patch rows in place and return ``self``.
+
+        ``x_rows``: (rows, g, Mg*K) patches of the rewritten model's input to the layer (x~);
+        ``t_rows``: the same positions of the original model's input (x), or None when they are
+        equal (the non-sequential case). Any float dtype; accumulated in float64, in chunks of
+        2048 rows (the temporary memory is bounded, whatever the number of rows).
+        """
+        x = np.asarray(x_rows)
+        shape = (self.group, self.size)
+        if x.ndim != 3 or x.shape[1:] != shape:
+            raise ValueError(f"x_rows must be (rows, {shape[0]}, {shape[1]}), got {x.shape}")
+        t = None if t_rows is None else np.asarray(t_rows)
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"t_rows must have the shape of x_rows {x.shape}, got {t.shape}")
+        if t is not None and t is x:
+            t = None
+        if t is not None and self.same:
+            self._unshare()
+        for start in range(0, x.shape[0], _ACC_CHUNK):
+            xc = _f64(x[start:start + _ACC_CHUNK], "x_rows").transpose(1, 0, 2)  # (g, rows, d)
+            if not np.all(np.isfinite(xc)):
+                raise ValueError("x_rows contains NaN or infinite values")
+            xxc = np.matmul(xc.transpose(0, 2, 1), xc)
+            self.sum_x += xc.sum(axis=1)
+            self.xx += xxc
+            if t is None:
+                if not self.same:
+                    self.sum_t += xc.sum(axis=1)
+                    self.tx += xxc
+                    self.tt += xxc
+                continue
+            tc = _f64(t[start:start + _ACC_CHUNK], "t_rows").transpose(1, 0, 2)
+            if not np.all(np.isfinite(tc)):
+                raise ValueError("t_rows contains NaN or infinite values")
+            self.sum_t += tc.sum(axis=1)
+            self.tx += np.matmul(tc.transpose(0, 2, 1), xc)
+            self.tt += np.matmul(tc.transpose(0, 2, 1), tc)
+        self.n += x.shape[0]
+        return self
+
+    def merge(self, other: "LayerStats") -> "LayerStats":
+        """A new LayerStats holding the rows of both (neither input is modified)."""
+        if not isinstance(other, LayerStats):
+            raise TypeError(f"can only merge LayerStats, got {type(other).__name__}")
+        if (other.group, other.size) != (self.group, self.size):
+            raise ValueError(
+                f"cannot merge statistics of shape {(other.group, other.size)} into "
+                f"{(self.group, self.size)}"
+            )
+        if self.same and other.same:
+            return LayerStats.from_same(self.n + other.n, self.sum_x + other.sum_x,
+                                        self.xx + other.xx)
+        return LayerStats(
+            self.n + other.n,
+            self.sum_x + other.sum_x,
+            self.sum_t + other.sum_t,
+            self.xx + other.xx,
+            self.tx + other.tx,
+            self.tt + other.tt,
+        )
+
+    def centered(self) -> Moments:
+        """Means and 1/n-normalised centred covariances (shared when :attr:`same`)."""
+        if self.n < 1:
+            raise ValueError("no rows accumulated: cannot compute moments")
+        n = float(self.n)
+        mx = self.sum_x / n
+        cxx = self.xx / n - mx[:, :, None] * mx[:, None, :]
+        cxx = 0.5 * (cxx + cxx.transpose(0, 2, 1))
+        if self.same:
+            return Moments(self.n, mx, mx, cxx, cxx, cxx)
+        mt = self.sum_t / n
+        ctx = self.tx / n - mt[:, :, None] * mx[:, None, :]
+        ctt = self.tt / n - mt[:, :, None] * mt[:, None, :]
+        ctt = 0.5 * (ctt + ctt.transpose(0, 2, 1))
+        return Moments(self.n, mx, mt, cxx, ctx, ctt)
+
+
+# --------------------------------------------------------------------------- patches (im2col)
+
+
+def _conv_geometry(spatial, kernel_shape, strides, pads, dilations):
+    d = len(kernel_shape)
+    kernel = tuple(_as_int(k, "kernel_shape") for k in kernel_shape)
+    strides = (1,) * d if strides is None else tuple(_as_int(s, "strides") for s in strides)
+    dil = (1,) * d if dilations is None else tuple(_as_int(s, "dilations") for s in dilations)
+    pads = (0,) * (2 * d) if pads is None else tuple(_as_int(p, "pads") for p in pads)
+    if len(strides) != d or len(dil) != d or len(pads) != 2 * d or len(spatial) != d:
+        raise ValueError(
+            f"{d}-D kernel needs {d} strides, {d} dilations, {2 * d} pads and a {d}-D input; got "
+            f"strides={strides}, dilations={dil}, pads={pads}, input spatial dims {tuple(spatial)}"
+        )
+    if min(kernel) < 1 or min(strides) < 1 or min(dil) < 1 or min(pads) < 0:
+        raise ValueError(
+            f"kernel, strides, dilations must be >= 1 and pads >= 0, got kernel={kernel}, "
+            f"strides={strides}, dilations={dil}, pads={pads}"
+        )
+    out = []
+    for i in range(d):
+        span = dil[i] * (kernel[i] - 1) + 1
+        size = spatial[i] + pads[i] + pads[i + d]
+        if size < span:
+            raise ValueError(
+                f"padded input dim {i} ({size}) is smaller than the dilated kernel ({span})"
+            )
+        out.append((size - span) // strides[i] + 1)
+    return kernel, strides, pads, dil, tuple(out)
+
+
+def conv_output_spatial(spatial, kernel_shape, strides=None, pads=None, dilations=None):
+    """Output spatial dims of a Conv with explicit ``pads`` (ONNX order: all begins, all ends)."""
+    return _conv_geometry(tuple(spatial), kernel_shape, strides, pads, dilations)[4]
+
+
+def patches(x, kernel_shape, strides=None, pads=None, dilations=None, group: int = 1,
+            positions=None) -> np.ndarray:
+    """im2col: the (rows, g, Mg*K) input patches of a Conv, in the layer's dtype.
+
+    ``x``: (B, M, s1..sd) NCHW input, d in 1..3; ``kernel_shape`` (k1..kd); ``strides`` and
+    ``dilations`` (d ints, default 1); ``pads`` in ONNX order (x1_begin, .., xd_begin, x1_end, ..,
+    xd_end), default 0 -- ``auto_pad`` must be resolved into explicit pads by the caller
+    (SAME_UPPER puts the odd pad at the end, SAME_LOWER at the beginning). Padding reads zeros.
+    Row ``p`` is output position ``p`` in C order over (B, o1..od) (see
+    :func:`conv_output_spatial`); ``positions`` (1-D ints in ``[0, B*prod(o))``) selects rows.
+    Entry ``[p, j, m_local*K + k]`` is input channel ``j*Mg + m_local`` at kernel tap ``k`` (C
+    order over k1..kd), so ``W_j @ patches[p, j] + b_j`` is the Conv output of group ``j``'s
+    output channels at ``p``.
+    """
+    x = np.asarray(x)
+    if x.ndim < 3 or x.ndim > 5:
+        raise ValueError(f"input must be (B, M, s1..sd) with d in 1..3, got shape {x.shape}")
+    batch, m = x.shape[:2]
+    kernel, strides, pads, dil, out = _conv_geometry(x.shape[2:], kernel_shape, strides, pads,
+                                                     dilations)
+    group = _as_int(group, "group")
+    if group < 1 or m % group:
+        raise ValueError(f"group={group} must be >= 1 and divide the {m} input channels")
+    d = len(kernel)
+    total = batch * math.prod(out)
+    if positions is None:
+        pos = np.arange(total)
+    else:
+        pos = np.asarray(positions)
+        if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
+            raise ValueError("positions must be a 1-D integer array")
+        if pos.size and (pos.min() < 0 or pos.max() >= total):
+            raise ValueError(f"positions must be in [0, {total}) (B * output positions)")
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    coords = np.unravel_index(pos, (batch, *out))  # b, o1..od, each (rows,)
+    taps = np.unravel_index(np.arange(math.prod(kernel)), kernel)  # t1..td, each (K,)
+    index = [coords[0][:, None, None], np.arange(m)[None, :, None]]
+    for i in range(d):
+        index.append((coords[i + 1] * strides[i])[:, None, None] + (taps[i] * dil[i])[None, None, :])
+    cols = xp[tuple(index)]  # (rows, M, K)
+    return cols.reshape(pos.size, group, (m // group) * math.prod(kernel))
+
+
+# --------------------------------------------------------------------------- the fit
+
+
+@dataclass(frozen=True, eq=False)
+class Fit:
+    """A data-aware factorization of one Conv (see :func:`fit`).
+
+    ``first`` / ``second``: the factor weights in execution order, in the shapes and dtype of
+    :meth:`Spectrum.factors`; ``bias``: (N,) bias of the second Conv (always present: the closed
+    form absorbs the mean shift even when the original Conv had none).
+    ``error``: predicted relative output error on the statistics, sqrt(err(A) / tr(W Ctt W^T))
+    (docs/rewrite.md); ``weight_error``: the same measure for the weight-only SVD factors at the
+    same rank (also with the closed-form bias), for comparison. ``lam``: the relative ridge
+    strength used; ``sweeps``: ALS sweeps run (0 for ``"refit"``).
+    """
+
+    orientation: str
+    rank: int
+    method: str
+    first: np.ndarray
+    second: np.ndarray
+    bias: np.ndarray
+    error: float
+    weight_error: float
+    lam: float
+    sweeps: int
+
+    @property
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.first, self.second
+
+
+def _rel(num: np.ndarray, den: np.ndarray) -> float:
+    num, den = float(np.sum(num)), float(np.sum(den))
+    num = max(num, 0.0)
+    if den <= 0.0:
+        return 0.0 if num <= 0.0 else math.inf
+    return math.sqrt(num / den)
+
+
+def _solve_spd(g: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Solve the batched symmetric positive (semi)definite systems g x = rhs (jittered)."""
+    size = g.shape[-1]
+    diag = np.einsum("...ii->...i", g)
+    scale = np.mean(diag, axis=-1)
+    scale = np.where(scale > 0.0, scale, 1.0)
+    gj = g + (_JITTER * scale)[..., None, None] * np.eye(size)
+    return np.linalg.solve(gj, rhs)
+
+
+@dataclass(frozen=True, eq=False)
+class _Problem:
+    """One layer's weight and moments in per-group form, with the ridge-modified moments."""
+
+    shape: tuple[int, ...]
+    group: int
+    n: int  # N
+    mg: int
+    k: int
+    w: np.ndarray  # (g, Ng, d) float64
+    mom: Moments
+    lam: np.ndarray  # (g,) absolute ridge per group
+    cp: np.ndarray  # (g, d, d) Cov(x~) + lam I
+    wcp: np.ndarray  # (g, Ng, d) W (Cov(x, x~) + lam I)
+    w_ctx: np.ndarray  # (g, Ng, d) W Cov(x, x~)
+    tt: np.ndarray  # (g,) tr(W Ctt W^T)
+
+    @property
+    def ng(self) -> int:
+        return self.n // self.group
+
+    def data_error(self, a: np.ndarray) -> np.ndarray:
+        """err(A) per group for a structured kernel A (g, Ng, d) (stable form when x~ == x)."""
+        mom = self.mom
+        if mom.cxx is mom.ctx and mom.ctx is mom.ctt:
+            e = self.w - a
+            return np.einsum("jnd,jnd->j", np.matmul(e, mom.cxx), e)
+        quad = np.einsum("jnd,jnd->j", np.matmul(a, mom.cxx), a)
+        return self.tt - 2.0 * np.einsum("jnd,jnd->j", self.w_ctx, a) + quad
+
+    def new_bias(self, a: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """bhat_j = W_j mean(x) + b_j - A_j mean(x~), as (N,) float64."""
+        wm = np.einsum("jnd,jd->jn", self.w, self.mom.mean_t)
+        am = np.einsum("jnd,jd->jn", a, self.mom.mean_x)
+        return (wm - am).reshape(-1) + bias
+
+
+def _problem(weight, group, stats: LayerStats, lam) -> tuple[_Problem, np.dtype, float]:
+    w = np.asarray(weight)
+    shape, group = _check_shape(w.shape, group)
+    if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
+        raise ValueError(f"Conv weight must be a real numeric array, got dtype {w.dtype}")
+    dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.dtype(np.float64)
+    w64 = w.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(w64)):
+        raise ValueError("Conv weight contains NaN or infinite values")
+    if not isinstance(stats, LayerStats):
+        raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
+    n, mg, _, k = _dims(shape, group)
+    d = mg * k
+    if (stats.group, stats.size) != (group, d):
+        raise ValueError(
+            f"statistics are for {stats.group} group(s) of {stats.size} patch entries, but weight "
+            f"{shape} with group={group} needs {group} of {d}"
+        )
+    alpha = DEFAULT_LAM if lam is None else float(lam)
+    if not alpha >= 0.0 or not math.isfinite(alpha):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    mom = stats.centered()
+    w3 = w64.reshape(group, n // group, d)
+    mean_eig = np.einsum("jii->j", mom.cxx) / d
+    lam_abs = alpha * np.where(mean_eig > 0.0, mean_eig, 1.0)
+    eye = np.eye(d)
+    cp = mom.cxx + lam_abs[:, None, None] * eye
+    w_ctx = np.matmul(w3, mom.ctx)
+    wcp = w_ctx + lam_abs[:, None, None] * w3
+    tt = np.einsum("jnd,jnd->j", np.matmul(w3, mom.ctt), w3)
+    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt)
+    return prob, dtype, alpha
+
+
+# -- dw-first: D (g, Mg, r, K), P (g, Ng, Mg, r); A[j, n, m*K + k] = sum_i P[j,n,m,i] D[j,m,i,k]
+
+
+def _dw_kernel(p: np.ndarray, d: np.ndarray) -> np.ndarray:
+    g, ng, mg, _ = p.shape
+    return np.einsum("jnmi,jmik->jnmk", p, d).reshape(g, ng, mg * d.shape[-1])
+
+
+def _dw_normal(d: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """G[j, (m,i), (m',i')] = sum_{k,k'} D[m,i,k] cov[(m,k),(m',k')] D[m',i',k'] (g, Mg r, Mg r)."""
+    g, mg, r, k = d.shape
+    t = np.matmul(d, cov.reshape(g, mg, k, mg * k))  # (g, Mg, r, Mg*K): rows (m,i), cols (m',k')
+    t = t.reshape(g, mg * r, mg, k).transpose(0, 2, 1, 3)  # (g, m', (m,i), k')
+    gm = np.matmul(t, d.transpose(0, 1, 3, 2))  # (g, m', (m,i), i')
+    return gm.transpose(0, 2, 1, 3).reshape(g, mg * r, mg * r)
+
+
+def _dw_rhs(d: np.ndarray, wc: np.ndarray) -> np.ndarray:
+    """c[j, n, (m,i)] = sum_k wc[j, n, (m,k)] D[m,i,k]  (g, Ng, Mg r)."""
+    g, mg, r, k = d.shape
+    c = np.einsum("jnmk,jmik->jnmi", wc.reshape(g, -1, mg, k), d)
+    return c.reshape(g, -1, mg * r)
+
+
+def _dw_pstep(prob: _Problem, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form P given D (the refit); returns (P, J-part tr(c P^T)) for monitoring."""
+    g, mg, r, _ = d.shape
+    gm = _dw_normal(d, prob.cp)
+    c = _dw_rhs(d, prob.wcp)
+    p = np.swapaxes(_solve_spd(gm, np.swapaxes(c, 1, 2)), 1, 2)  # (g, Ng, Mg r)
+    return p.reshape(g, prob.ng, mg, r), np.einsum("jnc,jnc->j", c, p)
+
+
+def _dw_dstep(prob: _Problem, p: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """D given P: exact joint solve, or block Gauss-Seidel over chunks of input channels."""
+    g, mg, r, k = d.shape
+    ng = prob.ng
+    p2 = p.reshape(g, ng, mg * r)
+    ptp = np.matmul(p2.transpose(0, 2, 1), p2).reshape(g, mg, r, mg, r)
+    cp5 = prob.cp.reshape(g, mg, k, mg, k)
+    rhs = np.einsum("jnmi,jnmk->jmik", p, prob.wcp.reshape(g, ng, mg, k))  # (g, Mg, r, K)
+    chunk = max(1, min(mg, _GS_BLOCK // (r * k)))
+
+    def hessian(a, b):  # H restricted to channels a..b: (g, c r K, c r K)
+        h = np.einsum("jmipq,jmkpl->jmikpql", ptp[:, a:b, :, a:b, :], cp5[:, a:b, :, a:b, :])
+        size = (b - a) * r * k
+        return h.reshape(g, size, size)
+
+    if chunk >= mg:
+        sol = _solve_spd(hessian(0, mg), rhs.reshape(g, mg * r * k, 1))
+        return sol.reshape(g, mg, r, k)
+    d = d.copy()
+    ac = np.matmul(_dw_kernel(p, d), prob.cp).reshape(g, ng, mg, k)  # A Cp, kept current
+    for a in range(0, mg, chunk):
+        b = min(mg, a + chunk)
+        ds = d[:, a:b]
+        h = hessian(a, b)
+        grad = np.einsum("jnmi,jnmk->jmik", p[:, :, a:b], ac[:, :, a:b])  # (H D)_S, all channels
+        inner = np.matmul(h, ds.reshape(g, -1, 1)).reshape(ds.shape)  # (H_SS D_S)
+        new = _solve_spd(h, (rhs[:, a:b] - grad + inner).reshape(g, -1, 1)).reshape(ds.shape)
+        delta = np.einsum("jnmi,jmik->jnmk", p[:, :, a:b], new - ds).reshape(g, ng, -1)
+        ac += np.matmul(delta, prob.cp[:, a * k:b * k, :]).reshape(g, ng, mg, k)
+        d[:, a:b] = new
+    return d
+
+
+def _dw_whitened(prob: _Problem, rank: int) -> np.ndarray:
+    """Per-channel whitened SVD: D_m = [F_m C_mm^-1/2]_r C_mm^-1/2 rows (ignores cross-channel)."""
+    g, mg, k = prob.group, prob.mg, prob.k
+    cmm = np.einsum("jmkml->jmkl", prob.cp.reshape(g, mg, k, mg, k))  # (g, Mg, K, K)
+    ev, vec = np.linalg.eigh(cmm)
+    floor = _JITTER * np.maximum(np.mean(ev, axis=-1, keepdims=True), 1e-300)
+    ev = np.maximum(ev, floor)
+    inv_half = np.matmul(vec * (1.0 / np.sqrt(ev))[..., None, :], np.swapaxes(vec, -1, -2))
+    f = prob.wcp.reshape(g, prob.ng, mg, k).transpose(0, 2, 1, 3)  # (g, Mg, Ng, K)
+    _, s, vt = np.linalg.svd(np.matmul(f, inv_half), full_matrices=False)
+    return np.matmul(vt[:, :, :rank, :] * np.sqrt(s[:, :, :rank])[..., None], inv_half)
+
+
+# -- pw-first: Q (N, r, Mg), S (N, r, K); A[n, m*K + k] = sum_i Q[n,i,m] S[n,i,k]
+
+_PW_CHUNK_FLOATS = 1 << 23  # bound on temporaries of the pw-first steps (64 MB in float64)
+
+
+def _pw_kernel(q: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
+    n, _, mg = q.shape
+    return np.einsum("nim,nik->nmk", q, s).reshape(group, n // group, mg * s.shape[-1])
+
+
+def _pw_sstep(prob: _Problem, q: np.ndarray, cov=None, wc=None):
+    """S given Q per output channel; returns (G (N, rK, rK), rhs (N, rK)) for the solve.
+
+    With ``cov`` / ``wc`` (default: the ridge-modified Cp and W Cp) other moments are used."""
+    cov = prob.cp if cov is None else cov
+    wc = prob.wcp if wc is None else wc
+    n, r, mg = q.shape
+    g, ng, k = prob.group, prob.ng, prob.k
+    d = mg * k
+    gm = np.empty((n, r * k, r * k))
+    rhs = np.empty((n, r * k))
+    step = max(1, _PW_CHUNK_FLOATS // max(1, r * k * d))
+    for j in range(g):
+        cpj = cov[j].reshape(mg, k * d)
+        wcj = wc[j].reshape(ng, mg, k)
+        for a in range(0, ng, step):
+            b = min(ng, a + step)
+            qs = q[j * ng + a:j * ng + b]  # (c, r, Mg)
+            t = np.matmul(qs.reshape(-1, mg), cpj).reshape(b - a, r, k, mg, k)
+            gm[j * ng + a:j * ng + b] = np.einsum("nikpl,nqp->nikql", t, qs).reshape(
+                b - a, r * k, r * k)
+            rhs[j * ng + a:j * ng + b] = np.einsum("nim,nmk->nik", qs, wcj[a:b]).reshape(b - a, -1)
+    return gm, rhs
+
+
+def _pw_qstep(prob: _Problem, s: np.ndarray) -> np.ndarray:
+    """Q given S per output channel (joint solve of size Mg*r per output channel)."""
+    n, r, k = s.shape
+    g, ng, mg = prob.group, prob.ng, prob.mg
+    q = np.empty((n, r, mg))
+    step = max(1, _PW_CHUNK_FLOATS // max(1, mg * mg * k * r))
+    for j in range(g):
+        cp4 = prob.cp[j].reshape(mg, k, mg, k)
+        wcj = prob.wcp[j].reshape(ng, mg, k)
+        for a in range(0, ng, step):
+            b = min(ng, a + step)
+            ss = s[j * ng + a:j * ng + b]  # (c, r, K)
+            t = np.einsum("mkpl,nql->nmkpq", cp4, ss)  # (c, Mg, K, Mg, r)
+            gm = np.einsum("nmkpq,nik->nmipq", t, ss).reshape(b - a, mg * r, mg * r)
+            rhs = np.einsum("nik,nmk->nmi", ss, wcj[a:b]).reshape(b - a, mg * r, 1)
+            q[j * ng + a:j * ng + b] = _solve_spd(gm, rhs).reshape(b - a, mg, r).transpose(0, 2, 1)
+    return q
+
+
+# -- public API
+
+
+def _check_method(method) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats, *,
+        method: str = "als", sweeps: int = 10, lam: float | None = None, init: str = "svd",
+        tol: float = 1e-9) -> Fit:
+    """Fit the rank-``rank`` factors of Conv ``weight`` to the layer's output on ``stats``.
+
+    Minimises err(A) + lam_j ||A_j - W_j||^2 over structured kernels A (docs/rewrite.md), with
+    lam_j = ``lam`` (relative; default :data:`DEFAULT_LAM`) times the mean eigenvalue of
+    Cov(x~) of group j. ``method="refit"``: the first factor from ``init`` (``"svd"``: the
+    weight-only SVD factors; ``"whitened"``: per-channel whitened SVD, dw-first only), the
+    second factor in closed form. ``"als"``: then up to ``sweeps`` alternating exact block
+    minimisations (first factor given the second, second given the first), stopping early when
+    the objective improves by less than ``tol`` (relative). The bias of the second Conv is the
+    closed form bhat = W mean(x) + b - A mean(x~).
+    """
+    _check_orientation(orientation)
+    _check_method(method)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if init == "whitened" and orientation != "dw-first":
+        raise ValueError("init='whitened' is implemented for the dw-first orientation only")
+    sweeps = _check_count(sweeps, "sweeps")
+    prob, dtype, alpha = _problem(weight, group, stats, lam)
+    spec = spectrum(prob.w.reshape(prob.shape), prob.group, orientation)  # float64 factors
+    r = spec._rank(rank)
+    b = np.zeros(prob.n) if bias is None else _f64(bias, "bias").reshape(-1)
+    if b.shape != (prob.n,):
+        raise ValueError(f"bias must have {prob.n} entries, got shape {np.shape(bias)}")
+    g, ng, mg, k = prob.group, prob.ng, prob.mg, prob.k
+    f0, s0 = spec.factors(r)
+    if orientation == "dw-first":
+        a0 = _dw_kernel(s0.reshape(g, ng, mg, r), f0.reshape(g, mg, r, k))
+    else:
+        a0 = _pw_kernel(f0.reshape(prob.n, r, mg), s0.reshape(prob.n, r, k), g)
+    weight_error = _rel(prob.data_error(a0), prob.tt)
+    tt_mod = np.einsum("jnd,jnd->j", np.matmul(prob.w, prob.cp), prob.w)  # only for monitoring
+    done = 0
+    if orientation == "dw-first":
+        dfac = _dw_whitened(prob, r) if init == "whitened" else f0.reshape(g, mg, r, k)
+        pfac, gain = _dw_pstep(prob, dfac)
+        if method == "als":
+            obj = float(np.sum(tt_mod - gain))
+            for _ in range(sweeps):
+                dfac = _dw_dstep(prob, pfac, dfac)
+                pfac, gain = _dw_pstep(prob, dfac)
+                done += 1
+                new = float(np.sum(tt_mod - gain))
+                if obj - new <= tol * max(abs(obj), 1e-300):
+                    break
+                obj = new
+        # balance the per-(channel, i) gauge so neither factor is tiny in float32
+        pn = np.sqrt(np.einsum("jnmi,jnmi->jmi", pfac, pfac))
+        dn = np.sqrt(np.einsum("jmik,jmik->jmi", dfac, dfac))
+        scale = np.where((pn > 0) & (dn > 0), np.sqrt(dn / np.where(pn > 0, pn, 1.0)), 1.0)
+        pfac = pfac * scale[:, None]
+        dfac = dfac / np.where(scale > 0, scale, 1.0)[..., None]
+        a = _dw_kernel(pfac, dfac)
+        first, second = dfac.reshape(f0.shape), pfac.reshape(s0.shape)
+    else:
+        qfac = f0.reshape(prob.n, r, mg)
+        gm, rhs = _pw_sstep(prob, qfac)
+        sfac = _solve_spd(gm, rhs[..., None])[..., 0].reshape(prob.n, r, k)
+        if method == "als":
+            obj = float(np.sum(tt_mod) - np.sum(rhs.reshape(sfac.shape) * sfac))
+            for _ in range(sweeps):
+                qfac = _pw_qstep(prob, sfac)
+                gm, rhs = _pw_sstep(prob, qfac)
+                sfac = _solve_spd(gm, rhs[..., None])[..., 0].reshape(prob.n, r, k)
+                done += 1
+                new = float(np.sum(tt_mod) - np.sum(rhs.reshape(sfac.shape) * sfac))
+                if obj - new <= tol * max(abs(obj), 1e-300):
+                    break
+                obj = new
+        qn = np.sqrt(np.einsum("nim,nim->ni", qfac, qfac))
+        sn = np.sqrt(np.einsum("nik,nik->ni", sfac, sfac))
+        scale = np.where((qn > 0) & (sn > 0), np.sqrt(sn / np.where(qn > 0, qn, 1.0)), 1.0)
+        qfac, sfac = qfac * scale[..., None], sfac / scale[..., None]
+        a = _pw_kernel(qfac, sfac, g)
+        first, second = qfac.reshape(f0.shape), sfac.reshape(s0.shape)
+    error = _rel(prob.data_error(a), prob.tt)
+    new_bias = prob.new_bias(a, b)
+    return Fit(
+        orientation=orientation,
+        rank=r,
+        method=method,
+        first=np.ascontiguousarray(first, dtype=dtype),
+        second=np.ascontiguousarray(second, dtype=dtype),
+        bias=np.ascontiguousarray(new_bias, dtype=dtype),
+        error=error,
+        weight_error=weight_error,
+        lam=alpha,
+        sweeps=done,
+    )
+
+
+def output_error_curve(weight, group: int, orientation: str, stats: LayerStats, ranks=None,
+                       method: str = "refit", *, lam: float | None = None, init: str = "svd",
+                       sweeps: int = 10) -> np.ndarray:
+    """Predicted relative output error (as :attr:`Fit.error`) at each rank, float64.
+
+    ``ranks``: the ranks to evaluate (default 1..max_rank); the result is aligned with them.
+    ``method="refit"`` shares one SVD and one set of normal matrices over all ranks (the rank-r
+    system is a sub-block of the max-rank one), so it costs about one refit per rank's solve;
+    ``"als"`` runs :func:`fit` at every rank. Errors use the bias-absorbing definition of
+    docs/rewrite.md; square them for the allocator's additive error.
+    """
+    _check_orientation(orientation)
+    _check_method(method)
+    prob, _, _ = _problem(weight, group, stats, lam)
+    spec = spectrum(prob.w.reshape(prob.shape), prob.group, orientation)
+    if ranks is None:
+        ranks = range(1, spec.max_rank + 1)
+    ranks = [spec._rank(r) for r in ranks]
+    if not ranks:
+        return np.zeros(0)
+    if method == "als" or init != "svd":
+        return np.array([
+            fit(weight, None, group, orientation, r, stats, method=method, sweeps=sweeps,
+                lam=lam, init=init).error
+            for r in ranks
+        ])
+    g, ng, mg, k = prob.group, prob.ng, prob.mg, prob.k
+    top = max(ranks)
+    f0, _ = spec.factors(top)
+    out = np.empty(len(ranks))
+    if orientation == "dw-first":
+        dfac = f0.reshape(g, mg, top, k)
+        gp, cp_ = _dw_normal(dfac, prob.cp), _dw_rhs(dfac, prob.wcp)
+        gd, cd = _dw_normal(dfac, prob.mom.cxx), _dw_rhs(dfac, prob.w_ctx)
+        for pos, r in enumerate(ranks):
+            idx = (np.arange(mg)[:, None] * top + np.arange(r)[None, :]).reshape(-1)
+            sub = np.ix_(idx, idx)
+            p = np.swapaxes(_solve_spd(gp[:, sub[0], sub[1]], np.swapaxes(cp_[:, :, idx], 1, 2)),
+                            1, 2)  # (g, Ng, Mg r)
+            quad = np.einsum("jnc,jnc->j", np.matmul(p, gd[:, sub[0], sub[1]]), p)
+            out[pos] = _rel(prob.tt - 2.0 * np.einsum("jnc,jnc->j", cd[:, :, idx], p) + quad,
+                            prob.tt)
+        return out
+    qfac = f0.reshape(prob.n, top, mg)
+    gp, rp = _pw_sstep(prob, qfac)
+    gd, rd = _pw_sstep(prob, qfac, prob.mom.cxx, prob.w_ctx)
+    for pos, r in enumerate(ranks):
+        m = r * k
+        sol = _solve_spd(gp[:, :m, :m], rp[:, :m, None])[..., 0]  # (N, rK)
+        quad = np.einsum("nc,nc->n", np.einsum("ncd,nd->nc", gd[:, :m, :m], sol), sol)
+        err = prob.tt - 2.0 * np.einsum("nc,nc->n", rd[:, :m], sol).reshape(g, ng).sum(1) \
+            + quad.reshape(g, ng).sum(1)
+        out[pos] = _rel(err, prob.tt)
+    return out
