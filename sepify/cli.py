@@ -77,6 +77,43 @@ def _render(render, output: str | None, inputs=None) -> None:
         _emit(render(sys.stdout), None)
 
 
+#: formats written for another program (a browser, Netron, Model Explorer), not the terminal
+VIEWER_FORMATS = ("html", "netron", "model-explorer")
+_metric_opt = click.option("--metric", type=click.Choice(["macs", "flops", "params", "output_bytes", "live_bytes"]),
+                           default="macs", show_default=True,
+                           help="The quantity of a --format model-explorer file (one per file).")
+
+
+def _viewer_text(data: dict, fmt: str, metric: str = "macs", model=None) -> str:
+    """``data`` (an analysis, rewrite or diff report) as an HTML page, a Netron attachment or
+    Model Explorer node data. ``model``: the analyzed model, whose graph gives Model Explorer's
+    names of nodes that sepify had to name itself."""
+    if fmt == "html":
+        from .render.html import render_html
+
+        return render_html(data)
+    if fmt == "netron":
+        from .render.netron import render_netron
+
+        return render_netron(data)
+    from .render.model_explorer import render_model_explorer
+
+    graph = None
+    if model is not None and any("onnx_name" in layer for layer in data.get("layers") or []):
+        from .loading import read_model
+
+        graph = read_model(model, load_external_data=False)[0].graph
+    return render_model_explorer(data, metric, graph)
+
+
+def _check_viewer_format(fmt: str | None) -> None:
+    """Fail before any work when a format's optional dependency is missing (exit 2)."""
+    if fmt == "html":
+        from .render.html import check_available
+
+        check_available()
+
+
 def _guard(inputs, outputs: dict[str, str | None]):
     """Refuse, before any work, an output that is an input of the command or that two output
     options name the same file; returns ``inputs`` for the writers' own check."""
@@ -170,17 +207,20 @@ class _Terminated(KeyboardInterrupt):
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True))
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown"]), default="table",
-              show_default=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown", *VIEWER_FORMATS]),
+              default="table", show_default=True,
+              help="Output format: html (a self-contained page), netron (a Netron attachment), model-explorer "
+                   "(Model Explorer node data, see --metric); see docs/cli.md.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to this file (atomically).")
 @_input_shape_opt
 @_dim_opt
+@_metric_opt
 @click.option("--by-op", is_flag=True, help="Group rows by op type.")
 @click.option("--top", type=click.IntRange(min=1), help="Only the N heaviest rows (by --sort, default MACs).")
 @click.option("--sort", type=click.Choice(["graph", "macs", "flops", "params", "output_bytes", "name"]),
               default="graph", show_default=True, help="Row order.")
 @_handle_errors
-def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
+def analyze(model, fmt, output, input_shape, dim, metric, by_op, top, sort):
     """Per-layer and total MACs, FLOPs, parameters and activation sizes of MODEL."""
     from .cost.analysis import analyze as run
     from .cost.analysis import no_gc
@@ -189,11 +229,15 @@ def analyze(model, fmt, output, input_shape, dim, by_op, top, sort):
     from .fileio import Inputs
 
     inputs = _guard(Inputs().add_model(model), {"-o": output})
+    _check_viewer_format(fmt)
     shapes, dims = _shapes_and_dims(input_shape, dim)
     with no_gc():  # the report makes a few objects per layer, and no reference cycles
         result = run(model, input_shapes=shapes, dims=dims)
         data = result.to_dict()
-        _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output, inputs)
+        if fmt in VIEWER_FORMATS:
+            _emit(_viewer_text(data, fmt, metric, model), output, inputs)
+        else:
+            _render(lambda stream: render_analysis(data, fmt, stream, sort, top, by_op), output, inputs)
 
 
 def _rank_value(ctx, param, value):
@@ -235,14 +279,18 @@ def _rank_value(ctx, param, value):
               help="Exit 1 when the checked error (max relative L2 over outputs and pre-saturation tensors) exceeds this (implies --verify).")
 @click.option("--verify-layers", is_flag=True, help="Also report the error after each rewritten layer (implies --verify).")
 @click.option("--dry-run", is_flag=True, help="Plan and report only; write no model.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table", show_default=True)
-@click.option("--report", "report_file", type=click.Path(dir_okay=False), help="Also write the report (in --format) to this file.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown", *VIEWER_FORMATS]), default="table",
+              show_default=True, help="Report format (html, netron and model-explorer describe the rewritten model).")
+@click.option("--report", "report_file", type=click.Path(dir_okay=False),
+              help="Also write the report to this file: in --format, or HTML when FILE ends in .html. With an html, "
+                   "netron or model-explorer --format, stdout then shows the table.")
+@_metric_opt
 @_input_shape_opt
 @_dim_opt
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
             allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, verify_layers, dry_run, fmt,
-            report_file, input_shape, dim):
+            report_file, metric, input_shape, dim):
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
     from .errors import EXIT_FAILED, UsageError
     from .rewrite.pipeline import RewriteOptions, rewrite as run
@@ -255,6 +303,9 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     # before the work, not only at save time
     inputs = _guard(Inputs().add_model(model).add(inputs_file, "the --inputs file"),
                     {"-o": None if dry_run else output, "--report": report_file})
+    report_fmt = "html" if report_file and report_file.lower().endswith((".html", ".htm")) else fmt
+    _check_viewer_format(fmt)
+    _check_viewer_format(report_fmt)
     shapes, dims = _shapes_and_dims(input_shape, dim)
     opts = RewriteOptions(
         rank=rank, energy=energy, max_error=max_error,
@@ -295,8 +346,15 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     from .render.rewrite import render_rewrite
 
     if report_file:
-        _render(lambda stream: render_rewrite(result.report, fmt, stream), report_file, inputs)
-    _render(lambda stream: render_rewrite(result.report, fmt, stream), None)
+        if report_fmt in VIEWER_FORMATS:
+            _emit(_viewer_text(result.report, report_fmt, metric), report_file, inputs)
+        else:
+            _render(lambda stream: render_rewrite(result.report, report_fmt, stream), report_file, inputs)
+    if fmt in VIEWER_FORMATS and not report_file:
+        _emit(_viewer_text(result.report, fmt, metric), None)
+    else:
+        stdout_fmt = "table" if fmt in VIEWER_FORMATS else fmt
+        _render(lambda stream: render_rewrite(result.report, stdout_fmt, stream), None)
     if failed:
         err = result.report["verification"]["checked_error"]
         click.echo(f"sepify: verification failed: checked error {'non-finite' if err is None else f'{err:.4g}'} "
@@ -381,8 +439,8 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
 @main.command("diff")
 @click.argument("old", type=click.Path(dir_okay=True))
 @click.argument("new", type=click.Path(dir_okay=True))
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown"]), default="table",
-              show_default=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown", "html"]), default="table",
+              show_default=True, help="Output format (html: a self-contained page with the per-layer deltas).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report to this file (atomically).")
 @click.option("--all", "show_all", is_flag=True, help="Also list unchanged layers (table and markdown).")
 @click.option("--sort", type=click.Choice(["graph", "delta"]), default="graph", show_default=True,
@@ -403,11 +461,15 @@ def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match
     from .fileio import Inputs
 
     inputs = _guard(Inputs().add_model(old, "the old model").add_model(new, "the new model"), {"-o": output})
+    _check_viewer_format(fmt)
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
                      input_shapes=shapes, dims=dims)
     data = result.to_dict()
-    _render(lambda stream: render_diff(data, fmt, stream, show_all, sort, top), output, inputs)
+    if fmt == "html":
+        _emit(_viewer_text(data, fmt), output, inputs)
+    else:
+        _render(lambda stream: render_diff(data, fmt, stream, show_all, sort, top), output, inputs)
 
 
 if __name__ == "__main__":  # pragma: no cover
