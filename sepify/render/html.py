@@ -105,7 +105,7 @@ def _page(title: str, subtitle: str, body: list[str], data: dict) -> str:
 
 def _figure(fig, div_id: str, height: int = 420) -> str:
     _, pio, _ = _plotly()
-    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=40, b=40),
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=70, b=40),
                       font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, Arial, sans-serif"))
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=div_id,
                        default_height=f"{height}px", config={"displaylogo": False, "responsive": True})
@@ -211,19 +211,31 @@ def _layer_chart(layers: list[dict]) -> str:
 
     def labels(q: str) -> list[dict]:
         """The heaviest bars by ``q``, labelled with the layer's name (of a run: its heaviest layer's)."""
-        order = sorted(range(len(xs)), key=lambda i: -ys[q][i])[:TOP_LABELS]
+        order = sorted(range(len(xs)), key=lambda i: -ys[q][i])
+        # only bars that stand out: heavier than the first bar left unlabelled (ties: none)
+        floor = ys[q][order[TOP_LABELS]] if len(order) > TOP_LABELS else 0
+        order = [i for i in order[:TOP_LABELS] if ys[q][i] > floor]
         return [dict(x=xs[i], y=ys[q][i], text=_e(top_by[q][i]) + ("…" if grouped else ""), showarrow=True,
                      arrowhead=0, ax=0, ay=-24, font=dict(size=11)) for i in order if ys[q][i] > 0]
 
     fig = go.Figure(go.Bar(x=xs, y=ys["macs"], hovertext=hover, hoverinfo="text", marker_color="#0969da",
                            name="MACs"))
     buttons = [dict(label=label, method="update",
-                    args=[{"y": [ys[q]], "name": [label]}, {"annotations": labels(q), "yaxis.title.text": label}])
+                    args=[{"y": [ys[q]], "name": [label]}, {"annotations": labels(q), "yaxis.title.text": label}, [0]])
                for q, label, _ in _QUANTITIES]
     fig.update_layout(annotations=labels("macs"), yaxis_title="MACs", xaxis_title="layer (graph order)",
                       bargap=0.05 if n > 100 else 0.2,
-                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.12, xanchor="left",
+                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.02, xanchor="left", yanchor="bottom",
                                         buttons=buttons, showactive=True)])
+    if n <= 30:
+        fig.update_xaxes(dtick=1)
+    unknown = [r for r in layers if r.get("unknown")]
+    if not grouped and 0 < len(unknown) <= 200:  # a bar of unknown height: marked, not drawn as 0
+        fig.add_trace(go.Scatter(x=[r["index"] for r in unknown], y=[0] * len(unknown), mode="markers+text",
+                                 text=["?"] * len(unknown), textposition="top center", name="unknown cost",
+                                 marker=dict(color="#cf222e", symbol="x", size=9), hoverinfo="text",
+                                 hovertext=[f"<b>{_e(r['name'])}</b>: cost unknown ({_e(r['unknown'])})" for r in unknown]))
+        fig.update_layout(showlegend=False)
     notice = ""
     if grouped:
         notice = (f'<div class="notice" id="aggregated-layers">{n:,} layers are more than a browser draws well: each bar '
@@ -245,8 +257,8 @@ def _op_chart(by_op: dict) -> str:
                for q, label, _ in _QUANTITIES if q != "output_bytes"]
     buttons.append(dict(label="count", method="update", args=[{"x": [[g["count"] for _, g in groups]]},
                                                                  {"xaxis.title.text": "nodes"}]))
-    fig.update_layout(xaxis_title="MACs", updatemenus=[dict(type="buttons", direction="right", x=0, y=1.15,
-                                                            xanchor="left", buttons=buttons)])
+    fig.update_layout(xaxis_title="MACs", updatemenus=[dict(type="buttons", direction="right", x=0, y=1.02,
+                                                            xanchor="left", yanchor="bottom", buttons=buttons)])
     height = max(260, min(1200, 90 + 22 * len(ops)))
     table = _table(["op type", "count", "MACs", "FLOPs", "params", "unknown"],
                    [[k, f"{g['count']:,}", human(g["macs"]), human(g["flops"]), human(g["params"]), g["unknown"] or ""]
@@ -279,6 +291,8 @@ def _memory_chart(data: dict) -> str:
         fig.add_annotation(x=peak["index"], y=peak["bytes"], text=f"peak {human_bytes(peak['bytes'])} at {_e(peak['layer'])}",
                            showarrow=True, arrowhead=2, ax=40, ay=-30, font=dict(color="#cf222e"))
     fig.update_layout(xaxis_title="layer (execution order)", yaxis_title="live activation bytes", showlegend=False)
+    if len(layers) <= 30:
+        fig.update_xaxes(dtick=1)
     notice = ""
     if size > 1:
         notice = (f'<div class="notice" id="aggregated-memory">{len(layers):,} layers: the curve shows the largest value of '
@@ -409,17 +423,21 @@ def _diff_chart(rows: list[dict]) -> str:
     fig = go.Figure()
     for k, (color, name) in _STATUS_STYLE.items():
         xs, ys, hs = per_q["macs"][k]
+        marked = k in ("added", "removed")  # labelled: an added or removed layer may cost 0 MACs
         fig.add_trace(go.Bar(x=xs, y=ys, orientation="h", marker_color=color, name=name, hovertext=hs,
-                             hoverinfo="text"))
+                             hoverinfo="text", text=[name] * len(xs) if marked else None,
+                             textposition="outside" if marked else None, cliponaxis=False))
     buttons = [dict(label=label, method="update",
                     args=[{"x": [per_q[q][k][0] for k in _STATUS_STYLE], "y": [per_q[q][k][1] for k in _STATUS_STYLE],
-                           "hovertext": [per_q[q][k][2] for k in _STATUS_STYLE]},
+                           "hovertext": [per_q[q][k][2] for k in _STATUS_STYLE],
+                           "text": [[name] * len(per_q[q][k][0]) if k in ("added", "removed") else None
+                                    for k, (_, name) in _STATUS_STYLE.items()]},
                           {"xaxis.title.text": f"{label}: new − old"}])
                for q, label, _ in _DIFF_QUANTITIES]
-    fig.update_layout(barmode="relative", xaxis_title="MACs: new − old", legend=dict(orientation="h", y=1.08, x=0.5),
+    fig.update_layout(barmode="relative", xaxis_title="MACs: new − old", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
                       yaxis=dict(autorange="reversed", categoryorder="array", categoryarray=labels,
                                  tickfont=dict(size=10)),
-                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.12, xanchor="left", buttons=buttons)])
+                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.02, xanchor="left", yanchor="bottom", buttons=buttons)])
     height = max(300, min(2400, 120 + 18 * len(shown)))
     return notice + _figure(fig, "chart-diff", height)
 
@@ -528,8 +546,8 @@ def _rewrite_chart(layers: list[dict]) -> str:
     buttons = [dict(label=label, method="update",
                     args=[{"y": [[r[f"{q}_before"] for r in shown], [r[f"{q}_after"] for r in shown]]},
                           {"yaxis.title.text": label}]) for q, label in (("macs", "MACs"), ("params", "params"))]
-    fig.update_layout(barmode="group", yaxis_title="MACs", legend=dict(orientation="h", y=1.1, x=0.5),
-                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.15, xanchor="left", buttons=buttons)])
+    fig.update_layout(barmode="group", yaxis_title="MACs", legend=dict(orientation="h", y=1.02, yanchor="bottom", x=1, xanchor="right"),
+                      updatemenus=[dict(type="buttons", direction="right", x=0, y=1.02, xanchor="left", yanchor="bottom", buttons=buttons)])
     return notice + _figure(fig, "chart-rewrite", 420)
 
 
@@ -550,18 +568,21 @@ def _verification(ver: dict | None) -> str:
     if not ver:
         return ("<p>Not run (use <code>--verify</code>; random inputs are a smoke test, not an accuracy "
                 "measurement).</p>")
-    out = [f"<p>Inputs: {_e(ver.get('inputs'))}</p>"]
+    out = [f'<p class="muted">inputs: {_e(ver.get("inputs"))}</p>']
     outputs = ver.get("outputs") or {}
     cols: list[str] = []
     for o in outputs.values():
         cols += [k for k in o if k not in cols]
     out.append(_table(["output", *cols], [[name, *(_generic(o.get(c)) for c in cols)] for name, o in outputs.items()],
                       num=set(range(1, len(cols) + 1)), table_id="verification"))
-    if ver.get("tolerance") is not None:
+    if ver.get("tolerance") is None:
+        out.append(f'<p class="muted">largest relative L2 error {ver.get("max_rel_l2_error", 0):.4g}; no --tolerance given '
+                   "(nothing to pass or fail)</p>")
+    else:
         ok = ver.get("passed")
         out.append(f'<p class="{"down" if ok else "up"}"><b>tolerance {ver["tolerance"]:g}: '
                    f'{"passed" if ok else "FAILED"}</b> (largest relative L2 error {ver.get("max_rel_l2_error", 0):.4g})</p>')
-    rest = {k: v for k, v in ver.items() if k not in ("inputs", "outputs", "tolerance", "passed")}
+    rest = {k: v for k, v in ver.items() if k not in ("inputs", "outputs", "tolerance", "passed", "max_rel_l2_error")}
     if rest:
         out.append(_table(["field", "value"], [[k, _generic(v)] for k, v in rest.items()]))
     return "".join(out)
