@@ -100,7 +100,7 @@ def _viewer_text(data: dict, fmt: str, metric: str = "macs", model=None) -> str:
 
     graph = None
     if model is not None and any("onnx_name" in layer for layer in data.get("layers") or []):
-        from .loading import read_model
+        from .model.reading import read_model
 
         graph = read_model(model, load_external_data=False)[0].graph
     return render_model_explorer(data, metric, graph)
