@@ -573,16 +573,20 @@ def _verification(ver: dict | None) -> str:
     cols: list[str] = []
     for o in outputs.values():
         cols += [k for k in o if k not in cols]
-    out.append(_table(["output", *cols], [[name, *(_generic(o.get(c)) for c in cols)] for name, o in outputs.items()],
-                      num=set(range(1, len(cols) + 1)), table_id="verification"))
+    # one column per output, one row per measure (the measures vary between sepify versions)
+    out.append(_table(["measure", *outputs], [[c, *(_generic(o.get(c)) for o in outputs.values())] for c in cols],
+                      num=set(range(1, len(outputs) + 1)), table_id="verification"))
+    checked = ver.get("checked_error", ver.get("max_rel_l2_error"))
+    checked_text = "non-finite" if checked is None else f"{checked:.4g}"
+    what = "checked error" if "checked_error" in ver else "largest relative L2 error"
     if ver.get("tolerance") is None:
-        out.append(f'<p class="muted">largest relative L2 error {ver.get("max_rel_l2_error", 0):.4g}; no --tolerance given '
+        out.append(f'<p class="muted" id="verification-result">{what} {checked_text}; no --tolerance given '
                    "(nothing to pass or fail)</p>")
     else:
         ok = ver.get("passed")
-        out.append(f'<p class="{"down" if ok else "up"}"><b>tolerance {ver["tolerance"]:g}: '
-                   f'{"passed" if ok else "FAILED"}</b> (largest relative L2 error {ver.get("max_rel_l2_error", 0):.4g})</p>')
-    rest = {k: v for k, v in ver.items() if k not in ("inputs", "outputs", "tolerance", "passed", "max_rel_l2_error")}
+        out.append(f'<p class="{"down" if ok else "up"}" id="verification-result"><b>tolerance {ver["tolerance"]:g}: '
+                   f'{"passed" if ok else "FAILED"}</b> ({what} {checked_text})</p>')
+    rest = {k: v for k, v in ver.items() if k not in ("inputs", "outputs", "tolerance", "passed") and v not in (None, [], {})}
     if rest:
         out.append(_table(["field", "value"], [[k, _generic(v)] for k, v in rest.items()]))
     return "".join(out)
