@@ -261,10 +261,19 @@ def _rank_value(ctx, param, value):
 @click.option("--target-macs", metavar="N", help="Global MAC budget for the whole model, e.g. 600M.")
 @click.option("--target-ratio", metavar="F", help="Global MAC budget as a fraction of the original, e.g. 0.3 or 30%.")
 @click.option("--orientation", type=click.Choice(["dw-first", "pw-first", "auto"]), default="dw-first", show_default=True)
-@click.option("--form", type=click.Choice(["native", "split", "tiled"]), default=None,
+@click.option("--form", type=click.Choice(["native", "split", "tiled", "auto"]), default=None,
               help="Graph form of rank > 1 pairs: native (one depthwise conv with channel multiplier r), split (r "
-                   "multiplier-1 depthwise convs + Concat) or tiled (input repeated r times, one multiplier-1 "
-                   "depthwise conv); all compute the same function. Default native.")
+                   "multiplier-1 depthwise convs + Concat), tiled (input repeated r times, one multiplier-1 "
+                   "depthwise conv) or auto (the fastest, measured in onnxruntime); all compute the same function. "
+                   "Default: auto with --objective latency, else native.")
+@click.option("--objective", type=click.Choice(["macs", "latency"]), default=None,
+              help="macs (default): ranks by the criterion, MACs counted. latency: every candidate is timed in "
+                   "onnxruntime at its input shape and a layer is rewritten only where it is measured faster.")
+@click.option("--target-speedup", type=float, metavar="X",
+              help="Latency budget: the whole model X times faster (measured), with the least error; implies "
+                   "--objective latency.")
+@click.option("--threads", type=click.IntRange(min=1), metavar="N",
+              help="onnxruntime intra-op threads for the latency measurements (default: onnxruntime's default).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only rewrite Convs whose name matches (re.search).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Never rewrite Convs whose name matches.")
 @click.option("--allow-increase", is_flag=True, help="Rewrite even where the chosen rank costs more MACs.")
@@ -290,7 +299,8 @@ def _rank_value(ctx, param, value):
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
             allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, verify_layers, dry_run, fmt,
-            report_file, metric, input_shape, dim):
+            report_file, metric, input_shape, dim,
+            **latency):  # --objective, --target-speedup, --threads (sepify.rewrite.measure)
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
     from .errors import EXIT_FAILED, UsageError
     from .rewrite.pipeline import RewriteOptions, rewrite as run
@@ -311,7 +321,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         rank=rank, energy=energy, max_error=max_error,
         target_macs=parse_quantity(target_macs, "--target-macs") if target_macs is not None else None,
         target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
-        orientation=orientation, form=form, include=include, exclude=exclude, allow_increase=allow_increase,
+        orientation=orientation, form=form, objective=latency["objective"], target_speedup=latency["target_speedup"], threads=latency["threads"],
+        include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn)
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None

@@ -76,6 +76,39 @@ _LAYER_COLUMNS = [("layer", "left"), ("tensor", "left"), ("rel L2", "right"), ("
 _LAYER_TITLE = "error after each rewritten layer (end to end)"
 
 
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3g} ms"
+
+
+def _latency_lines(report: dict) -> list[str]:
+    lat = report.get("latency")
+    if not lat:
+        return []
+    load = lat.get("load_average")
+    out = [f"latency ({lat['runtime']}, {lat['provider']}, {lat['graph_optimization']}; {lat['threads_note']}; "
+           f"CPU {lat['cpu']}" + (f"; load average {load[0]:.2f}" if load else "") + "):"]
+    tot = lat.get("layers_total") or {}
+    if tot:
+        out.append(f"  measured layers (one-layer models, sum of medians): {_ms(tot['before_s'])} → {_ms(tot['after_s'])}"
+                   f" ({tot['rewritten']} rewritten)")
+    if lat.get("target_speedup") is not None:
+        out.append(f"  target speed-up {lat['target_speedup']:g}: whole model {_ms(lat.get('model_before_s'))}, "
+                   f"predicted {_ms(lat.get('predicted_s'))}")
+    e2e = lat.get("end_to_end")
+    if e2e:
+        b, a = e2e["before"], e2e["after"]
+        out.append(f"  end-to-end: {_ms(b['median_s'])} [{_ms(b['q1_s'])}–{_ms(b['q3_s'])}] → {_ms(a['median_s'])} "
+                   f"[{_ms(a['q1_s'])}–{_ms(a['q3_s'])}]: {e2e['speedup']:.3f}x speed-up (median of {b['rounds']} "
+                   f"interleaved rounds, quartiles in brackets; {e2e['inputs']})")
+    else:
+        out.append("  end-to-end: not measured")
+    m = lat.get("measuring") or {}
+    if m:
+        out.append(f"  measuring: {m['variants_timed']} variants timed, {m['cache_hits']} cache hits, "
+                   f"{m['distinct_layer_shapes']} layer shapes, {m['seconds']:.1f} s ({m['bound']})")
+    return out
+
+
 def rewrite_table(report: dict, stream=None) -> None:
     from .diff import diff_table
 
@@ -95,6 +128,8 @@ def rewrite_table(report: dict, stream=None) -> None:
         console.print("not rewritten:")
         for s in report["skipped"]:
             console.print(f"  {s['name']}: {s['reason']}")
+    for line in _latency_lines(report):
+        console.print(line, markup=False)
     for line in _verification_lines(report.get("verification")):
         console.print(line)
     rows = _layer_rows(report.get("verification"))
@@ -112,8 +147,17 @@ def _criterion(report: dict) -> str:
     s = report["settings"]
     for key in ("energy", "max_error", "target_macs", "target_ratio"):
         if s.get(key) is not None:
-            return f"{key.replace('_', '-')} {s[key]}, {s['orientation']}"
-    return f"rank {s.get('rank') or 1}, {s['orientation']}"
+            return f"{key.replace('_', '-')} {s[key]}, {s['orientation']}" + _objective(s)
+    if s.get("target_speedup") is not None:
+        return f"target-speedup {s['target_speedup']}, {s['orientation']}" + _objective(s)
+    return f"rank {s.get('rank') or 1}, {s['orientation']}" + _objective(s)
+
+
+def _objective(s: dict) -> str:
+    out = ", objective latency" if s.get("objective") == "latency" else ""
+    if s.get("form") not in (None, "native"):
+        out += f", form {s['form']}"
+    return out
 
 
 def rewrite_markdown(report: dict) -> str:
@@ -131,6 +175,9 @@ def rewrite_markdown(report: dict) -> str:
         out += ["", "<details><summary>not rewritten</summary>", ""]
         out += [f"- `{md_escape(s['name'])}`: {md_escape(s['reason'])}" for s in report["skipped"]]
         out += ["", "</details>"]
+    lat = _latency_lines(report)
+    if lat:
+        out += [""] + [f"{md_escape(line)}  " for line in lat]
     out += [""] + [f"{md_escape(line)}  " for line in _verification_lines(report.get("verification"))]
     rows = _layer_rows(report.get("verification"))
     if rows:

@@ -84,12 +84,17 @@ def rewrite(
     options: RewriteOptions | None = None,
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     dims: Mapping[str, int] | None = None,
+    timer=None,
     **kwargs,
 ) -> RewriteResult:
     """Rewrite the eligible Convs of a model (path or ModelProto). Keyword arguments are
     :class:`RewriteOptions` fields (``rank=1``, ``energy=0.95``, ``orientation="auto"``...).
 
     Returns the new ModelProto and the report. The source is never modified.
+
+    ``timer``: what times models for ``objective="latency"`` / ``form="auto"`` (default: a
+    :class:`sepify.rewrite.measure.OrtTimer` with ``threads``); any callable taking a list of
+    :class:`~sepify.rewrite.measure.Variant` and returning one :class:`~sepify.rewrite.measure.Timing` each.
     """
     opts = options or RewriteOptions(**kwargs)
     if options is not None and kwargs:
@@ -138,7 +143,11 @@ def rewrite(
                 skipped.extend(Skipped(n.name or "Conv", f"inside a subgraph of {node.name or node.op_type} (not rewritten)")
                                for n in g.node if n.op_type == "Conv")
 
-    choices = plan_ranks(candidates, opts, before.totals.macs)
+    choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
+    latency = None
+    if opts.objective == "latency" or opts.form == "auto":  # the measure stage
+        latency = _Latency(opts, timer, raw, path, external, loaded, values)
+        choices = latency.plan(candidates, view, choices)
 
     # build
     import onnx_graphsurgeon as gs
@@ -162,13 +171,14 @@ def rewrite(
         if isinstance(choice, str):
             skipped.append(Skipped(c.node.name, choice))
             continue
-        orientation, rank = choice
+        orientation, rank, *chosen_form = choice
         sp = c.spectra[orientation]
         macs_after = sp.macs(rank, c.p_in, c.p_out)
         if macs_after >= c.original_macs and not opts.allow_increase:
             skipped.append(Skipped(c.node.name, f"no saving at rank {rank} ({macs_after:,} >= {c.original_macs:,} MACs; --allow-increase to force)"))
             continue
-        form = opts.form if opts.form != "auto" and rank > 1 else "native"
+        form = chosen_form[0] if chosen_form else (opts.form if opts.form != "auto" else "native")
+        form = form if rank > 1 else "native"
         new_nodes = _build(graph, gs, by_name, c, orientation, rank, names, form=form, opset=_opset(work))
         first, second = sp.factors(rank)
         results.append(LayerResult(
@@ -177,7 +187,7 @@ def rewrite(
             macs_before=c.original_macs, macs_after=int(macs_after),
             params_before=c.original_params, params_after=int(first.size + second.size + (c.bias.size if c.bias is not None else 0)),
             folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
-            form=form))
+            form=form, latency=latency.layer(c.node.name) if latency else None))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     new = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(new, raw, opts, results)
@@ -192,9 +202,110 @@ def rewrite(
     order = {n.name: i for i, n in enumerate(view.nodes)}
     skipped.sort(key=lambda s: order.get(s.name, len(order)))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped)
+    if latency is not None:
+        report["latency"] = latency.report(new, external)
+        report["notes"].extend(latency.notes)
     if unnamed:
         report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
     return RewriteResult(new, results, skipped, report, external, path)
+
+
+class _Latency:
+    """The measure stage: per-layer timings and choices (:mod:`.measure`), end-to-end runs."""
+
+    def __init__(self, opts: RewriteOptions, timer, raw: onnx.ModelProto, path, external: bool, loaded, values):
+        from . import measure
+
+        self.opts, self.m = opts, measure
+        self.timer = timer if timer is not None else measure.OrtTimer(opts.threads)
+        self.measurer = measure.LayerMeasurer(self.timer)
+        self.opset = _opset(raw)
+        self.notes: list[str] = []
+        self.layers: dict = {}
+        self.info: dict = {}
+        self.external = external
+        # the original as onnxruntime runs it (from its file when its weights are external)
+        self.original = str(path) if external and path else (None if external else raw.SerializeToString())
+        unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
+        self.unbound = unbound
+        shapes = {}
+        inits = {i.name for i in loaded.model.graph.initializer}
+        for inp in loaded.model.graph.input:
+            if inp.name in inits or not inp.type.HasField("tensor_type"):
+                continue
+            dims = inp.type.tensor_type.shape.dim
+            shapes[inp.name] = [d.dim_value if d.HasField("dim_value") else values.get(d.dim_param, 1) for d in dims]
+        self.feeds = measure.feeds_for(loaded.model, shapes) if shapes or not loaded.model.graph.input else None
+        self.values = values
+        self.e2e_before: float | None = None
+
+    def _spec(self, c: Candidate, view):
+        from .plan import _attrs
+
+        xs = view.shape(c.node.input[0])
+        dims = []
+        for axis, d in enumerate(xs):
+            if isinstance(d, int):
+                dims.append(d)
+                continue
+            if axis >= 2 and d in self.unbound:
+                raise UsageError(f"--objective latency / --form auto time each layer at its input shape, but "
+                                 f"{c.node.name}'s input has the unbound dimension {d!r}: bind it with --dim {d}=N "
+                                 f"(or --input-shape)")
+            dims.append(int(self.values[d]))
+        return self.m.layer_spec(dims, c.weight, c.bias is not None, _attrs(c.node), self.opset)
+
+    def _model_seconds(self) -> float:
+        if self.original is None or self.feeds is None:
+            raise UsageError("--target-speedup needs the whole model timed, which is not possible for a model held in "
+                             "memory with external data: pass its path")
+        (t,) = self.timer([self.m.Variant("model", "original", self.original, self.feeds)])
+        self.e2e_before = t.median
+        return t.median
+
+    def plan(self, candidates: list[Candidate], view, mac_choices: dict) -> dict:
+        if self.unbound:
+            self.notes.append(f"latency measured with unbound dimension(s) {', '.join(self.unbound)} at 1 "
+                              f"(bind them with --dim for the shapes you deploy)")
+        specs = {c.node.name: self._spec(c, view) for c in candidates}
+        choices, self.layers, self.info = self.m.plan_latency(candidates, self.opts, specs, self.measurer, mac_choices,
+                                                              self._model_seconds)
+        return choices
+
+    def layer(self, name: str) -> dict | None:
+        rec = self.layers.get(name)
+        return rec.to_dict() if rec is not None and rec.chosen is not None else None
+
+    def report(self, new: onnx.ModelProto, external: bool) -> dict:
+        st = self.measurer.stats
+        out = {
+            "objective": self.opts.objective,
+            "form": self.opts.form,
+            **self.m.runtime_info(self.opts.threads),
+            "min_gain": self.m.MIN_GAIN if self.opts.objective == "latency" else None,
+            "layers": [{"name": n, "chosen": list(r.chosen) if r.chosen else None, **r.to_dict()}
+                       for n, r in self.layers.items()],
+            "measuring": {"seconds": st.seconds, "variants_timed": st.variants_timed, "cache_hits": st.cache_hits,
+                          "distinct_layer_shapes": len(self.measurer.originals),
+                          "bound": ("ranks 1.. of each orientation while cheaper in MACs than the original, at most "
+                                    f"{self.m.MAX_RANKS}, stopping at the first rank no form of which is faster; "
+                                    "timings cached per layer shape" if self.opts.target_speedup is not None else
+                                    "the rank the criterion chooses, each form; timings cached per layer shape")},
+            "end_to_end": None,
+        }
+        chosen = [r for r in self.layers.values() if r.chosen is not None]
+        out["layers_total"] = {"before_s": sum(r.original_s for r in self.layers.values()),
+                               "after_s": sum((r.seconds if r.chosen else r.original_s) for r in self.layers.values()),
+                               "rewritten": len(chosen)}
+        if self.opts.target_speedup is not None:
+            out["target_speedup"] = self.opts.target_speedup
+            out.update({k: v for k, v in self.info.items()})
+        if external or self.original is None or self.feeds is None:
+            self.notes.append("end-to-end latency not measured: the rewritten model has external data (time the saved "
+                              "model)")
+            return out
+        out["end_to_end"] = self.m.end_to_end(self.timer, self.original, new, self.feeds)
+        return out
 
 
 def _restore_model_fields(new: onnx.ModelProto, raw: onnx.ModelProto, opts: RewriteOptions, results) -> None:
@@ -210,7 +321,8 @@ def _restore_model_fields(new: onnx.ModelProto, raw: onnx.ModelProto, opts: Rewr
     onnx.helper.set_model_props(new, {**{p.key: p.value for p in keep},
                                       "sepify.version": __version__,
                                       "sepify.rewrite": json.dumps({"settings": opts.to_dict(),
-                                                                    "layers": {r.name: [r.orientation, r.rank] for r in results}},
+                                                                    "layers": {r.name: [r.orientation, r.rank] + ([r.form] if r.form != "native" else [])
+                                                                               for r in results}},
                                                                    sort_keys=True)})
 
 
@@ -222,6 +334,13 @@ def _diff(before: dict, after: dict, layers: list[LayerResult]) -> dict:
     extra = {r.name: {"orientation": r.orientation, "rank": f"{r.rank}/{r.max_rank}",
                       "energy kept": round(r.energy, 4), "rel. weight error": round(r.rel_error, 4)}
              for r in layers}
+    if any(r.form != "native" or r.latency for r in layers):
+        for r in layers:
+            extra[r.name]["form"] = r.form
+    for r in layers:
+        if r.latency:
+            extra[r.name]["ms before"] = round(r.latency["before_s"] * 1e3, 3)
+            extra[r.name]["ms after"] = round(r.latency["after_s"] * 1e3, 3)
     return compare(before, after, mapping=mapping, extra=extra, positional=False).to_dict()
 
 
