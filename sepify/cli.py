@@ -7,13 +7,12 @@ model error; 3 an internal error (a bug: please report it with ``--debug`` outpu
 from __future__ import annotations
 
 import functools
-import re
 import sys
 
 import click
 
 from . import __version__
-from .errors import EXIT_ERROR, SepifyError, UsageError
+from .errors import EXIT_ERROR, SepifyError
 
 EXIT_INTERNAL = 3
 
@@ -134,32 +133,16 @@ def _guard(inputs, outputs: dict[str, str | None]):
     return inputs
 
 
-_SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*([A-Za-z0-9_?,x\s]+)$")
-
-
-def parse_input_shape(text: str) -> tuple[str, list[int | str]]:
-    """``images=1x3x640x640`` → ``("images", [1, 3, 640, 640])``; a non-number stays a symbol."""
-    m = _SHAPE_RE.match(text)
-    if not m:
-        raise UsageError(f"invalid --input-shape {text!r} (expected NAME=1x3x224x224)")
-    name, dims = m.group(1), m.group(2)
-    out: list[int | str] = []
-    for d in re.split(r"[x,]", dims.replace(" ", "")):
-        if not d:
-            raise UsageError(f"invalid --input-shape {text!r} (empty dimension)")
-        out.append(int(d) if d.isdigit() else d)
-    return name, out
-
-
-def parse_dim(text: str) -> tuple[str, int]:
-    """``batch=8`` → ``("batch", 8)``."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
-        raise UsageError(f"invalid --dim {text!r} (expected SYMBOL=POSITIVE_INTEGER)")
-    return name.strip(), int(value)
+def _warn_unused_dims(model: str, unused) -> None:
+    """A --dim the model has no symbol for is ignored (noted in the report) and warned about:
+    it matches no model of the command (a typo?)."""
+    for name in unused:
+        click.echo(f"sepify: warning: --dim {name}: {model} has no dimension named {name!r} (ignored)", err=True)
 
 
 def _shapes_and_dims(input_shape: tuple[str, ...], dim: tuple[str, ...]):
+    from .units import parse_dim, parse_input_shape
+
     shapes = dict(parse_input_shape(s) for s in input_shape)
     dims = dict(parse_dim(d) for d in dim)
     return shapes, dims
@@ -233,6 +216,7 @@ def analyze(model, fmt, output, input_shape, dim, metric, by_op, top, sort):
     shapes, dims = _shapes_and_dims(input_shape, dim)
     with no_gc():  # the report makes a few objects per layer, and no reference cycles
         result = run(model, input_shapes=shapes, dims=dims)
+        _warn_unused_dims(model, result.unused_dims)
         data = result.to_dict()
         if fmt in VIEWER_FORMATS:
             _emit(_viewer_text(data, fmt, metric, model), output, inputs)
@@ -337,6 +321,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         else:
             random_samples(specs, dims, seed)  # unbound spatial dims: exit 2 now, not after the rewrite
     result = run(model, opts, input_shapes=shapes, dims=dims)
+    _warn_unused_dims(model, result.report.get("unused_dims") or [])
     failed = saved = False
     if do_verify:
         from .rewrite.verify import verify
@@ -435,13 +420,16 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
         (inputs.add_model if role in ("a checked model", "the baseline") else inputs.add)(path, role)
     _guard(inputs, {"-o": output, "--junit": junit})
     to_file = bool(output and output != "-")
-    _render(lambda stream: render_check(data, fmt, stream), output, inputs)
+    on_stderr = fmt == "table" and not to_file  # the table names the errors; stderr has the lines
+    _render(lambda stream: render_check(data, fmt, stream, on_stderr), output, inputs)
     if junit:
         write_junit(data, junit, inputs)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         # annotations go to stdout, unless stdout carries the JSON report (the runner reads stderr too)
         github_report(data, stream=sys.stderr if fmt == "json" and not to_file else sys.stdout)
-    for m in data["models"]:  # like every command: a model error is also one line on stderr
+    for w in data["warnings"]:
+        click.echo(f"sepify: warning: {w}", err=True)
+    for m in data["models"]:  # like every command: a model error is one line on stderr
         if m["status"] == "error":
             click.echo(f"sepify: error: {m['error']}", err=True)
     sys.exit(report.exit_code)

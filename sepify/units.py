@@ -84,3 +84,37 @@ def human3(n: int | float | None) -> str:
             s = f"{v:.{max(0, 2 - len(str(int(v))) + 1)}f}" if unit else str(int(n))
             return f"{sign}{s}{unit}"
     return f"{sign}{n:g}"
+
+
+_SHAPE_RE = re.compile(r"^\s*([^=]+?)\s*=\s*(.*?)\s*$")
+
+
+def parse_shape(text: str, what: str, shown: str | None = None) -> list[int]:
+    """``1x3x640x640`` (or ``1,3,640,640``) → ``[1, 3, 640, 640]``. Every dimension is a
+    positive integer: a symbolic dimension is bound by name (``--dim`` / ``dims``), never
+    spelled inside a shape, so a typo (``1x3xax224``) is an error, not a new symbol."""
+    shown = text if shown is None else shown
+    dims = [d.strip() for d in re.split(r"[x,]", text.strip())] if text.strip() else [""]
+    for d in dims:
+        if not d:
+            raise UsageError(f"invalid {what} {shown!r}: empty dimension (expected like 1x3x224x224)")
+        if not d.isdigit() or int(d) < 1:
+            raise UsageError(f"invalid {what} {shown!r}: {d!r} is not a positive integer "
+                             "(a symbolic dimension is bound by name: --dim NAME=VALUE, or dims in the config)")
+    return [int(d) for d in dims]
+
+
+def parse_input_shape(text: str, what: str = "--input-shape") -> tuple[str, list[int]]:
+    """``images=1x3x640x640`` → ``("images", [1, 3, 640, 640])`` (see :func:`parse_shape`)."""
+    m = _SHAPE_RE.match(text)
+    if not m or not m.group(2):
+        raise UsageError(f"invalid {what} {text!r} (expected NAME=1x3x224x224)")
+    return m.group(1), parse_shape(m.group(2), what, shown=text)
+
+
+def parse_dim(text: str) -> tuple[str, int]:
+    """``batch=8`` → ``("batch", 8)``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
+        raise UsageError(f"invalid --dim {text!r} (expected SYMBOL=POSITIVE_INTEGER)")
+    return name.strip(), int(value)

@@ -507,7 +507,8 @@ def test_symbolic_batch_formula_and_numbers_at_1():
     assert a.totals.macs_formula == "6.91K·batch"
     assert layer.macs_formula == "6.91K·batch"
     assert any("batch" in n and "1" in n for n in a.notes)  # the note names the unbound symbol
-    assert a.symbols["batch"] == {"value": 1, "bound": False}
+    assert a.symbols["batch"] == {"value": 1, "bound": False, "batch": True,  # N of N x C x H x W
+                                  "affects": ["macs", "flops", "layer_macs", "activation_peak"]}
     assert a.to_dict()["totals"]["macs_formula"] == "6.91K·batch"
 
 

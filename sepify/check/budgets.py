@@ -144,6 +144,8 @@ class ModelResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     baseline_file: str | None = field(default=None, repr=False)  # the baseline's path as read
+    #: dims this model was given: name -> (words naming the setting, whether the model has it)
+    dims_given: dict[str, tuple[str, bool]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -160,6 +162,8 @@ class CheckReport:
     config: str | None = None
     #: the files the check read, as (path, role): models, baselines, the config file
     inputs: list[tuple[str, str]] = field(default_factory=list)
+    #: problems of the settings that fail no model (a ``dims`` key no checked model has)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -177,7 +181,7 @@ class CheckReport:
         n = {s: sum(1 for m in self.models if m.status == s) for s in ("pass", "fail", "error")}
         return {
             "schema": SCHEMA, "sepify_version": __version__, "config": self.config,
-            "passed": self.passed, "exit_code": self.exit_code,
+            "passed": self.passed, "exit_code": self.exit_code, "warnings": self.warnings,
             "summary": {"models": len(self.models), "passed": n["pass"], "failed": n["fail"], "errors": n["error"],
                         "budgets": sum(len(m.results) for m in self.models),
                         "budgets_failed": sum(1 for m in self.models for r in m.results if not r.passed)},
@@ -186,6 +190,17 @@ class CheckReport:
 
 
 # --- evaluation -------------------------------------------------------------------------------
+def budgeted(limits: Mapping[str, object], growth: Mapping[str, object], has_baseline: bool) -> set[str]:
+    """The quantities :func:`evaluate` judges for these settings (``unknown`` always)."""
+    out = {q for q, v in limits.items() if v is not None} | {"unknown"}
+    if has_baseline:
+        if not growth or "*" in growth:
+            out |= {*GROWTH_DEFAULT, *(q for q in limits if q != "unknown")}
+        out |= {q for q in growth if q != "*"}
+    return out
+
+
+
 def evaluate(report: dict, limits: Mapping[str, int | float | None] | None = None,
              growth: Mapping[str, float] | None = None, baseline: dict | None = None) -> list[BudgetResult]:
     """Evaluate budgets on an analyze report dict.

@@ -50,6 +50,10 @@ class Settings:
     baseline: str | None = None        # absolute, or relative to the cwd; may hold {stem}/{name}
     input_shapes: dict[str, list] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)
+    #: how messages name where each input shape / dim came from: ``input-shape.images in
+    #: pyproject.toml [tool.sepify]``, ``--dim batch``
+    shape_words: dict[str, str] = field(default_factory=dict)
+    dim_words: dict[str, str] = field(default_factory=dict)
 
 
 def merge(layers: Iterable[Settings]) -> Settings:
@@ -64,6 +68,8 @@ def merge(layers: Iterable[Settings]) -> Settings:
             out.baseline = s.baseline
         out.input_shapes.update(s.input_shapes)
         out.dims.update(s.dims)
+        out.shape_words.update(s.shape_words)
+        out.dim_words.update(s.dim_words)
     out.limits = {q: v for q, v in out.limits.items() if v is not None}
     out.growth = {q: v for q, v in out.growth.items() if v is not None}
     return out
@@ -105,6 +111,10 @@ class Config:
                 layers.append(s.settings)
                 labels.append(s.label)
         return layers, labels
+
+    def sections_for_label(self, settings: Settings) -> str:
+        """The label of the section holding ``settings`` (the config's label for the defaults)."""
+        return next((sec.label for sec in self.sections if sec.settings is settings), self.label)
 
     @property
     def label(self) -> str:
@@ -150,16 +160,16 @@ def find_config(start: str | os.PathLike | None = None) -> Path | None:
 
 
 def load_config(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> Config:
-    """Read a config file: ``[tool.sepify]`` if the file has one, else its top-level keys."""
+    """Read a config file: its ``[tool.sepify]`` table if it has one (other tables are ignored),
+    else (a ``sepify.toml``) its top-level keys; a ``pyproject.toml`` without the table is an error."""
     path = Path(path)
     if not path.is_absolute():
         path = Path(cwd or os.getcwd()) / path
     data = _toml_load(path)
     where = f"{path}"
     if isinstance(data.get("tool"), dict) and "sepify" in data["tool"]:
-        others = [k for k in data if k != "tool"]
-        if path.name != "pyproject.toml" and others:
-            raise UsageError(f"{path}: unknown key {others[0]!r} (with a [tool.sepify] table, put every key inside it)")
+        # any TOML file with a [tool.sepify] table (a pyproject.toml, or another file like one):
+        # that table is the config and the file's other tables belong to other tools
         table = data["tool"]["sepify"]
         where = f"{path} [tool.sepify]"
     elif path.name == "pyproject.toml":
@@ -225,6 +235,7 @@ def _settings(table: Mapping, root: Path, where: str) -> Settings:
             s.baseline = value if os.path.isabs(value) else str(root / value)
         elif k == "input-shape":
             s.input_shapes = parse_input_shapes(value, where)
+            s.shape_words = {name: f"{key}.{name} in {where}" for name in s.input_shapes}
         elif k == "dims":
             if not isinstance(value, Mapping):
                 raise UsageError(f"{where}: 'dims' must be a table such as {{batch = 1}}")
@@ -232,6 +243,7 @@ def _settings(table: Mapping, root: Path, where: str) -> Settings:
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                     raise UsageError(f"{where}: dims.{name} must be a positive integer, not {v!r}")
                 s.dims[name] = v
+                s.dim_words[name] = f"dims.{name} in {where}"
     return s
 
 
@@ -275,22 +287,27 @@ def parse_growth(value, what: str) -> dict[str, float | None]:
     return out
 
 
-def parse_input_shapes(value, where: str) -> dict[str, list]:
-    from ..cli import parse_input_shape
+def parse_input_shapes(value, where: str) -> dict[str, list[int]]:
+    """``input-shape = {images = "1x3x640x640"}`` (or ``[1, 3, 640, 640]``, or a list of
+    ``"images=1x3x640x640"``): every dimension a positive integer (symbols are bound by ``dims``)."""
+    from ..units import parse_input_shape, parse_shape
 
-    out: dict[str, list] = {}
+    out: dict[str, list[int]] = {}
     if isinstance(value, Mapping):
         for name, shape in value.items():
-            if isinstance(shape, list):
-                if not all(isinstance(d, (int, str)) and not isinstance(d, bool) for d in shape):
-                    raise UsageError(f"{where}: input-shape.{name} must be like \"1x3x224x224\" or [1, 3, 224, 224]")
+            what = f"input-shape.{name} in {where}"
+            if isinstance(shape, list) and shape:
+                for d in shape:
+                    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                        raise UsageError(f"invalid {what} {shape!r}: {d!r} is not a positive integer "
+                                         "(a symbolic dimension is bound by name: dims = {NAME = VALUE})")
                 out[name] = list(shape)
             elif isinstance(shape, str):
-                out.update([parse_input_shape(f"{name}={shape}")])
+                out[name] = parse_shape(shape, what)
             else:
-                raise UsageError(f"{where}: input-shape.{name} must be like \"1x3x224x224\" or [1, 3, 224, 224]")
+                raise UsageError(f"{what} must be like \"1x3x224x224\" or [1, 3, 224, 224]")
     elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        out.update(parse_input_shape(v) for v in value)
+        out.update(parse_input_shape(v, f"input-shape in {where}") for v in value)
     else:
         raise UsageError(f"{where}: 'input-shape' must be a table such as {{input = \"1x3x224x224\"}}")
     return out

@@ -8,9 +8,10 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import SepifyError, UsageError
+from ..errors import ModelError, SepifyError, UsageError
 from .baselines import baseline_path, load_baseline
-from .budgets import QUANTITIES, CheckReport, ModelResult, evaluate
+from ..cost.analysis import SHAPE_QUANTITIES, UNBOUND_NOTE, UNUSED_DIMS_NOTE
+from .budgets import QUANTITIES, CheckReport, ModelResult, budgeted, evaluate
 from .config import Config, Settings, find_config, load_config, merge, parse_growth, parse_limit
 
 
@@ -62,6 +63,8 @@ def check(
         cli.baseline = b if os.path.isabs(b) else str(cwd / b)
     cli.input_shapes = {k: list(v) for k, v in (input_shapes or {}).items()}
     cli.dims = dict(dims or {})
+    cli.shape_words = {k: f"--input-shape {k}" for k in cli.input_shapes}
+    cli.dim_words = {k: f"--dim {k}" for k in cli.dims}
 
     paths: list[tuple[str, Path | None, str | None]] = []  # (display, path, error)
     if models:
@@ -97,7 +100,19 @@ def check(
             read.append((str(path), "a checked model"))
         if r.baseline_file is not None:
             read.append((r.baseline_file, "the baseline"))
-    return CheckReport(results, config=cfg.label if cfg else None, inputs=read)
+    return CheckReport(results, config=cfg.label if cfg else None, inputs=read, warnings=_dims_warnings(results))
+
+
+def _dims_warnings(results: list[ModelResult]) -> list[str]:
+    """A ``dims`` key that no checked model has (among the models it was given to and that
+    could be read) is a warning: a typo, or a setting for a model that is gone. A key that
+    only some models lack is a note on those models (a glob matches models of several kinds)."""
+    seen: dict[str, tuple[str, bool]] = {}  # words -> (name, some model has it)
+    for r in results:
+        for name, (words, has) in r.dims_given.items():
+            seen[words] = (name, has is not False or seen.get(words, (name, False))[1])
+    return [f"{words}: no checked model has a dimension named {name!r} (ignored)"
+            for words, (name, has) in seen.items() if not has]
 
 
 def _display(path: Path, cwd: Path) -> str:
@@ -122,8 +137,33 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         baseline = baseline_path(s.baseline, path)
         result.baseline = _display(Path(baseline), cwd)
         result.baseline_file = baseline
+    hint = _bind_hint(cfg, layers)
+    result.dims_given = {n: (s.dim_words.get(n, f"--dim {n}"), None) for n in s.dims}  # None: not known
+    need = budgeted(s.limits, s.growth, baseline is not None)
     try:
-        data = analyze(path, input_shapes=s.input_shapes or None, dims=s.dims or None).to_dict(layers=False)
+        try:
+            an = analyze(path, input_shapes=s.input_shapes or None, dims=s.dims or None,
+                         shape_words=s.shape_words, bind_hint=hint)
+        except ModelError as e:
+            if not getattr(e, "unbound", None) or not need & set(SHAPE_QUANTITIES):
+                raise
+            names = e.unbound
+            quantities = [QUANTITIES[q][1] for q in SHAPE_QUANTITIES if q in need]
+            raise UsageError(f"{display}: {', '.join(quantities)} cannot be measured with the unbound "
+                             f"dimension{'s' if len(names) > 1 else ''} {', '.join(names)} (at 1 the model is "
+                             f"invalid: {e.reason.removeprefix(str(path) + ': ')}); {_bind_hint(cfg, layers, names)}") from None
+        data = an.to_dict(layers=False)
+        result.dims_given = {n: (s.dim_words.get(n, f"--dim {n}"), n not in an.unused_dims) for n in s.dims}
+        unbound = {k: v for k, v in data["symbols"].items() if not v["bound"]}
+        guessed = {k: [q for q in v["affects"] if q in need] for k, v in unbound.items() if not v["batch"]}
+        guessed = {k: qs for k, qs in guessed.items() if qs}
+        if guessed:
+            quantities = [QUANTITIES[q][1] for q in SHAPE_QUANTITIES if any(q in qs for qs in guessed.values())]
+            names = sorted(guessed)
+            many = len(quantities) > 1
+            raise UsageError(f"{display}: the {', '.join(quantities)} budget{'s' if many else ''} depend{'' if many else 's'} "
+                             f"on the unbound dimension{'s' if len(names) > 1 else ''} {', '.join(names)}, which a check "
+                             f"does not guess; {_bind_hint(cfg, layers, names)}")
         t = data["totals"]
         result.totals = {"macs": t["macs"], "flops": t["flops"], "params": t["params"],
                          "activation_peak_bytes": t["activation_peak_bytes"], "unknown": t["unknown"],
@@ -132,7 +172,14 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         if baseline is not None:
             base_report = load_baseline(baseline, input_shapes=s.input_shapes or None, dims=s.dims or None)
         result.results = evaluate(data, s.limits, s.growth, base_report)
-        result.notes = list(data.get("notes") or [])
+        result.notes = [n for n in data.get("notes") or [] if not n.startswith((UNUSED_DIMS_NOTE, UNBOUND_NOTE))]
+        for n, (words, has) in result.dims_given.items():
+            if not has:
+                result.notes.append(f"{words}: this model has no dimension named {n!r} (ignored)")
+        batch = sorted(k for k, v in unbound.items() if v["batch"])
+        if batch:
+            result.notes.append(f"per sample: the dynamic batch dimension {', '.join(batch)} is set to 1 "
+                                f"(to budget a batch of SIZE, bind it: --dim {batch[0]}=SIZE, or dims in the config)")
         if all(q == "unknown" for q in s.limits) and base_report is None:
             result.notes.append("no budget configured for this model: only max-unknown = 0 applies")
         result.status = "pass" if all(r.passed for r in result.results) else "fail"
@@ -140,6 +187,17 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         result.error = str(e)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _bind_hint(cfg: Config | None, layers: list[Settings], names: list[str] | None = None) -> str:
+    """How to bind dimensions, in the words of where the model's settings come from: the last
+    config section matching the model, else the command line."""
+    names = names or ["NAME"]
+    dims = ", ".join(f"{n} = VALUE" for n in names)
+    flags = " ".join(f"--dim {n}=VALUE" for n in names)
+    if cfg is not None and len(layers) > 1:
+        return f"bind them with dims = {{{dims}}} (or input-shape) in {cfg.sections_for_label(layers[-1])}, or {flags}"
+    return f"bind them with {flags} or --input-shape INPUT=1x3x224x224 (or dims / input-shape in the config)"
 
 
 def dumps(report: CheckReport | dict) -> str:

@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from .. import __version__
+from ..errors import ModelError
 from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
 from ..model.graph import GraphView, is_float, itemsize, static_numel, subgraphs
 from ..model.loading import LoadedModel, load
@@ -101,6 +102,7 @@ class Analysis:
     totals: Totals
     notes: list[str] = field(default_factory=list)
     activation_peak: dict | None = None  # where the peak is and the tensors live there
+    unused_dims: list[str] = field(default_factory=list)  # ``dims`` names the model has no symbol for
 
     def to_dict(self, layers: bool = True) -> dict:
         """The JSON report (schema ``sepify.analysis/1``). ``layers=False``: the summary that
@@ -533,8 +535,12 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     if originals:
         notes.append(f"{len(originals)} unnamed or duplicate-named node(s) are shown under derived names "
                      "(Op_index / name_index; the node's own name is in onnx_name)")
+    if loaded.unused_dims:
+        have = sorted(loaded.symbols)
+        notes.append(UNUSED_DIMS_NOTE + ", ".join(loaded.unused_dims)
+                     + (f" (its symbolic dimensions: {', '.join(have)})" if have else " (it has no symbolic dimensions)"))
     if unbound:
-        notes.append("unbound symbolic dimensions set to 1 for the numbers: " + ", ".join(unbound)
+        notes.append(UNBOUND_NOTE + ", ".join(unbound)
                      + " (bind them with --dim NAME=VALUE)")
         if not formula_exact:
             notes.append("some costs are not polynomial in the symbols (shape inference lost them); totals formula omitted")
@@ -542,18 +548,74 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         notes.append(f"{totals.unknown} node(s) of unknown cost are not included in the totals")
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     graph_inputs = [vi for vi in model.graph.input if vi.name not in view.const]
+    input_shapes = {vi.name: _shape_list(view.tensor(vi.name)) for vi in graph_inputs}
+    affects = _affects(unbound, sym_macs, sym_flops, formula_exact and numeric is None, input_shapes.values(), layers)
+    batch = _batch_symbols(loaded.symbols, input_shapes.values())
     return Analysis(
         model={
             "path": str(loaded.path) if loaded.path else None, "file_size": loaded.file_size,
             "ir_version": model.ir_version, "opsets": opsets, "producer": model.producer_name,
             "graph": model.graph.name,
         },
-        inputs=[{"name": vi.name, "shape": _shape_list(view.tensor(vi.name)),
+        inputs=[{"name": vi.name, "shape": input_shapes[vi.name],
                  "dtype": onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)} for vi in graph_inputs],
-        symbols={k: {"value": values[k], "bound": v is not None} for k, v in sorted(loaded.symbols.items())},
-        layers=layers, totals=totals, notes=notes,
+        symbols={k: {"value": values[k], "bound": v is not None,
+                     **({"batch": k in batch, "affects": affects[k]} if v is None else {})}
+                 for k, v in sorted(loaded.symbols.items())},
+        layers=layers, totals=totals, notes=notes, unused_dims=list(loaded.unused_dims),
         activation_peak=_peak_tensors(*peak_at, peak, names, layers),
     )
+
+
+UNUSED_DIMS_NOTE = "dims not in the model, ignored: "
+UNBOUND_NOTE = "unbound symbolic dimensions set to 1 for the numbers: "
+#: the quantities of a report that can depend on a dimension (``sepify check`` budgets them)
+SHAPE_QUANTITIES = ("macs", "flops", "layer_macs", "activation_peak")
+
+
+def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, input_shapes, layers) -> dict[str, list[str]]:
+    """For each unbound symbol, the quantities its value changes (``SHAPE_QUANTITIES`` order).
+
+    MACs and FLOPs (and so the heaviest layer's MACs): the symbols of their polynomial terms;
+    where a cost is not polynomial (shape inference lost a symbol), every unbound symbol.
+    Activation peak: a symbol in the shape of a graph input or of any layer output, and every
+    unbound symbol when some shape was lost. Params, file size and unknown nodes never change."""
+    in_macs = {sym for mono in sym_macs for sym, _ in mono}
+    in_flops = {sym for mono in sym_flops for sym, _ in mono}
+    in_shapes: set[str] = set()
+    lost = not exact
+    for shape in input_shapes:
+        if shape is None:
+            lost = True
+            continue
+        in_shapes.update(d for d in shape if d.__class__ is str)
+    for layer in layers:
+        for shape in layer.output_shapes or ():
+            if shape is None:
+                continue
+            for d in shape:
+                if d.__class__ is str:
+                    in_shapes.add(d)
+                elif d is None:
+                    lost = True
+    out = {}
+    for k in unbound:
+        macs = lost or k in in_macs
+        q = {"macs": macs, "flops": lost or k in in_flops, "layer_macs": macs, "activation_peak": lost or k in in_shapes}
+        out[k] = [name for name in SHAPE_QUANTITIES if q[name]]
+    return out
+
+
+def _batch_symbols(symbols: Mapping[str, int | None], input_shapes) -> set[str]:
+    """Symbols that are a batch dimension: they appear in the graph inputs' shapes only as the
+    first dimension of an input of rank >= 2 (``N`` of ``N x C x H x W``), nowhere else."""
+    first: set[str] = set()
+    other: set[str] = set()
+    for shape in input_shapes:
+        for axis, d in enumerate(shape or ()):
+            if d.__class__ is str:
+                (first if axis == 0 and len(shape) >= 2 else other).add(d)
+    return {k for k in first - other if k in symbols}
 
 
 def _peak_tensors(view: GraphView, nbytes: "_Bytes", peak_node: int | None, peak: int, names: list[str],
@@ -620,21 +682,39 @@ def analyze(
     source,
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     dims: Mapping[str, int] | None = None,
+    *,
+    shape_words: Mapping[str, str] | None = None,
+    bind_hint: str | None = None,
 ) -> Analysis:
     """Analyze a model file (path) or an ``onnx.ModelProto``; see :class:`Analysis`.
 
     ``input_shapes``: ``{"images": [1, 3, 640, 640]}`` overrides input shapes;
-    ``dims``: ``{"batch": 8}`` binds symbolic dimensions everywhere.
+    ``dims``: ``{"batch": 8}`` binds symbolic dimensions everywhere. A ``dims`` name the model
+    has no symbol for is ignored, with a note (and listed in ``Analysis.unused_dims``).
+
+    When the model is invalid only with its unbound symbols at the stand-in value 1 (a 1x1
+    image pooled below a kernel's size), the :class:`~sepify.errors.ModelError` names them and
+    how to bind them (``bind_hint``, default: with --dim / --input-shape). ``shape_words``: how
+    errors name each input's shape override (see :func:`~sepify.model.loading.bind_inputs`).
     """
     with no_gc():
-        loaded = load(source, input_shapes=input_shapes, dims=dims)
+        loaded = load(source, input_shapes=input_shapes, dims=dims, shape_words=shape_words)
         view = GraphView(loaded.model.graph, symbols=loaded.symbols)
-        numeric = None
-        if any(v is None for v in loaded.symbols.values()) and view.loses_dims():
-            # shape inference lost a symbolic dimension somewhere: a second pass with the
-            # unbound symbols at 1 gives the numbers where the formulas cannot
-            numeric = load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1)
-        return analyze_loaded(loaded, numeric, view=view)
+        unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
+        try:
+            numeric = None
+            if unbound and view.loses_dims():
+                # shape inference lost a symbolic dimension somewhere: a second pass with the
+                # unbound symbols at 1 gives the numbers where the formulas cannot
+                numeric = load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1, shape_words=shape_words)
+            return analyze_loaded(loaded, numeric, view=view)
+        except ModelError as e:
+            if not unbound:
+                raise
+            hint = bind_hint or "bind them with --dim NAME=VALUE or --input-shape NAME=1x3x224x224"
+            err = ModelError(f"{e} — with the unbound dimension(s) {', '.join(unbound)} set to 1; {hint}")
+            err.unbound, err.reason = unbound, str(e)  # (for sepify check's own message)
+            raise err from None
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ class LoadedModel:
     file_size: int | None
     symbols: dict[str, int | None] = field(default_factory=dict)  # name -> bound value or None
     notes: list[str] = field(default_factory=list)
+    unused_dims: list[str] = field(default_factory=list)  # ``dims`` names the model has no symbol for
 
     @property
     def label(self) -> str:
@@ -85,9 +86,13 @@ def bind_inputs(
     dims: Mapping[str, int] | None = None,
     label: str = "<model>",
     initializers: set[str] | None = None,
+    shape_words: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, int | None], bool]:
     """Apply input shape overrides and symbol bindings in place; return the symbols seen and
-    whether the model was changed.
+    whether the model was changed. A ``dims`` name that is no symbol of the model is ignored
+    (the caller reports it: see :attr:`LoadedModel.unused_dims`). ``shape_words``: how errors
+    name the override of each input (default ``--input-shape NAME``; a config says
+    ``input-shape.NAME in FILE``).
 
     Anonymous input dims (no value, no name) are given the name ``<input>_d<axis>`` so they can
     be bound with ``--dim`` and appear in formulas. The symbols are ``{symbol: bound value or
@@ -98,12 +103,13 @@ def bind_inputs(
     inputs = {i.name: i for i in graph.input if i.name not in inits}
     changed = bool(input_shapes)
     for name, shape in (input_shapes or {}).items():
+        words = (shape_words or {}).get(name) or f"--input-shape {name}"
         if name not in inputs:
-            raise UsageError(f"--input-shape names {name!r}, which is not a graph input (inputs: {', '.join(inputs) or 'none'})")
+            raise UsageError(f"{label}: {words}: {name!r} is not a graph input (inputs: {', '.join(inputs) or 'none'})")
         vi = inputs[name]
         old = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else []
         if old and len(old) != len(shape):
-            raise UsageError(f"--input-shape {name}: rank {len(shape)} given, the model declares rank {len(old)}")
+            raise UsageError(f"{label}: {words}: rank {len(shape)} given, the model declares rank {len(old)}")
         _set_dims(vi, shape)
     if input_shapes:
         _forget_derived_dims(graph)
@@ -120,10 +126,6 @@ def bind_inputs(
                 d.dim_param = f"{vi.name}_d{axis}"
                 changed = True
             symbols[d.dim_param] = dims.get(d.dim_param)
-    unused = sorted(set(dims) - set(symbols))
-    if unused:
-        raise UsageError(f"--dim {unused[0]}: no input of the model has a dimension named {unused[0]!r}"
-                         + (f" (symbols: {', '.join(sorted(symbols))})" if symbols else " (it has no symbolic dimensions)"))
     # a declared output/intermediate dim named by something other than an input symbol (exporters
     # write "Convy_dim_0", "batch_size_out"...) would stay opaque: shape inference keeps the
     # declared name over the one it derives. Forget it so inference derives the dimension.
@@ -201,6 +203,7 @@ def load(
     bind_unbound_to: int | None = None,
     copy: bool = True,
     path: str | os.PathLike | None = None,
+    shape_words: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     """Read, validate and prepare a model, with shapes inferred. See the module docstring.
 
@@ -249,7 +252,8 @@ def load(
         data = None
         notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
     initializers = set(init_names)
-    symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers)
+    symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers, shape_words)
+    unused = sorted(set(dims or {}) - set(symbols))
     if bind_unbound_to is not None:
         free = {k: bind_unbound_to for k, v in symbols.items() if v is None}
         if free:
@@ -268,4 +272,4 @@ def load(
         _forget_derived_dims(model.graph)
         model = infer_shapes(model, label)
     size = path.stat().st_size if path else None
-    return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes)
+    return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused)

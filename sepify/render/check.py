@@ -64,7 +64,9 @@ def summary_line(data: dict) -> str:
 
 
 # --- table / markdown / json ------------------------------------------------------------------
-def check_table(data: dict, stream=None) -> None:
+def check_table(data: dict, stream=None, messages_on_stderr: bool = False) -> None:
+    """The table; ``messages_on_stderr``: the caller prints each model error and warning as one
+    line on stderr (the terminal shows both streams: each message is printed once)."""
     from rich.table import Table
 
     from .common import _console
@@ -73,8 +75,11 @@ def check_table(data: dict, stream=None) -> None:
     console = _console(stream)
     for m in data["models"]:
         if m["status"] == "error":
-            err = m["error"] or ""
-            console.print(f"ERROR: {err}" if m["path"] in err else f"{m['path']}: ERROR: {err}")
+            if messages_on_stderr:
+                stream.write(f"{m['path']} — ERROR (the error is on stderr)\n")
+            else:  # plain text: one line however long, as on stderr
+                err = m["error"] or ""
+                stream.write((f"ERROR: {err}" if m["path"] in err else f"{m['path']}: ERROR: {err}") + "\n")
             continue
         title = f"{m['path']} — {_STATUS[m['status']]}"
         if m.get("baseline"):
@@ -92,12 +97,17 @@ def check_table(data: dict, stream=None) -> None:
                 console.print(f"  over budget: {b['message']}")
         for note in m.get("notes") or []:
             console.print(f"  note: {note}")
+    if not messages_on_stderr:
+        for w in data.get("warnings") or []:
+            stream.write(f"warning: {w}\n")
     console.print(summary_line(data))
 
 
 def check_markdown(data: dict) -> str:
     icon = {0: "✅", 1: "❌", 2: "⚠️"}[data["exit_code"]]
     out = [f"### {icon} {summary_line(data)}", ""]
+    for w in data.get("warnings") or []:
+        out += [f"> warning: {md_escape(w)}", ""]
     for m in data["models"]:
         out.append(f"#### `{md_escape(m['path'])}` — {_STATUS[m['status']]}")
         out.append("")
@@ -119,13 +129,13 @@ def check_markdown(data: dict) -> str:
     return "\n".join(out)
 
 
-def render_check(data: dict, fmt: str = "table", stream=None) -> str | None:
+def render_check(data: dict, fmt: str = "table", stream=None, messages_on_stderr: bool = False) -> str | None:
     """Text for json/markdown; prints the table to ``stream`` and returns None for ``table``."""
     if fmt == "json":
         return json.dumps(data, indent=2, allow_nan=False) + "\n"
     if fmt == "markdown":
         return check_markdown(data) + "\n"
-    check_table(data, stream)
+    check_table(data, stream, messages_on_stderr)
     return None
 
 

@@ -207,6 +207,9 @@ def rewrite(
         report["notes"].extend(latency.notes)
     if unnamed:
         report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
+    if loaded.unused_dims:
+        report["notes"].append(f"dims not in the model, ignored: {', '.join(loaded.unused_dims)}")
+    report["unused_dims"] = list(loaded.unused_dims)
     return RewriteResult(new, results, skipped, report, external, path)
 
 
