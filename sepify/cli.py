@@ -7,6 +7,7 @@ model error; 3 an internal error (a bug: please report it with ``--debug`` outpu
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -236,12 +237,23 @@ def _rank_value(ctx, param, value):
     return v
 
 
+def _holdout_value(text: str) -> float:
+    from .errors import UsageError
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise UsageError(f"--holdout must be a fraction in [0, 1) or a sample count, not {text!r}") from None
+    return int(v) if v >= 1 and v == int(v) else v
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=True))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to write the rewritten model.")
 @click.option("--rank", callback=_rank_value, metavar="N|full", help="Rank per layer (default 1: the MobileNet layer).")
 @click.option("--energy", type=float, help="Per layer, the smallest rank keeping this fraction of the weight energy.")
-@click.option("--max-error", type=float, help="Per layer, the smallest rank with relative weight error <= this.")
+@click.option("--max-error", type=float, help="Per layer, the smallest rank with relative weight error <= this "
+                                             "(with --calibration: relative OUTPUT error).")
 @click.option("--target-macs", metavar="N", help="Global MAC budget for the whole model, e.g. 600M.")
 @click.option("--target-ratio", metavar="F", help="Global MAC budget as a fraction of the original, e.g. 0.3 or 30%.")
 @click.option("--orientation", type=click.Choice(["dw-first", "pw-first", "auto"]), default="dw-first", show_default=True)
@@ -262,12 +274,25 @@ def _rank_value(ctx, param, value):
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Never rewrite Convs whose name matches.")
 @click.option("--allow-increase", is_flag=True, help="Rewrite even where the chosen rank costs more MACs.")
 @click.option("--no-fold-bn", is_flag=True, help="Do not fold a following BatchNormalization into the kernel.")
+@click.option("--calibration", type=click.Path(), metavar="PATH",
+              help="Calibration data (.npz with one [S, *input_shape] array per input, or a folder of .npz "
+                   "files, one sample each): fit each layer to its output on this data (docs/rewrite.md).")
+@click.option("--holdout", default="0.2", show_default=True, metavar="F|N",
+              help="With --calibration: samples held out from the fit (fraction in [0, 1) or a count), "
+                   "used to measure the rewrite's errors.")
+@click.option("--calib-rows", type=int, default=16384, show_default=True, metavar="N",
+              help="With --calibration: patch rows (sampled output positions) accumulated per layer.")
+@click.option("--calib-method", type=click.Choice(["als", "refit"]), default="als", show_default=True,
+              help="With --calibration: alternating least squares, or only the closed-form refit of the second factor.")
+@click.option("--no-sequential", is_flag=True,
+              help="With --calibration: fit every layer on the original model's inputs instead of the "
+                   "already-rewritten model's (faster, less accurate at high compression).")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Run both models in onnxruntime on every verification sample and compare outputs.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=True),
               help="Samples for --verify: .npz (one array per input, samples on a leading axis) or a folder of .npz.")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the random --verify input (a wiring smoke test, used without data).")
+              help="Seed of the random --verify input (a wiring smoke test, used without data), and of the --calibration holdout split and sampled positions.")
 @click.option("--tolerance", type=float,
               help="Exit 1 when the checked error (max relative L2 over outputs and pre-saturation tensors) exceeds this (implies --verify).")
 @click.option("--verify-layers", is_flag=True, help="Also report the error after each rewritten layer (implies --verify).")
@@ -282,8 +307,8 @@ def _rank_value(ctx, param, value):
 @_dim_opt
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
-            allow_increase, no_fold_bn, do_verify, inputs_file, seed, tolerance, verify_layers, dry_run, fmt,
-            report_file, metric, input_shape, dim,
+            allow_increase, no_fold_bn, calibration, holdout, calib_rows, calib_method, no_sequential, do_verify,
+            inputs_file, seed, tolerance, verify_layers, dry_run, fmt, report_file, metric, input_shape, dim,
             **latency):  # --objective, --target-speedup, --threads (sepify.rewrite.measure)
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
     from .errors import EXIT_FAILED, UsageError
@@ -295,7 +320,11 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     from .fileio import Inputs
 
     # before the work, not only at save time
-    inputs = _guard(Inputs().add_model(model).add(inputs_file, "the --inputs file"),
+    guard = Inputs().add_model(model).add(inputs_file, "the --inputs file").add(calibration, "the --calibration data")
+    if calibration and os.path.isdir(calibration):
+        for f in sorted(os.listdir(calibration)):
+            guard.add(os.path.join(calibration, f), "a --calibration sample file")
+    inputs = _guard(guard,
                     {"-o": None if dry_run else output, "--report": report_file})
     report_fmt = "html" if report_file and report_file.lower().endswith((".html", ".htm")) else fmt
     _check_viewer_format(fmt)
@@ -307,7 +336,11 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
         orientation=orientation, form=form, objective=latency["objective"], target_speedup=latency["target_speedup"], threads=latency["threads"],
         include=include, exclude=exclude, allow_increase=allow_increase,
-        fold_batchnorm=not no_fold_bn)
+        fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
+        calib_method=calib_method, sequential=not no_sequential, calib_seed=seed)
+    if calibration is None and any(v != d for v, d in ((holdout, "0.2"), (calib_rows, 16384), (calib_method, "als"),
+                                                        (no_sequential, False))):
+        raise UsageError("--holdout, --calib-rows, --calib-method and --no-sequential need --calibration")
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None
     if do_verify:  # read and check the data before the work: a bad file is one line, exit 2
@@ -318,10 +351,18 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         if inputs_file:
             samples = load_samples(inputs_file, specs)
             source = f"{inputs_file} ({len(samples)} sample{'s' if len(samples) != 1 else ''})"
-        else:
+        elif calibration is None:
             random_samples(specs, dims, seed)  # unbound spatial dims: exit 2 now, not after the rewrite
-    result = run(model, opts, input_shapes=shapes, dims=dims)
+    result = run(model, opts, input_shapes=shapes, dims=dims, calibration=calibration)
     _warn_unused_dims(model, result.report.get("unused_dims") or [])
+    if do_verify and samples is None and result.calibration is not None and len(result.calibration.holdout):
+        samples = list(result.calibration.holdout)  # the held-out calibration samples, never used to fit
+        source = f"calibration holdout ({len(samples)} sample{'s' if len(samples) != 1 else ''}, never used to fit)"
+    elif do_verify and samples is None and calibration is not None:
+        from .rewrite.verify import input_specs, random_samples
+        from .model.reading import read_model
+
+        random_samples(input_specs(read_model(model, load_external_data=False, copy=False)[0], shapes), dims, seed)
     failed = saved = False
     if do_verify:
         from .rewrite.verify import verify

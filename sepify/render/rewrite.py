@@ -109,6 +109,26 @@ def _latency_lines(report: dict) -> list[str]:
     return out
 
 
+def _calibration_lines(report: dict) -> list[str]:
+    cal = report.get("calibration")
+    if not cal:
+        return []
+    secs = sum(cal.get("seconds", {}).values())
+    out = [f"calibration: {cal['samples']} samples from {cal['source']} ({cal['fit_samples']} fit, "
+           f"{cal['holdout_samples']} held out), ≤{cal['rows_per_layer']:,} patch rows per layer, "
+           f"{cal['method']}{', sequential' if cal.get('sequential') else ''}; {secs:.1f} s"]
+    if cal.get("dims_bound_from_data"):
+        out.append("  dims bound from the data: " + ", ".join(f"{k}={v}" for k, v in cal["dims_bound_from_data"].items()))
+    rows = [r for r in report["layers"] if r.get("output_error_predicted") is not None]
+    if rows:
+        out.append("  relative output error per layer (predicted on the fit set / measured on the holdout):")
+        for r in rows:
+            meas = r.get("output_error_measured")
+            out.append(f"    {r['name']}: {r['orientation']} rank {r['rank']}: {r['output_error_predicted']:.4g} / "
+                       f"{'-' if meas is None else f'{meas:.4g}'}")
+    return out
+
+
 def rewrite_table(report: dict, stream=None) -> None:
     from .diff import diff_table
 
@@ -121,6 +141,8 @@ def rewrite_table(report: dict, stream=None) -> None:
     console.print(f"rewritten {t['rewritten']} Conv(s); MACs {human(b['macs'])} → {human(a['macs'])} "
                   f"({_pct(a['macs'], b['macs'])}), params {human(b['params'])} → {human(a['params'])} "
                   f"({_pct(a['params'], b['params'])})")
+    for line in _calibration_lines(report):
+        console.print(line)
     folded = [r for r in report["layers"] if r.get("folded_batchnorm")]
     for r in folded:
         console.print(f"folded BatchNormalization {r['folded_batchnorm']} into {r['name']} before factorizing")
@@ -175,6 +197,9 @@ def rewrite_markdown(report: dict) -> str:
         out += ["", "<details><summary>not rewritten</summary>", ""]
         out += [f"- `{md_escape(s['name'])}`: {md_escape(s['reason'])}" for s in report["skipped"]]
         out += ["", "</details>"]
+    cal = _calibration_lines(report)
+    if cal:
+        out += [""] + [md_escape(line.strip()) + "  " for line in cal]
     lat = _latency_lines(report)
     if lat:
         out += [""] + [f"{md_escape(line)}  " for line in lat]

@@ -12,6 +12,7 @@ from .factorize import ORIENTATIONS
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
 OBJECTIVES = ("macs", "latency")
 FORM_CHOICES = ("native", "split", "tiled", "auto")  # == emit.FORM_CHOICES (emit imports plan, not options)
+CALIB_METHODS = ("als", "refit")
 
 
 @dataclass
@@ -36,6 +37,12 @@ class RewriteOptions:
     target_speedup: float | None = None
     form: str | None = None
     threads: int | None = None
+    # with calibration data (rewrite(..., calibration=...) / --calibration): see calibrate.py
+    holdout: float = 0.2  # fraction in [0, 1) or a sample count >= 1 (data.py)
+    calib_rows: int = 16384  # patch rows per layer
+    calib_method: str = "als"  # "als" (alternating least squares) or "refit" (pointwise refit only)
+    sequential: bool = True  # fit each layer on the inputs the already-rewritten layers produce
+    calib_seed: int = 0  # the holdout split and the sampled positions
 
     def __post_init__(self):
         if self.objective is None:
@@ -70,6 +77,10 @@ class RewriteOptions:
             raise UsageError(f"--threads must be a positive integer, not {self.threads!r}")
         if self.orientation not in ORIENTATION_CHOICES:
             raise UsageError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}")
+        if isinstance(self.calib_rows, bool) or not isinstance(self.calib_rows, int) or self.calib_rows < 1:
+            raise UsageError(f"--calib-rows must be a positive integer, not {self.calib_rows!r}")
+        if self.calib_method not in CALIB_METHODS:
+            raise UsageError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}")
         for p in list(self.include) + list(self.exclude):
             try:
                 re.compile(p)

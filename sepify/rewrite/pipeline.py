@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import onnx
 
 from .. import __version__
@@ -40,6 +41,10 @@ class LayerResult:
     new_nodes: list[str] = field(default_factory=list)
     form: str = "native"  # graph form of the pair (sepify.rewrite.emit)
     latency: dict | None = None  # measured per-layer latency (sepify.rewrite.measure), when measured
+    # with calibration data: relative output error of the layer (docs/rewrite.md), predicted
+    # from the fit statistics and measured on the held-out samples (None without them)
+    output_error_predicted: float | None = None
+    output_error_measured: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,7 +57,9 @@ class RewriteResult:
 
     For a source with external data, the initializers the rewrite left untouched still
     reference the source's data files (relative to ``source_path``'s folder; their bytes are
-    never loaded): :meth:`save` copies them into the new data file."""
+    never loaded): :meth:`save` copies them into the new data file. ``calibration``: the
+    validated calibration set of a calibrated rewrite (``.fit`` / ``.holdout``: sequences of
+    feed dicts), None otherwise."""
 
     model: onnx.ModelProto
     layers: list[LayerResult]
@@ -60,6 +67,7 @@ class RewriteResult:
     report: dict
     external_data: bool = False
     source_path: Path | None = None
+    calibration: object = None  # the CalibrationSet (.fit / .holdout feeds) of a calibrated rewrite
 
     def save(self, path: str | Path, inputs=None) -> None:
         """Write the model atomically (external data kept in external form), then check it.
@@ -85,10 +93,16 @@ def rewrite(
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     dims: Mapping[str, int] | None = None,
     timer=None,
+    calibration=None,
     **kwargs,
 ) -> RewriteResult:
     """Rewrite the eligible Convs of a model (path or ModelProto). Keyword arguments are
     :class:`RewriteOptions` fields (``rank=1``, ``energy=0.95``, ``orientation="auto"``...).
+
+    ``calibration``: calibration data (a ``.npz`` path, a folder of ``.npz`` files, a mapping
+    of stacked arrays or an iterable of ``{input_name: array}``; see :mod:`.data`): the
+    factorization then minimises each layer's output error on it (:mod:`.calibrate`). Without
+    it the rewrite is the weight-only SVD.
 
     Returns the new ModelProto and the report. The source is never modified.
 
@@ -106,6 +120,13 @@ def rewrite(
 
     external = has_external_data(raw)
     unnamed = _name_nodes(raw)
+    calib = None
+    if calibration is not None:
+        from .data import load_calibration
+
+        calib = load_calibration(calibration, raw, holdout=opts.holdout, seed=opts.calib_seed,
+                                 input_shapes=input_shapes, dims=dims)
+        dims = {**calib.dims, **(dims or {})}  # symbolic dims bound from the data
     # shapes come from a weightless copy: checker and shape inference never copy the weights
     loaded = load(weightless_copy(raw, label=str(path) if path else "<model>"), input_shapes=input_shapes, dims=dims,
                   copy=False, path=path)
@@ -143,11 +164,31 @@ def rewrite(
                 skipped.extend(Skipped(n.name or "Conv", f"inside a subgraph of {node.name or node.op_type} (not rewritten)")
                                for n in g.node if n.op_type == "Conv")
 
+    calibrator = None
+    if calib is not None:
+        from threadpoolctl import threadpool_limits
+
+        from .calibrate import Calibrator, materialize
+
+        calibrator = Calibrator(materialize(raw, base_dir), calib, rows=opts.calib_rows, seed=opts.calib_seed,
+                                method=opts.calib_method, sequential=opts.sequential, threads=opts.threads)
+        with threadpool_limits(limits=1, user_api="blas"):  # see README (dependencies)
+            _set_output_curves(candidates, opts, calibrator)
     choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
     latency = None
     if opts.objective == "latency" or opts.form == "auto":  # the measure stage
         latency = _Latency(opts, timer, raw, path, external, loaded, values)
         choices = latency.plan(candidates, view, choices)
+    if calibrator is not None:
+        chosen = []
+        for c in candidates:
+            ch = choices.get(c.node.name)
+            if isinstance(ch, tuple):
+                o, r = ch[0], ch[1]
+                if c.spectra[o].macs(r, c.p_in, c.p_out) < c.original_macs or opts.allow_increase:
+                    chosen.append((c, o, r))
+        with threadpool_limits(limits=1, user_api="blas"):
+            fitted = calibrator.fit(chosen)
 
     # build
     import onnx_graphsurgeon as gs
@@ -179,15 +220,19 @@ def rewrite(
             continue
         form = chosen_form[0] if chosen_form else (opts.form if opts.form != "auto" else "native")
         form = form if rank > 1 else "native"
-        new_nodes = _build(graph, gs, by_name, c, orientation, rank, names, form=form, opset=_opset(work))
-        first, second = sp.factors(rank)
+        fit = fitted[c.node.name] if calibrator is not None else None
+        new_nodes = _build(graph, gs, by_name, c, orientation, rank, names, form=form, opset=_opset(work),
+                           factors=fit[:2] if fit is not None else None, bias=fit[2] if fit is not None else None)
+        first, second = fit[:2] if fit is not None else sp.factors(rank)
+        new_bias = fit[2] if fit is not None else c.bias
         results.append(LayerResult(
             name=c.node.name, orientation=orientation, rank=rank, max_rank=sp.max_rank,
             energy=float(sp.energy(rank)), rel_error=float(sp.rel_error(rank)),
             macs_before=c.original_macs, macs_after=int(macs_after),
-            params_before=c.original_params, params_after=int(first.size + second.size + (c.bias.size if c.bias is not None else 0)),
+            params_before=c.original_params, params_after=int(first.size + second.size + (new_bias.size if new_bias is not None else 0)),
             folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
-            form=form, latency=latency.layer(c.node.name) if latency else None))
+            form=form, latency=latency.layer(c.node.name) if latency else None,
+            output_error_predicted=fit[3] if fit is not None else None))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     new = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(new, raw, opts, results)
@@ -199,9 +244,21 @@ def rewrite(
     except ModelError as e:  # a sepify bug, not a user error
         raise RuntimeError(f"the rewritten model fails validation: {e}") from e
     after = analyze_loaded(new_loaded)
+    calib_info = None
+    if calibrator is not None:
+        from .calibrate import materialize
+
+        by_layer = {r.name: (c.bn.output[0] if c.bn is not None else c.node.output[0])
+                    for r in results for c in candidates if c.node.name == r.name}
+        measured = calibrator.measure(materialize(new, base_dir), list(by_layer.values()))
+        for r in results:
+            r.output_error_measured = measured.get(by_layer[r.name])
+        calib_info = {**calib.to_dict(), "rows_per_layer": opts.calib_rows, "method": opts.calib_method,
+                      "sequential": opts.sequential, "seconds": {k: round(v, 3) for k, v in calibrator.seconds.items()},
+                      "passes": dict(calibrator.passes), "notes": calib.notes}
     order = {n.name: i for i, n in enumerate(view.nodes)}
     skipped.sort(key=lambda s: order.get(s.name, len(order)))
-    report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped)
+    report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped, calibration=calib_info)
     if latency is not None:
         report["latency"] = latency.report(new, external)
         report["notes"].extend(latency.notes)
@@ -210,7 +267,7 @@ def rewrite(
     if loaded.unused_dims:
         report["notes"].append(f"dims not in the model, ignored: {', '.join(loaded.unused_dims)}")
     report["unused_dims"] = list(loaded.unused_dims)
-    return RewriteResult(new, results, skipped, report, external, path)
+    return RewriteResult(new, results, skipped, report, external, path, calib)
 
 
 class _Latency:
@@ -344,11 +401,16 @@ def _diff(before: dict, after: dict, layers: list[LayerResult]) -> dict:
         if r.latency:
             extra[r.name]["ms before"] = round(r.latency["before_s"] * 1e3, 3)
             extra[r.name]["ms after"] = round(r.latency["after_s"] * 1e3, 3)
+    for r in layers:
+        if r.output_error_predicted is not None:
+            extra[r.name]["out. error pred."] = round(r.output_error_predicted, 4)
+            extra[r.name]["out. error meas."] = (round(r.output_error_measured, 4)
+                                                 if r.output_error_measured is not None else None)
     return compare(before, after, mapping=mapping, extra=extra, positional=False).to_dict()
 
 
 def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: list[LayerResult],
-                 skipped: list[Skipped], verification: dict | None = None) -> dict:
+                 skipped: list[Skipped], verification: dict | None = None, calibration: dict | None = None) -> dict:
     tb, ta = before["totals"], after["totals"]
 
     def ratio(a, b):
@@ -371,7 +433,24 @@ def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: 
         "skipped": [{"name": s.name, "reason": s.reason} for s in skipped],
         "diff": _diff(before, after, layers),
         "verification": verification,
+        "calibration": calibration,
         "notes": [],
         "before": before,
         "after": after,
     }
+
+
+
+def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibrator) -> None:
+    """With calibration data every rank policy reads PREDICTED relative OUTPUT errors
+    (``Candidate.curves``, from the phase-1 statistics) instead of weight errors; the phase-1
+    pass is skipped when the policy needs no curve (``--rank`` in one fixed orientation)."""
+    if (opts.target_macs is None and opts.target_ratio is None and opts.energy is None and opts.max_error is None
+            and opts.orientation != "auto" and opts.target_speedup is None):
+        return
+    from .allocate import ErrorCurves
+
+    for name, per in calibrator.curves(candidates).items():
+        c = next(c for c in candidates if c.node.name == name)
+        c.curves = ErrorCurves("output", {o: np.asarray(v, dtype=np.float64) for o, v in per.items()},
+                               {o: np.square(np.asarray(v, dtype=np.float64)) for o, v in per.items()})
