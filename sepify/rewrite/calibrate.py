@@ -35,7 +35,6 @@ Passes (``F`` = fit samples, ``L`` = rewritten layers):
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
