@@ -252,10 +252,12 @@ def test_netron_rewrite_attachment_describes_the_rewritten_model(samples_dir, tm
     meta = {(i["target"], i["name"]): i["value"] for i in att["metadata"]}
     for r in report["layers"]:
         for node in r["new_nodes"]:
-            assert meta[(node, "sepify.rank")] == r["rank"]
-            assert meta[(node, "sepify.weight_rel_error")] == r["rel_error"]
-            assert meta[(node, "sepify.replaces")] == r["name"]
-    assert meta[("block3.dw", "sepify.not_rewritten")] == "already depthwise (group == C_in)"
+            assert meta[(node, "rank")] == r["rank"]
+            assert meta[(node, "max rank")] == r["max_rank"]
+            assert meta[(node, "weight error")] == r["rel_error"]
+            assert meta[(node, "energy kept")] == r["energy"]
+            assert meta[(node, "replaces")] == r["name"]
+    assert meta[("block3.dw", "not rewritten")] == "already depthwise (group == C_in)"
     after = {layer["name"]: layer for layer in report["after"]["layers"]}
     for target, m in metrics_by_target(att).items():
         assert m["MACs"] == after[target]["macs"]

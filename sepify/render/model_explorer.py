@@ -89,4 +89,8 @@ def node_data(data: dict, metric: str = "macs", graph: onnx.GraphProto | None = 
 
 
 def render_model_explorer(data: dict, metric: str = "macs", graph: onnx.GraphProto | None = None) -> str:
-    return json.dumps(node_data(data, metric, graph), indent=1) + "\n"
+    """Node data as JSON text, one node a line."""
+    d = node_data(data, metric, graph)
+    rows = ",\n    ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in d["results"].items())
+    return (f'{{\n  "name": {json.dumps(d["name"])},\n  "results": {{\n    {rows}\n  }},\n'
+            f'  "gradient": {json.dumps(d["gradient"])}\n}}\n')

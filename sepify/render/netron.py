@@ -11,10 +11,11 @@ on ``model::`` (an empty target).
 Netron identifies nodes by their own names, so:
 
 * an unnamed node cannot carry an item (Netron matches no key for an empty name);
-* nodes sharing a name share the items of that name; the first node of the name (the one that
-  kept it in the report) gets them, later ones (given derived names, ``conv_12``) do not.
+* nodes sharing a name share the items of that name: the items are those of the first node of
+  the name (the one that kept it in the report), with a ``sepify.shared_name`` note saying so;
+  the later ones (given derived names, ``conv_12``) get none of their own.
 
-Both are counted in the model's metadata (``sepify.not_attached``).
+The layers left out are listed in the model's metadata (``sepify.not_attached``).
 """
 
 from __future__ import annotations
@@ -97,12 +98,11 @@ def analysis_attachment(data: dict) -> dict:
     return {"signature": SIGNATURE, "metadata": model_metadata + metadata, "metrics": model_metrics + metrics}
 
 
-# keys of a rewrite layer result shown under their own label (others: generically, as sepify.<key>)
-_REWRITE_LABELS = {"orientation": "sepify.orientation", "rank": "sepify.rank", "max_rank": "sepify.max_rank",
-                   "energy": "sepify.energy_kept", "rel_error": "sepify.weight_rel_error",
-                   "macs_before": "sepify.macs_before", "macs_after": "sepify.macs_after",
-                   "params_before": "sepify.params_before", "params_after": "sepify.params_after",
-                   "folded_batchnorm": "sepify.folded_batchnorm"}
+# labels of the fields of a rewrite layer result (others are shown under their own key)
+_REWRITE_LABELS = {"orientation": "orientation", "rank": "rank", "max_rank": "max rank", "energy": "energy kept",
+                   "rel_error": "weight error", "macs_before": "MACs before", "macs_after": "MACs after",
+                   "params_before": "params before", "params_after": "params after",
+                   "folded_batchnorm": "folded BN"}
 
 
 def rewrite_attachment(report: dict) -> dict:
@@ -113,24 +113,26 @@ def rewrite_attachment(report: dict) -> dict:
     att = analysis_attachment(report["after"])
     names = {layer["name"] for layer in report["after"]["layers"] if viewer_name(layer) is not None}
     for r in report["layers"]:
-        items = [("sepify.replaces", r["name"])]
+        items = [("replaces", r["name"])]
         for key, value in r.items():
             if key in ("name", "new_nodes") or value is None:
                 continue
             if isinstance(value, (int, float, str, bool)):
-                items.append((_REWRITE_LABELS.get(key, f"sepify.{key}"), value))
+                items.append((_REWRITE_LABELS.get(key, key), value))
             else:
-                items.append((f"sepify.{key}", json.dumps(value, sort_keys=True)))
+                items.append((key, json.dumps(value, sort_keys=True)))
         for node in r.get("new_nodes") or []:
             if node in names:
                 att["metadata"] += [_item("node", node, k, v) for k, v in items]
     for s in report.get("skipped") or []:
         if s["name"] in names:
-            att["metadata"].append(_item("node", s["name"], "sepify.not_rewritten", s["reason"]))
+            att["metadata"].append(_item("node", s["name"], "not rewritten", s["reason"]))
     return att
 
 
 def render_netron(data: dict) -> str:
-    """An analysis or rewrite report as a Netron attachment (JSON text)."""
+    """An analysis or rewrite report as a Netron attachment (JSON text, one item a line)."""
+    from .common import dumps_json
+
     att = rewrite_attachment(data) if str(data.get("schema", "")).startswith("sepify.rewrite/") else analysis_attachment(data)
-    return json.dumps(att, indent=1) + "\n"
+    return dumps_json(att)
