@@ -270,6 +270,9 @@ def _holdout_value(text: str) -> float:
                    "--objective latency.")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
               help="onnxruntime intra-op threads for the latency measurements (default: onnxruntime's default).")
+@click.option("--clock", type=click.Choice(["wall", "process"]), default="wall", show_default=True,
+              help="Latency clock: wall (elapsed time) or process (CPU time of the process; with --threads 1 only: "
+                   "the latency without the time a busy, shared machine gives to other processes).")
 @click.option("--include", multiple=True, metavar="REGEX", help="Only rewrite Convs whose name matches (re.search).")
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Never rewrite Convs whose name matches.")
 @click.option("--allow-increase", is_flag=True, help="Rewrite even where the chosen rank costs more MACs.")
@@ -335,6 +338,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         target_macs=parse_quantity(target_macs, "--target-macs") if target_macs is not None else None,
         target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
         orientation=orientation, form=form, objective=latency["objective"], target_speedup=latency["target_speedup"], threads=latency["threads"],
+        clock=latency["clock"],
         include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
         calib_method=calib_method, sequential=not no_sequential, calib_seed=seed)

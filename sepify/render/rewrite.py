@@ -87,6 +87,8 @@ def _latency_lines(report: dict) -> list[str]:
     load = lat.get("load_average")
     out = [f"latency ({lat['runtime']}, {lat['provider']}, {lat['graph_optimization']}; {lat['threads_note']}; "
            f"CPU {lat['cpu']}" + (f"; load average {load[0]:.2f}" if load else "") + "):"]
+    if lat.get("clock"):
+        out.append(f"  clock: {lat['clock']}")
     tot = lat.get("layers_total") or {}
     if tot:
         out.append(f"  measured layers (one-layer models, sum of medians): {_ms(tot['before_s'])} → {_ms(tot['after_s'])}"

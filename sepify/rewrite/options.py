@@ -37,6 +37,7 @@ class RewriteOptions:
     target_speedup: float | None = None
     form: str | None = None
     threads: int | None = None
+    clock: str = "wall"  # "process": CPU time of the process (needs threads=1; for shared machines)
     # with calibration data (rewrite(..., calibration=...) / --calibration): see calibrate.py
     holdout: float = 0.2  # fraction in [0, 1) or a sample count >= 1 (data.py)
     calib_rows: int = 16384  # patch rows per layer
@@ -75,6 +76,10 @@ class RewriteOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise UsageError(f"--threads must be a positive integer, not {self.threads!r}")
+        if self.clock not in ("wall", "process"):
+            raise UsageError(f"--clock must be wall or process, not {self.clock!r}")
+        if self.clock == "process" and self.threads != 1:
+            raise UsageError("--clock process measures CPU time, a latency only with one thread: add --threads 1")
         if self.orientation not in ORIENTATION_CHOICES:
             raise UsageError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}")
         if isinstance(self.calib_rows, bool) or not isinstance(self.calib_rows, int) or self.calib_rows < 1:

@@ -277,7 +277,7 @@ class _Latency:
         from . import measure
 
         self.opts, self.m = opts, measure
-        self.timer = timer if timer is not None else measure.OrtTimer(opts.threads)
+        self.timer = timer if timer is not None else measure.OrtTimer(opts.threads, clock=opts.clock)
         self.measurer = measure.LayerMeasurer(self.timer)
         self.opset = _opset(raw)
         self.notes: list[str] = []
@@ -341,7 +341,7 @@ class _Latency:
         out = {
             "objective": self.opts.objective,
             "form": self.opts.form,
-            **self.m.runtime_info(self.opts.threads),
+            **self.m.runtime_info(self.opts.threads, self.opts.clock),
             "min_gain": self.m.MIN_GAIN if self.opts.objective == "latency" else None,
             "layers": [{"name": n, "chosen": list(r.chosen) if r.chosen else None, **r.to_dict()}
                        for n, r in self.layers.items()],
