@@ -870,10 +870,12 @@ def _pw_sstep(prob: _Problem, q: np.ndarray, cov=None, wc=None):
         wcj = wc[j].reshape(ng, mg, k)
         for a in range(0, ng, step):
             b = min(ng, a + step)
+            c = b - a
             qs = q[j * ng + a:j * ng + b]  # (c, r, Mg)
-            t = np.matmul(qs.reshape(-1, mg), cpj).reshape(b - a, r, k, mg, k)
-            gm[j * ng + a:j * ng + b] = np.einsum("nikpl,nqp->nikql", t, qs).reshape(
-                b - a, r * k, r * k)
+            t = np.matmul(qs.reshape(-1, mg), cpj).reshape(c, r * k, mg, k)  # [n, (i,k), p, l]
+            t = np.matmul(t.transpose(0, 1, 3, 2), qs.transpose(0, 2, 1)[:, None])  # [n,(i,k),l,q]
+            gm[j * ng + a:j * ng + b] = t.reshape(c, r, k, k, r).transpose(0, 1, 2, 4, 3).reshape(
+                c, r * k, r * k)
             rhs[j * ng + a:j * ng + b] = np.einsum("nim,nmk->nik", qs, wcj[a:b]).reshape(b - a, -1)
     return gm, rhs
 
@@ -883,15 +885,20 @@ def _pw_qstep(prob: _Problem, s: np.ndarray) -> np.ndarray:
     n, r, k = s.shape
     g, ng, mg = prob.group, prob.ng, prob.mg
     q = np.empty((n, r, mg))
-    step = max(1, _PW_CHUNK_FLOATS // max(1, mg * mg * k * r))
+    step = max(1, _PW_CHUNK_FLOATS // max(1, 2 * mg * mg * k * r))
     for j in range(g):
         cp4 = prob.cp[j].reshape(mg, k, mg, k)
         wcj = prob.wcp[j].reshape(ng, mg, k)
         for a in range(0, ng, step):
             b = min(ng, a + step)
+            c = b - a
             ss = s[j * ng + a:j * ng + b]  # (c, r, K)
-            t = np.einsum("mkpl,nql->nmkpq", cp4, ss)  # (c, Mg, K, Mg, r)
-            gm = np.einsum("nmkpq,nik->nmipq", t, ss).reshape(b - a, mg * r, mg * r)
+            t = np.matmul(cp4.reshape(mg * k * mg, k), ss.reshape(c * r, k).T)  # [(m,k,p), (n,q)]
+            t = t.reshape(mg, k, mg * c * r).transpose(0, 2, 1)  # [m, (p,n,q), k]
+            # gm[n, m, i, p, q] = sum_k S[n,i,k] t[m, k, p, n, q]
+            t = t.reshape(mg, mg, c, r, k).transpose(2, 0, 1, 3, 4)  # [n, m, p, q, k]
+            gm = np.matmul(t.reshape(c, mg * mg * r, k), ss.transpose(0, 2, 1))  # [n,(m,p,q),i]
+            gm = gm.reshape(c, mg, mg, r, r).transpose(0, 1, 4, 2, 3).reshape(c, mg * r, mg * r)
             rhs = np.einsum("nik,nmk->nmi", ss, wcj[a:b]).reshape(b - a, mg * r, 1)
             q[j * ng + a:j * ng + b] = _solve_spd(gm, rhs).reshape(b - a, mg, r).transpose(0, 2, 1)
     return q
