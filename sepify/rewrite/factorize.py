@@ -49,6 +49,35 @@ Worked example:
     >>> bool(np.allclose(reconstruct(d, p, "dw-first", 1, w.shape), w))
     True
 
+Data-aware factorization (calibration data; docs/rewrite.md, "Calibrated factorization"):
+    Per group j a patch x in R^d, d = Mg*K (index m_local*K + k), and the layer is y = W_j x + b_j.
+    ``LayerStats`` accumulates, over sampled output positions, the sums of x~ (the input the
+    REWRITTEN model feeds the layer) and x (the ORIGINAL model's input) and their second
+    moments; ``patches`` is the im2col that produces the rows. ``fit`` minimises, over the
+    structured kernels A the two factor Convs can compute (dw-first: A[n, m*K+k] =
+    sum_i P[n, m*r+i] D[m*r+i, k]; pw-first: A[n, m*K+k] = sum_i S[n,i,k] Q[n*r+i, m]),
+        err(A) = tr(W Ctt W^T) - 2 tr(W Ctx A^T) + tr(A C~ A^T)  +  lam_j ||A_j - W_j||^2
+    with the centred moments C~ = Cov(x~), Ctx = Cov(x, x~), Ctt = Cov(x); the new bias is
+    bhat = W E[x] + b - A E[x~] and the reported error sqrt(err(A) / tr(W Ctt W^T)). The ridge
+    (lam_j = lam * mean eigenvalue of C~_j) acts as virtual isotropic data targeting W: full rank
+    stays exact, unexcited directions keep the weight-only result. "refit": the second factor
+    in closed form given the weight-SVD first factor (dw-first: P = W Ctx B (B^T C~ B)^-1, B
+    block-diagonal from D); "als": alternating exact block minimisations from there.
+
+    Worked example: one input channel, two taps, W[0] = [2, 0], W[1] = [0, 1], tap variances
+    1 and 9 with covariance 1.5. The output variance is 13; at rank 1 the weight-only SVD loses
+    output 1 (error sqrt(9/13) = 0.832), the refit predicts it from tap 0 (residual 9 - 1.5^2:
+    sqrt(6.75/13) = 0.721), the optimum [W C^1/2]_1 C^-1/2 (whitened SVD, exact for M = 1)
+    drops the smaller eigenvalue (13 - sqrt 61)/2 of W C W^T: sqrt(2.595/13) = 0.447.
+
+    >>> w = np.array([[[2.0, 0.0]], [[0.0, 1.0]]])
+    >>> stats = LayerStats.from_same(1, np.zeros((1, 2)), np.array([[[1.0, 1.5], [1.5, 9.0]]]))
+    >>> f = fit(w, None, 1, "dw-first", 1, stats, method="refit", lam=0.0)
+    >>> round(f.weight_error, 3), round(f.error, 3)
+    (0.832, 0.721)
+    >>> round(fit(w, None, 1, "dw-first", 1, stats, lam=0.0, init="whitened").error, 3)
+    0.447
+
 Budget allocation lives in :mod:`sepify.rewrite.allocate`.
 """
 
