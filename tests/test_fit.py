@@ -419,6 +419,15 @@ def test_error_curve_equals_refit_errors(orientation):
         assert np.all(np.diff(curve) <= 1e-12)  # more rank never hurts a refit
         sub = output_error_curve(w, group, orientation, stats, ranks=[2, 1])
         np.testing.assert_allclose(sub, [expect[1], expect[0]], rtol=1e-7, atol=1e-9)
+    # an all-zero weight slice and x~ == x (shared moments), with and without the ridge
+    w = rng.standard_normal((8, 3, 3, 3))
+    w[:, 0] = 0.0
+    stats = LayerStats.from_rows(rng.standard_normal((300, 1, 27)))
+    for lam in (0.0, None):
+        curve = output_error_curve(w, 1, orientation, stats, lam=lam)
+        expect = [fit(w, None, 1, orientation, r, stats, method="refit", lam=lam).error
+                  for r in range(1, len(curve) + 1)]
+        np.testing.assert_allclose(curve, expect, rtol=1e-7, atol=1e-7)
 
 
 def test_unexcited_channel_keeps_weight_only_factors():
