@@ -100,8 +100,8 @@ def test_near_zero_output_is_flagged_not_a_huge_relative_error():
     assert bad["passed"] is False and bad["outputs"]["z"]["scaled_error"] > 0.1
 
 
-def scores(bias: np.ndarray) -> onnx.ModelProto:
-    return model([helper.make_node("Add", ["x", "b"], ["s"])], [vi("x", ["N", 8])], [vi("s", ["N", 8])],
+def scores(bias: np.ndarray, shape=("N", 8)) -> onnx.ModelProto:
+    return model([helper.make_node("Add", ["x", "b"], ["s"])], [vi("x", list(shape))], [vi("s", list(shape))],
                  {"b": bias.astype(np.float32)})
 
 
@@ -123,18 +123,24 @@ def test_top1_top5_agreement_across_samples_by_hand():
     assert s["rows"] == 6 and s["classes"] == 8
     assert s["top1_agreement"] == pytest.approx(2 / 6)  # rows 0 and 2 keep their argmax
     assert s["top5_agreement"] == 1.0
+    assert s["sample_top1_agreement"] == 0.0  # every sample has a row that changed
 
-    # and on random data against a direct numpy count, top-5 included
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((10, 3, 8)).astype(np.float32)
+    # and on random data against a direct numpy count, top-5 included; a [T, batch, classes]
+    # output (rank 3, classes the longest axis) is class-like per position
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 3, 1, 8)).astype(np.float32)
     b = rng.standard_normal(8) * 1.5
-    ver = verify(scores(np.zeros(8)), scores(b), [{"x": xi} for xi in x])
+    ver = verify(scores(np.zeros(8), ("T", 1, 8)), scores(b, ("T", 1, 8)), [{"x": xi} for xi in x])
     ref, new = x.reshape(-1, 8).astype(np.float64), x.reshape(-1, 8) + b.astype(np.float32)
     top1 = np.mean(ref.argmax(1) == new.argmax(1))
     top5 = np.mean([r.argmax() in np.argsort(-n)[:5] for r, n in zip(ref, new)])
-    assert ver["outputs"]["s"]["top1_agreement"] == pytest.approx(top1)
-    assert ver["outputs"]["s"]["top5_agreement"] == pytest.approx(top5)
-    assert 0 < top1 < top5 < 1  # the case discriminates
+    whole = np.mean((ref.argmax(1) == new.argmax(1)).reshape(12, 3).all(axis=1))
+    s = ver["outputs"]["s"]
+    assert s["rows"] == 36 and s["classes"] == 8
+    assert s["top1_agreement"] == pytest.approx(top1)
+    assert s["top5_agreement"] == pytest.approx(top5)
+    assert s["sample_top1_agreement"] == pytest.approx(whole)
+    assert 0 < whole < top1 < top5 < 1  # the case discriminates
 
 
 @pytest.fixture

@@ -31,6 +31,8 @@ def _measures(o: dict) -> str:
         if o.get("top5_agreement") is not None:
             text += f", top-5 {o['top5_agreement']:.3f}"
         text += f" ({o['rows']} row{'s' if o['rows'] != 1 else ''})"
+        if o.get("sample_top1_agreement") is not None:
+            text += f", all rows of a sample {o['sample_top1_agreement']:.3f}"
     if o.get("nonfinite_rewritten") or o.get("nonfinite_reference"):
         text += f"; NON-FINITE values: {o.get('nonfinite_reference', 0)} original, {o.get('nonfinite_rewritten', 0)} rewritten"
     return text

@@ -14,11 +14,14 @@ rewritten, sums over every element of every sample; memory does not grow with th
 samples):
 
 * relative L2 error ``‖a − b‖ / ‖a‖``, max abs error ``max |a − b|``, cosine ``a·b / (‖a‖ ‖b‖)``;
-* class-like outputs — float, rank 2 ``[batch, classes]``, or the output of a Softmax /
-  LogSoftmax over the last axis (through a trivial chain, below), with more than one class —
-  per row (every position but the class axis, of every sample): top-1 agreement (same argmax)
-  and top-5 agreement (the original's argmax is among the rewritten model's 5 largest; only
-  with more than 5 classes);
+* class-like outputs — float with more than one class on the last axis, and rank 2
+  (``[batch, classes]``), or the output of a Softmax / LogSoftmax over the last axis (through
+  a trivial chain, below), or rank 3 with a last axis longer than the others (``[T, batch,
+  classes]`` of a sequence recognizer) — per row (every position but the class axis, of every
+  sample): top-1 agreement (same argmax) and top-5 agreement (the original's argmax is among
+  the rewritten model's 5 largest; only with more than 5 classes); with several rows a sample,
+  also ``sample_top1_agreement``, the share of samples whose rows all keep their argmax (for a
+  sequence recognizer: the greedy decode is unchanged);
 * integer and bool outputs: the fraction of equal elements (``exact_match``).
 
 **Saturating ops.** A Softmax, LogSoftmax, Sigmoid, Tanh or HardSigmoid hides errors (a
@@ -303,6 +306,7 @@ class _Acc:
         self.max_abs = self.max_abs_ref = 0.0
         self.equal = 0
         self.rows = self.top1 = self.top5 = 0
+        self.samples = self.sample_top1 = 0   # samples whose rows all keep their argmax
         self.classes = None
         self.nonfinite_ref = self.nonfinite_new = 0
         self.sat_count = self.sat_total = 0
@@ -342,7 +346,10 @@ class _Acc:
             self.classes = a.shape[ax]
             top_a = np.argmax(ra, axis=1)
             self.rows += ra.shape[0]
-            self.top1 += int(np.count_nonzero(top_a == np.argmax(rb, axis=1)))
+            same = int(np.count_nonzero(top_a == np.argmax(rb, axis=1)))
+            self.top1 += same
+            self.samples += 1
+            self.sample_top1 += int(same == ra.shape[0])
             if self.classes > 5:
                 top5_b = np.argpartition(-rb, 5, axis=1)[:, :5]
                 self.top5 += int(np.count_nonzero((top5_b == top_a[:, None]).any(axis=1)))
@@ -395,6 +402,8 @@ class _Acc:
             out["classes"] = self.classes
             out["top1_agreement"] = self.top1 / self.rows
             out["top5_agreement"] = self.top5 / self.rows if self.classes > 5 else None
+            if self.rows > self.samples:  # several rows a sample (a batch, a sequence): all of them agree
+                out["sample_top1_agreement"] = self.sample_top1 / self.samples
         else:
             out["top1_agreement"] = out["top5_agreement"] = None
         if self.sat_total:
@@ -407,12 +416,15 @@ class _Acc:
         return out
 
 
-def _class_axis(rank: int, sat: Saturation | None) -> int | None:
+def _class_axis(shape: Sequence[int], sat: Saturation | None) -> int | None:
     """The class axis of a class-like float output (see the module docstring), or None."""
+    rank = len(shape)
     if rank == 2:
         return -1
     if sat is not None and sat.op in ("Softmax", "LogSoftmax") and rank >= 1 and not sat.legacy \
             and sat.axis % rank == rank - 1:
+        return -1
+    if rank == 3 and all(shape[-1] > d for d in shape[:-1]):  # [T, N, classes] of a sequence recognizer
         return -1
     return None
 
@@ -508,7 +520,7 @@ def verify(original, rewritten, samples: Iterable[Mapping[str, np.ndarray]] | No
             acc = accs[n]
             if count == 0:
                 first_shapes = first_shapes or {k: list(np.shape(v)) for k, v in feed.items()}
-                acc.class_axis = _class_axis(a.ndim, pre.get(n) if n in outputs else None) \
+                acc.class_axis = _class_axis(a.shape, pre.get(n) if n in outputs else None) \
                     if np.issubdtype(a.dtype, np.floating) else None
                 if acc.class_axis is not None and a.shape and a.shape[acc.class_axis] < 2:
                     acc.class_axis = None
