@@ -354,13 +354,13 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         specs = input_specs(read_model(model, load_external_data=False, copy=False)[0], shapes)
         if inputs_file:
             samples = load_samples(inputs_file, specs)
-            source = f"{inputs_file} ({len(samples)} sample{'s' if len(samples) != 1 else ''})"
+            source = f"--inputs {inputs_file}"
         elif calibration is None:
             random_samples(specs, dims, seed)  # unbound spatial dims: exit 2 now, not after the rewrite
     result = run(model, opts, input_shapes=shapes, dims=dims, calibration=calibration)
     _warn_unused_dims(model, result.report.get("unused_dims") or [])
     if do_verify and samples is None and result.calibration is not None and len(result.calibration.holdout):
-        samples = list(result.calibration.holdout)  # the held-out calibration samples, never used to fit
+        samples = result.calibration.holdout  # the held-out calibration samples, never used to fit (all of them)
         source = f"calibration holdout ({len(samples)} sample{'s' if len(samples) != 1 else ''}, never used to fit)"
     elif do_verify and samples is None and calibration is not None:
         from .rewrite.verify import input_specs, random_samples
@@ -379,6 +379,9 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         rewritten = output if result.external_data else result.model
         ver = verify(model, rewritten, samples, source=source, dims=dims, input_shapes=shapes, seed=seed,
                      layers=result.report["layers"] if verify_layers else None, tolerance=tolerance)
+        if samples is None and calibration is not None:
+            ver["notes"].append("no held-out calibration samples (--holdout 0): a random smoke test instead; "
+                                "raise --holdout or give --inputs to measure")
         result.report["verification"] = ver
         failed = ver["passed"] is False
     if output and not dry_run and not saved:

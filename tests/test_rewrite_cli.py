@@ -190,7 +190,7 @@ def test_verify_with_inputs_file(tiny, tmp_path):
     result = invoke(tiny, "--dry-run", "--inputs", npz, "--format", "json", "--rank", "full", "--allow-increase")
     assert result.exit_code == 0, result.output
     ver = json.loads(result.stdout)["verification"]
-    assert ver["inputs"] == f"{npz} (1 sample)" and ver["samples"] == 1 and ver["smoke_test"] is False
+    assert ver["inputs"] == f"--inputs {npz}" and ver["samples"] == 1 and ver["smoke_test"] is False
     assert ver["note"] is None
     assert ver["outputs"]["output"]["rel_l2_error"] < 1e-5
 
