@@ -450,6 +450,7 @@ def _session(model: onnx.ModelProto, folder: Path | None, extra_outputs: Sequenc
         copy.CopyFrom(model)
         copy.graph.output.extend(onnx.ValueInfoProto(name=t) for t in add)
         model = copy
+    ort.set_default_logger_severity(3)  # the environment's logger too (warnings before the session's options apply)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
