@@ -169,9 +169,14 @@ def test_verify_prints_per_output_errors(tiny, tmp_path):
     lines = result.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("verification"))
     assert "random inputs: wiring smoke test, not an accuracy measurement" in lines[head]
-    assert lines[head + 1].startswith("  output [1, 10]: rel L2 ")
-    assert "max abs" in lines[head + 1] and "cosine" in lines[head + 1] and "top-1" in lines[head + 1]
-    assert lines[head + 2].startswith("    before Softmax (fc_out): rel L2 ")  # tiny_cnn ends in fc -> Softmax
+    header = next(line for line in lines[head:] if "rel L2" in line)
+    assert all(h in header for h in ("output", "max abs", "cosine", "top-1", "top-5", "note"))
+    ver = json.loads(invoke(tiny, "--dry-run", "--verify", "--format", "json").stdout)["verification"]
+    out, pre = ver["outputs"]["output"], ver["outputs"]["output"]["before_saturation"]
+    row = next(line for line in lines[head:] if line.startswith("│ output "))
+    assert f"{out['rel_l2_error']:.4g}" in row and f"{out['max_abs_error']:.4g}" in row
+    row = next(line for line in lines[head:] if "before Softmax: fc_out" in line)  # tiny_cnn ends in fc -> Softmax
+    assert f"{pre['rel_l2_error']:.4g}" in row
     assert "no --tolerance: not judged" in result.stdout
 
     result = invoke(tiny, "--dry-run", "--verify", "--format", "json", "--seed", "3")

@@ -198,7 +198,7 @@ def test_inputs_multi_sample_file_and_verify_layers_match_onnxruntime(tiny, tmp_
             max(np.abs(r[t] - n[t]).max() for r, n in zip(ref, new)), rel=1e-4)
     # the table shows the per-layer rows
     table = invoke(tiny, "--dry-run", "--rank", "2", "--inputs", npz, "--verify-layers").stdout
-    assert f"verification on --inputs {npz}, 5 samples:" in table
+    assert f"verification on --inputs {npz}, 5 samples\n" in table
     row = next(line for line in table.splitlines() if "conv2_out" in line)
     assert f"{layers['conv2']['rel_l2_error']:.4g}" in row
 

@@ -17,48 +17,59 @@ def _g(x, spec=".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _measures(o: dict) -> str:
-    """The numbers of one compared tensor, with its flags, in one line."""
+def _cells(label: str, o: dict, extra: list[str] | None = None) -> tuple[str, ...]:
+    """One row of the verification table: the numbers of a compared tensor and its flags."""
+    notes = list(extra or [])
     if o.get("exact_match") is not None:
-        return f"exact match {o['exact_match']:.4f}"
-    if o.get("near_zero_reference"):
-        text = (f"reference near zero (RMS {o['rms_reference']:.3g}): relative error not meaningful; "
-                f"RMS error / scale {o['scaled_error']:.4g}, max abs {o['max_abs_error']:.4g}")
+        rel, notes = "-", [f"integer output: exact match {o['exact_match']:.4f}"] + notes
+    elif o.get("near_zero_reference"):
+        rel = "n/a"
+        notes.insert(0, f"reference ~0 (RMS {o['rms_reference']:.2g}): RMS error / scale {o['scaled_error']:.3g}")
     else:
-        text = f"rel L2 {o['rel_l2_error']:.4g}, max abs {o['max_abs_error']:.4g}, cosine {o['cosine']:.6f}"
+        rel = _g(o.get("rel_l2_error"))
     if o.get("top1_agreement") is not None:
-        text += f", top-1 {o['top1_agreement']:.3f}"
-        if o.get("top5_agreement") is not None:
-            text += f", top-5 {o['top5_agreement']:.3f}"
-        text += f" ({o['rows']} row{'s' if o['rows'] != 1 else ''})"
+        notes.append(f"{o['rows']} row{'s' if o['rows'] != 1 else ''}")
         if o.get("sample_top1_agreement") is not None:
-            text += f", all rows of a sample {o['sample_top1_agreement']:.3f}"
+            notes.append(f"all rows of a sample {o['sample_top1_agreement']:.3f}")
     if o.get("nonfinite_rewritten") or o.get("nonfinite_reference"):
-        text += f"; NON-FINITE values: {o.get('nonfinite_reference', 0)} original, {o.get('nonfinite_rewritten', 0)} rewritten"
-    return text
+        notes.append(f"NON-FINITE values: {o.get('nonfinite_reference', 0)} original, "
+                     f"{o.get('nonfinite_rewritten', 0)} rewritten")
+    return (label, rel, _g(o.get("max_abs_error")), _g(o.get("cosine"), ".5f"), _g(o.get("top1_agreement"), ".3f"),
+            _g(o.get("top5_agreement"), ".3f"), "; ".join(notes))
 
 
-def _verification_lines(ver: dict | None) -> list[str]:
-    if not ver:
-        return [("verification: not run (--verify; give data with --inputs or --calibration: random inputs are only "
-                 "a wiring smoke test)")]
-    n = ver.get("samples", 1)
-    if ver.get("smoke_test"):
-        out = [f"verification: {ver['note']} ({ver['inputs']}, {n} sample{'s' if n != 1 else ''}):"]
-    else:
-        out = [f"verification on {ver['inputs']}, {n} sample{'s' if n != 1 else ''}:"]
+_OUTPUT_COLUMNS = [("output", "left"), ("rel L2", "right"), ("max abs", "right"), ("cosine", "right"),
+                   ("top-1", "right"), ("top-5", "right"), ("note", "left")]
+
+
+def _output_rows(ver: dict) -> list[tuple[str, ...]]:
+    rows = []
     for name, o in ver["outputs"].items():
-        out.append(f"  {name} {o.get('shape')}: {_measures(o)}")
+        rows.append(_cells(name, o))
         pre = o.get("before_saturation")
         if pre:
-            line = f"    before {pre['op']} ({pre['tensor']}): {_measures(pre)}"
+            extra = []
             if o.get("saturated_share") is not None and o["saturated_share"] >= 0.5:
-                line += f"; {pre['op']} saturated in {o['saturated_share']:.0%} (its output hides errors)"
-            out.append(line)
-    for note in ver.get("notes") or []:
-        out.append(f"  note: {note}")
+                extra.append(f"{pre['op']} saturated in {o['saturated_share']:.0%}: its output hides errors")
+            rows.append(_cells(f"↳ before {pre['op']}: {pre['tensor']}", pre, extra))
+    return rows
+
+
+def _verification_head(ver: dict | None) -> str:
+    if not ver:
+        return ("verification: not run (--verify; give data with --inputs or --calibration: random inputs are only "
+                "a wiring smoke test)")
+    n = ver.get("samples", 1)
+    if ver.get("smoke_test"):
+        return f"verification: {ver['note']} ({ver['inputs']}, {n} sample{'s' if n != 1 else ''})"
+    return f"verification on {ver['inputs']}, {n} sample{'s' if n != 1 else ''}"
+
+
+def _verification_tail(ver: dict) -> list[str]:
+    out = [f"note: {note}" for note in ver.get("notes") or []]
     err = ver.get("checked_error")
-    checked = f"  checked error {_g(err) if err is not None else 'non-finite'} (max relative L2 over outputs and pre-saturation tensors)"
+    checked = (f"checked error {_g(err) if err is not None else 'non-finite'} "
+               "(max relative L2 over outputs and pre-saturation tensors)")
     if ver.get("tolerance") is None:
         out.append(checked + "; no --tolerance: not judged")
     else:
@@ -69,8 +80,8 @@ def _verification_lines(ver: dict | None) -> list[str]:
 def _layer_rows(ver: dict | None) -> list[tuple[str, ...]]:
     rows = []
     for r in (ver or {}).get("layers") or []:
-        rel = "~0 ref" if r.get("near_zero_reference") else _g(r.get("rel_l2_error"))
-        rows.append((r["name"], r["tensor"], rel, _g(r.get("max_abs_error")), _g(r.get("cosine"), ".6f")))
+        rel = "n/a (ref ~0)" if r.get("near_zero_reference") else _g(r.get("rel_l2_error"))
+        rows.append((r["name"], r["tensor"], rel, _g(r.get("max_abs_error")), _g(r.get("cosine"), ".5f")))
     return rows
 
 
@@ -133,6 +144,38 @@ def _calibration_lines(report: dict) -> list[str]:
     return out
 
 
+def _print_verification(ver: dict | None, console, stream) -> None:
+    from .common import print_table
+
+    console.print(_verification_head(ver))
+    if not ver:
+        return
+    print_table(stream, "", _OUTPUT_COLUMNS, _output_rows(ver), None)
+    for line in _verification_tail(ver):
+        console.print(line)
+    rows = _layer_rows(ver)
+    if rows:
+        print_table(stream, _LAYER_TITLE, _LAYER_COLUMNS, rows, None)
+
+
+def _md_table(columns, rows) -> list[str]:
+    out = ["| " + " | ".join(h for h, _ in columns) + " |",
+           "|" + "|".join("---" if j == "left" else "---:" for _, j in columns) + "|"]
+    return out + ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
+
+
+def _verification_markdown(ver: dict | None) -> list[str]:
+    out = ["", f"{md_escape(_verification_head(ver))}"]
+    if not ver:
+        return out
+    out += [""] + _md_table(_OUTPUT_COLUMNS, _output_rows(ver)) + [""]
+    out += [f"{md_escape(line)}  " for line in _verification_tail(ver)]
+    rows = _layer_rows(ver)
+    if rows:
+        out += ["", f"**{_LAYER_TITLE}**", ""] + _md_table(_LAYER_COLUMNS, rows)
+    return out
+
+
 def rewrite_table(report: dict, stream=None) -> None:
     from .diff import diff_table
 
@@ -156,13 +199,7 @@ def rewrite_table(report: dict, stream=None) -> None:
             console.print(f"  {s['name']}: {s['reason']}")
     for line in _latency_lines(report):
         console.print(line, markup=False)
-    for line in _verification_lines(report.get("verification")):
-        console.print(line)
-    rows = _layer_rows(report.get("verification"))
-    if rows:
-        from .common import print_table
-
-        print_table(stream, _LAYER_TITLE, _LAYER_COLUMNS, rows, None)
+    _print_verification(report.get("verification"), console, stream)
     for note in report.get("notes", []):
         console.print(f"note: {note}")
     if report.get("output"):
@@ -207,12 +244,7 @@ def rewrite_markdown(report: dict) -> str:
     lat = _latency_lines(report)
     if lat:
         out += [""] + [f"{md_escape(line)}  " for line in lat]
-    out += [""] + [f"{md_escape(line)}  " for line in _verification_lines(report.get("verification"))]
-    rows = _layer_rows(report.get("verification"))
-    if rows:
-        out += ["", f"**{_LAYER_TITLE}**", "", "| " + " | ".join(h for h, _ in _LAYER_COLUMNS) + " |",
-                "|" + "|".join("---" if j == "left" else "---:" for _, j in _LAYER_COLUMNS) + "|"]
-        out += ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
+    out += _verification_markdown(report.get("verification"))
     return "\n".join(out) + "\n"
 
 
