@@ -237,3 +237,28 @@ def test_unbound_spatial_dims_exit_2_one_line(tmp_path):
     result = invoke(path, "--dry-run", "--inputs", npz, "--format", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["verification"]["input_shapes"] == {"x": [1, 3, 7, 7]}
+
+
+def test_flags_appear_in_table_and_markdown(tmp_path):
+    """A saturated softmax and a near-zero output, flagged in every format (nothing to rewrite:
+    the models are the same, so the numbers are 0 and only the flags are under test)."""
+    w = np.array([[40.0, -40.0], [-30.0, 30.0], [25.0, -25.0], [-35.0, 35.0]], np.float32)
+    m = model([helper.make_node("MatMul", ["x", "W"], ["logits"]), helper.make_node("Softmax", ["logits"], ["prob"]),
+               helper.make_node("Mul", ["logits", "s"], ["tiny"])],
+              [vi("x", [8, 4])], [vi("prob", [8, 2]), vi("tiny", [8, 2])], {"W": w, "s": np.array(1e-9, np.float32)})
+    path, npz = tmp_path / "m.onnx", tmp_path / "x.npz"
+    onnx.save(m, str(path))
+    x = np.random.default_rng(4).standard_normal((3, 8, 4)).astype(np.float32)
+    np.savez(npz, x=x)
+    z = x.reshape(-1, 4).astype(np.float64) @ w
+    share = np.mean(np.max(np.exp(z) / np.exp(z).sum(1, keepdims=True), axis=1) > 0.99)
+    assert share >= 0.5
+    ver = json.loads(invoke(path, "--dry-run", "--inputs", npz, "--format", "json").stdout)["verification"]
+    assert ver["outputs"]["tiny"]["near_zero_reference"] is True and ver["outputs"]["tiny"]["rel_l2_error"] is None
+    assert ver["outputs"]["prob"]["saturated_share"] == pytest.approx(share)
+    for fmt in ("table", "markdown"):
+        text = invoke(path, "--dry-run", "--inputs", npz, "--format", fmt).stdout
+        tiny_row = next(line for line in text.splitlines() if "tiny" in line and "reference ~0" in line)
+        assert "n/a" in tiny_row and "RMS error / scale 0" in tiny_row
+        pre_row = next(line for line in text.splitlines() if "before Softmax: logits" in line)
+        assert f"Softmax saturated in {share:.0%}: its output hides errors" in pre_row
