@@ -361,7 +361,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     _warn_unused_dims(model, result.report.get("unused_dims") or [])
     if do_verify and samples is None and result.calibration is not None and len(result.calibration.holdout):
         samples = result.calibration.holdout  # the held-out calibration samples, never used to fit (all of them)
-        source = f"calibration holdout ({len(samples)} sample{'s' if len(samples) != 1 else ''}, never used to fit)"
+        source = "calibration holdout (never used to fit)"
     elif do_verify and samples is None and calibration is not None:
         from .rewrite.verify import input_specs, random_samples
         from .model.reading import read_model
