@@ -222,3 +222,8 @@ def test_objective_latency_end_to_end_with_onnxruntime(tmp_path):
     r = CliRunner().invoke(main, ["rewrite", str(src), "--dry-run", "--objective", "latency", "--threads", "1"],
                            catch_exceptions=False)
     assert r.exit_code == 0 and "end-to-end:" in r.output and "onnxruntime" in r.output
+    r = CliRunner().invoke(main, ["rewrite", str(src), "--dry-run", "--objective", "latency", "--threads", "1",
+                                  "--clock", "process", "--format", "markdown"], catch_exceptions=False)
+    assert r.exit_code == 0 and "end-to-end:" in r.output and "CPU time of the process" in r.output
+    r = CliRunner().invoke(main, ["rewrite", str(src), "--dry-run", "--objective", "latency", "--clock", "process"])
+    assert r.exit_code == 2 and "--threads 1" in r.output
