@@ -48,28 +48,47 @@ def parse_fraction(text: str | float, what: str = "value") -> float:
 
 @functools.lru_cache(maxsize=8192)  # a large model's table repeats a few values many times
 def human(n: int | float | None, digits: int = 1) -> str:
-    """``568740352`` → ``568.7M``; SI steps of 1000. ``None`` → ``?``."""
+    """``568740352`` → ``568.7M``; SI steps of 1000 with ``digits`` decimals (the one number
+    format of every command; see docs/conventions.md). ``None`` → ``?``. A value that rounds
+    to 1000 of a unit is shown in the next one (``999,990,000`` → ``1.0G``, not ``1000.0M``)."""
     if n is None:
         return "?"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{sign}{n / scale:.{digits}f}{unit}"
-    return f"{sign}{n:g}" if isinstance(n, float) else f"{sign}{n}"
+    return _scaled(n, digits, (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)), 1000, "")
 
 
 @functools.lru_cache(maxsize=8192)
-def human_bytes(n: int | float | None, digits: int = 1) -> str:
-    """Bytes in binary units: ``8388608`` → ``8.0MiB``."""
+def human_bytes(n: int | float | None, digits: int = 1, style: str = "binary") -> str:
+    """Bytes in binary units: ``8388608`` → ``8.0MiB``; ``style="si"``: decimal units, as a
+    budget written ``20MB`` is shown (``20000000`` → ``20.0MB``)."""
     if n is None:
         return "?"
+    if style == "si":
+        return _scaled(n, digits, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)), 1000, "B", whole=True)
+    return _scaled(n, digits, (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), 1024, "B", whole=True)
+
+
+def _scaled(n, digits: int, units, step: int, small: str, whole: bool = False) -> str:
     sign = "-" if n < 0 else ""
     n = abs(n)
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{sign}{n / scale:.{digits}f}{unit}"
-    return f"{sign}{int(n)}B"
+    for i, (unit, scale) in enumerate(units):
+        if n >= scale or (i + 1 < len(units) and round(n / units[i + 1][1], digits) >= step):
+            v = n / scale
+            if round(v, digits) >= step and i > 0:  # 1023.96KiB rounds to 1024.0KiB: one unit up
+                unit, v = units[i - 1][0], n / units[i - 1][1]
+            return f"{sign}{v:.{digits}f}{unit}"
+    if whole:
+        return f"{sign}{int(n)}{small}"
+    return f"{sign}{n:g}" if isinstance(n, float) else f"{sign}{n}"
+
+
+def byte_style(text) -> str:
+    """How a byte budget was written: ``"si"`` for a decimal suffix (``20MB``, ``5M``), else
+    ``"binary"`` (``8MiB``, a plain number): values are shown in the same kind of unit."""
+    if isinstance(text, str):
+        m = _NUM.match(text)
+        if m and m.group(2) and not m.group(2).endswith("i"):
+            return "si"
+    return "binary"
 
 
 def human3(n: int | float | None) -> str:

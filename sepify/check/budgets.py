@@ -63,30 +63,32 @@ def measure(report: dict) -> dict[str, tuple[int | None, str]]:
     }
 
 
-def fmt_value(q: str, v: float | int | None, digits: int = 1) -> str:
+def fmt_value(q: str, v: float | int | None, digits: int = 1, style: str = "binary") -> str:
+    """A value of quantity ``q``; bytes in binary units, or decimal ones (``style="si"``) when
+    the budget was written so (``20MB``)."""
     if v is None:
         return "?"
     if QUANTITIES[q][2] == "bytes":
-        return human_bytes(v, digits)
+        return human_bytes(v, digits, style)
     if q == "unknown":
         return str(int(v))
     return human(v if not isinstance(v, float) or not v.is_integer() else int(v), digits)
 
 
-def fmt_many(q: str, *values, digits: int = 1) -> tuple[str, ...]:
+def fmt_many(q: str, *values, digits: int = 1, style: str = "binary") -> tuple[str, ...]:
     """Format values with enough digits (up to 4) that different values look different."""
     known = [v for v in values if v is not None]
     while digits < 4:
         texts = {}
         clash = False
         for v in known:
-            t = fmt_value(q, v, digits)
+            t = fmt_value(q, v, digits, style)
             if texts.setdefault(t, v) != v:
                 clash = True
         if not clash:
             break
         digits += 1
-    return tuple(fmt_value(q, v, digits) for v in values)
+    return tuple(fmt_value(q, v, digits, style) for v in values)
 
 
 # --- results ----------------------------------------------------------------------------------
@@ -105,6 +107,7 @@ class BudgetResult:
     baseline: int | None = None
     growth_limit: float | None = None   # fraction
     growth: float | None = None         # fraction, actual
+    style: str = "binary"               # bytes shown in binary or decimal ("si") units
 
     @property
     def name(self) -> str:
@@ -129,6 +132,7 @@ class BudgetResult:
             "passed": self.passed, "message": self.message, "detail": self.detail,
             "baseline": self.baseline, "growth_limit": self.growth_limit,
             "growth": None if self.growth is None else round(self.growth, 6),
+            "style": self.style,
         }
 
 
@@ -202,14 +206,18 @@ def budgeted(limits: Mapping[str, object], growth: Mapping[str, object], has_bas
 
 
 def evaluate(report: dict, limits: Mapping[str, int | float | None] | None = None,
-             growth: Mapping[str, float] | None = None, baseline: dict | None = None) -> list[BudgetResult]:
+             growth: Mapping[str, float] | None = None, baseline: dict | None = None,
+             styles: Mapping[str, str] | None = None) -> list[BudgetResult]:
     """Evaluate budgets on an analyze report dict.
 
     ``limits``: ``{quantity: max}`` (``None`` values are ignored; ``unknown`` defaults to 0).
     ``growth``: ``{quantity: fraction}``, ``"*"`` for the default set (``macs``, ``params`` and
     every quantity with a limit except ``unknown``); needs ``baseline`` (an analyze report dict).
     A baseline with no growth given allows no growth. An unmeasurable value fails its budget.
+    ``styles``: ``{quantity: "si"}`` shows that byte quantity in decimal units (the unit the
+    user wrote the budget in, see :func:`~sepify.units.byte_style`).
     """
+    styles = styles or {}
     limits = {q: v for q, v in (limits or {}).items() if v is not None}
     for q in limits:
         if q not in QUANTITIES:
@@ -223,20 +231,21 @@ def evaluate(report: dict, limits: Mapping[str, int | float | None] | None = Non
         lim = limits[q]
         v, detail = values[q]
         label = QUANTITIES[q][1]
+        st = styles.get(q, "binary")
         if v is None:
-            results.append(BudgetResult(q, "max", lim, None, False, f"{label} could not be measured", detail))
+            results.append(BudgetResult(q, "max", lim, None, False, f"{label} could not be measured", detail, style=st))
             continue
         passed = v <= lim
-        sv, sl = fmt_many(q, v, lim)
+        sv, sl = fmt_many(q, v, lim, style=st)
         if passed:
             msg = f"{label} {sv} within {QUANTITIES[q][0]} {sl}"
         else:
             over = v - lim
-            msg = (f"{label} {sv} exceeds {QUANTITIES[q][0]} {sl} by {fmt_value(q, over)}"
+            msg = (f"{label} {sv} exceeds {QUANTITIES[q][0]} {sl} by {fmt_value(q, over, style=st)}"
                    + (f" ({100.0 * over / lim:.1f}%)" if lim else ""))
             if detail:
                 msg += f"; {detail}"
-        results.append(BudgetResult(q, "max", lim, v, passed, msg, detail))
+        results.append(BudgetResult(q, "max", lim, v, passed, msg, detail, style=st))
 
     growth = dict(growth or {})
     if growth and baseline is None:
@@ -259,21 +268,22 @@ def evaluate(report: dict, limits: Mapping[str, int | float | None] | None = Non
         label = QUANTITIES[q][1]
         v, detail = values[q]
         b, _ = base_values[q]
+        st = styles.get(q, "binary")
         if v is None or b is None:
             missing = "the model" if v is None else "the baseline"
             results.append(BudgetResult(q, "growth", None if b is None else b * (1 + g), v, False,
                                         f"{label} growth cannot be checked: no value in {missing}", detail,
-                                        baseline=b, growth_limit=g))
+                                        baseline=b, growth_limit=g, style=st))
             continue
         lim = b * (1 + g)
         actual = (v - b) / b if b else (0.0 if v == 0 else None)  # None: grew from 0
         passed = v <= lim
-        sb, sv = fmt_many(q, b, v, digits=2)
+        sb, sv = fmt_many(q, b, v, style=st)
         change = "from 0" if actual is None else f"{actual * 100:+.1f}%"
         if passed:
             msg = f"{label} {change} vs baseline ({sb} → {sv}), within max-growth {g * 100:.1f}%"
         else:
             msg = f"{label} grew {change} vs baseline ({sb} → {sv}), above max-growth {g * 100:.1f}%"
         results.append(BudgetResult(q, "growth", lim, v, passed, msg, detail, baseline=b, growth_limit=g,
-                                    growth=actual))
+                                    growth=actual, style=st))
     return results

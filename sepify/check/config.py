@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
-from ..units import parse_fraction, parse_quantity
+from ..units import byte_style, parse_fraction, parse_quantity
 from .budgets import QUANTITIES
 
 _KEY_TO_Q = {v[0]: q for q, v in QUANTITIES.items()}
@@ -54,12 +54,16 @@ class Settings:
     #: pyproject.toml [tool.sepify]``, ``--dim batch``
     shape_words: dict[str, str] = field(default_factory=dict)
     dim_words: dict[str, str] = field(default_factory=dict)
+    #: byte budgets written in decimal units (``20MB``): shown in them (see ``units.byte_style``)
+    styles: dict[str, str] = field(default_factory=dict)
 
 
 def merge(layers: Iterable[Settings]) -> Settings:
     out = Settings()
     for s in layers:
         out.limits.update(s.limits)
+        for q in s.limits:  # a budget brings the unit it was written in
+            out.styles[q] = s.styles.get(q, "binary")
         if s.growth:
             if "*" in s.growth:  # a plain value replaces the per-quantity ones below it
                 out.growth = {}
@@ -227,6 +231,7 @@ def _settings(table: Mapping, root: Path, where: str) -> Settings:
         k = _norm(key)
         if k in _KEY_TO_Q:
             s.limits[_KEY_TO_Q[k]] = parse_limit(value, f"{key} in {where}")
+            s.styles[_KEY_TO_Q[k]] = byte_style(value)
         elif k == "max-growth":
             s.growth = parse_growth(value, f"{key} in {where}")
         elif k == "baseline":

@@ -12,6 +12,7 @@ from ..errors import ModelError, SepifyError, UsageError
 from .baselines import baseline_path, load_baseline
 from ..cost.analysis import SHAPE_QUANTITIES, UNBOUND_NOTE, UNUSED_DIMS_NOTE
 from .budgets import QUANTITIES, CheckReport, ModelResult, budgeted, evaluate
+from ..units import byte_style
 from .config import Config, Settings, find_config, load_config, merge, parse_growth, parse_limit
 
 
@@ -56,6 +57,7 @@ def check(
             raise UsageError(f"unknown budget quantity {q!r} (known: {', '.join(QUANTITIES)})")
         if v is not None:
             cli.limits[q] = parse_limit(v, QUANTITIES[q][0])
+            cli.styles[q] = byte_style(v)
     if max_growth is not None and max_growth != () and max_growth != []:
         cli.growth = parse_growth(max_growth, "max-growth")
     if baseline is not None:
@@ -171,7 +173,7 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         base_report = None
         if baseline is not None:
             base_report = load_baseline(baseline, input_shapes=s.input_shapes or None, dims=s.dims or None)
-        result.results = evaluate(data, s.limits, s.growth, base_report)
+        result.results = evaluate(data, s.limits, s.growth, base_report, s.styles)
         result.notes = [n for n in data.get("notes") or [] if not n.startswith((UNUSED_DIMS_NOTE, UNBOUND_NOTE))]
         for n, (words, has) in result.dims_given.items():
             if not has:

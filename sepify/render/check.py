@@ -32,21 +32,22 @@ def budget_cells(b: dict) -> tuple[str, str, str, str, str]:
     """(quantity, limit, value, margin, result) as text for one budget dict."""
     q = b["quantity"]
     label = QUANTITIES[q][1]
+    st = b.get("style") or "binary"
     if b["kind"] == "growth":
         label += " growth"
-        lim, val, base = fmt_many(q, b["limit"], b["value"], b["baseline"], digits=2)
+        lim, val, base = fmt_many(q, b["limit"], b["value"], b["baseline"], style=st)
         limit = f"{lim} (+{b['growth_limit'] * 100:.1f}% of {base})"
         if b["growth"] is not None:
             val = f"{val} ({b['growth'] * 100:+.1f}%)"
         elif b["value"] is not None and b["baseline"] == 0 and b["value"]:
             val = f"{val} (from 0)"
     else:
-        limit, val = fmt_many(q, b["limit"], b["value"])
+        limit, val = fmt_many(q, b["limit"], b["value"], style=st)
     m = b["margin"]
     if m is None:
         margin = "?"
     else:
-        margin = ("+" if m > 0 else "-" if m < 0 else "") + fmt_value(q, abs(m))
+        margin = ("+" if m > 0 else "-" if m < 0 else "") + fmt_value(q, abs(m), style=st)
         if b["margin_pct"] is not None and m:
             margin += f" ({b['margin_pct']:+.1f}%)"
     return label, limit, val, margin, "pass" if b["passed"] else "FAIL"

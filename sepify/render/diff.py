@@ -28,6 +28,15 @@ def _num(q: str, v, signed: bool = False, digits: int = 1) -> str:
     return ("+" + text) if signed and v > 0 else text
 
 
+def _digits(q: str, old, new) -> int:
+    """The number format of every command (one decimal: ``1.8G``, as ``analyze`` prints a
+    total), with more decimals (up to 3) only where two different values would print the same."""
+    digits = 1
+    while digits < 3 and old is not None and new is not None and old != new and _num(q, old, digits=digits) == _num(q, new, digits=digits):
+        digits += 1
+    return digits
+
+
 def _pct(p) -> str:
     return "" if p is None else f"{p:+.1f}%"
 
@@ -94,8 +103,9 @@ def _totals_rows(data: dict) -> list[tuple[str, str, str, str, str, str]]:
             ratio = f"×{t['ratio']:.3g}"
             if 0 < t["ratio"] < 1:
                 ratio += f" ({1 / t['ratio']:.2f}× less)"
-        out.append((_TOTAL_LABELS.get(q, q), _num(q, t["old"], digits=2), _num(q, t["new"], digits=2),
-                    _num(q, t["delta"], True, 2) if t["delta"] else ("0" if t["delta"] == 0 else "?"),
+        digits = _digits(q, t["old"], t["new"])
+        out.append((_TOTAL_LABELS.get(q, q), _num(q, t["old"], digits=digits), _num(q, t["new"], digits=digits),
+                    _num(q, t["delta"], True) if t["delta"] else ("0" if t["delta"] == 0 else "?"),
                     _pct(t["pct"]) if t["delta"] else "", ratio))
     return out
 
