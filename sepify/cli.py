@@ -385,8 +385,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         result.report["verification"] = ver
         failed = ver["passed"] is False
     if output and not dry_run and not saved:
-        result.save(output, inputs)
-        result.report["output"] = output
+        result.save(output, inputs)  # (the report then names the file and its size)
     from .render.rewrite import render_rewrite
 
     if report_file:

@@ -152,6 +152,14 @@ def test_rewrite_html_report_file_and_json_agree(samples_dir, tmp_path):
     page = parse_page(report.read_text())
     assert_offline(page)
     as_json = json.loads(cli("rewrite", samples_dir / "tiny_cnn.onnx", "--dry-run", "--verify", "--format", "json"))
+    # the written run also knows the output file and its size; the dry run does not
+    size = out.stat().st_size
+    assert page.report["output"] == str(out) and page.report["after"]["model"]["file_size"] == size
+    assert page.report["diff"]["totals"]["file_size"]["new"] == page.report["diff"]["new"]["file_size"] == size
+    for rep in (page.report, as_json):
+        rep["after"]["model"]["file_size"] = rep["after"]["model"]["path"] = None
+        rep["diff"]["new"]["file_size"] = rep["diff"]["new"]["path"] = None
+        rep["diff"]["totals"]["file_size"].update(new=None, delta=None, pct=None, ratio=None)
     for key in ("totals", "layers", "skipped", "verification", "before", "after", "diff"):
         assert page.report[key] == as_json[key], key
     assert {r["name"] for r in page.report["layers"]} == {"conv1", "conv2", "conv4"}

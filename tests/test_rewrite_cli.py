@@ -119,7 +119,7 @@ def test_dry_run_with_output_path_writes_nothing(tiny, tmp_path):
     assert not out.exists()
     md = result.stdout
     assert md.startswith("## sepify rewrite: `tiny.onnx` (rank 1, dw-first)")
-    row = next(line for line in md.splitlines() if "conv2/depthwise" in line)
+    row = next(line for line in md.splitlines() if "conv2 → conv2/{depthwise,pointwise}" in line)
     assert row.startswith("|") and "dw-first" in row and "1/9" in row
     assert "- folded BatchNormalization `bn1` into `conv1`" in md
     assert "\n\n- folded BatchNormalization" in md  # a blank line: not swallowed by the <details> block

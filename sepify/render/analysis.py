@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..units import human, human_bytes
-from .common import dumps_json, md_escape, print_table
+from .common import Column, dumps_json, md_escape, print_table, shorten_op
 
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -45,30 +45,44 @@ def select_layers(layers: list[dict], sort: str = "graph", top: int | None = Non
 
 
 # --- analysis ---------------------------------------------------------------------------------
-def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None = None, by_op: bool = False) -> None:
+def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None = None, by_op: bool = False,
+                   width: int | None = None) -> None:
+    """The table, fitted to ``width`` (default: the terminal's, see ``table_width``): at 80
+    columns layer names are shortened in the middle, FLOPs then out bytes then output shapes
+    are left out before a number would be cut, and an empty note column is not shown."""
     stream = stream or sys.stdout
     t = data["totals"]
     title = data["model"].get("path") or data["model"].get("graph") or "model"
     if by_op:
-        columns = [("op type", "left")] + [(c, "right") for c in ("count", "MACs", "FLOPs", "params", "unknown")]
+        columns = [Column("op type", "left", flex=12), Column("count"), Column("MACs"), Column("FLOPs", drop=1),
+                   Column("params"), Column("unknown", drop=2)]
         groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
+        shown = groups[:top] if top else groups
+        hidden, what = len(groups) - len(shown), "op types"
         rows = [(op, str(g["count"]), human(g["macs"]), human(g["flops"]), human(g["params"]),
-                 str(g["unknown"]) if g["unknown"] else "") for op, g in (groups[:top] if top else groups)]
+                 str(g["unknown"]) if g["unknown"] else "") for op, g in shown]
         total = ("total", str(len(data["layers"])), human(t["macs"]), human(t["flops"]), human(t["params"]),
                  str(t["unknown"]) if t["unknown"] else "")
         title = f"{title} — by op type"
     else:
-        columns = [("#", "right"), ("name", "left"), ("op", "left"), ("output", "left"), ("MACs", "right"),
-                   ("FLOPs", "right"), ("params", "right"), ("out bytes", "right"), ("note", "left")]
+        columns = [Column("#"), Column("name", "left", flex=16), Column("op", "left", flex=9, shorten=shorten_op),
+                   Column("output", "left", drop=1), Column("MACs"), Column("FLOPs", drop=3), Column("params"),
+                   Column("out bytes", short="out B", drop=2), Column("note", "left", fold=True)]
+        layers = select_layers(data["layers"], sort, top)
+        hidden, what = len(data["layers"]) - len(layers), "layers"
         rows = [(str(r["index"]), r["name"], r["op_type"], _shape(r["output_shapes"]), human(r["macs"]),
                  human(r["flops"]), human(r["params"]) if r["params"] else "", human_bytes(r["output_bytes"]),
                  f"unknown: {r['unknown']}" if r["unknown"] else r["note"])
-                for r in select_layers(data["layers"], sort, top)]
+                for r in layers]
         total = ("", "total", "", "", human(t["macs"]), human(t["flops"]), human(t["params"]),
                  human_bytes(t["activation_peak_bytes"]) + " peak", "")
-    print_table(stream, title, columns, rows, total)
+    print_table(stream, title, columns, rows, total, width)
+    lines = [summary_line(data)]
+    if hidden:
+        key = "MACs" if by_op or sort == "graph" else sort
+        lines.insert(0, f"{hidden} more {what} not shown (--top {top}: the heaviest by {key}; the total row counts them all)")
     # plain text (rich would read "[...]" in a tensor name as markup, and wrap long notes)
-    stream.write("\n".join([summary_line(data), *(f"note: {note}" for note in data.get("notes", []))]) + "\n")
+    stream.write("\n".join([*lines, *(f"note: {note}" for note in data.get("notes", []))]) + "\n")
 
 
 def summary_line(data: dict) -> str:
@@ -89,9 +103,20 @@ CSV_COLUMNS = ("index", "name", "op_type", "domain", "macs", "flops", "params", 
                "output_shapes", "output_bytes", "unknown", "note")
 
 
-def analysis_csv(data: dict, sort: str = "graph", top: int | None = None) -> str:
+BY_OP_CSV_COLUMNS = ("op_type", "count", "macs", "flops", "params", "unknown")
+
+
+def analysis_csv(data: dict, sort: str = "graph", top: int | None = None, by_op: bool = False) -> str:
+    """One row per layer (``CSV_COLUMNS``), or with ``by_op`` one per op type (``BY_OP_CSV_COLUMNS``,
+    heaviest first, as the table)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    if by_op:
+        w.writerow(BY_OP_CSV_COLUMNS)
+        groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
+        for op, g in groups[:top] if top else groups:
+            w.writerow([op, *(g[c] for c in BY_OP_CSV_COLUMNS[1:])])
+        return buf.getvalue()
     w.writerow(CSV_COLUMNS)
     for r in select_layers(data["layers"], sort, top):
         w.writerow(["" if r[c] is None else (_shape(r[c]) if c == "output_shapes" else r[c]) for c in CSV_COLUMNS])
@@ -134,7 +159,7 @@ def render_analysis(data: dict, fmt: str, stream=None, sort: str = "graph", top:
     if fmt == "json":
         return dumps_json(data)
     if fmt == "csv":
-        return analysis_csv(data, sort, top)
+        return analysis_csv(data, sort, top, by_op)
     if fmt == "markdown":
         return analysis_markdown(data, sort, top, by_op)
     analysis_table(data, stream, sort, top, by_op)

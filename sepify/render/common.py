@@ -4,14 +4,159 @@ escaping."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Callable
 
 
 def _console(stream, width: int | None = None):
     from rich.console import Console
 
     tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=stream, width=width or (None if tty else 160), highlight=False, markup=False,
+    return Console(file=stream, width=width or table_width(stream), highlight=False, markup=False,
                    color_system="auto" if tty else None, soft_wrap=False)
+
+
+def table_width(stream) -> int:
+    """The width tables are laid out for: ``$COLUMNS`` when set, else the terminal's width,
+    else (a pipe or a file) 160 columns."""
+    import os
+    import shutil
+
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) >= 20:
+        return int(env)
+    if hasattr(stream, "isatty") and stream.isatty():
+        return shutil.get_terminal_size((160, 24)).columns
+    return 160
+
+
+# --- fitting a table to a width ---------------------------------------------------------------
+@dataclass
+class Column:
+    """A table column for :func:`fit_table`.
+
+    ``short``: the header used when the table does not fit. ``flex``: text that may be
+    shortened in the middle (``backbone.st…conv2``), down to ``flex`` characters, by
+    ``shorten`` (default :func:`shorten_middle`). ``fold``: long text wrapped instead (notes).
+    ``drop``: the column may be left out when the table still does not fit (the highest first);
+    numbers are never cut: a column of numbers is dropped whole or shown whole."""
+
+    header: str
+    justify: str = "right"
+    short: str | None = None
+    flex: int = 0
+    fold: bool = False
+    drop: int = 0
+    shorten: Callable[[str, int], str] | None = None
+
+
+def shorten_middle(text: str, width: int, head: int | None = None) -> str:
+    """``text`` in at most ``width`` characters, its middle replaced by ``…`` (the start and
+    the end of a layer name tell layers apart; a prefix alone would not)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    keep = width - 1
+    h = keep // 2 if head is None else max(0, min(head, keep))
+    return text[:h] + "…" + text[len(text) - (keep - h):]
+
+
+#: op types too long for a narrow column, by their usual short names
+OP_ABBREVIATIONS = {"BatchNormalization": "BatchNorm", "InstanceNormalization": "InstanceNorm",
+                    "LayerNormalization": "LayerNorm", "GlobalAveragePool": "GlobalAvgPool",
+                    "DequantizeLinear": "Dequantize", "QuantizeLinear": "Quantize", "ConvTranspose": "ConvTransp"}
+
+
+def shorten_op(text: str, width: int) -> str:
+    """An op type (or ``A → B``) in ``width`` characters: usual abbreviations first."""
+    if len(text) > width:
+        for full, short in OP_ABBREVIATIONS.items():
+            text = text.replace(full, short)
+    return shorten_middle(text, width)
+
+
+def _shorten_column(texts: list[str], width: int, shorten) -> list[str]:
+    """Shorten every text to ``width``; where two different texts would look the same, other
+    cut points (more of the end, then more of the start) are tried until each is unique."""
+    out = [shorten(t, width) for t in texts]
+    owner: dict[str, str] = {}
+    clash = set()
+    for t, o in zip(texts, out):
+        if owner.setdefault(o, t) != t:
+            clash.add(o)
+    if not clash:
+        return out
+    taken = {o for o in out if o not in clash}
+    keep = width - 1
+    for i, (t, o) in enumerate(zip(texts, out)):
+        if o not in clash:
+            continue
+        for h in [*range(keep // 2 - 1, -1, -1), *range(keep // 2 + 1, keep + 1)]:
+            cand = shorten_middle(t, width, h)
+            if cand not in taken:
+                out[i] = cand
+                break
+        taken.add(out[i])
+    return out
+
+
+def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | None, width: int):
+    """Lay a table out for ``width`` characters (drawn by :func:`print_table`: each column
+    costs its text width + 2). In order, while it does not fit: columns whose cells are all empty
+    are left out (always), short headers, flexible columns narrowed to their minimum, then
+    droppable columns left out, highest ``drop`` first. Returns (columns, rows, total,
+    widths of the flexible columns) with the cells of flexible columns shortened."""
+    body = rows + ([total] if total is not None else [])
+    keep = [i for i, c in enumerate(columns) if any(r[i] for r in body)]
+
+    def natural(i, short):
+        c = columns[i]
+        head = (c.short or c.header) if short else c.header
+        return max([len(head), *(len(r[i]) for r in body)]) if body else len(head)
+
+    short = False
+    last_resort = False  # every droppable column gone: flexible columns below their minimum
+    while True:
+        widths = {i: natural(i, short) for i in keep}
+        need = sum(widths.values()) + 2 * len(keep)
+        floor = {i: 6 if last_resort else (columns[i].flex or 10) for i in keep if columns[i].flex or columns[i].fold}
+        flex = {i: widths[i] for i in floor if widths[i] > floor[i]}
+        over = need - width
+        if over > 0 and flex:  # narrow the flexible columns, the widest first, to their minimum
+            while over > 0:  # one character at a time from the widest: they end up balanced
+                wide = [i for i in flex if widths[i] > floor[i]]
+                if not wide:
+                    break
+                i = max(wide, key=lambda k: (widths[k], -k))
+                widths[i] -= 1
+                over -= 1
+        if over <= 0:
+            break
+        if not short:
+            short = True
+            continue
+        droppable = [i for i in keep if columns[i].drop]
+        if not droppable:
+            if last_resort:
+                break  # wider than ``width``: printed so (the terminal wraps lines; no number is cut)
+            last_resort = True
+            continue
+        keep.remove(max(droppable, key=lambda i: (columns[i].drop, i)))
+    out_cols = []
+    for i in keep:
+        c = columns[i]
+        out_cols.append(Column(c.short or c.header if short else c.header, c.justify, c.short, c.flex, c.fold, c.drop, c.shorten))
+    cut = {}
+    for i in keep:
+        c = columns[i]
+        if c.flex and not c.fold and widths[i] < natural(i, short):
+            cut[i] = _shorten_column([r[i] for r in body], widths[i], c.shorten or shorten_middle)
+    new_body = [[cut[i][k] if i in cut else r[i] for i in keep] for k, r in enumerate(body)]
+    new_rows = new_body[:len(rows)]
+    new_total = new_body[len(rows)] if total is not None else None
+    need = sum(widths[i] for i in keep) + 2 * len(keep)
+    return out_cols, new_rows, new_total, {keep.index(i): widths[i] for i in keep if columns[i].fold}, need
 
 
 def md_escape(s) -> str:
@@ -47,25 +192,36 @@ def _rows_json(rows: list[dict]) -> str:
 RICH_MAX_ROWS = 2000  # above this a plain aligned table is printed: rich takes ~0.7 ms a row
 
 
-def print_table(stream, title: str, columns: list[tuple[str, str]], rows: list[tuple], total: tuple | None) -> None:
-    """A table with a title, ``columns`` as (header, "left"|"right"), and a total row: rich
-    for a screenful, plain aligned text for thousands of rows (same columns, same order)."""
+def print_table(stream, title: str, columns: list, rows: list[tuple], total: tuple | None,
+                width: int | None = None) -> None:
+    """A table with a title, ``columns`` (:class:`Column`, or (header, "left"|"right")), and a
+    total row: rich for a screenful, fitted to the width (:func:`fit_table`); plain aligned
+    text for thousands of rows (every column, nothing shortened)."""
+    columns = [c if isinstance(c, Column) else Column(c[0], c[1]) for c in columns]
     if len(rows) <= RICH_MAX_ROWS:
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=title, show_lines=False)
-        for header, just in columns:
-            table.add_column(header, justify=just, overflow="fold" if header == "note" else "ellipsis")
+        width = width or table_width(stream)
+        columns, rows, total, folds, need = fit_table(columns, [list(r) for r in rows],
+                                                list(total) if total is not None else None, width)
+        table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for i, c in enumerate(columns):
+            if c.fold:
+                table.add_column(c.header, justify=c.justify, overflow="fold", max_width=folds.get(i))
+            else:
+                table.add_column(c.header, justify=c.justify, no_wrap=True, overflow="ellipsis" if c.flex else "fold")
         for row in rows:
             table.add_row(*row)
         if total is not None:
             table.add_section()
             table.add_row(*total)
-        _console(stream).print(table)
+        _console(stream, max(width, need, 20)).print(table)
         return
-    body = [tuple(h for h, _ in columns)] + rows + ([total] if total is not None else [])
+    headers = [c.header for c in columns]
+    body = [tuple(headers)] + rows + ([total] if total is not None else [])
     widths = [max(map(len, cells)) for cells in zip(*body)]
-    fmt = "  ".join(f"{{:{'>' if just == 'right' else '<'}{w}}}" for w, (_, just) in zip(widths, columns))
+    fmt = "  ".join(f"{{:{'>' if c.justify == 'right' else '<'}{w}}}" for w, c in zip(widths, columns))
     rule = "  ".join("-" * w for w in widths)
     out = [title, fmt.format(*body[0]).rstrip(), rule]
     out += [fmt.format(*r).rstrip() for r in rows]

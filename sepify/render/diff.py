@@ -4,12 +4,13 @@ Markdown. ``sepify rewrite`` prints its per-layer table through :func:`diff_tabl
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 from ..diff import _BYTES
 from ..errors import UsageError
 from ..units import human, human_bytes
-from .common import md_escape
+from .common import Column, md_escape, shorten_middle, shorten_op
 
 
 # --- rendering --------------------------------------------------------------------------------
@@ -57,10 +58,28 @@ def _label(r: dict) -> str:
     o, n = r["old_names"], r["new_names"]
     if not o or not n or o == n:
         return ", ".join(o or n)
-    if r["match"] == "split" and all(x.startswith(o[0] + "/") for x in n):
-        tail = ", ".join(x[len(o[0]) + 1:] for x in n)
-        return f"{', '.join(o)} → {o[0]}/{{{tail}}}"
+    if len(o) == 1 and len(n) > 1 and all(x.startswith(o[0] + "/") for x in n):  # a split (or rewrite)
+        tail = ",".join(x[len(o[0]) + 1:] for x in n)
+        return f"{o[0]} → {o[0]}/{{{tail}}}"
     return f"{', '.join(o)} → {', '.join(n)}"
+
+
+_SPLIT = re.compile(r"^(.+) → \1/(\{[^{}]*\})$")
+
+
+def shorten_label(label: str, width: int) -> str:
+    """A layer label in ``width`` characters. ``X → X/{depthwise,pointwise}`` keeps its form:
+    the repeated ``X`` becomes ``…`` (``X → …/{depthwise,pointwise}``), then ``X`` is shortened
+    in the middle; anything else is shortened in the middle."""
+    m = _SPLIT.match(label)
+    if m:
+        x, tail = m.groups()
+        fixed = len(" → …/") + len(tail)
+        if len(x) + fixed <= width:
+            return f"{x} → …/{tail}"
+        if width - fixed >= 8:
+            return f"{shorten_middle(x, width - fixed)} → …/{tail}"
+    return shorten_middle(label, width)
 
 
 def _op_label(r: dict) -> str:
@@ -131,35 +150,43 @@ def _layer_cells(r: dict, extra_cols: list[str]) -> list[str]:
 
 _LAYER_HEAD = ("", "layer", "op", "MACs before", "MACs after", "Δ MACs", "%", "Δ params", "%",
                "Δ out bytes", "%")
+#: the layer table's columns for a width: short headers, and what is left out first when it
+#: does not fit (higher ``drop`` first); numbers are never cut
+_LAYER_COLUMNS = [Column("", "left"), Column("layer", "left", flex=24, shorten=shorten_label),
+                  Column("op", "left", flex=9, shorten=shorten_op), Column("MACs before", short="MACs"),
+                  Column("MACs after", short="→ MACs"), Column("Δ MACs", short="ΔMACs", drop=4),
+                  Column("%"), Column("Δ params", short="Δparams"), Column("%", drop=5),
+                  Column("Δ out bytes", short="Δout B", drop=6), Column("%", drop=7)]
+#: extra columns (``sepify rewrite``'s) by name: short header, drop priority
+_EXTRA = {"orientation": ("orient.", 9), "energy kept": ("energy", 8), "rel. weight error": ("error", 2),
+          "rank": ("rank", 0), "form": ("form", 4), "ms before": ("ms", 1), "ms after": ("→ ms", 1)}
 
 
 def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str = "graph",
-               top: int | None = None) -> None:
-    from rich.table import Table
-
-    from .common import _console
+               top: int | None = None, title: str | None = None, width: int | None = None) -> None:
+    """The layer table and the totals, fitted to ``width`` (default: the terminal's)."""
+    from .common import _console, print_table
 
     stream = stream or sys.stdout
-    console = _console(stream)
+    console = _console(stream, width)
     extra_cols = data.get("extra_columns") or []
     rows = select_rows(data, show_unchanged, sort)
-    if top:
-        rows = rows[:top]
-    table = Table(title=f"sepify diff: {_title(data)}")
-    for i, col in enumerate((*_LAYER_HEAD, *extra_cols)):
-        table.add_column(col, justify="left" if i in (0, 1, 2) else "right",
-                         overflow="fold" if i == 1 else "ellipsis")
-    for r in rows:
-        table.add_row(*_layer_cells(r, extra_cols))
-    if rows:
-        console.print(table)
-    totals = Table(title="totals")
-    for i, col in enumerate(("", "before", "after", "Δ", "%", "ratio")):
-        totals.add_column(col, justify="left" if i == 0 else "right")
-    for row in _totals_rows(data):
-        totals.add_row(*row)
-    console.print(totals)
+    shown = rows[:top] if top else rows
+    cells = [_layer_cells(r, extra_cols) for r in shown]
+    columns = list(_LAYER_COLUMNS)
+    splits = [m for m in (_SPLIT.match(c[1]) for c in cells) if m]
+    if splits:  # room for "X → …/{depthwise,pointwise}" with 8 characters of X
+        columns[1] = Column("layer", "left", flex=max(24, max(len(m.group(2)) for m in splits) + len(" → …/") + 8),
+                            shorten=shorten_label)
+    columns += [Column(k, short=_EXTRA.get(k, (None, 0))[0], drop=_EXTRA.get(k, (None, 10))[1])
+                                for k in extra_cols]
+    if shown:
+        print_table(stream, title or f"sepify diff: {_title(data)}", columns, cells, None, width)
+    print_table(stream, "totals", [Column("", "left"), Column("before"), Column("after"), Column("Δ"), Column("%"),
+                                   Column("ratio", drop=1)], _totals_rows(data), None, width)
     hidden = "" if show_unchanged or not data["counts"]["unchanged"] else " (unchanged layers hidden; --all shows them)"
+    if len(shown) < len(rows):
+        hidden += f"; {len(rows) - len(shown)} more row(s) not shown (--top {top})"
     console.print(f"layers: {_counts_line(data)}{hidden}")
 
 

@@ -181,8 +181,9 @@ def rewrite_table(report: dict, stream=None) -> None:
 
     stream = stream or sys.stdout
     console = _console(stream)
-    console.print(f"sepify rewrite: {report.get('model') or 'model'} ({_criterion(report)})")
-    diff_table(report["diff"], stream)
+    out = report.get("output") or "not written"
+    diff_table(report["diff"], stream, title=f"sepify rewrite: {report.get('model') or 'model'} → {out} "
+                                             f"({_criterion(report)})")
     t = report["totals"]
     b, a = t["before"], t["after"]
     console.print(f"rewritten {t['rewritten']} Conv(s); MACs {human(b['macs'])} → {human(a['macs'])} "

@@ -84,6 +84,26 @@ class RewriteResult:
                 onnx.checker.check_model(str(out), full_check=True)
             except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
                 raise RuntimeError(f"the rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
+        self._record_output(out)
+
+    def _record_output(self, out: Path) -> None:
+        """The report names the written file and its size (the diff's "file size" row and the
+        after-analysis, which were computed before there was a file)."""
+        size = out.stat().st_size
+        self.report["output"] = str(out)
+        diff = self.report.get("diff")
+        if diff:
+            diff["new"]["path"], diff["new"]["file_size"] = str(out), size
+            t = diff["totals"].get("file_size")
+            if t is not None:
+                a = t["old"]
+                t["new"] = size
+                t["delta"] = None if a is None else size - a
+                t["pct"] = round(100.0 * (size - a) / a, 4) if a else None
+                t["ratio"] = round(size / a, 6) if a else None
+        after = self.report.get("after")
+        if after and isinstance(after.get("model"), dict):
+            after["model"]["path"], after["model"]["file_size"] = str(out), size
 
 
 # --- the command -----------------------------------------------------------------------------
