@@ -76,7 +76,7 @@ def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None
                 for r in layers]
         total = ("", "total", "", "", human(t["macs"]), human(t["flops"]), human(t["params"]),
                  human_bytes(t["activation_peak_bytes"]) + " peak", "")
-    print_table(stream, title, columns, rows, total, width)
+    print_table(stream, title, columns, rows, total, width, compact=True)
     lines = [summary_line(data)]
     if hidden:
         key = "MACs" if by_op or sort == "graph" else sort

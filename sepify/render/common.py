@@ -101,9 +101,10 @@ def _shorten_column(texts: list[str], width: int, shorten) -> list[str]:
     return out
 
 
-def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | None, width: int):
-    """Lay a table out for ``width`` characters (drawn by :func:`print_table`: each column
-    costs its text width + 2). In order, while it does not fit: columns whose cells are all empty
+def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | None, width: int,
+              compact: bool = False):
+    """Lay a table out for ``width`` characters (drawn by :func:`print_table`: a column costs
+    its text width + 3, plus 1 for the box; ``compact``, no vertical lines: + 2). In order, while it does not fit: columns whose cells are all empty
     are left out (always), short headers, flexible columns narrowed to their minimum, then
     droppable columns left out, highest ``drop`` first. Returns (columns, rows, total,
     widths of the flexible columns) with the cells of flexible columns shortened."""
@@ -119,7 +120,7 @@ def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | N
     last_resort = False  # every droppable column gone: flexible columns below their minimum
     while True:
         widths = {i: natural(i, short) for i in keep}
-        need = sum(widths.values()) + 2 * len(keep)
+        need = sum(widths.values()) + (2 * len(keep) if compact else 3 * len(keep) + 1)
         floor = {i: 6 if last_resort else (columns[i].flex or 10) for i in keep if columns[i].flex or columns[i].fold}
         flex = {i: widths[i] for i in floor if widths[i] > floor[i]}
         over = need - width
@@ -155,7 +156,7 @@ def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | N
     new_body = [[cut[i][k] if i in cut else r[i] for i in keep] for k, r in enumerate(body)]
     new_rows = new_body[:len(rows)]
     new_total = new_body[len(rows)] if total is not None else None
-    need = sum(widths[i] for i in keep) + 2 * len(keep)
+    need = sum(widths[i] for i in keep) + (2 * len(keep) if compact else 3 * len(keep) + 1)
     return out_cols, new_rows, new_total, {keep.index(i): widths[i] for i in keep if columns[i].fold}, need
 
 
@@ -193,19 +194,21 @@ RICH_MAX_ROWS = 2000  # above this a plain aligned table is printed: rich takes 
 
 
 def print_table(stream, title: str, columns: list, rows: list[tuple], total: tuple | None,
-                width: int | None = None) -> None:
+                width: int | None = None, compact: bool = False) -> None:
     """A table with a title, ``columns`` (:class:`Column`, or (header, "left"|"right")), and a
     total row: rich for a screenful, fitted to the width (:func:`fit_table`); plain aligned
-    text for thousands of rows (every column, nothing shortened)."""
-    columns = [c if isinstance(c, Column) else Column(c[0], c[1]) for c in columns]
+    text for thousands of rows (every column, nothing shortened). ``compact``: no vertical
+    lines (a column costs 2 characters less: the wide layer tables of analyze, diff, rewrite)."""
+    columns = [c if isinstance(c, Column) else Column(c[0], c[1], fold=c[0] == "note") for c in columns]
     if len(rows) <= RICH_MAX_ROWS:
         from rich import box
         from rich.table import Table
 
         width = width or table_width(stream)
         columns, rows, total, folds, need = fit_table(columns, [list(r) for r in rows],
-                                                list(total) if total is not None else None, width)
-        table = Table(title=title, show_lines=False, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+                                                list(total) if total is not None else None, width, compact)
+        style = dict(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True) if compact else {}
+        table = Table(title=title, show_lines=False, **style)
         for i, c in enumerate(columns):
             if c.fold:
                 table.add_column(c.header, justify=c.justify, overflow="fold", max_width=folds.get(i))

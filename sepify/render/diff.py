@@ -181,9 +181,9 @@ def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str 
     columns += [Column(k, short=_EXTRA.get(k, (None, 0))[0], drop=_EXTRA.get(k, (None, 10))[1])
                                 for k in extra_cols]
     if shown:
-        print_table(stream, title or f"sepify diff: {_title(data)}", columns, cells, None, width)
+        print_table(stream, title or f"sepify diff: {_title(data)}", columns, cells, None, width, compact=True)
     print_table(stream, "totals", [Column("", "left"), Column("before"), Column("after"), Column("Δ"), Column("%"),
-                                   Column("ratio", drop=1)], _totals_rows(data), None, width)
+                                   Column("ratio", drop=1)], _totals_rows(data), None, width, compact=True)
     hidden = "" if show_unchanged or not data["counts"]["unchanged"] else " (unchanged layers hidden; --all shows them)"
     if len(shown) < len(rows):
         hidden += f"; {len(rows) - len(shown)} more row(s) not shown (--top {top})"
