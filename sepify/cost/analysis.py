@@ -457,7 +457,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     caller's view of ``loaded.model.graph``, if it has one."""
     model = loaded.model
     if view is None:
-        view = GraphView(model.graph, symbols=loaded.symbols)
+        view = GraphView(model.graph, symbols=loaded.symbols, lost=loaded.lost)
     check_inferred_shapes(view, loaded.label)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
@@ -699,7 +699,7 @@ def analyze(
     """
     with no_gc():
         loaded = load(source, input_shapes=input_shapes, dims=dims, shape_words=shape_words)
-        view = GraphView(loaded.model.graph, symbols=loaded.symbols)
+        view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
         unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
         try:
             numeric = None

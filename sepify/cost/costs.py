@@ -76,7 +76,8 @@ class OpContext:
         if dims is None:
             dims = t.dims = _convert_dims(t.shape, view.symbols)
         if dims.__class__ is str:
-            raise Unknown(dims.format(what=what, name=name))
+            why = view.lost.get(name)
+            raise Unknown(dims.format(what=what, name=name) + (f": {why}" if why else ""))
         return t
 
     def in_shape(self, i: int) -> tuple:
@@ -119,7 +120,7 @@ def _convert_dims(shape: tuple | None, symbols) -> tuple | str:
         elif d in symbols:
             out.append(Poly.symbol(d))
         else:
-            return "shape of {what} {name!r} has a data-dependent dimension " + repr(d).replace("{", "{{").replace("}", "}}")
+            return "shape of {what} {name!r} has an unresolved dimension " + repr(d).replace("{", "{{").replace("}", "}}")
     return tuple(out)
 
 

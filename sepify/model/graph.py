@@ -177,9 +177,11 @@ def _scoped(view: "GraphView | None", table: str, name: str):
 class GraphView:
     """Shapes, dtypes, constness, producers and consumers of one graph scope."""
 
-    def __init__(self, graph: onnx.GraphProto, outer: "GraphView | None" = None, symbols=None):
+    def __init__(self, graph: onnx.GraphProto, outer: "GraphView | None" = None, symbols=None, lost=None):
         self.graph = graph
         self.outer = outer
+        # tensor -> why its shape is unknown (from shape resolution, :mod:`sepify.model.shapes`)
+        self.lost: dict = lost if lost is not None else (outer.lost if outer else {})
         # the symbolic dims that stand for model inputs; other dim_params (``unk__3``, made by
         # shape inference for data-dependent sizes) are unknown dimensions
         self.symbols: frozenset = frozenset(symbols) if symbols is not None else (outer.symbols if outer else frozenset())

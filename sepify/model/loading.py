@@ -27,6 +27,7 @@ import onnx
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
 from .reading import _read, check, drop_initializer_inputs, topological_sort
+from .shapes import origins, resolve_shapes
 from .validation import check_input_dims
 
 
@@ -40,6 +41,7 @@ class LoadedModel:
     symbols: dict[str, int | None] = field(default_factory=dict)  # name -> bound value or None
     notes: list[str] = field(default_factory=list)
     unused_dims: list[str] = field(default_factory=list)  # ``dims`` names the model has no symbol for
+    lost: dict[str, str] = field(default_factory=dict)  # tensor whose shape is still unknown -> why
 
     @property
     def label(self) -> str:
@@ -271,5 +273,7 @@ def load(
         # 8 wide for an input of unknown width is no contradiction, but it is one at width 1
         _forget_derived_dims(model.graph)
         model = infer_shapes(model, label)
+    model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label))
+    lost = origins(model) if rounds else {}
     size = path.stat().st_size if path else None
-    return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused)
+    return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused, lost=lost)

@@ -157,7 +157,7 @@ def rewrite(
         raw = inliner.inline_local_functions(raw)
     old_ir = drop_initializer_inputs(raw)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
-    view = GraphView(loaded.model.graph, symbols=loaded.symbols)
+    view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
     view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
     from ..cost.analysis import analyze_loaded
 

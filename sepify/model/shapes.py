@@ -1,0 +1,329 @@
+"""Shape resolution: the shapes ONNX shape inference loses, recovered before the cost walk.
+
+Exporters compute shapes at run time: ``Shape -> Gather -> Div -> Concat -> Reshape`` (PyTorch's
+channel shuffle), ``Slice`` ends computed from a ``Shape`` (``chunk``), pads computed by
+``Constant -> ConstantOfShape -> Concat -> Slice`` (tf2onnx). ONNX shape inference with data
+propagation follows only part of this arithmetic, and every tensor after the first lost
+dimension gets an unknown (``unk__N``) size. Yet onnxruntime runs these models with every shape
+static: the values are constants once the input shapes are known.
+
+The stage, run after ONNX shape inference and only when some tensor of the main graph lost a
+dimension (a model without computed shapes pays one scan of its value_info):
+
+1. **fold**: evaluate, in graph order, every node whose inputs are all known values — small
+   initializers and ``Constant`` outputs, ``Shape``/``Size`` of a tensor whose shape is known,
+   and the outputs of nodes folded before — with onnx's reference evaluator
+   (:mod:`onnx.reference`, one node at a time, results of at most 65,536 elements). A ``Shape``
+   of a tensor with symbolic dims is a vector of ints and symbols; ``Gather``/``Slice`` on it
+   with constant indices keep that form, so ``Gather(Shape(x), 1)`` is the constant 3 even when
+   the batch is a symbol, and the symbolic entries are left for data propagation;
+2. **substitute**: in a scratch copy of the graph, the folded nodes are removed and their
+   results needed by the other nodes become initializers;
+3. **re-infer**: ONNX shape inference (data propagation on) on the scratch copy;
+4. repeat from 1 until nothing new folds (a fixpoint; at most 16 rounds).
+
+The shapes found are written into the model's ``value_info``; the nodes of the model are not
+changed (the analysis still has one row per node). Why this and not onnxruntime's
+``symbolic_shape_infer``: measured on the exports in ``bench/realworld.py`` it fails outright on
+a third of them (models with ``-1`` dims, ``If`` bodies, quantized ops), and takes 15-18 s on
+two detection models where this stage takes milliseconds; ONNX inference plus folding recovers
+every static shape of those models (figures in the README).
+
+What remains unknown afterwards is reported with its origin: the first node whose output lost
+the dimension. Ops whose output size depends on input *values* (``NonZero``,
+``NonMaxSuppression``, ``TopK`` with a computed k, ``Unique``, ...) are named as making it
+data-dependent; anything else is a dimension shape inference could not resolve.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+MAX_ELEMENTS = 1 << 16  # largest value folded (shape vectors, pads, small tables)
+MAX_ROUNDS = 16
+
+# ops whose output *size* depends on the values of their data inputs
+DATA_DEPENDENT = {"NonZero", "NonMaxSuppression", "Unique", "Compress", "TopK", "StringSplit",
+                  "RegexFullMatch", "Loop", "Scan", "If", "SequenceAt", "SplitToSequence", "ConcatFromSequence",
+                  "SequenceConstruct", "RoiAlign"}
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "If", "Loop", "Scan", "SequenceMap"}
+
+
+def _dims(vi: onnx.ValueInfoProto) -> tuple | None:
+    t = vi.type
+    if t.WhichOneof("value") != "tensor_type" or not t.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim)
+
+
+def _input_symbols(graph: onnx.GraphProto) -> set[str]:
+    out = set()
+    for vi in graph.input:
+        s = _dims(vi)
+        if s:
+            out.update(d for d in s if d.__class__ is str)
+    return out
+
+
+def lost_tensors(model: onnx.ModelProto) -> list[str]:
+    """Node outputs of the main graph with no shape, or with a dimension that is neither a
+    number nor a symbol of the graph inputs (in graph order)."""
+    g = model.graph
+    symbols = _input_symbols(g)
+    shapes = {vi.name: _dims(vi) for vi in (*g.value_info, *g.output)}
+    for t in g.initializer:
+        shapes[t.name] = tuple(t.dims)
+    lost = []
+    for n in g.node:
+        for o in n.output:
+            if not o:
+                continue
+            s = shapes.get(o)
+            if s is None or any(d is None or (d.__class__ is str and d not in symbols) for d in s):
+                lost.append(o)
+    return lost
+
+
+class _Folder:
+    """Known values of one graph: numpy arrays, or for shape vectors with symbolic entries a
+    tuple of ints and symbol names."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.opset = {(o.domain or ""): o.version for o in model.opset_import}
+        self.values: dict[str, np.ndarray] = {}
+        self.partial: dict[str, tuple] = {}
+        for t in model.graph.initializer:
+            if t.data_location != TensorProto.EXTERNAL and _numel(t.dims) <= MAX_ELEMENTS:
+                try:
+                    self.values[t.name] = numpy_helper.to_array(t)
+                except Exception:  # noqa: BLE001 - an odd initializer is simply not folded
+                    pass
+
+    def fold(self, graph: onnx.GraphProto, shapes: dict[str, tuple | None]) -> set[int]:
+        """Evaluate what can be; return the indices of the nodes folded (all outputs known)."""
+        folded = set()
+        values, partial = self.values, self.partial
+        for idx, node in enumerate(graph.node):
+            outs = [o for o in node.output if o]
+            if not outs or all(o in values for o in outs):
+                if outs:
+                    folded.add(idx)
+                continue
+            if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDED:
+                continue
+            try:
+                done = self._fold_node(node, shapes)
+            except Exception:  # noqa: BLE001 - an op the evaluator cannot run is left to inference
+                done = False
+            if done:
+                folded.add(idx)
+        return folded
+
+    def _fold_node(self, node: onnx.NodeProto, shapes) -> bool:
+        values, partial = self.values, self.partial
+        op, ins = node.op_type, list(node.input)
+        out = node.output[0]
+        if op in ("Shape", "Size"):
+            s = shapes.get(ins[0]) if ins else None
+            if ins and ins[0] in values:
+                s = values[ins[0]].shape
+            if s is None:
+                return False
+            if op == "Size":
+                if any(d.__class__ is not int for d in s):
+                    return False
+                values[out] = np.array(_numel(s), dtype=np.int64)
+                return True
+            attrs = {a.name: a.i for a in node.attribute}
+            start, end = attrs.get("start", 0), attrs.get("end", len(s))
+            vec = tuple(s[slice(start, end)])
+            if any(d is None for d in vec):
+                return False
+            if all(d.__class__ is int for d in vec):
+                values[out] = np.array(vec, dtype=np.int64)
+            else:
+                partial[out] = vec
+            return out in values
+        if ins and ins[0] in partial and op in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Identity"):
+            return self._fold_partial(node)
+        if any(n and n not in values for n in ins):
+            return False
+        if op == "Constant" or not ins:
+            pass
+        elif op == "ConstantOfShape":
+            if _numel(values[ins[0]].reshape(-1).tolist()) > MAX_ELEMENTS:
+                return False
+        elif op in ("Expand", "Tile", "Range"):
+            pass  # checked on the result
+        from onnx.reference import ReferenceEvaluator
+
+        results = ReferenceEvaluator(node, opsets=self.opset).run(None, {n: values[n] for n in ins if n})
+        if any(np.asarray(r).size > MAX_ELEMENTS for r in results):
+            return False
+        for name, r in zip(node.output, results):
+            if name:
+                values[name] = np.asarray(r)
+        return True
+
+    def _fold_partial(self, node: onnx.NodeProto) -> bool:
+        """Gather/Slice/Squeeze/Unsqueeze/Identity on a shape vector with symbolic entries."""
+        vec = self.partial[node.input[0]]
+        op, ins, values = node.op_type, node.input, self.values
+        if any(n and n not in values for n in ins[1:]):
+            return False
+        if op == "Gather":
+            idx = values[ins[1]]
+            picked = [vec[int(i)] for i in idx.reshape(-1)]
+            result = picked[0] if idx.ndim == 0 else tuple(picked)
+        elif op == "Slice":
+            if len(ins) < 3:
+                return False
+            starts, ends = values[ins[1]].reshape(-1), values[ins[2]].reshape(-1)
+            steps = values[ins[4]].reshape(-1) if len(ins) > 4 and ins[4] else [1]
+            if len(starts) != 1:
+                return False
+            n = len(vec)
+            s, e, st = int(starts[0]), int(ends[0]), int(steps[0])
+            s, e = max(min(s, n), -n - 1), max(min(e, n), -n - 1)
+            result = tuple(vec[slice(s, e, st)])
+        else:  # Squeeze/Unsqueeze of a 1-element vector and Identity keep the entries
+            result = vec
+        if result.__class__ is tuple:
+            if all(d.__class__ is int for d in result):
+                values[node.output[0]] = np.array(result, dtype=np.int64).reshape(-1 if op != "Squeeze" else ())
+                return True
+            self.partial[node.output[0]] = result
+            return False
+        if result.__class__ is int:
+            values[node.output[0]] = np.array(result, dtype=np.int64)
+            return True
+        return False
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]:
+    """Recover lost shapes (see the module docstring). ``infer``: the caller's shape inference
+    (model -> inferred model, raising on failure). Returns the model with the shapes found in
+    its ``value_info`` and the number of rounds run (0: nothing was lost)."""
+    lost = lost_tensors(model)
+    if not lost:
+        return model, 0
+    folder = _Folder(model)
+    scratch = onnx.ModelProto()
+    scratch.CopyFrom(model)
+    keep_names = {o.name for o in model.graph.output}
+    symbols = _input_symbols(model.graph)
+    rounds = 0
+    while rounds < MAX_ROUNDS:
+        rounds += 1
+        g = scratch.graph
+        shapes = {vi.name: _dims(vi) for vi in (*g.value_info, *g.output, *g.input)}
+        known_before = len(folder.values)
+        folded = folder.fold(g, shapes)
+        if len(folder.values) == known_before and rounds > 1:
+            break
+        if not folded:
+            break
+        # substitute: folded nodes out, their results read by the remaining nodes in as initializers
+        remaining = [n for i, n in enumerate(g.node) if i not in folded]
+        needed = {x for n in remaining for x in n.input} | keep_names
+        have = {t.name for t in g.initializer}
+        new_inits = [numpy_helper.from_array(folder.values[name], name)
+                     for i in sorted(folded) for name in g.node[i].output
+                     if name and name in needed and name not in have]
+        del g.node[:]
+        g.node.extend(remaining)
+        g.initializer.extend(new_inits)
+        del g.value_info[:]
+        for vi in g.output:  # a lost output dim (``unk__N``) would be kept over what inference finds
+            if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.HasField("shape"):
+                for d in vi.type.tensor_type.shape.dim:
+                    if not d.HasField("dim_value") and d.dim_param not in symbols:
+                        d.Clear()
+        try:
+            scratch = infer(scratch)
+        except Exception:  # noqa: BLE001 - the scratch copy is a help, never a new error
+            break
+        if not lost_tensors(scratch):
+            break
+    _write_back(model, scratch, folder)
+    return model, rounds
+
+
+def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folder) -> None:
+    """The shapes of ``scratch`` (and of the folded values) into ``model``'s value_info and
+    outputs, where they know more than what the model has."""
+    symbols = _input_symbols(model.graph)
+
+    def score(s):
+        if s is None:
+            return -1
+        return sum(1 for d in s if d.__class__ is int or (d.__class__ is str and d in symbols))
+
+    found: dict[str, onnx.ValueInfoProto] = {vi.name: vi for vi in (*scratch.graph.value_info, *scratch.graph.output)}
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in (*model.graph.value_info, *model.graph.output)}
+    for name, v in folder.values.items():
+        if name not in found and name not in elem:
+            continue
+        dtype = elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+        found[name] = onnx.helper.make_tensor_value_info(name, dtype, list(v.shape))
+    for t in scratch.graph.initializer:  # substituted results
+        if t.name in folder.values and t.name not in found:
+            found[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    current = {vi.name: vi for vi in model.graph.value_info}
+    for vi in model.graph.output:
+        better = found.get(vi.name)
+        if better is not None and score(_dims(better)) > score(_dims(vi)):
+            vi.type.CopyFrom(better.type)
+    outputs = {vi.name for vi in model.graph.output}
+    inits = {t.name for t in model.graph.initializer}
+    produced = {o for n in model.graph.node for o in n.output if o}
+    for name, better in found.items():
+        if name in outputs or name in inits or name not in produced:
+            continue
+        vi = current.get(name)
+        if vi is None:
+            model.graph.value_info.append(better)
+        elif score(_dims(better)) > score(_dims(vi)):
+            vi.type.CopyFrom(better.type)
+
+
+def origins(model: onnx.ModelProto) -> dict[str, str]:
+    """For each tensor of the main graph whose shape is still lost, why: the first node on its
+    path whose output lost the dimension while its inputs had theirs, named with its op (and
+    whether that op makes sizes depend on input values)."""
+    lost = lost_tensors(model)
+    if not lost:
+        return {}
+    lost_set = set(lost)
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    why: dict[str, str] = {}
+    for name in lost:  # graph order: a node's lost inputs are explained before its outputs
+        n = producer[name]
+        upstream = [x for x in n.input if x in lost_set]
+        if upstream and upstream[0] in why:
+            why[name] = why[upstream[0]]
+            continue
+        label = f"{n.op_type} {n.name!r}" if n.name else n.op_type
+        if n.op_type in DATA_DEPENDENT and not (n.op_type == "TopK" and _const_input(model, n, 1)):
+            why[name] = f"its size depends on the input values ({label})"
+        else:
+            why[name] = f"shape inference could not resolve it (first lost at {label})"
+    return why
+
+
+def _const_input(model: onnx.ModelProto, node: onnx.NodeProto, i: int) -> bool:
+    if len(node.input) <= i:
+        return False
+    name = node.input[i]
+    return any(t.name == name for t in model.graph.initializer) or any(
+        n.op_type == "Constant" and name in n.output for n in model.graph.node)
