@@ -26,7 +26,7 @@ import onnx
 
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
-from .reading import _read, check, drop_initializer_inputs, topological_sort
+from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
 from .shapes import origins, resolve_shapes
 from .validation import check_input_dims
 
@@ -80,6 +80,26 @@ def _bind_value_infos(vis, dims: Mapping[str, int]) -> None:
         for d in vi.type.tensor_type.shape.dim:
             if d.HasField("dim_param") and d.dim_param in dims:
                 d.dim_value = dims[d.dim_param]
+
+
+def dynamic_dims(graph: onnx.GraphProto, initializers: set[str]) -> list[str]:
+    """A dimension written ``-1`` or ``0`` in a graph input or output is dynamic, as onnxruntime
+    reads it (paddle2onnx and others write it so): clear it, so that :func:`bind_inputs` names
+    an input's (``<input>_d<axis>``, bindable with ``--dim``) and shape inference derives an
+    output's. A ``-1`` in ``value_info`` is dropped. Returns the input dims named, as
+    ``name[axis]`` texts for the note."""
+    named = []
+    for kind, vis in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
+        for vi in vis:
+            if vi.name in initializers or vi.type.WhichOneof("value") != "tensor_type" \
+                    or not vi.type.tensor_type.HasField("shape"):
+                continue
+            for axis, d in enumerate(vi.type.tensor_type.shape.dim):
+                if d.HasField("dim_value") and (d.dim_value == -1 or (d.dim_value == 0 and kind != "value_info")):
+                    if kind == "input":
+                        named.append(f"{vi.name}_d{axis} ({vi.name!r} axis {axis}, written {d.dim_value})")
+                    d.Clear()
+    return named
 
 
 def bind_inputs(
@@ -236,6 +256,11 @@ def load(
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error
             raise ModelError(f"{label}: cannot inline model-local functions: {_first_line(e)}") from None
         notes.append("model-local functions were inlined")
+    unlisted = list_initializers_as_inputs(model)
+    if unlisted:
+        data = None
+        notes.append(f"IR version {model.ir_version}: {len(unlisted)} initializer(s) not listed as graph inputs "
+                     f"(IR < 4 wants them listed) were read as constants, as onnxruntime does")
     if data is None:
         scan_external_data_now()
     try:
@@ -254,6 +279,11 @@ def load(
         data = None
         notes.append(f"IR version {model.ir_version}: initializers listed as graph inputs were treated as constants")
     initializers = set(init_names)
+    named = dynamic_dims(model.graph, initializers)
+    if named:
+        data = None
+        notes.append("dimensions written -1 or 0 in graph inputs/outputs are dynamic (as onnxruntime reads them): "
+                     + ", ".join(named))
     symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers, shape_words)
     unused = sorted(set(dims or {}) - set(symbols))
     if bind_unbound_to is not None:

@@ -134,15 +134,17 @@ def _check_text(model: onnx.ModelProto, label: str, init_names: list[str]) -> No
 
 
 def _check_declared_dims(graph: onnx.GraphProto, label: str) -> None:
-    """A declared dimension (graph input, output, value_info) may not be negative (the checker
-    rejects negative initializer dims; shape inference would only report a confusing mismatch),
-    and a symbolic one's name must be text (see :func:`_check_text`)."""
+    """A declared dimension (graph input, output, value_info) may not be negative, except -1:
+    paddle2onnx and others write a dynamic dimension so, and onnxruntime reads it as one
+    (:func:`~sepify.model.loading.dynamic_dims` names it). The checker rejects negative
+    initializer dims; shape inference would only report a confusing mismatch. A symbolic
+    dimension's name must be text (see :func:`_check_text`)."""
     for kind, vis in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
         for vi in vis:
             if vi.type.WhichOneof("value") != "tensor_type" or not vi.type.tensor_type.HasField("shape"):
                 continue
             for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-                if d.dim_value < 0:
+                if d.dim_value < -1:
                     raise ModelError(f"{label}: {kind} {vi.name!r} declares a negative dimension ({d.dim_value} at axis {axis})")
                 if d.WhichOneof("value") == "dim_param" and d.dim_param.__class__ is not str:
                     raise ModelError(f"{label}: {kind} {vi.name!r}: the name of dimension {axis} is not valid UTF-8 text "
@@ -152,12 +154,6 @@ def _check_declared_dims(graph: onnx.GraphProto, label: str) -> None:
 def check(model: onnx.ModelProto, label: str, data: bytes | None = None) -> None:
     """The ONNX checker; a failure is a :class:`ModelError`. ``data``: the model serialized, with
     no external data reference (see :func:`_read`)."""
-    if model.ir_version < 4:  # (the checker would not see it for the external ones, turned into inputs)
-        listed = {i.name for i in model.graph.input}
-        missing = next((t.name for t in model.graph.initializer if t.name not in listed), None)
-        if missing is not None:
-            raise ModelError(f"{label}: invalid graph: initializer {missing!r} is not listed as a graph input "
-                             f"(IR version {model.ir_version} < 4 requires it)")
     try:
         onnx.checker.check_model(data if data is not None else _without_external_initializers(model))
     except UnicodeDecodeError as e:  # the checker's message quotes a corrupt op type or name
@@ -165,6 +161,19 @@ def check(model: onnx.ModelProto, label: str, data: bytes | None = None) -> None
                          f"(byte {e.object[e.start:e.start + 1]!r} in {e.object[:60]!r})") from None
     except (onnx.checker.ValidationError, ValueError, RuntimeError) as e:
         raise ModelError(f"{label}: invalid graph: {_first_line(e)}") from None
+
+
+def list_initializers_as_inputs(model: onnx.ModelProto) -> list[str]:
+    """IR < 4 requires every initializer to be listed as a graph input too; onnxruntime runs a
+    model that does not, reading the initializers as constants. List the missing ones (so the
+    checker accepts the model; :func:`drop_initializer_inputs` then removes them all) and
+    return their names."""
+    if model.ir_version >= 4:
+        return []
+    listed = {i.name for i in model.graph.input}
+    missing = [t for t in model.graph.initializer if t.name not in listed]
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in missing)
+    return [t.name for t in missing]
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> bool:
