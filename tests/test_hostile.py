@@ -188,6 +188,11 @@ def _neg_init(root):
     return _save(_conv_model(w), _model_path(root))
 
 
+@case("zero_input_dim", r"'x'.*(dimension|axis).*\b0\b|empty")
+def _zero_input(root):
+    return _save(_conv_model(x_shape=(1, 3, 0, 8), y_shape=(1, 4, "h", 6)), _model_path(root))
+
+
 @case("unknown_opset_domain", r"com\.unknown")
 def _unknown_domain(root):
     m = _conv_model(extra_nodes=[helper.make_node("Mystery", ["z"], ["q"], name="mystery", domain="com.unknown")])
@@ -590,6 +595,14 @@ def test_external_data_inside_the_folder_is_accepted(tmp_path):
         assert result.exit_code == 0, result.output
         result = run_cli(["check", "--no-config", "--max-macs", "1G", str(path)])
         assert result.exit_code == 0, result.output
+
+
+def test_zero_dim_input_can_be_overridden(tmp_path):
+    """A zero dimension in a graph input is refused (a model of empty tensors has no costs to
+    report), but --input-shape gives the input a real shape."""
+    path = CASES["zero_input_dim"][0](tmp_path)
+    result = run_cli(["analyze", str(path), "--input-shape", "x=1x3x8x8", "--format", "json"])
+    assert result.exit_code == 0, result.output
 
 
 # --- real processes: the stderr a CI log shows ------------------------------------------------

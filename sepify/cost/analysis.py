@@ -336,6 +336,9 @@ class _Walker:
                         note = "; ".join(x for x in (note, cost.note) if x)
                 append((name, op, domain, cost, None, params, buffers, note, outs, shapes, out_bytes))
             except Unknown as e:
+                if sub:  # the weights read inside the subgraphs count even when a cost is unknown
+                    params += getattr(e, "params", 0)
+                    buffers += getattr(e, "buffers", 0)
                 append((name, op, domain, None, str(e), params, buffers, note, outs, shapes, out_bytes))
             except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
                 append((name, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs,
@@ -370,7 +373,9 @@ class _Walker:
         buffers = sum(s[3] for s in subs.values())
         unknown = [u for s in subs.values() for u in s[4]]
         if unknown:
-            raise Unknown(f"subgraph nodes of unknown cost: {'; '.join(unknown[:3])}")
+            e = Unknown(f"subgraph nodes of unknown cost: {'; '.join(unknown[:3])}")
+            e.params, e.buffers = params, buffers
+            raise e
         if op == "If" and len(subs) == 2:
             (n1, s1), (n2, s2) = subs.items()
             v1, v2 = evaluate(s1[0], {}), evaluate(s2[0], {})

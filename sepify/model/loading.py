@@ -83,11 +83,12 @@ def _bind_value_infos(vis, dims: Mapping[str, int]) -> None:
 
 
 def dynamic_dims(graph: onnx.GraphProto, initializers: set[str]) -> list[str]:
-    """A dimension written ``-1`` or ``0`` in a graph input or output is dynamic, as onnxruntime
-    reads it (paddle2onnx and others write it so): clear it, so that :func:`bind_inputs` names
-    an input's (``<input>_d<axis>``, bindable with ``--dim``) and shape inference derives an
-    output's. A ``-1`` in ``value_info`` is dropped. Returns the input dims named, as
-    ``name[axis]`` texts for the note."""
+    """A dimension written ``-1`` in a graph input, or ``-1``/``0`` in a graph output, is dynamic,
+    as onnxruntime reads it (paddle2onnx and others write it so): clear it, so that
+    :func:`bind_inputs` names an input's (``<input>_d<axis>``, bindable with ``--dim``) and
+    shape inference derives an output's. A ``-1`` in ``value_info`` is dropped. (A ``0`` in an
+    input is a fixed empty dimension for onnxruntime: refused by
+    :func:`~sepify.model.validation.check_input_dims`.) Returns the input dims named, for the note."""
     named = []
     for kind, vis in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
         for vi in vis:
@@ -95,7 +96,7 @@ def dynamic_dims(graph: onnx.GraphProto, initializers: set[str]) -> list[str]:
                     or not vi.type.tensor_type.HasField("shape"):
                 continue
             for axis, d in enumerate(vi.type.tensor_type.shape.dim):
-                if d.HasField("dim_value") and (d.dim_value == -1 or (d.dim_value == 0 and kind != "value_info")):
+                if d.HasField("dim_value") and (d.dim_value == -1 or (d.dim_value == 0 and kind == "output")):
                     if kind == "input":
                         named.append(f"{vi.name}_d{axis} ({vi.name!r} axis {axis}, written {d.dim_value})")
                     d.Clear()
@@ -282,7 +283,7 @@ def load(
     named = dynamic_dims(model.graph, initializers)
     if named:
         data = None
-        notes.append("dimensions written -1 or 0 in graph inputs/outputs are dynamic (as onnxruntime reads them): "
+        notes.append("dimensions written -1 in graph inputs are dynamic (as onnxruntime reads them): "
                      + ", ".join(named))
     symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers, shape_words)
     unused = sorted(set(dims or {}) - set(symbols))

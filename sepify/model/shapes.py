@@ -144,10 +144,11 @@ class _Folder:
                 return False
             if all(d.__class__ is int for d in vec):
                 values[out] = np.array(vec, dtype=np.int64)
+                partial.pop(out, None)
             else:
                 partial[out] = vec
             return out in values
-        if ins and ins[0] in partial and op in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Identity"):
+        if ins and ins[0] in partial and ins[0] not in values and op in ("Gather", "Slice", "Squeeze", "Unsqueeze", "Identity"):
             return self._fold_partial(node)
         if any(n and n not in values for n in ins):
             return False
@@ -158,9 +159,7 @@ class _Folder:
                 return False
         elif op in ("Expand", "Tile", "Range"):
             pass  # checked on the result
-        from onnx.reference import ReferenceEvaluator
-
-        results = ReferenceEvaluator(node, opsets=self.opset).run(None, {n: values[n] for n in ins if n})
+        results = _evaluate(node, self.opset, {n: values[n] for n in ins if n})
         if any(np.asarray(r).size > MAX_ELEMENTS for r in results):
             return False
         for name, r in zip(node.output, results):
@@ -203,6 +202,19 @@ class _Folder:
         return False
 
 
+def _evaluate(node: onnx.NodeProto, opset: dict[str, int], feeds: dict[str, np.ndarray]) -> list:
+    """Run one node with onnx's reference evaluator, at the model's opset (a bare NodeProto
+    would run at the newest opset: ``Unsqueeze`` with an ``axes`` attribute would fail)."""
+    from onnx.reference import ReferenceEvaluator
+
+    g = onnx.helper.make_graph(
+        [node], "fold",
+        [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for k, v in feeds.items()],
+        [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opset.items()])
+    return ReferenceEvaluator(m).run(None, feeds)
+
+
 def _numel(dims) -> int:
     n = 1
     for d in dims:
@@ -221,7 +233,6 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
     scratch = onnx.ModelProto()
     scratch.CopyFrom(model)
     keep_names = {o.name for o in model.graph.output}
-    symbols = _input_symbols(model.graph)
     rounds = 0
     while rounds < MAX_ROUNDS:
         rounds += 1
@@ -244,11 +255,9 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
         g.node.extend(remaining)
         g.initializer.extend(new_inits)
         del g.value_info[:]
-        for vi in g.output:  # a lost output dim (``unk__N``) would be kept over what inference finds
-            if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.HasField("shape"):
-                for d in vi.type.tensor_type.shape.dim:
-                    if not d.HasField("dim_value") and d.dim_param not in symbols:
-                        d.Clear()
+        for vi in g.output:  # declared output shapes are hints (a lost ``unk__N`` would be kept over
+            if vi.type.WhichOneof("value") == "tensor_type":  # what inference finds; some are wrong)
+                vi.type.tensor_type.ClearField("shape")
         try:
             scratch = infer(scratch)
         except Exception:  # noqa: BLE001 - the scratch copy is a help, never a new error

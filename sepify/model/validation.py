@@ -11,9 +11,8 @@ from ..errors import ModelError
 
 
 def check_input_dims(graph: onnx.GraphProto, label: str, inits: set[str]) -> None:
-    """After binding: a graph input with a dimension of size 0 (given with ``--input-shape``; a 0
-    written in the model is dynamic, see :func:`~sepify.model.loading.dynamic_dims`) is an empty
-    tensor, and the model has no costs to report for it: an error.
+    """After binding: a graph input with a dimension of size 0 (given with ``--input-shape``; or
+    written in the model: onnxruntime too reads it as a fixed 0) is an empty tensor, and the model has no costs to report for it: an error.
     ``inits``: the names of the initializers."""
     for vi in graph.input:
         if vi.name in inits or vi.type.WhichOneof("value") != "tensor_type" or not vi.type.tensor_type.HasField("shape"):
