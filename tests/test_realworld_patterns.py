@@ -155,33 +155,37 @@ def test_chunk_is_resolved():
     assert a.totals.macs == 4 * 36 * 6 + 2 * 16 * 54
 
 
-# --- LSTM after a computed Reshape (CRNN: [N, C, H, W] -> [W, N, C*H]) -------------------------
+# --- LSTM after a computed Reshape (CRNN, as ddddocr's: [N, C, H, W] -> [W, N, C*H], opset 11) ----
 def _crnn_model(width):
-    hidden, feat = 5, 4 * 2
-    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
-             helper.make_node("Gather", ["sh", "idx_w"], ["w"], axis=0),
-             helper.make_node("Transpose", ["x"], ["xt"], perm=[3, 0, 1, 2]),   # [W, N, C, H]
-             helper.make_node("Concat", ["w", "minus1_keep"], ["shape3"], axis=0),
-             helper.make_node("Reshape", ["xt", "shape3"], ["seq"]),           # [W, 1, C*H]
-             helper.make_node("LSTM", ["seq", "W", "R"], ["Y"], name="lstm", hidden_size=hidden)]
-    inits = [_i64("idx_w", [3]), _i64("minus1_keep", [1, feat]),
-             numpy_helper.from_array(_w(1, 4 * hidden, feat), "W"), numpy_helper.from_array(_w(1, 4 * hidden, hidden), "R")]
-    return _model(nodes, [_vi("x", [1, 4, 2, width])], [_out("Y", 4)], inits), hidden, feat
+    hidden, c, h = 5, 4, 2
+    nodes = [helper.make_node("Conv", ["x", "Wc"], ["f"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Transpose", ["f"], ["ft"], perm=[3, 0, 1, 2])]   # [W, N, C, H]
+    for i in range(4):
+        nodes += [helper.make_node("Shape", ["ft"], [f"sh{i}"]),
+                  helper.make_node("Gather", [f"sh{i}", f"i{i}"], [f"d{i}"], axis=0)]
+    nodes += [helper.make_node("Mul", ["d2", "d3"], ["ch"]),
+              helper.make_node("Unsqueeze", ["d0"], ["u0"], axes=[0]),
+              helper.make_node("Unsqueeze", ["d1"], ["u1"], axes=[0]),
+              helper.make_node("Unsqueeze", ["ch"], ["u2"], axes=[0]),
+              helper.make_node("Concat", ["u0", "u1", "u2"], ["shape3"], axis=0),
+              helper.make_node("Reshape", ["ft", "shape3"], ["seq"]),           # [W, 1, C*H]
+              helper.make_node("LSTM", ["seq", "W", "R"], ["Y"], name="lstm", hidden_size=hidden)]
+    inits = [numpy_helper.from_array(np.array(i, np.int64), f"i{i}") for i in range(4)]
+    inits += [numpy_helper.from_array(_w(c, 3, 1, 1), "Wc"), numpy_helper.from_array(_w(1, 4 * hidden, c * h), "W"),
+              numpy_helper.from_array(_w(1, 4 * hidden, hidden), "R")]
+    m = _model(nodes, [_vi("x", [1, 3, h, width])], [_out("Y", 4)], inits, opset=11)
+    return m, hidden, c * h
 
 
 def test_lstm_after_computed_reshape():
     m, hidden, feat = _crnn_model("width")
-    x = _w(1, 4, 2, 9)
-    shapes = _ort_shapes(m, {"x": x}, ["seq", "Y"])
+    shapes = _ort_shapes(m, {"x": _w(1, 3, 2, 9)}, ["f", "seq", "Y"])
     seq, batch, _ = shapes["seq"]
     assert (seq, batch) == (9, 1)
-    expected = seq * batch * 4 * hidden * (feat + hidden)
-    a = sepify.analyze(m, input_shapes={"x": [1, 4, 2, 9]})
-    assert a.totals.unknown == 0
-    assert a.totals.macs == expected
-    # unbound, the width is a symbol: the LSTM's cost is a formula in it
-    b = sepify.analyze(m, dims={"width": 9})
-    assert b.totals.unknown == 0 and b.totals.macs == expected
+    expected = _conv_macs(shapes["f"], (4, 3, 1, 1)) + seq * batch * 4 * hidden * (feat + hidden)
+    for a in (sepify.analyze(m, input_shapes={"x": [1, 3, 2, 9]}), sepify.analyze(m, dims={"width": 9})):
+        assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+        assert a.totals.macs == expected
 
 
 # --- dims written -1 / 0 -----------------------------------------------------------------------
@@ -268,24 +272,27 @@ def test_weights_inside_if_branches_are_params():
     assert b.totals.params == 4 * 27 + 4 * 3
 
 
-# --- class token through Expand (ViT) ----------------------------------------------------------
+# --- class token through Expand (ViT: cls.expand(n, -1, -1), the shape made by Where/Equal) -----
 def test_class_token_through_expand_is_a_param():
-    dim = 16
-    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
-             helper.make_node("Gather", ["sh", "zero1"], ["n1"], axis=0),
-             helper.make_node("Concat", ["n1", "tail"], ["cls_shape"], axis=0),
-             helper.make_node("Expand", ["cls", "cls_shape"], ["cls_b"]),
+    dim, batch = 16, 3
+    nodes = [helper.make_node("Equal", ["want", "minus1"], ["is_keep"]),
+             helper.make_node("ConstantOfShape", ["three"], ["ones"], value=numpy_helper.from_array(np.array([1], np.int64))),
+             helper.make_node("Where", ["is_keep", "ones", "want"], ["cls_shape"]),   # [3, 1, 1]
+             helper.make_node("Expand", ["cls", "cls_shape"], ["cls_b"]),             # [3, 1, 16]
              helper.make_node("Concat", ["cls_b", "x"], ["tokens"], axis=1),
              helper.make_node("Add", ["tokens", "pos"], ["tp"]),
              helper.make_node("MatMul", ["tp", "Wq"], ["y"], name="proj")]
-    inits = [_i64("zero1", [0]), _i64("tail", [1, dim]), numpy_helper.from_array(_w(1, 1, dim), "cls"),
+    inits = [_i64("want", [batch, -1, -1]), _i64("minus1", [-1]), _i64("three", [3]),
+             numpy_helper.from_array(_w(1, 1, dim), "cls"),
              numpy_helper.from_array(_w(1, 5, dim), "pos"), numpy_helper.from_array(_w(dim, dim), "Wq")]
-    m = _model(nodes, [_vi("x", ["B", 4, dim])], [_out("y", 3)], inits)
-    shapes = _ort_shapes(m, {"x": _w(3, 4, dim)}, ["tokens", "y"])
-    a = sepify.analyze(m, dims={"B": 3})
-    assert a.totals.params == dim + 5 * dim + dim * dim  # class token, position embedding, projection
+    m = _model(nodes, [_vi("x", [batch, 4, dim])], [_out("y", 3)], inits)
+    shapes = _ort_shapes(m, {"x": _w(batch, 4, dim)}, ["cls_b", "y"])
+    assert shapes["cls_b"] == (batch, 1, dim)
+    a = sepify.analyze(m)
+    # the stored class token (not its expanded copies), the position embedding, the projection
+    assert a.totals.params == dim + 5 * dim + dim * dim
     assert a.totals.unknown == 0
-    assert a.totals.macs == int(np.prod(shapes["y"])) * dim == 3 * 5 * dim * dim
+    assert a.totals.macs == int(np.prod(shapes["y"])) * dim == batch * 5 * dim * dim
 
 
 # --- a quantized model through rewrite: nothing eligible -> unchanged copy, exit 0 -------------

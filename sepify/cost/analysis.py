@@ -237,6 +237,14 @@ class _Walker:
                 if key in counted:
                     continue
                 counted.add(key)
+                stored = view.initializer(key) if key.__class__ is str else None
+                if stored is not None:  # one stored weight (expanded, tiled, cast, dequantized...):
+                    st = view.tensor(key)  # its own elements are the parameters, not its copies
+                    if st is not None and st.shape is not None:
+                        stored_size = sizes.get(st) or self._size(st)
+                        if stored_size[0] is not None:
+                            n = stored_size[0]
+                            size = (n, size[1], stored_size[2])
             counted.add(name)
             if role == "param":
                 params += n
