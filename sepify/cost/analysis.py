@@ -712,15 +712,10 @@ def analyze(
     """
     with no_gc():
         loaded = load(source, input_shapes=input_shapes, dims=dims, shape_words=shape_words)
-        view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
         unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
         try:
-            numeric = None
-            if unbound and view.loses_dims():
-                # shape inference lost a symbolic dimension somewhere: a second pass with the
-                # unbound symbols at 1 gives the numbers where the formulas cannot
-                numeric = load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1, shape_words=shape_words)
-            return analyze_loaded(loaded, numeric, view=view)
+            return analyze_prepared(loaded, lambda: load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1,
+                                                         shape_words=shape_words))
         except ModelError as e:
             if not unbound:
                 raise
@@ -728,6 +723,20 @@ def analyze(
             err = ModelError(f"{e} — with the unbound dimension(s) {', '.join(unbound)} set to 1; {hint}")
             err.unbound, err.reason = unbound, str(e)  # (for sepify check's own message)
             raise err from None
+
+
+def analyze_prepared(loaded: LoadedModel, reload_numeric, view: GraphView | None = None) -> Analysis:
+    """The one analysis every command reports (``analyze``, ``check``, ``diff``, and the
+    before/after of ``rewrite``): the cost walk on ``loaded``, and when shape inference lost a
+    symbolic dimension somewhere, a second load with the unbound symbols at 1
+    (``reload_numeric()``, the same preparation with ``bind_unbound_to=1``) for the numbers the
+    formulas cannot give. ``view``: the caller's view of ``loaded.model.graph``, if it has one."""
+    if view is None:
+        view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
+    numeric = None
+    if any(v is None for v in loaded.symbols.values()) and view.loses_dims():
+        numeric = reload_numeric()
+    return analyze_loaded(loaded, numeric, view=view)
 
 
 @contextlib.contextmanager

@@ -188,7 +188,9 @@ def weightless_copy(model: onnx.ModelProto, keep_bytes: int = 1024, label: str |
     """A copy of the model whose initializers larger than ``keep_bytes`` keep their name, type
     and shape but no data (they are marked external, location ``sepify-weightless``). The
     weight bytes are never copied; checker and shape inference on it cost what the graph costs.
-    Small initializers (shape vectors, scalars) are kept whole: shape inference reads them.
+    Small initializers (shape vectors, scalars) and int32/int64 ones of at most
+    :data:`~sepify.model.shapes.MAX_ELEMENTS` elements are kept whole: shape inference and
+    shape resolution read them.
 
     ``label`` (a model read from a file): first check what the checker would have checked
     about the data the stubs hide (a :class:`ModelError` naming ``label``)."""
@@ -196,7 +198,7 @@ def weightless_copy(model: onnx.ModelProto, keep_bytes: int = 1024, label: str |
     copy_fields(model, out, skip="graph")
     copy_fields(model.graph, out.graph, skip="initializer")
     for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or _nbytes(t) <= keep_bytes:
+        if t.data_location == onnx.TensorProto.EXTERNAL or _nbytes(t) <= keep_bytes or _shape_data(t):
             out.graph.initializer.append(t)
             continue
         if label is not None:
@@ -208,6 +210,22 @@ def weightless_copy(model: onnx.ModelProto, keep_bytes: int = 1024, label: str |
         entry = stub.external_data.add()
         entry.key, entry.value = "location", "sepify-weightless"
     return out
+
+
+_INTEGER_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+
+
+def _shape_data(t: onnx.TensorProto) -> bool:
+    """An int32/int64 tensor small enough for shape resolution to fold (shape vectors, index
+    tables): kept whole by :func:`weightless_copy`, so a rewrite resolves the shapes analyze does."""
+    from .shapes import MAX_ELEMENTS
+
+    if t.data_type not in _INTEGER_TYPES:
+        return False
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n <= MAX_ELEMENTS
 
 
 def _check_hidden_data(t: onnx.TensorProto, label: str) -> None:

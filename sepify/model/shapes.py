@@ -105,7 +105,7 @@ class _Folder:
     def fold(self, graph: onnx.GraphProto, shapes: dict[str, tuple | None]) -> set[int]:
         """Evaluate what can be; return the indices of the nodes folded (all outputs known)."""
         folded = set()
-        values, partial = self.values, self.partial
+        values = self.values
         for idx, node in enumerate(graph.node):
             outs = [o for o in node.output if o]
             if not outs or all(o in values for o in outs):

@@ -159,9 +159,14 @@ def rewrite(
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
     view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
-    from ..cost.analysis import analyze_loaded
+    from ..cost.analysis import analyze_prepared
 
-    before = analyze_loaded(loaded, view=view)  # first: it also validates the inferred shapes (a ModelError)
+    def load_numeric():
+        return load(weightless_copy(raw, label=str(path) if path else "<model>"), input_shapes=input_shapes, dims=dims,
+                    copy=False, path=path, bind_unbound_to=1)
+
+    # the one analysis analyze/check/diff report; first: it also validates the inferred shapes (a ModelError)
+    before = analyze_prepared(loaded, load_numeric, view=view)
 
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
@@ -253,17 +258,30 @@ def rewrite(
             folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
             form=form, latency=latency.layer(c.node.name) if latency else None,
             output_error_predicted=fit[3] if fit is not None else None))
-    graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    new = gs.export_onnx(graph, do_type_check=False)
-    _restore_model_fields(new, raw, opts, results)
-    if old_ir:
-        new.ir_version = 4  # initializers are no longer listed as inputs
+    if not results:
+        # nothing rewritten: the model as it was (no graph-library round trip, which can lose
+        # what it does not model), with the rewrite's metadata; its analysis is the "before"
+        new = onnx.ModelProto()
+        new.CopyFrom(raw)
+        _restore_model_fields(new, raw, opts, results)
+        if old_ir:
+            new.ir_version = 4  # initializers are no longer listed as inputs
+        after = before
+    else:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        new = gs.export_onnx(graph, do_type_check=False)
+        _restore_model_fields(new, raw, opts, results)
+        if old_ir:
+            new.ir_version = 4  # initializers are no longer listed as inputs
 
-    try:  # checker and strict shape inference of the result, on a weightless copy
-        new_loaded = load(weightless_copy(new), input_shapes=input_shapes, dims=dims, copy=False)
-    except ModelError as e:  # a sepify bug, not a user error
-        raise RuntimeError(f"the rewritten model fails validation: {e}") from e
-    after = analyze_loaded(new_loaded)
+        def load_new(**numeric):
+            return load(weightless_copy(new), input_shapes=input_shapes, dims=dims, copy=False, **numeric)
+
+        try:  # checker and strict shape inference of the result, on a weightless copy
+            new_loaded = load_new()
+        except ModelError as e:  # a sepify bug, not a user error
+            raise RuntimeError(f"the rewritten model fails validation: {e}") from e
+        after = analyze_prepared(new_loaded, lambda: load_new(bind_unbound_to=1))
     calib_info = None
     if calibrator is not None:
         from .calibrate import materialize
