@@ -317,3 +317,24 @@ def test_conv_integer_model_rewrite_exits_0_unchanged(tmp_path):
     a = sepify.analyze(m)
     assert a.totals.macs == 4 * 36 * 27 + 2 * 36 * 4
     assert report["totals"]["before"]["macs"] == report["totals"]["after"]["macs"] == a.totals.macs
+
+
+# --- one analysis: every command reports the same totals for one file and bindings ------------
+def test_analyze_rewrite_check_diff_agree(tmp_path):
+    from sepify.rewrite import rewrite as run_rewrite
+
+    cases = [(_shuffle_model("N"), {}), (_crnn_model("width")[0], {}), (_crnn_model("width")[0], {"width": 9}),
+             (_computed_pad_model(), {})]
+    for i, (m, dims) in enumerate(cases):
+        path = tmp_path / f"m{i}.onnx"
+        onnx.save(m, str(path))
+        a = sepify.analyze(str(path), dims=dims).totals
+        before = run_rewrite(str(path), dims=dims).report["totals"]["before"]
+        assert (before["macs"], before["params"], before["flops"]) == (a.macs, a.params, a.flops), i
+        values = {b["quantity"]: b["value"] for b in
+                  sepify.check([str(path)], limits={"macs": 10**12, "params": 10**12}, dims=dims,
+                               discover=False).to_dict()["models"][0]["budgets"]}
+        assert (values["macs"], values["params"]) == (a.macs, a.params), i
+        d = sepify.compare(str(path), str(path), dims=dims).to_dict()["totals"]
+        assert (d["macs"]["old"], d["params"]["new"]) == (a.macs, a.params), i
+    assert a.macs > 0
