@@ -65,7 +65,8 @@ h2{font-size:16px;margin:4px 0 10px 0}
 .card .exact{font-size:12px;color:#57606a}
 .bad .value{color:#cf222e}.good .value{color:#1a7f37}
 table{border-collapse:collapse;font-size:13px;width:100%}
-th,td{border-bottom:1px solid #eaeef2;padding:3px 8px;text-align:left;vertical-align:top}
+th,td{border-bottom:1px solid #eaeef2;padding:3px 8px;text-align:left;vertical-align:top;max-width:520px;overflow-wrap:break-word}
+.scroll{overflow-x:auto;max-width:100%}
 th{background:#f6f8fa;font-weight:600}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .notice{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:6px 10px;font-size:13px;margin:6px 0}
@@ -103,9 +104,9 @@ def _page(title: str, subtitle: str, body: list[str], data: dict) -> str:
         "</body>", "</html>", ""])
 
 
-def _figure(fig, div_id: str, height: int = 420) -> str:
+def _figure(fig, div_id: str, height: int = 420, right: int = 20) -> str:
     _, pio, _ = _plotly()
-    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=70, b=40),
+    fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=right, t=70, b=40),
                       font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, Arial, sans-serif"))
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, include_mathjax=False, div_id=div_id,
                        default_height=f"{height}px", config={"displaylogo": False, "responsive": True})
@@ -123,7 +124,7 @@ def _table(headers: list[str], rows: list[list], num: set[int] | None = None, ta
     head = "".join(f'<th class="num">{_e(h)}</th>' if i in num else f"<th>{_e(h)}</th>" for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in num else f"<td>{_e(c)}</td>"
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table{tid}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="scroll"><table{tid}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _more(total: int, shown: int, what: str) -> str:
@@ -439,7 +440,7 @@ def _diff_chart(rows: list[dict]) -> str:
                                  tickfont=dict(size=10)),
                       updatemenus=[dict(type="buttons", direction="right", x=0, y=1.02, xanchor="left", yanchor="bottom", buttons=buttons)])
     height = max(300, min(2400, 120 + 18 * len(shown)))
-    return notice + _figure(fig, "chart-diff", height)
+    return notice + _figure(fig, "chart-diff", height, right=80)  # room for an "added"/"removed" label at 0
 
 
 def _diff_totals(data: dict) -> str:
@@ -528,7 +529,7 @@ def _rewrite_chart(layers: list[dict]) -> str:
     if len(layers) > MAX_BARS:
         shown = sorted(layers, key=lambda r: -(r["macs_before"] - r["macs_after"]))[:MAX_BARS]
         notice = (f'<div class="notice">{len(layers):,} layers rewritten: the chart shows the {MAX_BARS:,} with the largest '
-                  "saving. Every layer is in the table's JSON.</div>")
+                  "saving. Every layer is in the table below and in the embedded JSON.</div>")
     names = [r["name"] for r in shown]
 
     def hover(r):
@@ -559,9 +560,21 @@ def _rewrite_layers_table(layers: list[dict]) -> str:
              f"{human(r['macs_before'])} → {human(r['macs_after'])}",
              f"{r['macs_after'] / r['macs_before']:.3f}x" if r["macs_before"] else "",
              f"{human(r['params_before'])} → {human(r['params_after'])}", r.get("folded_batchnorm") or "",
-             ", ".join(r.get("new_nodes") or [])] + [_generic(r.get(k)) for k in extra] for r in layers]
-    return _table(["layer", "orientation", "rank / max", "energy kept", "weight error", "MACs", "ratio", "params",
-                   "folded BN", "new nodes", *extra], rows, num={2, 3, 4, 6}, table_id="rewritten")
+             ", ".join(r.get("new_nodes") or [])] + [_generic(r.get(k)) for k in extra] for r in layers[:MAX_BARS]]
+    return (_table(["layer", "orientation", "rank / max", "energy kept", "weight error", "MACs", "ratio", "params",
+                    "folded BN", "new nodes", *extra], rows, num={2, 3, 4, 6}, table_id="rewritten")
+            + _more(len(layers), MAX_BARS, "rewritten layers"))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (nested measures as rows of their own)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _verification(ver: dict | None) -> str:
@@ -569,7 +582,7 @@ def _verification(ver: dict | None) -> str:
         return ("<p>Not run (use <code>--verify</code>; random inputs are a smoke test, not an accuracy "
                 "measurement).</p>")
     out = [f'<p class="muted">inputs: {_e(ver.get("inputs"))}</p>']
-    outputs = ver.get("outputs") or {}
+    outputs = {name: _flatten(o) for name, o in (ver.get("outputs") or {}).items()}
     cols: list[str] = []
     for o in outputs.values():
         cols += [k for k in o if k not in cols]
