@@ -220,7 +220,7 @@ def _layer_chart(layers: list[dict]) -> str:
                      arrowhead=0, ax=0, ay=-24, font=dict(size=11)) for i in order if ys[q][i] > 0]
 
     fig = go.Figure(go.Bar(x=xs, y=ys["macs"], hovertext=hover, hoverinfo="text", marker_color="#0969da",
-                           name="MACs"))
+                           marker_line_width=0, name="MACs"))  # (an outline would wash out thin bars)
     buttons = [dict(label=label, method="update",
                     args=[{"y": [ys[q]], "name": [label]}, {"annotations": labels(q), "yaxis.title.text": label}, [0]])
                for q, label, _ in _QUANTITIES]
