@@ -221,6 +221,7 @@ def test_unnamed_and_duplicate_nodes_get_derived_unique_names():
     assert [r["name"] for r in d["layers"]] == ["Relu_0", "r", "r_2_2", "r_2"]
     assert [r.get("onnx_name") for r in d["layers"]] == ["", None, "r", None]
     assert [r["node_index"] for r in d["layers"]] == [0, 1, 2, 3]
+    assert "2 unnamed or duplicate-named node(s) are shown under derived names" in " ".join(d["notes"])
     # the rewriter names the nodes of the model it writes the same way
     from sepify.rewrite.plan import _name_nodes
 

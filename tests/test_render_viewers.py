@@ -116,6 +116,9 @@ def test_analyze_html_embeds_the_json_report_and_loads_nothing(model_path, analy
     assert page.report == analysis_json  # every layer's numbers, as --format json has them
     conv = next(layer for layer in page.report["layers"] if layer["op_type"] == "Conv")
     assert conv["macs"] == CONV_MACS
+    # the unnamed Constant builds a weight (no row): 2 derived names, the Conv and the second "r"
+    assert [(x["name"], x["onnx_name"]) for x in page.report["layers"] if "onnx_name" in x] == [("Conv_1", ""), ("r_3", "r")]
+    assert "2 unnamed or duplicate-named node(s)" in " ".join(page.report["notes"])
     totals = {a["data-total"] for t, a in page.tags if "data-total" in a}
     assert {"macs", "flops", "params", "activation_peak_bytes", "unknown"} <= totals
     ids = {a.get("id") for _, a in page.tags}

@@ -545,8 +545,9 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         flops_formula=formula(Poly(sym_flops) + tot_flops, human3) if formula_exact else None,
     )
     notes = list(loaded.notes)
-    if originals:
-        notes.append(f"{len(originals)} unnamed or duplicate-named node(s) are shown under derived names "
+    derived = sum(1 for layer in layers if layer.onnx_name is not None)  # (constant-building nodes are no rows)
+    if derived:
+        notes.append(f"{derived} unnamed or duplicate-named node(s) are shown under derived names "
                      "(Op_index / name_index; the node's own name is in onnx_name)")
     if loaded.unused_dims:
         have = sorted(loaded.symbols)

@@ -217,7 +217,8 @@ def _layer_chart(layers: list[dict]) -> str:
         floor = ys[q][order[TOP_LABELS]] if len(order) > TOP_LABELS else 0
         order = [i for i in order[:TOP_LABELS] if ys[q][i] > floor]
         return [dict(x=xs[i], y=ys[q][i], text=_e(top_by[q][i]) + ("…" if grouped else ""), showarrow=True,
-                     arrowhead=0, ax=0, ay=-24, font=dict(size=11)) for i in order if ys[q][i] > 0]
+                     arrowhead=0, ax=0, ay=-20 - 14 * j, font=dict(size=11))  # staggered: neighbours stay legible
+                for j, i in enumerate(order) if ys[q][i] > 0]
 
     fig = go.Figure(go.Bar(x=xs, y=ys["macs"], hovertext=hover, hoverinfo="text", marker_color="#0969da",
                            marker_line_width=0, name="MACs"))  # (an outline would wash out thin bars)
