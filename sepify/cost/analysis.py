@@ -563,7 +563,8 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     graph_inputs = [vi for vi in model.graph.input if vi.name not in view.const]
     input_shapes = {vi.name: _shape_list(view.tensor(vi.name)) for vi in graph_inputs}
-    affects = _affects(unbound, sym_macs, sym_flops, formula_exact and numeric is None, input_shapes.values(), layers)
+    affects = _affects(unbound, sym_macs, sym_flops, formula_exact and numeric is None, input_shapes.values(), layers,
+                       set(loaded.symbols))
     batch = _batch_symbols(loaded.symbols, input_shapes.values())
     return Analysis(
         model={
@@ -587,7 +588,8 @@ UNBOUND_NOTE = "unbound symbolic dimensions set to 1 for the numbers: "
 SHAPE_QUANTITIES = ("macs", "flops", "layer_macs", "activation_peak")
 
 
-def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, input_shapes, layers) -> dict[str, list[str]]:
+def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, input_shapes, layers,
+             bound_names: set[str] = frozenset()) -> dict[str, list[str]]:
     """For each unbound symbol, the quantities its value changes (``SHAPE_QUANTITIES`` order).
 
     MACs and FLOPs (and so the heaviest layer's MACs): the symbols of their polynomial terms;
@@ -597,6 +599,7 @@ def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, i
     in_macs = {sym for mono in sym_macs for sym, _ in mono}
     in_flops = {sym for mono in sym_flops for sym, _ in mono}
     in_shapes: set[str] = set()
+    unbound_set = set(unbound) | bound_names
     lost = not exact
     for shape in input_shapes:
         if shape is None:
@@ -610,6 +613,8 @@ def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, i
             for d in shape:
                 if d.__class__ is str:
                     in_shapes.add(d)
+                    if d not in unbound_set:  # a dimension shape inference named itself (unk__0): lost
+                        lost = True
                 elif d is None:
                     lost = True
     out = {}

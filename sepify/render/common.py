@@ -68,37 +68,71 @@ OP_ABBREVIATIONS = {"BatchNormalization": "BatchNorm", "InstanceNormalization": 
                     "DequantizeLinear": "Dequantize", "QuantizeLinear": "Quantize", "ConvTranspose": "ConvTransp"}
 
 
-def shorten_op(text: str, width: int) -> str:
+def shorten_op(text: str, width: int, head: int | None = None) -> str:
     """An op type (or ``A → B``) in ``width`` characters: usual abbreviations first."""
     if len(text) > width:
         for full, short in OP_ABBREVIATIONS.items():
             text = text.replace(full, short)
-    return shorten_middle(text, width)
+    return shorten_middle(text, width, head)
 
 
-def _shorten_column(texts: list[str], width: int, shorten) -> list[str]:
-    """Shorten every text to ``width``; where two different texts would look the same, other
-    cut points (more of the end, then more of the start) are tried until each is unique."""
-    out = [shorten(t, width) for t in texts]
-    owner: dict[str, str] = {}
-    clash = set()
-    for t, o in zip(texts, out):
-        if owner.setdefault(o, t) != t:
-            clash.add(o)
-    if not clash:
-        return out
-    taken = {o for o in out if o not in clash}
-    keep = width - 1
-    for i, (t, o) in enumerate(zip(texts, out)):
-        if o not in clash:
-            continue
-        for h in [*range(keep // 2 - 1, -1, -1), *range(keep // 2 + 1, keep + 1)]:
-            cand = shorten_middle(t, width, h)
-            if cand not in taken:
-                out[i] = cand
+class _Names:
+    """The distinct full texts of a column, to tell whether a shortened text (``…`` standing
+    for any characters) could be read as more than one of them."""
+
+    def __init__(self, texts: list[str]):
+        import bisect
+        import re
+
+        self._bisect, self._re = bisect, re
+        self.sorted = sorted(set(texts))
+
+    def matches(self, short: str, limit: int = 2) -> int:
+        if "…" not in short:
+            return 1
+        head = short.split("…", 1)[0]
+        lo = self._bisect.bisect_left(self.sorted, head)
+        pattern = self._re.compile(".*".join(map(self._re.escape, short.split("…"))), self._re.S)
+        n = 0
+        for t in self.sorted[lo:]:
+            if not t.startswith(head):
                 break
-        taken.add(out[i])
+            if pattern.fullmatch(t):
+                n += 1
+                if n >= limit:
+                    break
+        return n
+
+
+def _shorten_column(texts: list[str], width: int, shorten, names: _Names | None = None) -> list[str]:
+    """Shorten every text to ``width``; where a shortened text could be read as another text
+    of the column too, other cut points (more of the end, then more of the start) are tried."""
+    names = names or _Names(texts)
+    out = []
+    cache: dict[str, str] = {}
+    for t in texts:
+        if t in cache:
+            out.append(cache[t])
+            continue
+        o = shorten(t, width)
+        if names.matches(o) > 1:
+            for h in [*range(width // 2 - 1, -1, -1), *range(width // 2 + 1, width)]:
+                cand = shorten(t, width, h)
+                if names.matches(cand) == 1:
+                    o = cand
+                    break
+        cache[t] = o
+        out.append(o)
     return out
+
+
+def _unambiguous_width(texts: list[str], floor: int, natural: int, shorten) -> int:
+    """The narrowest width from ``floor`` at which no shortened text could be read as two."""
+    names = _Names(texts)
+    for w in range(floor, natural):
+        if all(names.matches(o) == 1 for o in set(_shorten_column(texts, w, shorten, names))):
+            return w
+    return natural
 
 
 def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | None, width: int,
@@ -118,10 +152,22 @@ def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | N
 
     short = False
     last_resort = False  # every droppable column gone: flexible columns below their minimum
+    unambiguous: dict[int, int] = {}  # a flexible column's narrowest width that keeps its texts apart
+
+    def floor_of(i):
+        c = columns[i]
+        if c.fold:
+            return 10
+        if i not in unambiguous:
+            texts = [r[i] for r in body]
+            unambiguous[i] = (_unambiguous_width(texts, c.flex, natural(i, False), c.shorten or shorten_middle)
+                              if natural(i, False) > c.flex else c.flex)
+        return unambiguous[i]
+
     while True:
         widths = {i: natural(i, short) for i in keep}
         need = sum(widths.values()) + (2 * len(keep) if compact else 3 * len(keep) + 1)
-        floor = {i: 6 if last_resort else (columns[i].flex or 10) for i in keep if columns[i].flex or columns[i].fold}
+        floor = {i: 6 if last_resort else floor_of(i) for i in keep if columns[i].flex or columns[i].fold}
         flex = {i: widths[i] for i in floor if widths[i] > floor[i]}
         over = need - width
         if over > 0 and flex:  # narrow the flexible columns, the widest first, to their minimum

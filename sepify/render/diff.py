@@ -67,7 +67,7 @@ def _label(r: dict) -> str:
 _SPLIT = re.compile(r"^(.+) → \1/(\{[^{}]*\})$")
 
 
-def shorten_label(label: str, width: int) -> str:
+def shorten_label(label: str, width: int, head: int | None = None) -> str:
     """A layer label in ``width`` characters. ``X → X/{depthwise,pointwise}`` keeps its form:
     the repeated ``X`` becomes ``…`` (``X → …/{depthwise,pointwise}``), then ``X`` is shortened
     in the middle; anything else is shortened in the middle."""
@@ -78,8 +78,8 @@ def shorten_label(label: str, width: int) -> str:
         if len(x) + fixed <= width:
             return f"{x} → …/{tail}"
         if width - fixed >= 8:
-            return f"{shorten_middle(x, width - fixed)} → …/{tail}"
-    return shorten_middle(label, width)
+            return f"{shorten_middle(x, width - fixed, head)} → …/{tail}"
+    return shorten_middle(label, width, head)
 
 
 def _op_label(r: dict) -> str:
