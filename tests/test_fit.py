@@ -468,3 +468,22 @@ def test_fit_rejects_bad_arguments():
         fit(w, None, 1, "dw-first", 1, stats, lam=-1)
     with pytest.raises(ValueError, match="no rows"):
         fit(w, None, 1, "dw-first", 1, LayerStats.zeros(1, 6))
+
+
+def test_default_ridge_grows_when_rows_are_few():
+    """With few rows for the patch size, the default (0.3 * d / rows) beats a tiny fixed ridge
+    on fresh rows; with many rows it falls back to 1e-3."""
+    rng = np.random.default_rng(13)
+    w = rng.standard_normal((16, 8, 3, 3))
+    imgs, mix = smooth_images(rng, 2, 8, size=6)
+    few = patches(imgs, (3, 3), pads=(1, 1, 1, 1))  # 72 rows for d = 72
+    fresh = patches(smooth_images(rng, 40, 8, size=6, mix=mix)[0], (3, 3), pads=(1, 1, 1, 1))
+    stats = LayerStats.from_rows(few)
+    default = fit(w, None, 1, "dw-first", 2, stats, method="refit")
+    assert few.shape[0] == 72 and default.lam == pytest.approx(0.3 * 72 / 72)
+    tiny = fit(w, None, 1, "dw-first", 2, stats, method="refit", lam=1e-3)
+    e_default = measured_rel_error(w, 0.0, default, "dw-first", 1, fresh, fresh)
+    e_tiny = measured_rel_error(w, 0.0, tiny, "dw-first", 1, fresh, fresh)
+    assert e_default < 0.95 * e_tiny, (e_default, e_tiny)  # measured: 0.677 vs 0.751
+    many = LayerStats.from_rows(fresh)  # 1440 rows: 0.3 * 72 / 1440 = 0.015
+    assert fit(w, None, 1, "dw-first", 2, many, method="refit").lam == pytest.approx(0.015)
