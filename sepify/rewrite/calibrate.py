@@ -412,10 +412,15 @@ class Calibrator:
             return out
         working = None
         done: set[str] = set()
+        upstream: dict[str, set[str]] = {}
+        for c, _, _ in chosen:  # the rewritten layers each one depends on
+            upstream[c.node.name] = (_ancestors(self.model, c.node.input[0]) & done) if self.sequential else set()
+            done.add(c.node.name)
+        self.phase1([c for c, _, _ in chosen if not upstream[c.node.name]])  # one pass for all of them
+        done = set()
         for c, o, r in chosen:
             layer = self.layer(c)
-            upstream = _ancestors(self.model, layer.input) & done if self.sequential else set()
-            if not upstream:
+            if not upstream[c.node.name]:
                 stats = self.phase1([c])[c.node.name]
             else:
                 t0 = time.perf_counter()
