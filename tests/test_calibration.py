@@ -318,3 +318,37 @@ def test_verify_with_calibration_runs_on_the_held_out_samples(tmp_path):
     ver, hold = report["verification"], report["calibration"]["holdout_indices"]
     assert ver["samples"] == 4 and ver["inputs"].startswith("calibration holdout") and len(hold) == 4
     assert report["calibration"]["fit_samples"] == 11
+
+
+def test_unreachable_budget_fails_before_any_onnxruntime_pass(monkeypatch):
+    import sepify.rewrite.calibrate as calibrate
+    from sepify.errors import BudgetError
+
+    def no_pass(*a, **k):
+        raise AssertionError("an onnxruntime pass ran")
+
+    monkeypatch.setattr(calibrate, "collect_same", no_pass)
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        sepify.rewrite(cnn(), target_macs=1000, calibration={"x": correlated(12, 0)})
+
+
+def test_paired_statistics_reusing_phase_1_equal_the_direct_ones():
+    """Phase 2 takes sum_t / tt from phase 1 (the same samples and positions): the result must
+    equal the statistics accumulated directly from both models' patches."""
+    from sepify.rewrite import calibrate as cal
+
+    model, data = cnn(), correlated(12, 3)
+    feeds = [{"x": x} for x in data]
+    c1 = next(n for n in model.graph.node if n.name == "conv1")
+    layer = cal.Layer("conv1", "r0", "c1", c1, (12, 12, 3, 3), 3)
+    same = cal.collect_same(model, [layer], feeds, rows=300, seed=1)["conv1"]
+    working = onnx.ModelProto()
+    working.CopyFrom(model)
+    working.graph.node[2].op_type = "Sigmoid"  # relu0 -> sigmoid: a different x~ for conv1
+    orig = cal.session(cal.prefix(model, ["r0"]))
+    reused = cal.collect_paired(orig, working, layer, feeds, rows=300, seed=1, known=same)
+    direct = cal.collect_paired(orig, working, layer, feeds, rows=300, seed=1)
+    assert reused.n == direct.n == 12 * 25  # ceil(300 / 12) positions of each sample's 5x5 output
+    for f in ("sum_x", "sum_t", "xx", "tx", "tt"):
+        np.testing.assert_allclose(getattr(reused, f), getattr(direct, f), rtol=1e-10, atol=1e-8)
+    assert not np.allclose(direct.xx, direct.tt)  # x~ really differs from x

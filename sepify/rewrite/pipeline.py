@@ -198,7 +198,7 @@ def rewrite(
         calibrator = Calibrator(materialize(raw, base_dir), calib, rows=opts.calib_rows, seed=opts.calib_seed,
                                 method=opts.calib_method, sequential=opts.sequential, threads=opts.threads)
         with threadpool_limits(limits=1, user_api="blas"):  # see README (dependencies)
-            _set_output_curves(candidates, opts, calibrator)
+            _set_output_curves(candidates, opts, calibrator, before.totals.macs)
     choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
     latency = None
     if opts.objective == "latency" or opts.form == "auto":  # the measure stage
@@ -479,7 +479,7 @@ def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: 
 
 
 
-def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibrator) -> None:
+def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibrator, total_macs: int) -> None:
     """With calibration data every rank policy reads PREDICTED relative OUTPUT errors
     (``Candidate.curves``, from the phase-1 statistics) instead of weight errors; the phase-1
     pass is skipped when the policy needs no curve (``--rank`` in one fixed orientation)."""
@@ -488,6 +488,8 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
         return
     from .allocate import ErrorCurves
 
+    if opts.target_macs is not None or opts.target_ratio is not None:
+        plan_ranks(candidates, opts, total_macs)  # an unreachable budget fails before the onnxruntime passes
     for name, per in calibrator.curves(candidates).items():
         c = next(c for c in candidates if c.node.name == name)
         c.curves = ErrorCurves("output", {o: np.asarray(v, dtype=np.float64) for o, v in per.items()},
