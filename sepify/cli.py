@@ -324,9 +324,10 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
 
     # before the work, not only at save time
     guard = Inputs().add_model(model).add(inputs_file, "the --inputs file").add(calibration, "the --calibration data")
-    if calibration and os.path.isdir(calibration):
-        for f in sorted(os.listdir(calibration)):
-            guard.add(os.path.join(calibration, f), "a --calibration sample file")
+    for folder, role in ((calibration, "a --calibration sample file"), (inputs_file, "an --inputs sample file")):
+        if folder and os.path.isdir(folder):
+            for f in sorted(os.listdir(folder)):
+                guard.add(os.path.join(folder, f), role)
     inputs = _guard(guard,
                     {"-o": None if dry_run else output, "--report": report_file})
     report_fmt = "html" if report_file and report_file.lower().endswith((".html", ".htm")) else fmt

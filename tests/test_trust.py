@@ -73,8 +73,10 @@ def test_check_binds_or_needs_no_binding(here):
     # params do not depend on H and W: measured, no guess
     r = run("check", "hw.onnx", "--no-config", "--max-params", "1K", "--format", "json")
     assert r.exit_code == 0, r.output
-    b = json.loads(r.stdout)["models"][0]["budgets"][0]
+    m = json.loads(r.stdout)["models"][0]
+    b = m["budgets"][0]
     assert (b["quantity"], b["value"], b["passed"]) == ("params", 4 * 3 * 9, True)
+    assert "unbound dimensions H, N, W: no budget of this model depends on them" in m["notes"]
     # bound on the command line: measured at 8x8, per sample
     for args in (["--dim", "H=8", "--dim", "W=8"], ["--input-shape", "x=1x3x8x8"]):
         r = run("check", "hw.onnx", "--no-config", "--max-macs", "1G", *args, "--format", "json")

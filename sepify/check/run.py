@@ -178,7 +178,11 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         for n, (words, has) in result.dims_given.items():
             if not has:
                 result.notes.append(f"{words}: this model has no dimension named {n!r} (ignored)")
-        batch = sorted(k for k, v in unbound.items() if v["batch"])
+        batch = sorted(k for k, v in unbound.items() if v["batch"] and set(v["affects"]) & need)
+        free = sorted(k for k, v in unbound.items() if k not in batch and k not in guessed)
+        if free:
+            result.notes.append(f"unbound dimension{'s' if len(free) > 1 else ''} {', '.join(free)}: no budget "
+                                "of this model depends on them")
         if batch:
             result.notes.append(f"per sample: the dynamic batch dimension {', '.join(batch)} is set to 1 "
                                 f"(to budget a batch of SIZE, bind it: --dim {batch[0]}=SIZE, or dims in the config)")
