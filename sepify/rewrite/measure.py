@@ -474,10 +474,8 @@ def plan_latency(candidates, opts, specs: dict, measurer: LayerMeasurer, mac_cho
     layers, option_lists, measured_at = [], [], {}
     for c in candidates:
         name, spec = c.node.name, specs[c.node.name]
-        orig = measurer.original(spec)
-        options = [Option(KEEP, orig, 0.0)]
         curves = allocate.curves_of(c)
-        best_at = {}
+        best_at, faster = {}, []
         for o, sp in c.spectra.items():
             for r in range(1, min(sp.max_rank, MAX_RANKS) + 1):
                 if not opts.allow_increase and sp.macs(r, c.p_in, c.p_out) >= c.original_macs:
@@ -487,11 +485,14 @@ def plan_latency(candidates, opts, specs: dict, measurer: LayerMeasurer, mac_cho
                 best_at[(o, r)] = (key, m, {k[2]: v.seconds for k, v in got.items()})
                 if not is_faster(m):
                     break
-                options.append(Option(key, m.seconds, float(curves.additive[o][r - 1])))
+                faster.append((key, m.ratio, float(curves.additive[o][r - 1])))
+        # costs from the paired ratios and the original's reference time over all its rounds
+        orig = measurer.original(spec)
+        options = [Option(KEEP, orig, 0.0)] + [Option(key, ratio * orig, err) for key, ratio, err in faster]
         measured_at[name] = best_at
         layers.append(c)
         option_lists.append(options)
-        lat[name] = LayerLatency(spec, measurer.original(spec))
+        lat[name] = LayerLatency(spec, orig)
     total = model_seconds() if model_seconds else sum(lt.original_s for lt in lat.values())
     conv_sum = sum(options[0].cost for options in option_lists)
     need = total * (1.0 - 1.0 / opts.target_speedup)  # seconds the rewrite must save end to end
@@ -516,7 +517,7 @@ def plan_latency(candidates, opts, specs: dict, measurer: LayerMeasurer, mac_cho
             continue
         o, r, f = opt.key
         _, m, forms = measured_at[name][(o, r)]
-        rec.chosen, rec.seconds, rec.ratio, rec.forms = (o, r, f), m.seconds, m.ratio, forms
+        rec.chosen, rec.seconds, rec.ratio, rec.forms = (o, r, f), opt.cost, m.ratio, forms
         choices[name] = (o, r, f)
     info["predicted_s"] = total - sum(lat[n].original_s - (lat[n].seconds or lat[n].original_s) for n in lat)
     return choices, lat, info
