@@ -340,3 +340,42 @@ def test_analyze_rewrite_check_diff_agree(tmp_path):
         d = sepify.compare(str(path), str(path), dims=dims).to_dict()["totals"]
         assert (d["macs"]["old"], d["params"]["new"]) == (a.macs, a.params), i
     assert a.macs > 0
+
+
+# --- rewrite: a Conv whose spatial size is a symbol (and one derived from it) is rewritable -----
+def test_rewrite_conv_with_symbolic_spatial_dims(tmp_path):
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["a"], name="c1", kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2"], ["y"], name="c2", kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    m = _model(nodes, [_vi("x", [1, 3, "H", "W"])], [_out("y", 4)],
+               [numpy_helper.from_array(_w(8, 3, 3, 3), "W1"), numpy_helper.from_array(_w(6, 8, 3, 3), "W2")])
+    r = sepify.rewrite(m, rank=1)
+    assert {x.name for x in r.layers} == {"c1", "c2"}, r.report["skipped"]
+    # unbound, the sizes (H+1)//2 are lost to inference (not polynomial): the layers are planned
+    # with the symbols at 1, as the analysis numbers are. Bound, H = W = 16 -> 8x8:
+    bound = sepify.rewrite(m, rank=1, dims={"H": 16, "W": 16})
+    x = _w(1, 3, 16, 16)
+    shapes = _ort_shapes(m, {"x": x}, ["a", "y"])
+    assert shapes["a"] == shapes["y"][:1] + (8, 8, 8) and shapes["y"] == (1, 6, 8, 8)
+    after = bound.report["totals"]["after"]["macs"]
+    per = {x.name: x for x in bound.layers}
+    assert per["c2"].macs_before == 6 * 8 * 9 * 64
+    assert after == sum(x.macs_after for x in bound.layers)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    out = ort.InferenceSession(bound.model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert out.shape == (1, 6, 8, 8)
+
+
+# --- what stays unknown says why: only value-dependent sizes are called so, naming the op -------
+def test_data_dependent_size_names_the_op():
+    nodes = [helper.make_node("NonZero", ["x"], ["nz"], name="nz"),
+             helper.make_node("Squeeze", ["nz", "ax0"], ["idx"]),
+             helper.make_node("Gather", ["table", "idx"], ["rows"], axis=0),
+             helper.make_node("MatMul", ["rows", "Wm"], ["y"], name="mm")]
+    m = _model(nodes, [_vi("x", [10])], [_out("y", 2)],
+               [_i64("ax0", [0]), numpy_helper.from_array(_w(10, 8), "table"), numpy_helper.from_array(_w(8, 4), "Wm")])
+    a = sepify.analyze(m)
+    mm = next(x for x in a.layers if x.name == "mm")
+    assert mm.macs is None and "depends on the input values (NonZero 'nz')" in mm.unknown
+    assert a.totals.params == 10 * 8 + 8 * 4

@@ -22,7 +22,7 @@ from ..model.reading import drop_initializer_inputs, read_model
 from .allocate import plan_ranks
 from .emit import _Names, _build, _opset
 from .options import RewriteOptions
-from .plan import Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
+from .plan import SHAPE_UNKNOWN, Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
 
 
 @dataclass
@@ -171,6 +171,7 @@ def rewrite(
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
     live = _live_nodes(view)
+    numeric_view = None
     for idx, node in enumerate(view.nodes):
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
@@ -179,6 +180,16 @@ def rewrite(
                                                                 "(removed from the rewritten model)"))
             continue
         plan = plan_conv(loaded.model, view, idx, node, opts, base_dir, values)
+        if plan == SHAPE_UNKNOWN and any(v is None for v in loaded.symbols.values()):
+            # a spatial size derived from a free symbol (H after a stride: not a polynomial) is
+            # lost to inference; the factorization needs only the weight, and the MACs take the
+            # unbound symbols at 1, as the analysis numbers do
+            if numeric_view is None:
+                numeric = load_numeric()
+                numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols, lost=numeric.lost)
+                numeric_view.initializers.update(view.initializers)
+            if len(numeric_view.nodes) == len(view.nodes):
+                plan = plan_conv(numeric.model, numeric_view, idx, numeric_view.nodes[idx], opts, base_dir, values)
         if isinstance(plan, str):
             skipped.append(Skipped(node.name or f"Conv_{idx}", plan))
         else:

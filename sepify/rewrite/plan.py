@@ -103,6 +103,9 @@ def _prod(xs) -> int:
     return out
 
 
+SHAPE_UNKNOWN = "input or output shape unknown"
+
+
 def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
               base_dir: str | None, values: Mapping[str, int]) -> Candidate | str:
     """Check one Conv: a :class:`Candidate`, or the reason it is not rewritten."""
@@ -131,7 +134,7 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
         return "already depthwise (group == C_in)"
     xs, ys = view.shape(node.input[0]), view.shape(node.output[0])
     if xs is None or ys is None or len(ys) != len(wshape) or len(xs) != len(wshape):
-        return "input or output shape unknown"
+        return SHAPE_UNKNOWN
 
     def positions(shape):
         dims = [shape[0]] + list(shape[2:])
@@ -144,7 +147,7 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
 
     p_in, p_out = positions(xs), positions(ys)
     if p_in is None or p_out is None:
-        return "input or output shape unknown"
+        return SHAPE_UNKNOWN
     try:
         weight = _const_array(model, view, node.input[1], base_dir)
         bias = _const_array(model, view, node.input[2], base_dir) if has_bias else None
