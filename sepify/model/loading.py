@@ -27,7 +27,7 @@ import onnx
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
-from .shapes import origins, resolve_shapes
+from .shapes import Origins, resolve_shapes
 from .validation import check_input_dims
 
 
@@ -41,7 +41,7 @@ class LoadedModel:
     symbols: dict[str, int | None] = field(default_factory=dict)  # name -> bound value or None
     notes: list[str] = field(default_factory=list)
     unused_dims: list[str] = field(default_factory=list)  # ``dims`` names the model has no symbol for
-    lost: dict[str, str] = field(default_factory=dict)  # tensor whose shape is still unknown -> why
+    lost: Mapping[str, str] = field(default_factory=dict)  # tensor whose shape is unknown -> why (.get only)
 
     @property
     def label(self) -> str:
@@ -304,7 +304,9 @@ def load(
         # 8 wide for an input of unknown width is no contradiction, but it is one at width 1
         _forget_derived_dims(model.graph)
         model = infer_shapes(model, label)
-    model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label))
-    lost = origins(model) if rounds else {}
+    rounds = 0
+    if _needs_data_prop(model):  # (else no node computes a value a shape depends on: nothing to fold)
+        model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label))
+    lost = Origins(model)
     size = path.stat().st_size if path else None
     return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused, lost=lost)

@@ -7,8 +7,11 @@ propagation follows only part of this arithmetic, and every tensor after the fir
 dimension gets an unknown (``unk__N``) size. Yet onnxruntime runs these models with every shape
 static: the values are constants once the input shapes are known.
 
-The stage, run after ONNX shape inference and only when some tensor of the main graph lost a
-dimension (a model without computed shapes pays one scan of its value_info):
+The stage runs after ONNX shape inference, only when the graph computes values that shapes
+depend on (``Shape``, ``Size``, control flow, or a shape input of ``Reshape``/``Pad``/``Slice``/...
+made by another node: the test that also decides data propagation, one pass over the op types)
+and some tensor of the main graph lost a dimension (one scan of its value_info). A model
+without computed shapes pays nothing else.
 
 1. **fold**: evaluate, in graph order, every node whose inputs are all known values — small
    initializers and ``Constant`` outputs, ``Shape``/``Size`` of a tensor whose shape is known,
@@ -328,6 +331,19 @@ def origins(model: onnx.ModelProto) -> dict[str, str]:
         else:
             why[name] = f"shape inference could not resolve it (first lost at {label})"
     return why
+
+
+class Origins:
+    """:func:`origins` of a model, computed on the first lookup (a walk that meets no unknown
+    shape never pays for it)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model, self._why = model, None
+
+    def get(self, name: str, default=None):
+        if self._why is None:
+            self._why = origins(self._model)
+        return self._why.get(name, default)
 
 
 def _const_input(model: onnx.ModelProto, node: onnx.NodeProto, i: int) -> bool:
