@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import sepify
-    from sepify.cli import parse_input_shape
+    from sepify.units import parse_input_shape
 
     binds = dict(parse_input_shape(b) for b in args.bind)
     files = sorted(args.folder.rglob("*.onnx"))

@@ -312,7 +312,7 @@ def test_conv_integer_model_rewrite_exits_0_unchanged(tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     skipped = {s["name"]: s["reason"] for s in report["skipped"]}
-    assert set(skipped) == {"pw"} and "1x1" in skipped["pw"]
+    assert set(skipped) == {"pw", "qconv"} and "1x1" in skipped["pw"] and "quantized (ConvInteger)" in skipped["qconv"]
     assert onnx.load(str(out)).graph.node[1].op_type == "ConvInteger"
     a = sepify.analyze(m)
     assert a.totals.macs == 4 * 36 * 27 + 2 * 36 * 4
@@ -379,3 +379,19 @@ def test_data_dependent_size_names_the_op():
     mm = next(x for x in a.layers if x.name == "mm")
     assert mm.macs is None and "depends on the input values (NonZero 'nz')" in mm.unknown
     assert a.totals.params == 10 * 8 + 8 * 4
+
+
+def test_rewrite_keeps_declared_output_types_the_graph_library_would_lose(tmp_path):
+    # ddddocr's common_old.onnx: a graph output also listed in value_info with a type and no
+    # shape (valid ONNX). onnx-graphsurgeon's round trip gave the output no shape, and the
+    # rewritten model failed the checker (exit 3).
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", kernel_shape=[3, 3])]
+    m = _model(nodes, [_vi("x", [1, 3, 8, 8])], [_vi("y", [1, 4, 6, 6])], [numpy_helper.from_array(_w(4, 3, 3, 3), "W")])
+    m.graph.value_info.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    src, out = tmp_path / "m.onnx", tmp_path / "m.sep.onnx"
+    onnx.save(m, str(src))
+    r = CliRunner().invoke(main, ["rewrite", str(src), "-o", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["totals"]["rewritten"] == 1
+    new = onnx.load(str(out))
+    assert [d.dim_value for d in new.graph.output[0].type.tensor_type.shape.dim] == [1, 4, 6, 6]

@@ -233,8 +233,9 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
     if not lost:
         return model, 0
     folder = _Folder(model)
-    scratch = onnx.ModelProto()
-    scratch.CopyFrom(model)
+    from .external import weightless_copy
+
+    scratch = weightless_copy(model)  # (weights stubbed: each re-inference serializes the graph only)
     keep_names = {o.name for o in model.graph.output}
     rounds = 0
     while rounds < MAX_ROUNDS:

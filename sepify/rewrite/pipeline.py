@@ -106,6 +106,9 @@ class RewriteResult:
             after["model"]["path"], after["model"]["file_size"] = str(out), size
 
 
+_QUANTIZED_CONVS = {"ConvInteger", "QLinearConv"}
+
+
 # --- the command -----------------------------------------------------------------------------
 def rewrite(
     source,
@@ -173,6 +176,10 @@ def rewrite(
     live = _live_nodes(view)
     numeric_view = None
     for idx, node in enumerate(view.nodes):
+        if node.op_type in _QUANTIZED_CONVS:
+            skipped.append(Skipped(node.name or f"{node.op_type}_{idx}",
+                                   f"quantized ({node.op_type}): only float Convs are factorized"))
+            continue
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
         if idx not in live:  # the graph cleanup after the edit removes it
@@ -282,6 +289,7 @@ def rewrite(
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         new = gs.export_onnx(graph, do_type_check=False)
         _restore_model_fields(new, raw, opts, results)
+        _restore_declared_types(new, raw)
         if old_ir:
             new.ir_version = 4  # initializers are no longer listed as inputs
 
@@ -415,6 +423,17 @@ class _Latency:
             return out
         out["end_to_end"] = self.m.end_to_end(self.timer, self.original, new, self.feeds)
         return out
+
+
+def _restore_declared_types(new: onnx.ModelProto, raw: onnx.ModelProto) -> None:
+    """The graph inputs and outputs keep the types the source declares: onnx-graphsurgeon merges
+    ``value_info`` into them, and a value_info entry with a type but no shape (valid ONNX,
+    written by some exporters) would leave a graph output without the shape the checker wants."""
+    declared = {vi.name: vi.type for vi in (*raw.graph.input, *raw.graph.output)}
+    for vi in (*new.graph.input, *new.graph.output):
+        t = declared.get(vi.name)
+        if t is not None:
+            vi.type.CopyFrom(t)
 
 
 def _restore_model_fields(new: onnx.ModelProto, raw: onnx.ModelProto, opts: RewriteOptions, results) -> None:
