@@ -262,3 +262,21 @@ def test_flags_appear_in_table_and_markdown(tmp_path):
         assert "n/a" in tiny_row and "RMS error / scale 0" in tiny_row
         pre_row = next(line for line in text.splitlines() if "before Softmax: logits" in line)
         assert f"Softmax saturated in {share:.0%}: its output hides errors" in pre_row
+
+
+def test_verify_uses_every_held_out_calibration_sample(tiny, tmp_path):
+    x = np.random.default_rng(6).standard_normal((12, 1, 3, 32, 32)).astype(np.float32)
+    cal, out = tmp_path / "cal.npz", tmp_path / "o.onnx"
+    np.savez(cal, input=x)
+    result = invoke(tiny, "-o", out, "--calibration", cal, "--holdout", "4", "--rank", "2", "--verify",
+                    "--format", "json", "--calib-method", "refit")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    held = report["calibration"]["holdout_indices"]
+    ver = report["verification"]
+    assert len(held) == 4 and ver["samples"] == 4 and ver["smoke_test"] is False
+    assert ver["inputs"] == "calibration holdout (never used to fit)"
+    feeds = [{"input": x[i]} for i in held]
+    ref, new = _ort_run(tiny, feeds, ["fc_out"]), _ort_run(out, feeds, ["fc_out"])
+    assert ver["outputs"]["output"]["before_saturation"]["rel_l2_error"] == pytest.approx(
+        rel_l2([r["fc_out"] for r in ref], [n["fc_out"] for n in new]), rel=1e-4)
