@@ -262,6 +262,14 @@ def test_flags_appear_in_table_and_markdown(tmp_path):
         assert "n/a" in tiny_row and "RMS error / scale 0" in tiny_row
         pre_row = next(line for line in text.splitlines() if "before Softmax: logits" in line)
         assert f"Softmax saturated in {share:.0%}: its output hides errors" in pre_row
+    from sepify.render.html import rewrite_html
+
+    report = json.loads(invoke(path, "--dry-run", "--inputs", npz, "--format", "json").stdout)
+    page = rewrite_html(report)
+    assert "tiny: reference near zero" in page and f"prob: Softmax saturated in {share:.0%}" in page
+    assert "verification-smoke" not in page
+    report = json.loads(invoke(path, "--dry-run", "--verify", "--format", "json").stdout)
+    assert "random inputs: wiring smoke test, not an accuracy measurement" in rewrite_html(report)
 
 
 def test_verify_uses_every_held_out_calibration_sample(tiny, tmp_path):

@@ -583,6 +583,19 @@ def _verification(ver: dict | None) -> str:
         return ("<p>Not run (use <code>--verify</code>; random inputs are a smoke test, not an accuracy "
                 "measurement).</p>")
     out = [f'<p class="muted">inputs: {_e(ver.get("inputs"))}</p>']
+    if ver.get("smoke_test"):
+        out.append(f'<p class="up" id="verification-smoke"><b>{_e(ver.get("note"))}</b></p>')
+    for name, o in (ver.get("outputs") or {}).items():  # the flags, in words (the table below has the numbers)
+        for label, t in ((name, o), (f"{name}, before {(o.get('before_saturation') or {}).get('op')}", o.get("before_saturation"))):
+            if t and t.get("near_zero_reference"):
+                out.append(f'<p class="muted verification-flag">{_e(label)}: reference near zero (RMS '
+                           f'{t["rms_reference"]:.2g}): relative error not meaningful; RMS error / scale '
+                           f'{t["scaled_error"]:.3g}</p>')
+        pre = o.get("before_saturation")
+        if pre and (o.get("saturated_share") or 0) >= 0.5:
+            out.append(f'<p class="up verification-flag">{_e(name)}: {_e(pre["op"])} saturated in '
+                       f'{o["saturated_share"]:.0%}: its output hides errors; before it ({_e(pre["tensor"])}): '
+                       f'relative L2 {_generic(pre.get("rel_l2_error"))}</p>')
     outputs = {name: _flatten(o) for name, o in (ver.get("outputs") or {}).items()}
     cols: list[str] = []
     for o in outputs.values():
