@@ -200,6 +200,7 @@ def interleaved_latency(sessions: dict, x: np.ndarray, rounds: int, reps: int, s
 class Row:
     method: str
     target: str
+    form: str
     model: object = None
     seconds: float | None = None
     conv_ratio: float | None = None
@@ -216,6 +217,11 @@ def supports(name: str) -> bool:
     from sepify import RewriteOptions
 
     return name in inspect.signature(RewriteOptions).parameters
+
+
+def measured_latency() -> bool:
+    """--objective latency is there and measures (sepify.rewrite.measure exists)."""
+    return supports("objective") and importlib.util.find_spec("sepify.rewrite.measure") is not None
 
 
 def run_rewrite(model: Path, method: str, dims: dict, calib, **opts) -> tuple[object, dict, float]:
@@ -249,63 +255,71 @@ def captcha_part(args) -> dict:
     print(f"model {model}: {total / 1e6:.1f} M MACs counted, {conv / 1e6:.1f} M in Convs", flush=True)
 
     methods = [m for m in args.methods.split(",") if m]
+    forms = [f for f in args.forms.split(",") if f]
     has_calib = supports("calibration")
-    has_latency = supports("objective")
+    has_latency = measured_latency()
     rows: list[Row] = []
+
+    def add(method: str, target: str, form: str, **opts) -> None:
+        row = Row(method, target, form)
+        if supports("form"):
+            opts["form"] = form
+        elif form != "native":
+            return
+        try:
+            row.model, rep, row.seconds = run_rewrite(model, method, dims, calib, **opts)
+            row.conv_ratio = conv_macs(rep["after"]) / conv
+            row.ranks = {layer["name"]: layer["rank"] for layer in rep["layers"]}
+            row.extra = {k: rep[k] for k in ("latency",) if k in rep}
+        except Exception as e:  # a failed setting is a result, not the end of the run
+            row.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rows.append(row)
+        print(f"  {method} {target} {form}: " + (row.error or f"rewritten in {row.seconds:.1f} s, conv MACs "
+                                                f"{row.conv_ratio:.3f}x, ranks {row.ranks}"), flush=True)
+
     for method in methods:
         if method == "calibrated" and not has_calib:
-            rows.append(Row(method, "all", error="sepify has no calibration option yet"))
+            rows.append(Row(method, "all", "-", error="sepify has no calibration option yet"))
             continue
         for ratio in args.ratios:
             target = int(round(total - (1 - ratio) * conv))
-            row = Row(method, f"{ratio:g}")
-            try:
-                row.model, rep, row.seconds = run_rewrite(model, method, dims, calib, target_macs=target)
-            except Exception as e:  # a failed setting is a result, not the end of the run
-                row.error = f"{type(e).__name__}: {e}"
-                rows.append(row)
-                print(f"  {method} {ratio}: {row.error}", flush=True)
-                continue
-            row.conv_ratio = conv_macs(rep["after"]) / conv
-            row.ranks = {layer["name"]: layer["rank"] for layer in rep["layers"]}
-            rows.append(row)
-            print(f"  {method} {ratio}: rewritten in {row.seconds:.1f} s, conv MACs {row.conv_ratio:.3f}x, "
-                  f"ranks {row.ranks}", flush=True)
+            for form in forms:
+                add(method, f"{ratio:g}", form, target_macs=target)
     if has_latency:
-        for method in (["calibrated"] if has_calib else []) + ["weight"]:
-            row = Row(method, "objective latency")
-            try:
-                row.model, rep, row.seconds = run_rewrite(model, method, dims, calib, objective="latency",
-                                                          **({"threads": args.threads} if supports("threads") else {}))
-                row.conv_ratio = conv_macs(rep["after"]) / conv
-                row.ranks = {layer["name"]: layer["rank"] for layer in rep["layers"]}
-                row.extra = {k: rep[k] for k in ("latency",) if k in rep}
-            except Exception as e:
-                row.error = f"{type(e).__name__}: {e}"
-            rows.append(row)
-            print(f"  {method} objective latency: {row.error or f'{row.seconds:.1f} s, ranks {row.ranks}'}", flush=True)
-            break  # the calibrated one when available, else the weight-only one
+        method = "calibrated" if has_calib and "calibrated" in methods else "weight"
+        add(method, "objective latency", "auto", objective="latency",
+            **({"threads": args.threads} if supports("threads") else {}))
     else:
-        rows.append(Row("any", "objective latency", error="sepify has no --objective latency yet"))
+        rows.append(Row("-", "objective latency", "-", error="sepify has no measured --objective latency yet"))
 
-    # accuracy
+    # accuracy: every test sample for the first form of a setting; the other forms (same math,
+    # other graph) are checked against it on the first 50 samples
     orig = session(model, 1)
     ref = evaluate(orig, x_test, charset)
     acc0 = float(np.mean([p == y for p, y in zip(ref, y_test)]))
     print(f"original: exact match {acc0:.4f} on {len(y_test)}", flush=True)
     sessions = {"original": session(model, args.threads)}
-    results = []
+    results, first = [], {}
     for r in rows:
-        entry = {"method": r.method, "target": r.target, "error": r.error}
+        entry = {"method": r.method, "target": r.target, "form": r.form, "error": r.error}
         if r.model is not None:
-            pred = evaluate(session(r.model, 1), x_test, charset)
-            entry.update(accuracy=float(np.mean([p == y for p, y in zip(pred, y_test)])),
-                         agreement=float(np.mean([p == q for p, q in zip(pred, ref)])),
-                         rewrite_seconds=r.seconds, conv_macs_ratio=r.conv_ratio, ranks=r.ranks, **r.extra)
-            key = f"{r.method} {r.target}"
+            key = f"{r.method} {r.target} {r.form}"
+            entry.update(key=key, rewrite_seconds=r.seconds, conv_macs_ratio=r.conv_ratio, ranks=r.ranks, **r.extra)
+            s1 = session(r.model, 1)
+            base_entry = first.get((r.method, r.target))
+            if base_entry is None:
+                pred = evaluate(s1, x_test, charset)
+                entry.update(accuracy=float(np.mean([p == y for p, y in zip(pred, y_test)])),
+                             agreement=float(np.mean([p == q for p, q in zip(pred, ref)])))
+                first[(r.method, r.target)] = (entry, s1)
+                print(f"  {key}: exact match {entry['accuracy']:.4f}", flush=True)
+            else:
+                e0, s0 = base_entry
+                diff = max(float(np.max(np.abs(s1.run(None, {INPUT: x})[0] - s0.run(None, {INPUT: x})[0])))
+                           for x in x_test[:50])
+                entry.update(accuracy=e0["accuracy"], agreement=e0["agreement"], max_abs_diff_vs_first_form=diff)
+                print(f"  {key}: same setting as {e0['key']}, outputs differ by at most {diff:.2e}", flush=True)
             sessions[key] = session(r.model, args.threads)
-            entry["key"] = key
-            print(f"  {key}: exact match {entry['accuracy']:.4f}", flush=True)
         results.append(entry)
     print(f"timing {len(sessions)} models, {args.rounds} interleaved rounds x {args.reps} runs, "
           f"{args.threads} thread(s)...", flush=True)
@@ -414,14 +428,14 @@ def markdown(res: dict, args) -> str:
                   f"{c['n_calib']} calibration captchas from another seed.",
                   f"Latency: onnxruntime CPU, {args.threads} thread(s), median (IQR) of {args.rounds} interleaved rounds "
                   f"x {args.reps} runs, batch 1; shared 2-core VM (other jobs running).", "",
-                  "| method | conv-MAC target | conv MACs reached | exact match | = original | latency ms (IQR) | speed-up | rewrite s |",
-                  "|---|---|---|---|---|---|---|---|",
-                  f"| original | 1 | 1 | {o['accuracy']:.1%} | 100% | {o['latency']['median_ms']:.2f} ({o['latency']['iqr_ms']:.2f}) | 1.00x | - |"]
+                  "| method | conv-MAC target | form | conv MACs reached | exact match | = original | latency ms (IQR) | speed-up | rewrite s |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| original | 1 | - | 1 | {o['accuracy']:.1%} | 100% | {o['latency']['median_ms']:.2f} ({o['latency']['iqr_ms']:.2f}) | 1.00x | - |"]
         for e in c["rows"]:
             if e.get("error"):
-                lines.append(f"| {e['method']} | {e['target']} | - | - | - | - | - | {e['error']} |")
+                lines.append(f"| {e['method']} | {e['target']} | {e['form']} | - | - | - | - | - | {e['error']} |")
                 continue
-            lines.append(f"| {e['method']} | {e['target']} | {e['conv_macs_ratio']:.3f} | {e['accuracy']:.1%} | "
+            lines.append(f"| {e['method']} | {e['target']} | {e['form']} | {e['conv_macs_ratio']:.3f} | {e['accuracy']:.1%} | "
                          f"{e['agreement']:.1%} | {e['latency']['median_ms']:.2f} ({e['latency']['iqr_ms']:.2f}) | "
                          f"{e['speedup']:.2f}x | {e['rewrite_seconds']:.1f} |")
     r = res.get("resnet50")
@@ -442,6 +456,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-calib", type=int, default=256)
     ap.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=list(RATIOS))
     ap.add_argument("--methods", default="weight,calibrated")
+    ap.add_argument("--forms", default="native,split", help="graph forms of rank > 1 pairs to time (sepify --form)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for the latency figures")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--reps", type=int, default=10)
