@@ -220,9 +220,9 @@ def supports(name: str) -> bool:
 
 
 def has_calibration() -> bool:
-    import sepify
+    from sepify.rewrite.pipeline import rewrite  # (sepify.rewrite is also a callable package)
 
-    return "calibration" in inspect.signature(sepify.rewrite).parameters
+    return "calibration" in inspect.signature(rewrite).parameters
 
 
 def measured_latency() -> bool:
@@ -238,6 +238,32 @@ def run_rewrite(model: Path, method: str, dims: dict, calib, **opts) -> tuple[ob
     res = sepify.rewrite(str(model), sepify.RewriteOptions(**opts), dims=dims, **extra)
     res.report["_cpu_seconds"] = time.process_time() - c
     return res.model, res.report, time.perf_counter() - t
+
+
+def sensitivity(model: Path, dims: dict, charset: list[str], xs: np.ndarray, ys: list[str]) -> list[dict]:
+    """Which layers hurt: each eligible conv alone rewritten weight-only at rank 1 and 2, the
+    exact match on ``xs``."""
+    import re
+
+    import sepify
+
+    probe = sepify.rewrite(str(model), sepify.RewriteOptions(rank=1), dims=dims)
+    out = []
+    for layer in probe.report["layers"]:
+        entry = {"name": layer["name"], "macs": layer["macs_before"], "max_rank": layer["max_rank"]}
+        for rank in (1, 2):
+            if rank > layer["max_rank"]:
+                continue
+            res = sepify.rewrite(str(model), sepify.RewriteOptions(rank=rank, include=[f"^{re.escape(layer['name'])}$"]),
+                                 dims=dims)
+            if not res.layers:
+                continue
+            pred = evaluate(session(res.model, 1), xs, charset)
+            entry[f"rank{rank}"] = {"accuracy": float(np.mean([p == y for p, y in zip(pred, ys)])),
+                                   "rel_weight_error": res.layers[0].rel_error}
+        out.append(entry)
+        print(f"  sensitivity {entry}", flush=True)
+    return out
 
 
 def captcha_part(args) -> dict:
@@ -299,6 +325,10 @@ def captcha_part(args) -> dict:
     else:
         rows.append(Row("-", "objective latency", "-", error="sepify has no measured --objective latency yet"))
 
+    if args.sensitivity:
+        sens = sensitivity(model, dims, charset, x_test[:args.sensitivity], y_test[:args.sensitivity])
+    else:
+        sens = None
     # accuracy: every test sample for the first form of a setting; the other forms (same math,
     # other graph) are checked against it on the first 50 samples
     orig = session(model, 1)
@@ -339,7 +369,7 @@ def captcha_part(args) -> dict:
             e["speedup_min"] = base_min / lat[e["key"]]["min_ms"]
     return {"model": str(model), "n_test": len(y_test), "n_calib": len(x_cal), "alphabet": ALPHABET,
             "total_macs": total, "conv_macs": conv, "original": {"accuracy": acc0, "latency": lat["original"]},
-            "rows": results}
+            "rows": results, "sensitivity": sens}
 
 
 def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
@@ -508,6 +538,12 @@ def markdown(res: dict, args) -> str:
                          f"{e['agreement']:.1%} | {e['latency']['median_ms']:.2f} ({e['latency']['iqr_ms']:.2f}) / "
                          f"{e['latency']['min_ms']:.2f} | {e['speedup']:.2f}x / {e['speedup_min']:.2f}x | "
                          f"{e['rewrite_seconds']:.1f} ({e['rewrite_cpu_seconds']:.1f}) |")
+    if c and c.get("sensitivity"):
+        lines += ["", f"Which layers hurt: one conv rewritten alone, weight-only (exact match on {args.sensitivity} test samples):", "",
+                  "| conv | MACs | rank 1 | rank 2 |", "|---|---|---|---|"]
+        for e in c["sensitivity"]:
+            cells = [f"{e[k]['accuracy']:.1%} (weight err {e[k]['rel_weight_error']:.2f})" if k in e else "-" for k in ("rank1", "rank2")]
+            lines.append(f"| {e['name']} | {e['macs'] / 1e6:.1f} M | {cells[0]} | {cells[1]} |")
     for r in res.get("resnet50", []):
         lines += ["", f"{Path(r['model']).name} (input {r['shape']}, {r['macs'] / 1e9:.2f} G MACs, "
                       f"{r['params'] / 1e6:.1f} M params), --target-ratio {r['target_ratio']}, {r['n_calib']} generated "
@@ -538,6 +574,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resnet-ratio", type=float, default=0.7, help="--target-ratio of the ResNet-50 rewrites")
     ap.add_argument("--calib-resnet", type=int, default=256)
     ap.add_argument("--skip-captcha", action="store_true")
+    ap.add_argument("--sensitivity", type=int, default=0, metavar="N",
+                    help="also: each conv alone at rank 1 and 2 (weight-only), exact match on the first N test samples")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     try:
