@@ -320,8 +320,12 @@ def captcha_part(args) -> dict:
                 add(method, f"{ratio:g}", form, target_macs=target)
     if has_latency:
         method = "calibrated" if has_calib and "calibrated" in methods else "weight"
-        add(method, "objective latency", "auto", objective="latency",
-            **({"threads": args.threads} if supports("threads") else {}))
+        lat_opts = {"objective": "latency", **({"threads": args.threads} if supports("threads") else {})}
+        for ratio in args.latency_ratios:
+            add(method, f"{ratio:g}, objective latency", "auto",
+                target_macs=int(round(total - (1 - ratio) * conv)), **lat_opts)
+        for x in args.speedups:
+            add(method, f"target-speedup {x:g}", "auto", target_speedup=x, **lat_opts)
     else:
         rows.append(Row("-", "objective latency", "-", error="sepify has no measured --objective latency yet"))
 
@@ -564,6 +568,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=list(RATIOS))
     ap.add_argument("--methods", default="weight,calibrated")
     ap.add_argument("--forms", default="native,split", help="graph forms of rank > 1 pairs to time (sepify --form)")
+    ap.add_argument("--latency-ratios", type=lambda s: [float(v) for v in s.split(",") if v], default=[0.5],
+                    help="conv-MAC ratios also rewritten under --objective latency")
+    ap.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",") if v], default=[1.3],
+                    help="--target-speedup values (objective latency)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads for the latency figures")
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--reps", type=int, default=10)
