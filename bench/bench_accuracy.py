@@ -288,6 +288,7 @@ def captcha_part(args) -> dict:
 
     methods = [m for m in args.methods.split(",") if m]
     forms = [f for f in args.forms.split(",") if f]
+    calib_forms = [f for f in args.calib_forms.split(",") if f]
     has_calib = has_calibration()
     has_latency = measured_latency()
     rows: list[Row] = []
@@ -316,7 +317,7 @@ def captcha_part(args) -> dict:
             continue
         for ratio in args.ratios:
             target = int(round(total - (1 - ratio) * conv))
-            for form in forms:
+            for form in (forms if method == "weight" else calib_forms):
                 add(method, f"{ratio:g}", form, target_macs=target)
     if has_latency:
         method = "calibrated" if has_calib and "calibrated" in methods else "weight"
@@ -568,6 +569,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=list(RATIOS))
     ap.add_argument("--methods", default="weight,calibrated")
     ap.add_argument("--forms", default="native,split", help="graph forms of rank > 1 pairs to time (sepify --form)")
+    ap.add_argument("--calib-forms", default="native", help="the same for the calibrated rows (each form is one more "
+                    "calibrated rewrite: minutes)")
     ap.add_argument("--latency-ratios", type=lambda s: [float(v) for v in s.split(",") if v], default=[0.5],
                     help="conv-MAC ratios also rewritten under --objective latency")
     ap.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",") if v], default=[1.3],
