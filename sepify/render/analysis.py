@@ -70,19 +70,34 @@ def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None
                    Column("out bytes", short="out B", drop=2), Column("note", "left", fold=True)]
         layers = select_layers(data["layers"], sort, top)
         hidden, what = len(data["layers"]) - len(layers), "layers"
+        notes = [f"unknown: {r['unknown']}" if r["unknown"] else r["note"] for r in layers]
+        marks = _note_marks(notes)
         rows = [(str(r["index"]), r["name"], r["op_type"], _shape(r["output_shapes"]), human(r["macs"]),
                  human(r["flops"]), human(r["params"]) if r["params"] else "", human_bytes(r["output_bytes"]),
-                 f"unknown: {r['unknown']}" if r["unknown"] else r["note"])
-                for r in layers]
+                 marks.get(note, note))
+                for r, note in zip(layers, notes)]
         total = ("", "total", "", "", human(t["macs"]), human(t["flops"]), human(t["params"]),
                  human_bytes(t["activation_peak_bytes"]) + " peak", "")
     print_table(stream, title, columns, rows, total, width, compact=True)
     lines = [summary_line(data)]
+    if not by_op:
+        lines += [f"{mark}: {note} ({sum(1 for n in notes if n == note)} layers)" for note, mark in marks.items()]
     if hidden:
         key = "MACs" if by_op or sort == "graph" else sort
         lines.insert(0, f"{hidden} more {what} not shown (--top {top}: the heaviest by {key}; the total row counts them all)")
     # plain text (rich would read "[...]" in a tensor name as markup, and wrap long notes)
     stream.write("\n".join([*lines, *(f"note: {note}" for note in data.get("notes", []))]) + "\n")
+
+
+def _note_marks(notes: list[str]) -> dict[str, str]:
+    """A note that three rows or more share is shown as a mark (``[1]``) in the table and once
+    below it: the table stays one line per layer."""
+    counts: dict[str, int] = {}
+    for n in notes:
+        if n:
+            counts[n] = counts.get(n, 0) + 1
+    shared = [n for n, c in counts.items() if c >= 3]
+    return {n: f"[{i}]" for i, n in enumerate(shared, 1)}
 
 
 def summary_line(data: dict) -> str:
