@@ -71,6 +71,8 @@ def shorten_label(label: str, width: int, head: int | None = None) -> str:
     """A layer label in ``width`` characters. ``X → X/{depthwise,pointwise}`` keeps its form:
     the repeated ``X`` becomes ``…`` (``X → …/{depthwise,pointwise}``), then ``X`` is shortened
     in the middle; anything else is shortened in the middle."""
+    if len(label) <= width:
+        return label
     m = _SPLIT.match(label)
     if m:
         x, tail = m.groups()
