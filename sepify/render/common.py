@@ -48,6 +48,8 @@ class Column:
     fold: bool = False
     drop: int = 0
     shorten: Callable[[str, int], str] | None = None
+    fixed: int = 0  # characters of a shortened text that are not the name (a label's " → …/{...}")
+    min_fixed: int = 0  # the same in the text's narrowest form (a label's " → …")
 
 
 def shorten_middle(text: str, width: int, head: int | None = None) -> str:
@@ -76,63 +78,52 @@ def shorten_op(text: str, width: int, head: int | None = None) -> str:
     return shorten_middle(text, width, head)
 
 
-class _Names:
-    """The distinct full texts of a column, to tell whether a shortened text (``…`` standing
-    for any characters) could be read as more than one of them."""
+def _needs(texts: list[str]) -> tuple[int, int]:
+    """How many characters of the start (``h``), or of the end (``t``), tell every two
+    different texts apart: one more than the longest common prefix (suffix) of two of them
+    (neighbours in sorted order have the longest)."""
+    distinct = sorted(set(texts))
+    if len(distinct) < 2:
+        return 0, 0
 
-    def __init__(self, texts: list[str]):
-        import bisect
-        import re
+    def longest(xs):
+        best = 0
+        for a, b in zip(xs, xs[1:]):
+            n = min(len(a), len(b))
+            k = 0
+            while k < n and a[k] == b[k]:
+                k += 1
+            best = max(best, k)
+        return best + 1
 
-        self._bisect, self._re = bisect, re
-        self.sorted = sorted(set(texts))
-
-    def matches(self, short: str, limit: int = 2) -> int:
-        if "…" not in short:
-            return 1
-        head = short.split("…", 1)[0]
-        lo = self._bisect.bisect_left(self.sorted, head)
-        pattern = self._re.compile(".*".join(map(self._re.escape, short.split("…"))), self._re.S)
-        n = 0
-        for t in self.sorted[lo:]:
-            if not t.startswith(head):
-                break
-            if pattern.fullmatch(t):
-                n += 1
-                if n >= limit:
-                    break
-        return n
+    return longest(distinct), longest(sorted(t[::-1] for t in distinct))
 
 
-def _shorten_column(texts: list[str], width: int, shorten, names: _Names | None = None) -> list[str]:
-    """Shorten every text to ``width``; where a shortened text could be read as another text
-    of the column too, other cut points (more of the end, then more of the start) are tried."""
-    names = names or _Names(texts)
-    out = []
+def _head_for(width: int, needs: tuple[int, int], fixed: int = 0) -> int | None:
+    """Where to cut a text shortened to ``width`` (``fixed`` of which is not the name): the
+    start up to what tells the texts apart, or the end; None when neither fits."""
+    keep = width - fixed - 1
+    h, t = needs
+    if h and h <= keep and (h <= t or t > keep):
+        return max(h, keep // 2) if keep // 2 >= h else h
+    if t and t <= keep:
+        return keep - max(t, keep - keep // 2)
+    return None if (h or t) else keep // 2
+
+
+def _shorten_column(texts: list[str], width: int, shorten, needs: tuple[int, int], fixed: int = 0) -> list[str]:
+    """Every text shortened to ``width`` with one cut for the column (see :func:`_head_for`), so
+    that what tells two texts apart is kept: a shortened text is never one that could be read
+    as another text of the column."""
+    head = _head_for(width, needs, fixed)
     cache: dict[str, str] = {}
+    out = []
     for t in texts:
-        if t in cache:
-            out.append(cache[t])
-            continue
-        o = shorten(t, width)
-        if names.matches(o) > 1:
-            for h in [*range(width // 2 - 1, -1, -1), *range(width // 2 + 1, width)]:
-                cand = shorten(t, width, h)
-                if names.matches(cand) == 1:
-                    o = cand
-                    break
-        cache[t] = o
+        o = cache.get(t)
+        if o is None:
+            o = cache[t] = shorten(t, width, head)
         out.append(o)
     return out
-
-
-def _unambiguous_width(texts: list[str], floor: int, natural: int, shorten) -> int:
-    """The narrowest width from ``floor`` at which no shortened text could be read as two."""
-    names = _Names(texts)
-    for w in range(floor, natural):
-        if all(names.matches(o) == 1 for o in set(_shorten_column(texts, w, shorten, names))):
-            return w
-    return natural
 
 
 def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | None, width: int,
@@ -152,24 +143,31 @@ def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | N
 
     short = False
     last_resort = False  # every droppable column gone: flexible columns below their minimum
-    unambiguous: dict[int, int] = {}  # a flexible column's narrowest width that keeps its texts apart
+    needs: dict[int, tuple[int, int]] = {}  # per flexible column: what tells its texts apart
 
-    def floor_of(i):
+    def needs_of(i):
+        if i not in needs:
+            needs[i] = _needs([r[i] for r in body])
+        return needs[i]
+
+    def floor_of(i, last: bool = False):
+        """The narrowest width that keeps a column's texts apart (and at least its ``flex``;
+        ``last``: below it, to the narrowest form of the text, e.g. a label ``X → …``)."""
         c = columns[i]
         if c.fold:
             return 10
-        if i not in unambiguous:
-            texts = [r[i] for r in body]
-            unambiguous[i] = (_unambiguous_width(texts, c.flex, natural(i, False), c.shorten or shorten_middle)
-                              if natural(i, False) > c.flex else c.flex)
-        return unambiguous[i]
+        h, t = needs_of(i)
+        fixed = c.min_fixed if last else c.fixed
+        need = min(x for x in (h, t) if x) + 1 + fixed if (h or t) else 0
+        return min(natural(i, False), max(6 if last else c.flex, need))
 
     while True:
         widths = {i: natural(i, short) for i in keep}
         need = sum(widths.values()) + (2 * len(keep) if compact else 3 * len(keep) + 1)
-        floor = {i: 6 if last_resort else floor_of(i) for i in keep if columns[i].flex or columns[i].fold}
-        flex = {i: widths[i] for i in floor if widths[i] > floor[i]}
         over = need - width
+        flexible = [i for i in keep if columns[i].flex or columns[i].fold] if over > 0 else []
+        floor = {i: floor_of(i, last_resort) for i in flexible}
+        flex = {i: widths[i] for i in floor if widths[i] > floor[i]}
         if over > 0 and flex:  # narrow the flexible columns, the widest first, to their minimum
             while over > 0:  # one character at a time from the widest: they end up balanced
                 wide = [i for i in flex if widths[i] > floor[i]]
@@ -193,12 +191,14 @@ def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | N
     out_cols = []
     for i in keep:
         c = columns[i]
-        out_cols.append(Column(c.short or c.header if short else c.header, c.justify, c.short, c.flex, c.fold, c.drop, c.shorten))
+        out_cols.append(Column(c.short or c.header if short else c.header, c.justify, c.short, c.flex, c.fold, c.drop,
+                               c.shorten, c.fixed, c.min_fixed))
     cut = {}
     for i in keep:
         c = columns[i]
         if c.flex and not c.fold and widths[i] < natural(i, short):
-            cut[i] = _shorten_column([r[i] for r in body], widths[i], c.shorten or shorten_middle)
+            fixed = c.fixed if widths[i] >= floor_of(i) else c.min_fixed
+            cut[i] = _shorten_column([r[i] for r in body], widths[i], c.shorten or shorten_middle, needs_of(i), fixed)
     new_body = [[cut[i][k] if i in cut else r[i] for i in keep] for k, r in enumerate(body)]
     new_rows = new_body[:len(rows)]
     new_total = new_body[len(rows)] if total is not None else None

@@ -79,8 +79,10 @@ def shorten_label(label: str, width: int, head: int | None = None) -> str:
         fixed = len(" → …/") + len(tail)
         if len(x) + fixed <= width:
             return f"{x} → …/{tail}"
-        if width - fixed >= 8:
-            return f"{shorten_middle(x, width - fixed, head)} → …/{tail}"
+        for fixed, end in ((fixed, f" → …/{tail}"), (len(" → …"), " → …")):  # the narrowest: X → …
+            room = width - fixed
+            if room >= 6 and (head is None or head < room):
+                return f"{shorten_middle(x, room, head)}{end}"
     return shorten_middle(label, width, head)
 
 
@@ -178,8 +180,9 @@ def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str 
     columns = list(_LAYER_COLUMNS)
     splits = [m for m in (_SPLIT.match(c[1]) for c in cells) if m]
     if splits:  # room for "X → …/{depthwise,pointwise}" with 8 characters of X
-        columns[1] = Column("layer", "left", flex=max(24, max(len(m.group(2)) for m in splits) + len(" → …/") + 8),
-                            shorten=shorten_label)
+        fixed = max(len(m.group(2)) for m in splits) + len(" → …/")
+        columns[1] = Column("layer", "left", flex=max(24, fixed + 8), shorten=shorten_label, fixed=fixed,
+                            min_fixed=len(" → …"))
     columns += [Column(k, short=_EXTRA.get(k, (None, 0))[0], drop=_EXTRA.get(k, (None, 10))[1])
                                 for k in extra_cols]
     if shown:
