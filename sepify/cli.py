@@ -387,6 +387,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         failed = ver["passed"] is False
     if output and not dry_run and not saved:
         result.save(output, inputs)  # (the report then names the file and its size)
+    if output and not dry_run and result.external_data:
+        result.measure_saved(output)  # end-to-end latency from the saved files
     from .render.rewrite import render_rewrite
 
     if report_file:

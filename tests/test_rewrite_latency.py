@@ -229,3 +229,22 @@ def test_objective_latency_end_to_end_with_onnxruntime(tmp_path):
     assert r.exit_code == 0 and "end-to-end:" in r.output and "CPU time of the process" in r.output
     r = CliRunner().invoke(main, ["rewrite", str(src), "--dry-run", "--objective", "latency", "--clock", "process"])
     assert r.exit_code == 2 and "--threads 1" in r.output
+
+
+def test_external_data_model_is_timed_end_to_end_from_the_saved_files(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(two_conv_model(), str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    out = tmp_path / "out.onnx"
+    r = CliRunner().invoke(main, ["rewrite", str(src), "-o", str(out), "--objective", "latency", "--threads", "1",
+                                  "--format", "json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    e2e = rep["latency"]["end_to_end"]
+    assert e2e is not None and e2e["before"]["median_s"] > 0 and e2e["after"]["median_s"] > 0
+    assert not any("end-to-end latency not measured" in n for n in rep["notes"])
+    # dry run: nothing saved, so nothing to time end to end, and the report says so
+    r = CliRunner().invoke(main, ["rewrite", str(src), "--dry-run", "--objective", "latency", "--threads", "1",
+                                  "--format", "json"], catch_exceptions=False)
+    rep = json.loads(r.output)
+    assert rep["latency"]["end_to_end"] is None and any("end-to-end latency not measured" in n for n in rep["notes"])
