@@ -888,6 +888,8 @@ def _dw_whitened(prob: _Problem, rank: int) -> np.ndarray:
 # -- pw-first: Q (N, r, Mg), S (N, r, K); A[n, m*K + k] = sum_i Q[n,i,m] S[n,i,k]
 
 _PW_CHUNK_FLOATS = 1 << 23  # bound on temporaries of the pw-first steps (64 MB in float64)
+_PW_DIRECT_MAX = 256  # largest Mg*r solved directly in the pw-first Q step; above: CG
+_CG_ITERS = 10  # max CG iterations per Q step (warm-started; each lowers the objective)
 
 
 def _pw_kernel(q: np.ndarray, s: np.ndarray, group: int) -> np.ndarray:
@@ -922,10 +924,69 @@ def _pw_sstep(prob: _Problem, q: np.ndarray, cov=None, wc=None):
     return gm, rhs
 
 
-def _pw_qstep(prob: _Problem, s: np.ndarray) -> np.ndarray:
-    """Q given S per output channel (joint solve of size Mg*r per output channel)."""
+def _pw_qstep_cg(prob: _Problem, s: np.ndarray, q0: np.ndarray, iters: int | None = None,
+                 tol: float = 1e-10) -> np.ndarray:
+    """Q given S by block-Jacobi preconditioned conjugate gradients, warm-started at ``q0``.
+
+    For wide layers: the normal matrix of one output channel (Mg*r square) is never built; a
+    product with it costs one (rows x d) @ (d x d) GEMM for a chunk of output channels. CG from
+    a warm start decreases the (convex) objective at every iteration, so ALS stays monotone.
+    """
     n, r, k = s.shape
     g, ng, mg = prob.group, prob.ng, prob.mg
+    d = mg * k
+    iters = _CG_ITERS if iters is None else iters
+    q = np.empty((n, r, mg))
+    step = max(1, _PW_CHUNK_FLOATS // max(1, 4 * d))
+    for j in range(g):
+        cpj = prob.cp[j]
+        cmm = np.einsum("mkml->mkl", cpj.reshape(mg, k, mg, k))  # (Mg, K, K)
+        wcj = prob.wcp[j].reshape(ng, mg, k)
+        for a in range(0, ng, step):
+            b = min(ng, a + step)
+            c = b - a
+            ss = s[j * ng + a:j * ng + b]  # (c, r, K)
+
+            def matvec(v):  # v (c, Mg, r) -> G v
+                av = np.matmul(v, ss).reshape(c, d)  # A[n, (m,k)] = sum_i v[m,i] S[i,k]
+                u = np.matmul(av, cpj).reshape(c, mg, k)
+                return np.matmul(u, ss.transpose(0, 2, 1))  # (c, Mg, r)
+
+            pre = np.einsum("cik,mkl,cjl->cmij", ss, cmm, ss)  # block-Jacobi (c, Mg, r, r)
+            scale = np.mean(np.einsum("...ii->...i", pre), axis=(-1, -2), keepdims=True)
+            pre = pre + (_JITTER * np.where(scale > 0, scale, 1.0))[..., None] * np.eye(r)
+            pinv = np.linalg.inv(pre)
+            rhs = np.matmul(wcj[a:b], ss.transpose(0, 2, 1))  # (c, Mg, r)
+            x = q0[j * ng + a:j * ng + b].transpose(0, 2, 1).copy()
+            res = rhs - matvec(x)
+            z = np.matmul(pinv, res[..., None])[..., 0]
+            pdir = z.copy()
+            rz = np.einsum("cmi,cmi->c", res, z)
+            stop = tol * np.maximum(np.einsum("cmi,cmi->c", rhs, rhs), 1e-300)
+            for _ in range(iters):
+                if np.all(np.einsum("cmi,cmi->c", res, res) <= stop):
+                    break
+                ap = matvec(pdir)
+                pap = np.einsum("cmi,cmi->c", pdir, ap)
+                alpha = np.where(pap > 0, rz / np.where(pap > 0, pap, 1.0), 0.0)
+                x += alpha[:, None, None] * pdir
+                res -= alpha[:, None, None] * ap
+                z = np.matmul(pinv, res[..., None])[..., 0]
+                rz_new = np.einsum("cmi,cmi->c", res, z)
+                beta = np.where(rz > 0, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
+                pdir = z + beta[:, None, None] * pdir
+                rz = rz_new
+            q[j * ng + a:j * ng + b] = x.transpose(0, 2, 1)
+    return q
+
+
+def _pw_qstep(prob: _Problem, s: np.ndarray, q0: np.ndarray | None = None) -> np.ndarray:
+    """Q given S per output channel: joint solve of size Mg*r per output channel, or (when
+    Mg*r > 256 and a warm start ``q0`` is given) preconditioned conjugate gradients."""
+    n, r, k = s.shape
+    g, ng, mg = prob.group, prob.ng, prob.mg
+    if q0 is not None and mg * r > _PW_DIRECT_MAX:
+        return _pw_qstep_cg(prob, s, q0)
     q = np.empty((n, r, mg))
     step = max(1, _PW_CHUNK_FLOATS // max(1, 2 * mg * mg * k * r))
     for j in range(g):
@@ -1019,7 +1080,7 @@ def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats
         if method == "als":
             obj = float(np.sum(tt_mod) - np.sum(rhs.reshape(sfac.shape) * sfac))
             for _ in range(sweeps):
-                qfac = _pw_qstep(prob, sfac)
+                qfac = _pw_qstep(prob, sfac, qfac)
                 gm, rhs = _pw_sstep(prob, qfac)
                 sfac = _solve_spd(gm, rhs[..., None])[..., 0].reshape(prob.n, r, k)
                 done += 1
