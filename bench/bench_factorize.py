@@ -57,8 +57,6 @@ def main() -> None:
         for orientation in ("dw-first", "pw-first"):
             for r in (1, 2, 4):
                 for method, sweeps in (("refit", 0), ("als", 10)):
-                    if orientation == "pw-first" and method == "als" and c > 64:
-                        sweeps = 2  # the pw-first Q step is a joint solve per output channel
                     t, cpu, f = timed(lambda: fit(w, None, 1, orientation, r, stats, method=method,
                                              sweeps=sweeps, tol=0.0), args.repeat)
                     print(f"fit   M=N={c:4d} K=9 {orientation} r={r} {method:5s} "
