@@ -6,6 +6,7 @@ The math lives in :mod:`sepify.rewrite.factorize` (pure numpy) and in ``docs/rew
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -422,6 +423,11 @@ class _Latency:
                                     "the rank the criterion chooses, each form; timings cached per layer shape")},
             "end_to_end": None,
         }
+        load, cores = out.get("load_average"), os.cpu_count() or 1
+        if load and load[0] > cores and self.opts.clock == "wall":
+            self.notes.append(f"the machine was busy while measuring (load average {load[0]:.1f} on {cores} CPU(s)): "
+                              f"elapsed-time figures mostly measure the other jobs; --threads 1 --clock process "
+                              f"measures this model's CPU time instead")
         chosen = [r for r in self.layers.values() if r.chosen is not None]
         out["layers_total"] = {"before_s": sum(r.original_s for r in self.layers.values()),
                                "after_s": sum((r.seconds if r.chosen else r.original_s) for r in self.layers.values()),
