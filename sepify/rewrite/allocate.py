@@ -57,7 +57,8 @@ class Option:
 
 def solve(options: Sequence[Sequence[Option]], budget: float, max_front: int = 5_000) -> list[int] | None:
     """Optimal multiple-choice knapsack: one option index per layer minimising the summed error
-    with summed cost <= ``budget``; ``None`` when even the cheapest options exceed the budget.
+    with summed cost <= ``budget`` (a total within a relative 1e-12 of the budget counts as
+    fitting: float sums in another order); ``None`` when even the cheapest options exceed it.
 
     Ties: among equal total errors the cheaper total; among equal (cost, error) the one that spends
     more on the earlier layers, then the earlier option. See the module docstring for the method and its bound.
