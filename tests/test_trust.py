@@ -199,7 +199,7 @@ def _rewrite(here, columns, *extra):
     return run("rewrite", "m.onnx", "-o", "m.sep.onnx", *extra, columns=columns)
 
 
-@pytest.mark.parametrize("columns", [100, 120])
+@pytest.mark.parametrize("columns", [80, 100, 120])
 def test_rewrite_table_fits_and_names_the_output(here, columns):
     r = _rewrite(here, columns)
     assert r.exit_code == 0, r.output
@@ -207,12 +207,13 @@ def test_rewrite_table_fits_and_names_the_output(here, columns):
     table = lines[:lines.index(next(x for x in lines if x.startswith("layers:")))]
     assert all(len(line) <= columns for line in table), max(map(len, table))
     assert "sepify rewrite: m.onnx → m.sep.onnx (rank 1, dw-first)" in lines[0]
-    rows = [x for x in table if " Conv " in x and "/{depthwise,pointwise}" in x]
+    rows = [x for x in table if " Conv " in x and " → " in x]
     assert len(rows) == 2
     for i, (row, name) in enumerate(zip(rows, LONG)):
         label = row.split("  Conv")[0].strip().lstrip("~").strip()
         first, _, tail = label.partition(" → ")
-        assert tail in ("…/{depthwise,pointwise}", f"{name}/{{depthwise,pointwise}}")
+        assert tail in ("…/{depthwise,pointwise}", f"{name}/{{depthwise,pointwise}}", "…")
+        assert (tail == "…") == (columns == 80)  # the narrowest form only where nothing else fits
         assert name.startswith(first.split("…")[0]) and name.endswith(first.split("…")[-1])
         assert f"layers.{i}" in first  # still tells the two layers apart
     # numbers are never cut: the first layer's MACs before (16*16*8*3*9) and after (rank 1: depthwise
