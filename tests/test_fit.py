@@ -508,3 +508,31 @@ def test_pw_first_cg_q_step_matches_direct_solves(monkeypatch):
     via_cg = fit(w, None, 1, "pw-first", 3, stats, method="als", sweeps=6, tol=0.0)
     assert via_cg.error == pytest.approx(ref.error, rel=1e-3)  # paths differ: inexact CG steps
     assert via_cg.error < fit(w, None, 1, "pw-first", 3, stats, method="refit").error
+
+
+def test_dw_first_gauss_seidel_d_step_converges_to_joint_solve(monkeypatch):
+    """Block Gauss-Seidel over channel chunks (wide layers): each sweep lowers the objective,
+    and repeated sweeps reach the joint normal-equation solution."""
+    import sepify.rewrite.factorize as fz
+
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal((6, 5, 3, 3))
+    stats = LayerStats.from_rows(correlated_rows(rng, 400, 1, 45, decay=0.9))
+    prob, _, _ = fz._problem(w, 1, stats, None)
+    r = 2
+    d0 = rng.standard_normal((1, 5, r, 9))
+    p, _ = fz._dw_pstep(prob, d0)
+    joint = fz._dw_dstep(prob, p, d0)  # 5*2*9 = 90 <= 768: one joint solve
+
+    def objective(d):  # J(A) up to a constant: tr(A Cp A^T) - 2 tr(W Cp' A^T)
+        a = fz._dw_kernel(p, d)
+        return float(np.sum(np.matmul(a, prob.cp) * a) - 2 * np.sum(prob.wcp * a))
+
+    monkeypatch.setattr(fz, "_GS_BLOCK", 2 * 9)  # one channel per block
+    d, last = d0, objective(d0)
+    for _ in range(300):
+        d = fz._dw_dstep(prob, p, d)
+        now = objective(d)
+        assert now <= last + 1e-9 * abs(last)
+        last = now
+    np.testing.assert_allclose(d, joint, rtol=1e-6, atol=1e-8)
