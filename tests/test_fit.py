@@ -303,7 +303,12 @@ def test_single_input_channel_reaches_whitened_svd_optimum():
         e_w = np.trace((wm - a_w) @ c @ (wm - a_w).T)
         margin = math.sqrt(e_w / tt) - math.sqrt(e_opt / tt)
         assert margin > 0.02  # the weight-only SVD is measurably worse on this data
-        for kw in (dict(init="whitened"), dict(sweeps=100)):
+        # the default refit (init="auto": one input channel, so the whitened start is tried)
+        f = fit(w, None, 1, "dw-first", r, stats, method="refit", lam=0.0)
+        assert abs(f.error**2 * tt / e_opt - 1.0) < 1e-6
+        assert fit(w, None, 1, "dw-first", r, stats, method="refit", lam=0.0,
+                   init="svd").error > f.error + 1e-3
+        for kw in (dict(init="whitened"), dict(sweeps=100, init="svd")):
             f = fit(w, None, 1, "dw-first", r, stats, method="als", lam=0.0, **kw)
             assert abs(f.error**2 * tt / e_opt - 1.0) < 1e-6, (r, kw)
             assert f.weight_error == pytest.approx(math.sqrt(e_w / tt), rel=1e-9)
