@@ -132,6 +132,10 @@ def test_config_dims_note_warning_and_words(here):
     where = f"{here / 'budgets.toml'} [tool.sepify] models #1 (models/*.onnx)"
     assert data["warnings"] == [f"dims.typo in {where}: no checked model has a dimension named 'typo' (ignored)"]
     assert r.stderr.splitlines() == [f"sepify: warning: {data['warnings'][0]}"]
+    from sepify.render.check import github_annotations
+
+    assert github_annotations(data, env={}) == [
+        "::warning title=sepify check%3A warning::" + data["warnings"][0].replace("%", "%25")]
     notes = {m["path"]: [n for n in m["notes"] if n.startswith("dims.")] for m in data["models"]}
     assert notes == {
         os.path.join("models", "fixed.onnx"): [f"dims.{d} in {where}: this model has no dimension named {d!r} (ignored)"

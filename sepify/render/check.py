@@ -203,7 +203,8 @@ def _workspace_path(path: str, env) -> str:
 
 
 def github_annotations(data: dict, env=None) -> list[str]:
-    """``::error file=...,title=...::message`` lines for failed budgets and model errors."""
+    """``::error file=...,title=...::message`` lines for failed budgets and model errors, and a
+    ``::warning`` line per settings warning."""
     env = env if env is not None else os.environ
     lines = []
     for m in data["models"]:
@@ -215,6 +216,8 @@ def github_annotations(data: dict, env=None) -> list[str]:
             if not b["passed"]:
                 title = _escape_prop(f"sepify check: {b['name']} exceeded")
                 lines.append(f"::error file={f},title={title}::{_escape_data(b['message'])}")
+    for w in data.get("warnings") or []:  # settings that fail no model (a dims key no model has)
+        lines.append(f"::warning title={_escape_prop('sepify check: warning')}::{_escape_data(w)}")
     return lines
 
 
