@@ -98,6 +98,11 @@ def test_dynamic_batch_alone_is_measured_per_sample(here):
     assert r.exit_code == 1 and json.loads(r.stdout)["models"][0]["budgets"][0]["value"] == PER_IMAGE_8x8
     r = run("check", "n.onnx", "--no-config", "--max-macs", "1G", "--dim", "batch=4", "--format", "json")
     assert json.loads(r.stdout)["models"][0]["totals"]["macs"] == 4 * PER_IMAGE_8x8
+    # the Python API (sepify.check is the package and the function) behaves the same
+    import sepify.check
+
+    rep = sepify.check(["n.onnx"], limits={"macs": "1G"}, dims={"batch": 4}, discover=False)
+    assert rep.exit_code == 0 and rep.models[0].totals["macs"] == 4 * PER_IMAGE_8x8
 
 
 def test_model_invalid_at_the_stand_in_value_names_the_dims(here):
