@@ -61,8 +61,10 @@ Data-aware factorization (calibration data; docs/rewrite.md, "Calibrated factori
     bhat = W E[x] + b - A E[x~] and the reported error sqrt(err(A) / tr(W Ctt W^T)). The ridge
     (lam_j = lam * mean eigenvalue of C~_j) acts as virtual isotropic data targeting W: full rank
     stays exact, unexcited directions keep the weight-only result. "refit": the second factor
-    in closed form given the weight-SVD first factor (dw-first: P = W Ctx B (B^T C~ B)^-1, B
-    block-diagonal from D); "als": alternating exact block minimisations from there.
+    in closed form given the first (the weight-SVD one; for dw-first layers with <= 16 input
+    channels per group also the per-channel whitened one, the better kept) (dw-first:
+    P = W Ctx B (B^T C~ B)^-1, B block-diagonal from D); "als": alternating exact block
+    minimisations from there.
 
     Worked example: one input channel, two taps, W[0] = [2, 0], W[1] = [0, 1], tap variances
     1 and 9 with covariance 1.5. The output variance is 13; at rank 1 the weight-only SVD loses
