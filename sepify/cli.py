@@ -257,11 +257,12 @@ def _holdout_value(text: str) -> float:
 @click.option("--target-macs", metavar="N", help="Global MAC budget for the whole model, e.g. 600M.")
 @click.option("--target-ratio", metavar="F", help="Global MAC budget as a fraction of the original, e.g. 0.3 or 30%.")
 @click.option("--orientation", type=click.Choice(["dw-first", "pw-first", "auto"]), default="dw-first", show_default=True)
-@click.option("--form", type=click.Choice(["native", "split", "tiled", "auto"]), default=None,
+@click.option("--form", type=click.Choice(["fast", "native", "split", "tiled", "auto"]), default=None,
               help="Graph form of rank > 1 pairs: native (one depthwise conv with channel multiplier r), split (r "
                    "multiplier-1 depthwise convs + Concat), tiled (input repeated r times, one multiplier-1 "
-                   "depthwise conv) or auto (the fastest, measured in onnxruntime); all compute the same function. "
-                   "Default: auto with --objective latency, else native.")
+                   "depthwise conv), fast (split for dw-first, tiled for pw-first: the forms measured fastest in "
+                   "onnxruntime, docs/rewrite.md) or auto (each layer's fastest, measured now); all compute the same "
+                   "function. Default: auto with --objective latency, else fast.")
 @click.option("--objective", type=click.Choice(["macs", "latency"]), default=None,
               help="macs (default): ranks by the criterion, MACs counted. latency: every candidate is timed in "
                    "onnxruntime at its input shape and a layer is rewritten only where it is measured faster.")

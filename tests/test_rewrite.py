@@ -165,7 +165,7 @@ def test_full_rank_is_exact_in_both_orientations(case):
     model, x, w = build_case(case, metadata)
     (expected,) = run(model, {"x": x})
     for orientation in ("dw-first", "pw-first"):
-        result = rewrite(model, rank="full", allow_increase=True, orientation=orientation)
+        result = rewrite(model, rank="full", allow_increase=True, orientation=orientation, form="native")
         new = result.model
         # the single Conv became two Convs, in the requested orientation, at the exact rank
         assert [layer.name for layer in result.layers] == ["conv"]
@@ -265,7 +265,10 @@ def test_conformance_conv_models_reproduce_reference_outputs(case_dir):
     else:
         assert len(result.layers) == 1 and result.skipped == []
         assert result.layers[0].rel_error < 1e-6
-        assert len(conv_nodes(new)) == 2
+        # the default "fast" form of a dw-first rank-r pair: r multiplier-1 depthwise convs + pointwise
+        r = result.layers[0].rank
+        assert len(conv_nodes(new)) == (r + 1 if r > 1 else 2)
+        assert result.layers[0].form == ("split" if r > 1 else "native")
     onnx.checker.check_model(new, full_check=True)
     sess = session(new)
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
@@ -527,7 +530,7 @@ def test_batchnorm_is_folded_and_full_rank_is_exact():
     x = np.random.default_rng(0).standard_normal((2, 4, 9, 7)).astype(np.float32)
     (expected,) = run(model, {"x": x})
     for orientation in ("dw-first", "pw-first"):
-        result = rewrite(model, rank="full", allow_increase=True, orientation=orientation)
+        result = rewrite(model, rank="full", allow_increase=True, form="native", orientation=orientation)
         assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "Relu"]
         (layer,) = result.report["layers"]
         assert layer["name"] == "conv" and layer["folded_batchnorm"] == "bn"
@@ -551,7 +554,7 @@ def test_batchnorm_with_non_constant_statistics_is_kept():
     model = conv_bn_model(constant_stats=False)
     rng = np.random.default_rng(1)
     feeds = {"x": rng.standard_normal((2, 4, 9, 7)).astype(np.float32), "mean": rng.standard_normal(6).astype(np.float32)}
-    result = rewrite(model, rank="full", allow_increase=True)
+    result = rewrite(model, rank="full", allow_increase=True, form="native")
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "BatchNormalization", "Relu"]
     assert result.layers[0].folded_batchnorm is None
     assert rel_l2(run(model, feeds)[0], run(result.model, feeds)[0]) < 1e-5
@@ -637,7 +640,7 @@ def test_node_names_are_unique_and_derived_from_the_original():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
-    result = rewrite(model, rank="full", allow_increase=True)
+    result = rewrite(model, rank="full", allow_increase=True, form="native")
     assert len(result.layers) == 3
     names = [n.name for n in result.model.graph.node]
     assert len(set(names)) == 6 and names[:2] == ["c/depthwise", "c/pointwise"]

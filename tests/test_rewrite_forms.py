@@ -110,7 +110,7 @@ def test_bad_form_is_a_usage_error():
     model, _, _ = build_case({"nd": 1, "group": 1, "m": 2, "n": 2, "kernel": [3], "spatial": [5], "batch": 1,
                               "bias": False, "attrs": {"kernel_shape": [3]}, "seed": 0})
     with pytest.raises(UsageError, match="--form"):
-        rewrite(model, form="fast")
+        rewrite(model, form="fastest")
 
 
 @pytest.mark.parametrize("opset", [11, 13, 18, 21])

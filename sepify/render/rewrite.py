@@ -219,7 +219,7 @@ def _criterion(report: dict) -> str:
 
 def _objective(s: dict) -> str:
     out = ", objective latency" if s.get("objective") == "latency" else ""
-    if s.get("form") not in (None, "native"):
+    if s.get("form") not in (None, "fast"):  # "fast" is the default
         out += f", form {s['form']}"
     return out
 

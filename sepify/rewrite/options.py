@@ -11,7 +11,10 @@ from .factorize import ORIENTATIONS
 
 ORIENTATION_CHOICES = ORIENTATIONS + ("auto",)
 OBJECTIVES = ("macs", "latency")
-FORM_CHOICES = ("native", "split", "tiled", "auto")  # == emit.FORM_CHOICES (emit imports plan, not options)
+FORM_CHOICES = ("fast", "native", "split", "tiled", "auto")  # emit's FORMS + "fast" and "auto" (resolved by the pipeline)
+# "fast" (the default without --objective latency): the form measured fastest in
+# bench/bench_latency.py for each orientation at rank > 1 (docs/rewrite.md, "Graph forms")
+FAST_FORM = {"dw-first": "split", "pw-first": "tiled"}
 CALIB_METHODS = ("als", "refit")
 
 
@@ -31,7 +34,7 @@ class RewriteOptions:
     allow_increase: bool = False
     fold_batchnorm: bool = True
     # latency (sepify.rewrite.measure): objective "macs" (default) or "latency" (measured; implied
-    # by target_speedup); form native|split|tiled|auto (default: auto under latency, else native);
+    # by target_speedup); form fast|native|split|tiled|auto (default: auto under latency, else fast);
     # threads: onnxruntime intra-op threads of the measurements (None: onnxruntime's default)
     objective: str | None = None
     target_speedup: float | None = None
@@ -49,7 +52,7 @@ class RewriteOptions:
         if self.objective is None:
             self.objective = "latency" if self.target_speedup is not None else "macs"
         if self.form is None:
-            self.form = "auto" if self.objective == "latency" else "native"
+            self.form = "auto" if self.objective == "latency" else "fast"
 
     def validate(self) -> None:
         chosen = [k for k in ("rank", "energy", "max_error", "target_macs", "target_ratio", "target_speedup") if getattr(self, k) is not None]

@@ -22,7 +22,7 @@ from ..model.loading import load
 from ..model.reading import drop_initializer_inputs, read_model
 from .allocate import plan_ranks
 from .emit import _Names, _build, _opset
-from .options import RewriteOptions
+from .options import FAST_FORM, RewriteOptions
 from .plan import SHAPE_UNKNOWN, Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
 
 
@@ -275,6 +275,7 @@ def rewrite(
             skipped.append(Skipped(c.node.name, f"no saving at rank {rank} ({macs_after:,} >= {c.original_macs:,} MACs; --allow-increase to force)"))
             continue
         form = chosen_form[0] if chosen_form else (opts.form if opts.form != "auto" else "native")
+        form = FAST_FORM[orientation] if form == "fast" else form
         form = form if rank > 1 else "native"
         fit = fitted[c.node.name] if calibrator is not None else None
         new_nodes = _build(graph, gs, by_name, c, orientation, rank, names, form=form, opset=_opset(work),
