@@ -61,7 +61,7 @@ def _verification_head(ver: dict | None) -> str:
                 "a wiring smoke test)")
     n = ver.get("samples", 1)
     if ver.get("smoke_test"):
-        return f"verification: {ver['note']} ({ver['inputs']}, {n} sample{'s' if n != 1 else ''})"
+        return f"verification: {ver['note']}\n  ({ver['inputs']}, {n} sample{'s' if n != 1 else ''})"
     return f"verification on {ver['inputs']}, {n} sample{'s' if n != 1 else ''}"
 
 
@@ -69,7 +69,7 @@ def _verification_tail(ver: dict) -> list[str]:
     out = [f"note: {note}" for note in ver.get("notes") or []]
     err = ver.get("checked_error")
     checked = (f"checked error {_g(err) if err is not None else 'non-finite'} "
-               "(max relative L2 over outputs and pre-saturation tensors)")
+               "(max rel L2 of outputs and pre-saturation tensors)")
     if ver.get("tolerance") is None:
         out.append(checked + "; no --tolerance: not judged")
     else:
@@ -165,7 +165,7 @@ def _md_table(columns, rows) -> list[str]:
 
 
 def _verification_markdown(ver: dict | None) -> list[str]:
-    out = ["", f"{md_escape(_verification_head(ver))}"]
+    out = ["", md_escape(_verification_head(ver).replace("\n  ", " "))]
     if not ver:
         return out
     out += [""] + _md_table(_OUTPUT_COLUMNS, _output_rows(ver)) + [""]
