@@ -288,3 +288,25 @@ def test_verify_uses_every_held_out_calibration_sample(tiny, tmp_path):
     ref, new = _ort_run(tiny, feeds, ["fc_out"]), _ort_run(out, feeds, ["fc_out"])
     assert ver["outputs"]["output"]["before_saturation"]["rel_l2_error"] == pytest.approx(
         rel_l2([r["fc_out"] for r in ref], [n["fc_out"] for n in new]), rel=1e-4)
+
+
+def test_verification_fits_100_columns(tiny, tmp_path):
+    x = np.random.default_rng(8).standard_normal((2, 1, 3, 32, 32)).astype(np.float32)
+    npz = tmp_path / "v.npz"
+    np.savez(npz, input=x)
+    for args in (("--verify",), ("--inputs", npz, "--verify-layers")):
+        result = CliRunner().invoke(main, ["rewrite", str(tiny), "--dry-run", *map(str, args)], env={"COLUMNS": "100"},
+                                    catch_exceptions=False)
+        lines = result.stdout.splitlines()
+        ver = lines[next(i for i, line in enumerate(lines) if line.startswith("verification")):]
+        assert max(map(len, ver)) <= 100, max(ver, key=len)
+        data = json.loads(CliRunner().invoke(main, ["rewrite", str(tiny), "--dry-run", "--format", "json",
+                                                    *map(str, args)]).stdout)["verification"]
+        out, pre = data["outputs"]["output"], data["outputs"]["output"]["before_saturation"]
+        row = next(line for line in ver if "↳ before Softmax: fc_out" in line)  # names and numbers whole
+        assert f"{pre['rel_l2_error']:.4g}" in row and f"{pre['max_abs_error']:.4g}" in row and f"{pre['cosine']:.5f}" in row
+        row = next(line for line in ver if line.startswith("│ output "))
+        assert f"{out['rel_l2_error']:.4g}" in row and f"{out['top1_agreement']:.3f}" in row
+        for layer in data["layers"] or []:
+            row = next(line for line in ver if f"│ {layer['name']} " in line)
+            assert layer["tensor"] in row and f"{layer['rel_l2_error']:.4g}" in row
