@@ -359,7 +359,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
             source = f"--inputs {inputs_file}"
         elif calibration is None:
             random_samples(specs, dims, seed)  # unbound spatial dims: exit 2 now, not after the rewrite
-    result = run(model, opts, input_shapes=shapes, dims=dims, calibration=calibration)
+    progress = (lambda message: click.echo(message, err=True)) if calibration and sys.stderr.isatty() else None
+    result = run(model, opts, input_shapes=shapes, dims=dims, calibration=calibration, progress=progress)
     _warn_unused_dims(model, result.report.get("unused_dims") or [])
     if do_verify and samples is None and result.calibration is not None and len(result.calibration.holdout):
         samples = result.calibration.holdout  # the held-out calibration samples, never used to fit (all of them)

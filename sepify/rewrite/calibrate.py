@@ -379,19 +379,6 @@ def measure_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, tenso
     return out
 
 
-class Timer:
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.parts: dict[str, float] = {}
-
-    def lap(self, key: str) -> None:
-        t = time.perf_counter()
-        self.parts[key] = self.parts.get(key, 0.0) + (t - self.t0)
-        self.t0 = t
-
-
-
-
 # --- the math (sepify.rewrite.factorize) -----------------------------------------------------
 def layer_curve(c, orientation: str, stats) -> np.ndarray:
     """Predicted relative output error of candidate ``c`` at ranks 1..max_rank (index r - 1),
@@ -435,8 +422,9 @@ class Calibrator:
     written); ``data``: the validated :class:`~sepify.rewrite.data.CalibrationSet`."""
 
     def __init__(self, model: onnx.ModelProto, data, *, rows: int = DEFAULT_ROWS, seed: int = 0,
-                 method: str = "als", sequential: bool = True, threads: int | None = None):
+                 method: str = "als", sequential: bool = True, threads: int | None = None, progress=None):
         self.model, self.data = model, data
+        self.progress = progress or (lambda message: None)  # one line per step, e.g. to stderr
         self.rows, self.seed, self.method, self.sequential, self.threads = rows, seed, method, sequential, threads
         self.seconds: dict[str, float] = {}
         self.passes: dict[str, int] = {"phase1": 0, "phase2": 0, "holdout": 0}
@@ -455,6 +443,7 @@ class Calibrator:
         todo = [c for c in cands if c.node.name not in self.same]
         if todo:
             t0 = time.perf_counter()
+            self.progress(f"calibration: input statistics of {len(todo)} conv(s) on {len(self.data.fit)} samples")
             self.same.update(collect_same(self.model, [self.layer(c) for c in todo], self.data.fit, rows=self.rows,
                                           seed=self.seed, threads=self.threads))
             self.passes["phase1"] += 1
@@ -484,8 +473,9 @@ class Calibrator:
             done.add(c.node.name)
         self.phase1([c for c, _, _ in chosen if not upstream[c.node.name]])  # one pass for all of them
         done = set()
-        for c, o, r in chosen:
+        for i, (c, o, r) in enumerate(chosen):
             layer = self.layer(c)
+            self.progress(f"calibration: fitting {c.node.name} ({i + 1}/{len(chosen)}, {o} rank {r})")
             if not upstream[c.node.name]:
                 stats = self.phase1([c])[c.node.name]
             else:
@@ -512,6 +502,7 @@ class Calibrator:
         if not len(self.data.holdout):
             return {}
         t0 = time.perf_counter()
+        self.progress(f"calibration: measuring the rewritten layers on {len(self.data.holdout)} held-out samples")
         got = measure_outputs(self.model, rewritten, tensors, self.data.holdout, self.threads)
         self.passes["holdout"] += 1
         self._time("holdout measurement", t0)

@@ -130,6 +130,7 @@ def rewrite(
     dims: Mapping[str, int] | None = None,
     timer=None,
     calibration=None,
+    progress=None,
     **kwargs,
 ) -> RewriteResult:
     """Rewrite the eligible Convs of a model (path or ModelProto). Keyword arguments are
@@ -138,7 +139,8 @@ def rewrite(
     ``calibration``: calibration data (a ``.npz`` path, a folder of ``.npz`` files, a mapping
     of stacked arrays or an iterable of ``{input_name: array}``; see :mod:`.data`): the
     factorization then minimises each layer's output error on it (:mod:`.calibrate`). Without
-    it the rewrite is the weight-only SVD.
+    it the rewrite is the weight-only SVD. ``progress``: called with a one-line message at each
+    calibration step (the CLI prints them on a terminal's stderr).
 
     Returns the new ModelProto and the report. The source is never modified.
 
@@ -227,7 +229,8 @@ def rewrite(
         from .calibrate import Calibrator, materialize
 
         calibrator = Calibrator(materialize(raw, base_dir), calib, rows=opts.calib_rows, seed=opts.calib_seed,
-                                method=opts.calib_method, sequential=opts.sequential, threads=opts.threads)
+                                method=opts.calib_method, sequential=opts.sequential, threads=opts.threads,
+                                progress=progress)
         with threadpool_limits(limits=1, user_api="blas"):  # see README (dependencies)
             _set_output_curves(candidates, opts, calibrator, before.totals.macs)
     choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
