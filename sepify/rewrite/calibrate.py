@@ -489,6 +489,7 @@ class Calibrator:
             first, second, bias, pred = layer_fit(c, o, r, stats, self.method)
             self._time("fits", t0)
             out[c.node.name] = (first, second, bias, float(pred))
+            self.same.pop(c.node.name, None)  # its statistics are not needed again: free them
             if self.sequential:
                 if working is None:
                     working = onnx.ModelProto()
