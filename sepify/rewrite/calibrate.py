@@ -496,6 +496,7 @@ class Calibrator:
                     working.CopyFrom(self.model)
                 splice(working, layer, o, first, second, bias, drop=[c.bn.name] if c.bn is not None else [])
             done.add(c.node.name)
+        self.same.clear()
         return out
 
     def measure(self, rewritten: onnx.ModelProto, tensors: list[str]) -> dict[str, float]:
