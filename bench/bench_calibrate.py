@@ -9,6 +9,7 @@ the data are not the model's real inputs (see bench/bench_accuracy.py for task a
 
     python bench/bench_calibrate.py MODEL.onnx [--samples 256] [--target-ratio 0.5] [--rank R]
         [--calib-rows 16384] [--method als|refit] [--input-shape 1x224x224x3]
+    python bench/bench_calibrate.py --prune-check   # does onnxruntime skip nodes no fetched output needs?
 
 Figures are printed; nothing is asserted.
 """
@@ -38,7 +39,42 @@ def smooth_inputs(shape: list[int], n: int, seed: int = 0) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def prune_check() -> None:
+    """A graph with a cheap output (Relu of the input) and an expensive branch (6 3x3 convs,
+    64 channels, 64x64): time fetching only the cheap one against fetching the branch."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [helper.make_node("Relu", ["x"], ["cheap"])], [], "x"
+    for i in range(6):
+        inits.append(numpy_helper.from_array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"b{i}"], pads=[1, 1, 1, 1]))
+        prev = f"b{i}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 64, 64])],
+                          [onnx.ValueInfoProto(name="cheap"), onnx.ValueInfoProto(name=prev)], inits)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    s = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), so,
+                             providers=["CPUExecutionProvider"])
+    x = {"x": rng.standard_normal((1, 64, 64, 64)).astype(np.float32)}
+    times = {"cheap": [], prev: []}
+    for _ in range(7):  # interleaved
+        for name in times:
+            t = time.perf_counter()
+            s.run([name], x)
+            times[name].append(time.perf_counter() - t)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    print(f"onnxruntime {ort.__version__}: fetching only the cheap output {med['cheap']:.2f} ms, the 6-conv branch "
+          f"{med[prev]:.2f} ms (median of 7) -> {'pruned' if med['cheap'] < 0.2 * med[prev] else 'NOT pruned'}")
+
+
 def main() -> None:
+    import sys
+
+    if "--prune-check" in sys.argv:
+        prune_check()
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--samples", type=int, default=256)
