@@ -395,3 +395,27 @@ def test_rewrite_keeps_declared_output_types_the_graph_library_would_lose(tmp_pa
     assert json.loads(r.output)["totals"]["rewritten"] == 1
     new = onnx.load(str(out))
     assert [d.dim_value for d in new.graph.output[0].type.tensor_type.shape.dim] == [1, 4, 6, 6]
+
+
+def test_computed_shape_read_inside_if_branches():
+    # the pads are computed in the main graph and read by both branches (silero-vad's layout):
+    # the branch convs' sizes come from the resolved pads
+    pad_nodes = _computed_pad_model().graph.node[:4]  # Constant, ConstantOfShape, Concat, Slice -> pads
+
+    def branch(name, k):
+        w = _w(4, 3, k, k)
+        nodes = [helper.make_node("Constant", [], [f"{name}_W"], value=numpy_helper.from_array(w)),
+                 helper.make_node("Pad", ["x", "pads"], [f"{name}_xp"]),
+                 helper.make_node("Conv", [f"{name}_xp", f"{name}_W"], [f"{name}_out"], kernel_shape=[k, k])]
+        return helper.make_graph(nodes, name, [], [_out(f"{name}_out", 4)])
+
+    nodes = list(pad_nodes) + [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then", 3),
+                                                else_branch=branch("else", 1))]
+    m = _model(nodes, [_vi("x", [1, 3, 8, 8]), _vi("cond", [], TensorProto.BOOL)], [_out("y", 4)],
+               [_i64("hw_pads", [0, 0, 1, 2, 0, 0, 1, 2]), _i64("s", [4]), _i64("e", [12])])
+    shapes = _ort_shapes(m, {"x": _w(1, 3, 8, 8), "cond": np.array(True)}, ["y"])
+    assert shapes["y"] == (1, 4, 8, 10)  # then: 3x3 on the padded 10x12
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    assert a.totals.macs == _conv_macs(shapes["y"], (4, 3, 3, 3))
+    assert a.totals.params == 4 * 27 + 4 * 3

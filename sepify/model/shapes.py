@@ -44,6 +44,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .graph import all_graphs, has_subgraph, outer_inputs, subgraphs
+
 MAX_ELEMENTS = 1 << 16  # largest value folded (shape vectors, pads, small tables)
 MAX_ROUNDS = 16
 
@@ -237,6 +239,7 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
 
     scratch = weightless_copy(model)  # (weights stubbed: each re-inference serializes the graph only)
     keep_names = {o.name for o in model.graph.output}
+    symbols = _input_symbols(model.graph)
     rounds = 0
     while rounds < MAX_ROUNDS:
         rounds += 1
@@ -250,7 +253,7 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
             break
         # substitute: folded nodes out, their results read by the remaining nodes in as initializers
         remaining = [n for i, n in enumerate(g.node) if i not in folded]
-        needed = {x for n in remaining for x in n.input} | keep_names
+        needed = {x for n in remaining for x in (*n.input, *outer_inputs(n))} | keep_names  # (bodies read outer names)
         have = {t.name for t in g.initializer}
         new_inits = [numpy_helper.from_array(folder.values[name], name)
                      for i in sorted(folded) for name in g.node[i].output
@@ -258,10 +261,32 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
         del g.node[:]
         g.node.extend(remaining)
         g.initializer.extend(new_inits)
+        # a body reading a folded value gets it from a Constant node of its own: ONNX inference
+        # of a body reads no values from enclosing scopes
+        by_name = {t.name: t for t in new_inits}
+        for n in g.node:  # (not ``remaining``: extend copied those messages)
+            if has_subgraph(n):
+                for _, body in subgraphs(n):
+                    local = {t.name for t in body.initializer} | {o for x in body.node for o in x.output}
+                    consts = [onnx.helper.make_node("Constant", [], [x], value=by_name[x])
+                              for x in dict.fromkeys(_reads(body)) if x in by_name and x not in local]
+                    if consts:
+                        nodes = consts + list(body.node)
+                        del body.node[:]
+                        body.node.extend(nodes)
         del g.value_info[:]
         for vi in g.output:  # declared output shapes are hints (a lost ``unk__N`` would be kept over
             if vi.type.WhichOneof("value") == "tensor_type":  # what inference finds; some are wrong)
                 vi.type.tensor_type.ClearField("shape")
+        for body in all_graphs(g):  # bodies' declared output dims too (not input symbols: re-derived)
+            if body is g:
+                continue
+            del body.value_info[:]
+            for vi in body.output:
+                if vi.type.WhichOneof("value") == "tensor_type" and vi.type.tensor_type.HasField("shape"):
+                    for d in vi.type.tensor_type.shape.dim:
+                        if not d.HasField("dim_value") and d.dim_param not in symbols:
+                            d.Clear()
         try:
             scratch = infer(scratch)
         except Exception:  # noqa: BLE001 - the scratch copy is a help, never a new error
@@ -292,6 +317,7 @@ def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folde
     for t in scratch.graph.initializer:  # substituted results
         if t.name in folder.values and t.name not in found:
             found[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    _write_back_bodies(model, scratch)
     current = {vi.name: vi for vi in model.graph.value_info}
     for vi in model.graph.output:
         better = found.get(vi.name)
@@ -308,6 +334,38 @@ def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folde
             model.graph.value_info.append(better)
         elif score(_dims(better)) > score(_dims(vi)):
             vi.type.CopyFrom(better.type)
+
+
+def _reads(body: onnx.GraphProto) -> list[str]:
+    """Names a body's nodes (and their nested bodies) read."""
+    out = []
+    for n in body.node:
+        out.extend(n.input)
+        out.extend(outer_inputs(n))
+    return out
+
+
+def _write_back_bodies(model: onnx.ModelProto, scratch: onnx.ModelProto) -> None:
+    """What inference found in the If/Loop/Scan bodies of ``scratch`` (with the outer shapes
+    resolved): their value_info and output types into the model's same bodies. (The model's
+    bodies keep their nodes: the scratch ones may start with Constant nodes of folded values.)"""
+    by_output = {n.output[0]: n for n in scratch.graph.node if n.output and has_subgraph(n)}
+    for n in model.graph.node:
+        if not n.output or not has_subgraph(n):
+            continue
+        twin = by_output.get(n.output[0])
+        if twin is None or twin.op_type != n.op_type:
+            continue
+        theirs = dict(subgraphs(twin))
+        for key, body in subgraphs(n):
+            found = theirs.get(key)
+            if found is None or len(found.output) != len(body.output):
+                continue
+            del body.value_info[:]
+            body.value_info.extend(found.value_info)
+            for vi, fvi in zip(body.output, found.output):
+                if vi.name == fvi.name:
+                    vi.type.CopyFrom(fvi.type)
 
 
 def origins(model: onnx.ModelProto) -> dict[str, str]:
