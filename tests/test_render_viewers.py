@@ -302,3 +302,31 @@ def test_model_explorer_rewrite_keys_are_rewritten_model_nodes(samples_dir, tmp_
     assert set(data["results"]) <= names and "conv1/depthwise" in data["results"]
     report = json.loads(cli("rewrite", samples_dir / "tiny_cnn.onnx", "--dry-run", "--format", "json"))
     assert data["results"] == {layer["name"]: {"value": layer["macs"]} for layer in report["after"]["layers"]}
+
+
+def test_model_explorer_names_are_onnx_irs(tmp_path):
+    """The oracle: Model Explorer's ONNX adapter names nodes with onnx_ir's NameFixPass (its
+    first pass); run that pass itself on a graph of unnamed nodes, duplicates, names that the
+    generated names collide with, and an If whose branches hold unnamed nodes."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import NameFixPass
+
+    from sepify.render.model_explorer import viewer_names
+
+    def branch(tag: str) -> onnx.GraphProto:
+        out = helper.make_tensor_value_info(f"{tag}_o", TensorProto.FLOAT, [2])
+        return helper.make_graph([helper.make_node("Relu", ["x"], [f"{tag}_t"]),
+                                  helper.make_node("Neg", [f"{tag}_t"], [f"{tag}_o"], name="node")], tag, [], [out])
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    cond = helper.make_tensor_value_info("cond", TensorProto.BOOL, [])
+    names = ["", "a", "a", "node_1", "", "a_1", "", "node"]
+    nodes = [helper.make_node("If", ["cond"], ["t0"], then_branch=branch("then"), else_branch=branch("else"))]
+    for i, name in enumerate(names):
+        nodes.append(helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=name))
+    m = helper.make_model(helper.make_graph(nodes, "g", [x, cond],
+                                            [helper.make_tensor_value_info(f"t{len(names)}", TensorProto.FLOAT, [2])]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    model = ir.serde.deserialize_model(m)
+    NameFixPass()(model)
+    assert viewer_names(m.graph) == [node.name for node in model.graph]
