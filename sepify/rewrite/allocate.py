@@ -247,7 +247,7 @@ class Budget(RankPolicy):
         options = [layer_options(c, curves_of(c)) for c in usable]
         picks = solve(options, budget)
         if picks is None:
-            minimum = sum(min(o.cost for o in opts if o.key != KEEP) for opts in options)
+            minimum = int(sum(min(o.cost for o in opts if o.key != KEEP) for opts in options))
             raise BudgetError(f"--target-macs {target:,} cannot be reached: the least the model can cost is "
                               f"{minimum + fixed:,} MACs (every eligible conv at rank 1; {fixed:,} of them in layers "
                               f"that are not rewritten)")
