@@ -24,7 +24,7 @@ import onnx
 from .. import __version__
 from ..errors import ModelError
 from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
-from ..model.graph import GraphView, is_float, itemsize, static_numel, subgraphs
+from ..model.graph import GraphView, is_float, itemsize, static_numel, subgraphs, unique_node_names
 from ..model.loading import LoadedModel, load
 from ..model.validation import check_conv, check_inferred_shapes
 from .symbolic import Num, Poly, add_terms, evaluate, formula
@@ -665,36 +665,6 @@ def _peak_tensors(view: GraphView, nbytes: "_Bytes", peak_node: int | None, peak
     layer = row.get(peak_node)
     return {"bytes": peak, "layer": layer.name if layer else None, "index": layer.index if layer else None,
             "tensors": tensors}
-
-
-def unique_node_names(names: Sequence[str], ops: Sequence[str]) -> tuple[list[str], dict[int, str]]:
-    """Unique names for the nodes of a graph, and {node index: own name} of the derived ones.
-
-    A named node keeps its name unless an earlier node has it; an unnamed node is called
-    ``<op>_<index>`` and a later node of a name already taken ``<name>_<index>`` (``_2``,
-    ``_3``... appended if that too is taken), with ``index`` its position in the node list.
-    ``sepify rewrite`` names the nodes of the model it writes the same way, so the names in
-    the analysis of a model are the names in its rewritten copy."""
-    out = list(names)
-    if all(names) and len(set(names)) == len(names):  # the common case
-        return out, {}
-    used = {n for n in names if n}
-    seen: set[str] = set()
-    originals: dict[int, str] = {}
-    for i, n in enumerate(names):
-        if n and n not in seen:
-            seen.add(n)
-            continue
-        base = f"{n or ops[i]}_{i}"
-        name, k = base, 1
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        out[i] = name
-        originals[i] = n
-        used.add(name)
-        seen.add(name)
-    return out, originals
 
 
 def analyze(

@@ -15,7 +15,7 @@ the weight bytes.
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -365,3 +365,33 @@ class GraphView:
     def last_use(self) -> dict[str, int]:
         """For each tensor, the index of the last node that reads it (inputs of subgraphs included)."""
         return self._last_use
+
+
+def unique_node_names(names: Sequence[str], ops: Sequence[str]) -> tuple[list[str], dict[int, str]]:
+    """Unique names for the nodes of a graph, and {node index: own name} of the derived ones.
+
+    A named node keeps its name unless an earlier node has it; an unnamed node is called
+    ``<op>_<index>`` and a later node of a name already taken ``<name>_<index>`` (``_2``,
+    ``_3``... appended if that too is taken), with ``index`` its position in the node list.
+    ``sepify rewrite`` names the nodes of the model it writes the same way, so the names in
+    the analysis of a model are the names in its rewritten copy."""
+    out = list(names)
+    if all(names) and len(set(names)) == len(names):  # the common case
+        return out, {}
+    used = {n for n in names if n}
+    seen: set[str] = set()
+    originals: dict[int, str] = {}
+    for i, n in enumerate(names):
+        if n and n not in seen:
+            seen.add(n)
+            continue
+        base = f"{n or ops[i]}_{i}"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}_{k}"
+        out[i] = name
+        originals[i] = n
+        used.add(name)
+        seen.add(name)
+    return out, originals

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..model.graph import GraphView, is_float, outer_inputs
+from ..model.graph import GraphView, is_float, outer_inputs, unique_node_names
 from .factorize import ORIENTATIONS, Spectrum, spectrum
 from .options import RewriteOptions
 
@@ -218,21 +218,10 @@ def _live_nodes(view: GraphView) -> set[int]:
 
 def _name_nodes(model: onnx.ModelProto) -> int:
     """Give unnamed top-level nodes a name (``Conv_12``), and nodes whose name an earlier node
-    already has a unique one (``conv_12``), so rows and rewrites can refer to them."""
-    used = {n.name for n in model.graph.node if n.name}
-    seen: set[str] = set()
-    count = 0
-    for i, n in enumerate(model.graph.node):
-        if n.name and n.name not in seen:
-            seen.add(n.name)
-            continue
-        base = f"{n.name or n.op_type}_{i}"
-        name, k = base, 1
-        while name in used:
-            k += 1
-            name = f"{base}_{k}"
-        n.name = name
-        used.add(name)
-        seen.add(name)
-        count += 1
-    return count
+    already has a unique one (``conv_12``), so rows and rewrites can refer to them: the names
+    :func:`~sepify.model.graph.unique_node_names` gives the analysis rows. Returns how many."""
+    nodes = model.graph.node
+    names, derived = unique_node_names([n.name for n in nodes], [n.op_type for n in nodes])
+    for i in derived:
+        nodes[i].name = names[i]
+    return len(derived)
