@@ -284,13 +284,9 @@ class Spectrum:
         return n * r * mg * p_in + n * r * k * p_out
 
 
-def spectrum(weight: np.ndarray, group: int = 1, orientation: str = "dw-first") -> Spectrum:
-    """SVD every slice of Conv ``weight`` (N, M/g, k1..kd) for ``orientation``.
-
-    One batched ``np.linalg.svd`` call over the stacked slices, computed in float64. Factors come
-    back in ``weight.dtype`` (float64 if the weight is not a floating-point array).
-    """
-    _check_orientation(orientation)
+def _weight64(weight, group) -> tuple[np.ndarray, tuple[int, ...], int, np.dtype]:
+    """A Conv weight checked (shape against ``group``, real, finite) and as float64, with its
+    shape, group and the dtype factors come back in (float64 for a non-float weight)."""
     w = np.asarray(weight)
     shape, group = _check_shape(w.shape, group)
     if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
@@ -299,6 +295,17 @@ def spectrum(weight: np.ndarray, group: int = 1, orientation: str = "dw-first") 
     w64 = w.astype(np.float64, copy=False)
     if not np.all(np.isfinite(w64)):
         raise ValueError("Conv weight contains NaN or infinite values")
+    return w64, shape, group, dtype
+
+
+def spectrum(weight: np.ndarray, group: int = 1, orientation: str = "dw-first") -> Spectrum:
+    """SVD every slice of Conv ``weight`` (N, M/g, k1..kd) for ``orientation``.
+
+    One batched ``np.linalg.svd`` call over the stacked slices, computed in float64. Factors come
+    back in ``weight.dtype`` (float64 if the weight is not a floating-point array).
+    """
+    _check_orientation(orientation)
+    w64, shape, group, dtype = _weight64(weight, group)
     n, mg, m, k = _dims(shape, group)
     if orientation == "dw-first":
         # (N, Mg, K) -> (g, Ng, Mg, K) -> (g, Mg, Ng, K) -> (M, Ng, K): slice m = j*Mg + m_local
@@ -781,14 +788,7 @@ def default_lam(size: int, rows: int) -> float:
 
 
 def _problem(weight, group, stats: LayerStats, lam) -> tuple[_Problem, np.dtype, float]:
-    w = np.asarray(weight)
-    shape, group = _check_shape(w.shape, group)
-    if not np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.complexfloating):
-        raise ValueError(f"Conv weight must be a real numeric array, got dtype {w.dtype}")
-    dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.dtype(np.float64)
-    w64 = w.astype(np.float64, copy=False)
-    if not np.all(np.isfinite(w64)):
-        raise ValueError("Conv weight contains NaN or infinite values")
+    w64, shape, group, dtype = _weight64(weight, group)
     if not isinstance(stats, LayerStats):
         raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
     n, mg, _, k = _dims(shape, group)
