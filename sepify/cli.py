@@ -350,10 +350,11 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None
     if do_verify:  # read and check the data before the work: a bad file is one line, exit 2
-        from .rewrite.verify import input_specs, load_samples, random_samples
+        from .rewrite.data import model_inputs
+        from .rewrite.verify import load_samples, random_samples
         from .model.reading import read_model
 
-        specs = input_specs(read_model(model, load_external_data=False, copy=False)[0], shapes)
+        specs = model_inputs(read_model(model, load_external_data=False, copy=False)[0], shapes)
         if inputs_file:
             samples = load_samples(inputs_file, specs)
             source = f"--inputs {inputs_file}"
@@ -366,10 +367,11 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         samples = result.calibration.holdout  # the held-out calibration samples, never used to fit (all of them)
         source = "calibration holdout (never used to fit)"
     elif do_verify and samples is None and calibration is not None:
-        from .rewrite.verify import input_specs, random_samples
+        from .rewrite.data import model_inputs
+        from .rewrite.verify import random_samples
         from .model.reading import read_model
 
-        random_samples(input_specs(read_model(model, load_external_data=False, copy=False)[0], shapes), dims, seed)
+        random_samples(model_inputs(read_model(model, load_external_data=False, copy=False)[0], shapes), dims, seed)
     failed = saved = False
     if do_verify:
         from .rewrite.verify import verify

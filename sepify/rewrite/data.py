@@ -54,16 +54,18 @@ Feed = dict  # {input_name: np.ndarray}, one onnxruntime feed
 
 @dataclass(frozen=True)
 class InputSpec:
-    """A graph input: name, numpy dtype and shape (int, symbol name, or None for unknown)."""
+    """A graph input: name, numpy dtype (None when it is not a numeric tensor) and shape (per
+    axis an int, a symbol name, or None for unknown; None when the rank is unknown)."""
 
     name: str
-    dtype: np.dtype
-    shape: tuple
+    dtype: np.dtype | None
+    shape: tuple | None
 
 
 def model_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence] | None = None) -> list[InputSpec]:
-    """The graph inputs a feed needs (initializers listed as inputs excluded), with
-    ``input_shapes`` (``--input-shape``) replacing the declared shapes."""
+    """The graph inputs a feed needs (initializers listed as inputs, IR < 4, excluded), with
+    ``input_shapes`` (``--input-shape``) replacing the declared shapes. Used for calibration
+    data, ``--inputs`` and the random smoke-test inputs alike."""
     inits = {t.name for t in model.graph.initializer}
     out = []
     for vi in model.graph.input:
@@ -73,9 +75,11 @@ def model_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence] | 
         try:
             dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
         except Exception:  # noqa: BLE001 - e.g. a sequence or an undefined type
-            raise UsageError(f"--calibration: graph input {vi.name!r} is not a tensor of a numpy type") from None
+            dtype = None
+        if dtype is not None and dtype.kind not in "biuf":  # strings, bfloat16 and the like
+            dtype = None
         if input_shapes and vi.name in input_shapes:
-            shape = tuple(input_shapes[vi.name])
+            shape = tuple(d if isinstance(d, str) else int(d) for d in input_shapes[vi.name])
         elif tt.HasField("shape"):
             shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
                           else (d.dim_param or None) for d in tt.shape.dim)
@@ -249,6 +253,9 @@ def load_calibration(source, model_or_inputs, *, holdout: float = DEFAULT_HOLDOU
     ``model_or_inputs``: an ``onnx.ModelProto`` or a list of :class:`InputSpec`.
     """
     specs = model_or_inputs if isinstance(model_or_inputs, list) else model_inputs(model_or_inputs, input_shapes)
+    for s in specs:
+        if s.dtype is None:
+            raise UsageError(f"--calibration: graph input {s.name!r} is not a tensor of a numpy type")
     by_name = {s.name: s for s in specs}
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)

@@ -63,6 +63,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, UsageError
+from .data import InputSpec, model_inputs
 
 SMOKE_TEST = "random inputs: wiring smoke test, not an accuracy measurement"
 NEAR_ZERO = 1e-6          # reference RMS <= NEAR_ZERO * S (S = 1 + largest |reference| of the graph outputs)
@@ -71,42 +72,9 @@ TRIVIAL = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"
 CHECKED = ("max over graph outputs of max(relative L2 error of the output, of its pre-saturation tensor); "
            "near-zero references: RMS error / S; integer outputs: 1 - exact match")
 
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT16: np.int16,
-    onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.UINT16: np.uint16,
-    onnx.TensorProto.BOOL: np.bool_,
-}
 
 
 # --- graph inputs ----------------------------------------------------------------------------
-@dataclass
-class InputSpec:
-    name: str
-    dtype: type | None                 # numpy type, None when onnxruntime's type is not one we make
-    dims: list[int | str | None] | None  # int: fixed; str: a symbol; None: unknown; dims None: rank unknown
-
-
-def input_specs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | str]] | None = None) -> list[InputSpec]:
-    """The graph inputs that need data (initializers listed as inputs, IR < 4, excluded), with
-    ``--input-shape`` overrides applied."""
-    inits = {t.name for t in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = None
-        if tt.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
-                    for d in tt.shape.dim]
-        override = (input_shapes or {}).get(vi.name)
-        if override is not None:
-            dims = [d if isinstance(d, str) else int(d) for d in override]
-        out.append(InputSpec(vi.name, _NP_TYPES.get(tt.elem_type), dims))
-    return out
-
-
 def random_samples(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = None, seed: int = 0
                    ) -> tuple[list[dict[str, np.ndarray]], list[str]]:
     """One seeded random sample (floats ~ N(0, 1), integers in [0, 10)) and the notes on the
@@ -116,11 +84,11 @@ def random_samples(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = 
     rng = np.random.default_rng(seed)
     feed, notes, unbound = {}, [], []
     for spec in specs:
-        if spec.dims is None:
+        if spec.shape is None:
             unbound.append(f"{spec.name} (rank unknown)")
             continue
         shape = []
-        for axis, d in enumerate(spec.dims):
+        for axis, d in enumerate(spec.shape):
             if isinstance(d, int):
                 shape.append(d)
             elif isinstance(d, str) and d in dims:
@@ -137,7 +105,7 @@ def random_samples(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = 
             raise UsageError(f"cannot make random data for input {spec.name!r} (its type); pass --inputs data.npz")
         if np.issubdtype(spec.dtype, np.floating):
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
-        elif spec.dtype is np.bool_:
+        elif spec.dtype == np.bool_:
             feed[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
         else:
             feed[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
@@ -173,7 +141,7 @@ def load_samples(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[di
     counts = {}
     for spec in specs:
         a = arrays[spec.name]
-        rank = len(spec.dims) if spec.dims is not None else a.ndim
+        rank = len(spec.shape) if spec.shape is not None else a.ndim
         if a.ndim == rank + 1:
             counts[spec.name] = a.shape[0]
         elif a.ndim == rank:
@@ -222,13 +190,13 @@ def _checked(samples: Iterable[Mapping[str, np.ndarray]], specs: Sequence[InputS
         feed = {}
         for spec in specs:
             a = np.asarray(sample[spec.name])
-            if spec.dims is not None:
-                if a.ndim != len(spec.dims):
+            if spec.shape is not None:
+                if a.ndim != len(spec.shape):
                     raise UsageError(f"{label}, sample {i}: {spec.name!r} has shape {list(a.shape)}, "
-                                     f"the input has {len(spec.dims)} axes")
-                bad = [ax for ax, d in enumerate(spec.dims) if isinstance(d, int) and a.shape[ax] != d]
+                                     f"the input has {len(spec.shape)} axes")
+                bad = [ax for ax, d in enumerate(spec.shape) if isinstance(d, int) and a.shape[ax] != d]
                 if bad:
-                    want = "x".join(str(d) if d is not None else "?" for d in spec.dims)
+                    want = "x".join(str(d) if d is not None else "?" for d in spec.shape)
                     raise UsageError(f"{label}, sample {i}: {spec.name!r} has shape {'x'.join(map(str, a.shape))}, "
                                      f"the input is {want}")
             if spec.dtype is not None and a.dtype != spec.dtype:
@@ -487,7 +455,7 @@ def verify(original, rewritten, samples: Iterable[Mapping[str, np.ndarray]] | No
     """
     p1, path1 = _read(original)
     p2, path2 = _read(rewritten)
-    specs = input_specs(p1, input_shapes)
+    specs = model_inputs(p1, input_shapes)
     notes: list[str] = []
     smoke = samples is None
     if smoke:
