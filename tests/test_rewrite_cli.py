@@ -275,3 +275,11 @@ def test_external_data_model_via_cli(tmp_path):
     assert listing(tmp_path) == ["o.onnx", "o.onnx.data", "src"]
     assert json.loads(result.stdout)["verification"]["outputs"]["y"]["rel_l2_error"] < 1e-5
     assert {p.name: p.read_bytes() for p in src_dir.iterdir()} == before
+
+
+def test_markdown_title_names_the_written_file(tiny, tmp_path):
+    out = tmp_path / "tiny.sep.onnx"
+    result = invoke(tiny, "-o", out, "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    assert result.stdout.startswith("## sepify rewrite: `tiny.onnx` → `tiny.sep.onnx` (rank 1, dw-first)")

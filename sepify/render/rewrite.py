@@ -228,7 +228,8 @@ def rewrite_markdown(report: dict) -> str:
     from .diff import diff_markdown
 
     name = os.path.basename(report.get("model") or "") or "model"
-    out = [f"## sepify rewrite: `{md_escape(name)}` ({md_escape(_criterion(report))})", "",
+    written = f" → `{md_escape(os.path.basename(report['output']))}`" if report.get("output") else ""
+    out = [f"## sepify rewrite: `{md_escape(name)}`{written} ({md_escape(_criterion(report))})", "",
            diff_markdown(report["diff"]).rstrip("\n")]
     if any(r.get("folded_batchnorm") for r in report["layers"]):
         out.append("")  # a list right after "</details>" would be swallowed by the HTML block
