@@ -155,6 +155,18 @@ def make_samples():
     return ms
 
 
+@pytest.fixture
+def tiny_model(tmp_path, make_samples) -> Path:
+    """tiny_cnn written to its own folder; at teardown the test checks its bytes are unchanged."""
+    folder = tmp_path / "models"
+    folder.mkdir()
+    path = folder / "tiny.onnx"
+    path.write_bytes(make_samples.tiny_cnn().SerializeToString())
+    data = path.read_bytes()
+    yield path
+    assert path.read_bytes() == data, "the input model was modified"
+
+
 def pytest_collection_modifyitems(config, items):
     """``huge`` tests are opt-in. ``addopts`` deselects them with ``-m 'not huge'``, but any ``-m``
     on the command line replaces that (``-m 'not heavy'`` would run them): deselect them here
