@@ -1030,6 +1030,28 @@ def _whiten_candidate(group, weight) -> bool:
     return np.shape(weight)[1] <= _AUTO_WHITEN_MAX_MG
 
 
+def _alternate(state, sweep, objective: float, sweeps: int, tol: float):
+    """ALS driver: ``sweep(state) -> (state, objective)`` up to ``sweeps`` times, stopping when the
+    objective improves by no more than ``tol`` (relative). Returns (state, sweeps run)."""
+    done = 0
+    for _ in range(sweeps):
+        state, new = sweep(state)
+        done += 1
+        if objective - new <= tol * max(abs(objective), 1e-300):
+            break
+        objective = new
+    return state, done
+
+
+def _balance(x: np.ndarray, x_axis: int, y: np.ndarray, y_axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale each rank-one term (x summed over ``x_axis``, y over ``y_axis``) so both factors carry
+    the same norm: their product is unchanged, and neither factor is tiny in float32."""
+    xn = np.sqrt(np.sum(x * x, axis=x_axis))
+    yn = np.sqrt(np.sum(y * y, axis=y_axis))
+    scale = np.where((xn > 0) & (yn > 0), np.sqrt(yn / np.where(xn > 0, xn, 1.0)), 1.0)
+    return x * np.expand_dims(scale, x_axis), y / np.expand_dims(scale, y_axis)
+
+
 def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats, *,
         method: str = "als", sweeps: int = 10, lam: float | None = None, init: str = "auto",
         tol: float = 1e-9) -> Fit:
@@ -1078,21 +1100,15 @@ def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats
                     prob.data_error(_dw_kernel(pfac, dfac))):
                 dfac, pfac, gain = dw, pw, gw
         if method == "als":
-            obj = float(np.sum(tt_mod - gain))
-            for _ in range(sweeps):
-                dfac = _dw_dstep(prob, pfac, dfac)
-                pfac, gain = _dw_pstep(prob, dfac)
-                done += 1
-                new = float(np.sum(tt_mod - gain))
-                if obj - new <= tol * max(abs(obj), 1e-300):
-                    break
-                obj = new
-        # balance the per-(channel, i) gauge so neither factor is tiny in float32
-        pn = np.sqrt(np.einsum("jnmi,jnmi->jmi", pfac, pfac))
-        dn = np.sqrt(np.einsum("jmik,jmik->jmi", dfac, dfac))
-        scale = np.where((pn > 0) & (dn > 0), np.sqrt(dn / np.where(pn > 0, pn, 1.0)), 1.0)
-        pfac = pfac * scale[:, None]
-        dfac = dfac / np.where(scale > 0, scale, 1.0)[..., None]
+            def dw_sweep(state):
+                d, p, _ = state
+                d = _dw_dstep(prob, p, d)
+                p, gain = _dw_pstep(prob, d)
+                return (d, p, gain), float(np.sum(tt_mod - gain))
+
+            (dfac, pfac, gain), done = _alternate((dfac, pfac, gain), dw_sweep, float(np.sum(tt_mod - gain)),
+                                                  sweeps, tol)
+        pfac, dfac = _balance(pfac, 1, dfac, 3)  # P (g, Ng, Mg, r) against D (g, Mg, r, K)
         a = _dw_kernel(pfac, dfac)
         first, second = dfac.reshape(f0.shape), pfac.reshape(s0.shape)
     else:
@@ -1100,20 +1116,16 @@ def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats
         gm, rhs = _pw_sstep(prob, qfac)
         sfac = _solve_spd(gm, rhs[..., None])[..., 0].reshape(prob.n, r, k)
         if method == "als":
-            obj = float(np.sum(tt_mod) - np.sum(rhs.reshape(sfac.shape) * sfac))
-            for _ in range(sweeps):
-                qfac = _pw_qstep(prob, sfac, qfac)
-                gm, rhs = _pw_sstep(prob, qfac)
-                sfac = _solve_spd(gm, rhs[..., None])[..., 0].reshape(prob.n, r, k)
-                done += 1
-                new = float(np.sum(tt_mod) - np.sum(rhs.reshape(sfac.shape) * sfac))
-                if obj - new <= tol * max(abs(obj), 1e-300):
-                    break
-                obj = new
-        qn = np.sqrt(np.einsum("nim,nim->ni", qfac, qfac))
-        sn = np.sqrt(np.einsum("nik,nik->ni", sfac, sfac))
-        scale = np.where((qn > 0) & (sn > 0), np.sqrt(sn / np.where(qn > 0, qn, 1.0)), 1.0)
-        qfac, sfac = qfac * scale[..., None], sfac / scale[..., None]
+            def pw_sweep(state):
+                q, s_ = state
+                q = _pw_qstep(prob, s_, q)
+                gm, rhs = _pw_sstep(prob, q)
+                s_ = _solve_spd(gm, rhs[..., None])[..., 0].reshape(prob.n, r, k)
+                return (q, s_), float(np.sum(tt_mod) - np.sum(rhs.reshape(s_.shape) * s_))
+
+            (qfac, sfac), done = _alternate((qfac, sfac), pw_sweep,
+                                            float(np.sum(tt_mod) - np.sum(rhs.reshape(sfac.shape) * sfac)), sweeps, tol)
+        qfac, sfac = _balance(qfac, 2, sfac, 2)  # Q (N, r, Mg) against S (N, r, K)
         a = _pw_kernel(qfac, sfac, g)
         first, second = qfac.reshape(f0.shape), sfac.reshape(s0.shape)
     error = _rel(prob.data_error(a), prob.tt)
