@@ -321,6 +321,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
 
     if not output and not dry_run:
         raise UsageError("give -o OUTPUT (or --dry-run to only report)")
+    if tolerance is not None and not (tolerance >= 0 and tolerance != float("inf")):  # (nan fails both)
+        raise UsageError(f"--tolerance must be a finite number >= 0, not {tolerance:g}")
     from .fileio import Inputs
 
     # before the work, not only at save time

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import functools
+import math
 import re
 
 from .errors import UsageError
 
 _SI = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 _BIN = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_NUM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMGTP]i?)?\s*([bB])?\s*$")
+_NUM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKMGTP]i?)?\s*([bB])?\s*$", re.ASCII)
+#: the largest dimension an ONNX shape can hold (dims are int64)
+MAX_DIM = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)
+
+
+def positive_int(text) -> int | None:
+    """``text`` (ASCII digits, surrounding blanks allowed) as an integer in [1, MAX_DIM], else
+    None: ``"²"`` and ``"١٢"`` are digits to :meth:`str.isdigit` but not dimensions, and an ONNX
+    dimension is an int64."""
+    s = str(text).strip()
+    if not _DIGITS.fullmatch(s):
+        return None
+    v = int(s)
+    return v if 1 <= v <= MAX_DIM else None
 
 
 def parse_quantity(text: str | int | float, what: str = "value") -> int:
@@ -21,6 +36,8 @@ def parse_quantity(text: str | int | float, what: str = "value") -> int:
     if isinstance(text, bool):
         raise UsageError(f"invalid {what}: {text!r}")
     if isinstance(text, (int, float)):
+        if not math.isfinite(text):
+            raise UsageError(f"invalid {what}: {text!r} (must be a finite number)")
         if text < 0:
             raise UsageError(f"invalid {what}: {text!r} (must be >= 0)")
         return int(round(text))
@@ -30,20 +47,26 @@ def parse_quantity(text: str | int | float, what: str = "value") -> int:
     number, suffix, _ = m.groups()
     suffix = suffix or ""
     scale = _BIN[suffix] if suffix.endswith("i") else _SI[suffix]
-    return int(round(float(number) * scale))
+    value = float(number) * scale
+    if not math.isfinite(value):
+        raise UsageError(f"invalid {what}: {text!r} (too large)")
+    return int(round(value))
 
 
 def parse_fraction(text: str | float, what: str = "value") -> float:
     """Parse ``2%`` or ``0.02`` into ``0.02``."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text):
+            raise UsageError(f"invalid {what}: {text!r} (expected a fraction like 0.02 or a percentage like 2%)")
         return float(text)
     s = str(text).strip()
     try:
-        if s.endswith("%"):
-            return float(s[:-1]) / 100.0
-        return float(s)
+        value = float(s[:-1]) / 100.0 if s.endswith("%") else float(s)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):  # (float() reads "nan" and "inf")
         raise UsageError(f"invalid {what}: {text!r} (expected a fraction like 0.02 or a percentage like 2%)") from None
+    return value
 
 
 @functools.lru_cache(maxsize=8192)  # a large model's table repeats a few values many times
@@ -117,10 +140,14 @@ def parse_shape(text: str, what: str, shown: str | None = None) -> list[int]:
     for d in dims:
         if not d:
             raise UsageError(f"invalid {what} {shown!r}: empty dimension (expected like 1x3x224x224)")
-        if not d.isdigit() or int(d) < 1:
-            raise UsageError(f"invalid {what} {shown!r}: {d!r} is not a positive integer "
+        if positive_int(d) is None:
+            raise UsageError(f"invalid {what} {shown!r}: {d!r} is not a positive integer{_too_large(d)} "
                              "(a symbolic dimension is bound by name: --dim NAME=VALUE, or dims in the config)")
     return [int(d) for d in dims]
+
+
+def _too_large(d: str) -> str:
+    return " below 2**63 (ONNX dimensions are int64)" if _DIGITS.fullmatch(d.strip()) and int(d) > MAX_DIM else ""
 
 
 def parse_input_shape(text: str, what: str = "--input-shape") -> tuple[str, list[int]]:
@@ -134,6 +161,7 @@ def parse_input_shape(text: str, what: str = "--input-shape") -> tuple[str, list
 def parse_dim(text: str) -> tuple[str, int]:
     """``batch=8`` → ``("batch", 8)``."""
     name, sep, value = text.partition("=")
-    if not sep or not name.strip() or not value.strip().isdigit() or int(value) < 1:
-        raise UsageError(f"invalid --dim {text!r} (expected SYMBOL=POSITIVE_INTEGER)")
-    return name.strip(), int(value)
+    v = positive_int(value) if sep else None
+    if not name.strip() or v is None:
+        raise UsageError(f"invalid --dim {text!r} (expected SYMBOL=POSITIVE_INTEGER{_too_large(value).replace(' (', ': ').rstrip(')')})")
+    return name.strip(), v

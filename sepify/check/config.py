@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import UsageError
-from ..units import byte_style, parse_fraction, parse_quantity
+from ..units import MAX_DIM, byte_style, parse_fraction, parse_quantity
 from .budgets import QUANTITIES
 
 _KEY_TO_Q = {v[0]: q for q, v in QUANTITIES.items()}
@@ -245,8 +245,9 @@ def _settings(table: Mapping, root: Path, where: str) -> Settings:
             if not isinstance(value, Mapping):
                 raise UsageError(f"{where}: 'dims' must be a table such as {{batch = 1}}")
             for name, v in value.items():
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise UsageError(f"{where}: dims.{name} must be a positive integer, not {v!r}")
+                if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_DIM:
+                    big = " below 2**63 (ONNX dimensions are int64)" if isinstance(v, int) and v > MAX_DIM else ""
+                    raise UsageError(f"{where}: dims.{name} must be a positive integer{big}, not {v!r}")
                 s.dims[name] = v
                 s.dim_words[name] = f"dims.{name} in {where}"
     return s
@@ -303,7 +304,7 @@ def parse_input_shapes(value, where: str) -> dict[str, list[int]]:
             what = f"input-shape.{name} in {where}"
             if isinstance(shape, list) and shape:
                 for d in shape:
-                    if isinstance(d, bool) or not isinstance(d, int) or d < 1:
+                    if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= MAX_DIM:
                         raise UsageError(f"invalid {what} {shape!r}: {d!r} is not a positive integer "
                                          "(a symbolic dimension is bound by name: dims = {NAME = VALUE})")
                 out[name] = list(shape)

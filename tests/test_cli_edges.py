@@ -1,0 +1,61 @@
+"""Odd-but-possible command lines and files, each a bug a QA pass found (exit 3 or a wrong
+answer before its fix): one clear line on stderr and exit 2, or the documented behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sepify.cli import main
+
+
+def run(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+def one_error_line(r, *needles):
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sepify: error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# --- numbers on the command line and in configs ------------------------------------------------
+@pytest.mark.parametrize("value", ["²", "١٢", "99999999999999999999", "9223372036854775808"])
+def test_dim_value_not_an_int64_dimension(tiny_model, value):
+    """str.isdigit() accepts '²' (int() does not) and a dim above int64 overflowed in onnx."""
+    one_error_line(run("analyze", tiny_model, "--dim", f"batch={value}"), "--dim")
+    one_error_line(run("analyze", tiny_model, "--input-shape", f"input=1x3x{value}x32"), "--input-shape")
+
+
+def test_largest_int64_dim_is_accepted(tiny_model):
+    r = run("analyze", tiny_model, "--dim", f"nosuch={2**63 - 1}", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["totals"]["macs"] == 2_254_176
+
+
+@pytest.mark.parametrize("args", [["--max-macs", "1e400"], ["--max-growth", "nan", "--baseline", "{model}"],
+                                  ["--max-growth", "inf%", "--baseline", "{model}"]])
+def test_check_non_finite_numbers(tiny_model, args):
+    r = run("check", "--no-config", tiny_model, *[a.replace("{model}", str(tiny_model)) for a in args])
+    one_error_line(r, "invalid max-")
+
+
+@pytest.mark.parametrize("text", ["max-macs = inf", "max-macs = nan", "max-macs = 1e400", "max-growth = nan",
+                                  "dims = {batch = 99999999999999999999}",
+                                  "input-shape = {input = [1, 3, 99999999999999999999, 32]}",
+                                  'input-shape = {input = "1x3x²x32"}'])
+def test_config_non_finite_or_huge_values(tiny_model, tmp_path, text):
+    cfg = tmp_path / "sepify.toml"
+    cfg.write_text(text + "\n")
+    one_error_line(run("check", "--config", cfg, tiny_model), str(cfg))
+
+
+@pytest.mark.parametrize("args", [["--target-ratio", "nan"], ["--target-macs", "1e400"], ["--tolerance", "nan"],
+                                  ["--tolerance", "-1"], ["--tolerance", "inf"]])
+def test_rewrite_non_finite_numbers(tiny_model, args):
+    one_error_line(run("rewrite", tiny_model, "--dry-run", *args), args[0].lstrip("-").split("-")[-1])
