@@ -143,6 +143,8 @@ def _toml_load(path: Path) -> dict:
         raise UsageError(f"{path}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise UsageError(f"{path}: invalid TOML: not UTF-8 text (byte {e.start})") from None
 
 
 def find_config(start: str | os.PathLike | None = None) -> Path | None:
