@@ -28,7 +28,12 @@ def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sys.stdout.flush()  # a closed pipe shows here, not at exit ("Exception ignored ...")
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except SepifyError as e:
             if _State.debug:
                 raise
@@ -51,6 +56,22 @@ def _handle_errors(fn):
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+#: exit code when the reader of stdout went away (``sepify analyze m.onnx | head``): 128 + SIGPIPE,
+#: what a shell reports for a command a closed pipe ends
+EXIT_BROKEN_PIPE = 141
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout closed the pipe: stop without a message (the output was not wanted
+    any more) and point stdout at /dev/null so that the interpreter's last flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # (not a real file: a test runner's stream)
+        pass
+    sys.exit(EXIT_BROKEN_PIPE)
 
 
 def _emit(text: str | None, output: str | None, inputs=None) -> None:

@@ -59,3 +59,68 @@ def test_config_non_finite_or_huge_values(tiny_model, tmp_path, text):
                                   ["--tolerance", "-1"], ["--tolerance", "inf"]])
 def test_rewrite_non_finite_numbers(tiny_model, args):
     one_error_line(run("rewrite", tiny_model, "--dry-run", *args), args[0].lstrip("-").split("-")[-1])
+
+
+# --- stdout closed early (``sepify analyze m.onnx | head``) ---------------------------------------
+def _relu_chain(path, n: int):
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", [f"t{i}"], [f"t{i + 1}"], name=f"relu_{i}") for i in range(n)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info(f"t{n}", TensorProto.FLOAT, [1, 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_closed_pipe_is_quiet(tmp_path):
+    """The reader of stdout goes away after one line: no 'internal error' (it was exit 3), no
+    traceback, no "Exception ignored" at exit; exit 141 (128 + SIGPIPE) as a shell reports it."""
+    import os
+    import subprocess
+    import sys
+
+    import sepify
+
+    model = _relu_chain(tmp_path / "chain.onnx", 1500)  # a rich table, written row by row
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(os.path.dirname(os.path.dirname(sepify.__file__))),
+                                                         os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "sepify", "analyze", str(model)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone: every write fails as a closed pipe's does."""
+
+    def write(self, s):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
+@pytest.mark.parametrize("args", [["analyze", "{m}", "--format", "csv"], ["analyze", "{m}", "--format", "json"],
+                                  ["diff", "{m}", "{m}", "--all"], ["check", "--no-config", "{m}"]])
+def test_closed_pipe_every_command(tiny_model, monkeypatch, capsys, args):
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    with pytest.raises(SystemExit) as e:
+        main.main([a.replace("{m}", str(tiny_model)) for a in args], prog_name="sepify")
+    assert e.value.code == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_config_not_utf8(tiny_model, tmp_path):
+    """TOML is UTF-8: a config in another encoding was an internal error (UnicodeDecodeError)."""
+    cfg = tmp_path / "sepify.toml"
+    cfg.write_bytes('max-macs = "1G" # größe\n'.encode("latin-1"))
+    one_error_line(run("check", "--config", cfg, tiny_model), str(cfg), "not UTF-8")

@@ -9,11 +9,29 @@ from typing import Callable
 
 
 def _console(stream, width: int | None = None):
-    from rich.console import Console
-
     tty = hasattr(stream, "isatty") and stream.isatty()
-    return Console(file=stream, width=width or table_width(stream), highlight=False, markup=False,
+    return _quiet_console_class()(file=stream, width=width or table_width(stream), highlight=False, markup=False,
                    color_system="auto" if tty else None, soft_wrap=False)
+
+
+_CONSOLE = None
+
+
+def _quiet_console_class():
+    """rich's Console, except that a closed pipe (``| head``) raises :class:`BrokenPipeError` as
+    every other write does (rich's own ``on_broken_pipe`` exits with status 1 on its own): the
+    command line ends every command the same way then (silently, exit 141)."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        class QuietConsole(Console):
+            def on_broken_pipe(self) -> None:
+                self.quiet = True
+                raise BrokenPipeError(32, "Broken pipe")
+
+        _CONSOLE = QuietConsole
+    return _CONSOLE
 
 
 def table_width(stream) -> int:
