@@ -145,6 +145,11 @@ def _guard(inputs, outputs: dict[str, str | None]):
     given = [(opt, path) for opt, path in outputs.items() if path and path != "-"]
     for opt, path in given:
         inputs.refuse(path, opt)
+        folder = os.path.dirname(path) or "."
+        if not os.path.isdir(folder):  # (the writers check again; this is before minutes of work)
+            raise UsageError(f"{path}: {opt}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise UsageError(f"{path}: {opt}: is a folder, not a file")
     for i, (opt_a, a) in enumerate(given):
         for opt_b, b in given[i + 1:]:
             same = os.path.abspath(a) == os.path.abspath(b)

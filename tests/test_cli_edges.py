@@ -124,3 +124,19 @@ def test_config_not_utf8(tiny_model, tmp_path):
     cfg = tmp_path / "sepify.toml"
     cfg.write_bytes('max-macs = "1G" # größe\n'.encode("latin-1"))
     one_error_line(run("check", "--config", cfg, tiny_model), str(cfg), "not UTF-8")
+
+
+# --- outputs whose folder is missing: refused before the work, nothing written -------------------
+@pytest.mark.parametrize("args", [["rewrite", "{m}", "-o", "{t}/out.onnx", "--report", "{t}/nodir/r.json"],
+                                  ["check", "--no-config", "{m}", "--junit", "{t}/nodir/j.xml"],
+                                  ["check", "--no-config", "{m}", "-o", "{t}/nodir/c.json"],
+                                  ["diff", "{m}", "{m}", "-o", "{t}/nodir/d.md"]])
+def test_missing_output_folder_before_work(tiny_model, tmp_path, args):
+    """rewrite wrote the model and then failed on --report's folder; check printed its whole
+    report and then failed on --junit's."""
+    out = tmp_path / "outs"
+    out.mkdir()
+    r = run(*[a.replace("{m}", str(tiny_model)).replace("{t}", str(out)) for a in args])
+    one_error_line(r, "nodir", "does not exist")
+    assert r.stdout == ""
+    assert list(out.iterdir()) == []
