@@ -113,7 +113,39 @@ def _validate(data, label: str) -> dict:
                          "as written by `sepify analyze --format json`)")
     if not isinstance(data.get("totals"), dict) or not isinstance(data.get("layers"), list):
         raise ModelError(f"{label}: malformed sepify analyze report (missing 'totals' or 'layers')")
+    problem = _malformed(data)
+    if problem:
+        raise ModelError(f"{label}: malformed sepify analyze report ({problem})")
     return data
+
+
+def _is_count(v, nullable: bool = True) -> bool:
+    return (v is None and nullable) or (isinstance(v, int) and not isinstance(v, bool))
+
+
+def _malformed(data: dict) -> str | None:
+    """What is wrong with the parts of an analyze report that diff and check compute with
+    (an edited or foreign file must be an error, not a crash in the arithmetic), or None."""
+    totals = data["totals"]
+    for q in ("macs", "params"):
+        if not _is_count(totals.get(q), nullable=False):
+            return f"totals.{q}: {'missing' if q not in totals else f'{totals[q]!r} is not an integer'}"
+    for q in TOTAL_QUANTITIES:
+        if q in totals and not _is_count(totals[q]):
+            return f"totals.{q}: {totals[q]!r} is not an integer"
+    model = data.get("model")
+    if model is not None and (not isinstance(model, dict) or not _is_count(model.get("file_size"))):
+        return "model.file_size is not an integer" if isinstance(model, dict) else "'model' is not an object"
+    for i, layer in enumerate(data["layers"]):
+        if not isinstance(layer, dict):
+            return f"layers[{i}] is not an object"
+        for key in ("name", "op_type"):
+            if not isinstance(layer.get(key), str):
+                return f"layers[{i}].{key}: {'missing' if key not in layer else 'not a string'}"
+        for q in (*LAYER_QUANTITIES, "index"):
+            if q in layer and not _is_count(layer[q]):
+                return f"layers[{i}].{q}: {layer[q]!r} is not an integer"
+    return None
 
 
 # --- the engine -------------------------------------------------------------------------------

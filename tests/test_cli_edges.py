@@ -140,3 +140,32 @@ def test_missing_output_folder_before_work(tiny_model, tmp_path, args):
     one_error_line(r, "nodir", "does not exist")
     assert r.stdout == ""
     assert list(out.iterdir()) == []
+
+
+# --- analyze JSON files that are not what sepify wrote -------------------------------------------
+def _report(tiny_model, tmp_path, edit) -> str:
+    r = run("analyze", tiny_model, "--format", "json")
+    data = json.loads(r.stdout)
+    edit(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+EDITS = {
+    "macs is text": (lambda d: d["totals"].update(macs="2.3M"), "totals.macs"),
+    "no macs": (lambda d: d["totals"].pop("macs"), "totals.macs"),
+    "layer without name": (lambda d: d["layers"][3].pop("name"), "layers[3].name"),
+    "layer params text": (lambda d: d["layers"][0].update(params="448"), "layers[0].params"),
+    "layer not an object": (lambda d: d["layers"].__setitem__(2, 7), "layers[2]"),
+    "file size text": (lambda d: d["model"].update(file_size="88K"), "model.file_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITS))
+def test_malformed_analyze_json(tiny_model, tmp_path, case):
+    """diff of such a file was an internal error (KeyError, TypeError); check --baseline too."""
+    edit, where = EDITS[case]
+    bad = _report(tiny_model, tmp_path, edit)
+    one_error_line(run("diff", bad, tiny_model), "malformed", where)
+    one_error_line(run("check", "--no-config", tiny_model, "--baseline", bad, "--max-growth", "1%"), "malformed", where)
