@@ -546,6 +546,8 @@ def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
                      input_shapes=shapes, dims=dims)
+    for w in result.warnings:
+        click.echo(f"sepify: warning: {w}", err=True)
     data = result.to_dict()
     if fmt == "html":
         _emit(_viewer_text(data, fmt), output, inputs)

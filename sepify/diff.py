@@ -92,6 +92,28 @@ def load_report(source, *, input_shapes: Mapping[str, Sequence[int | str]] | Non
     return analyze(source, input_shapes=input_shapes, dims=dims).to_dict()
 
 
+def _load_side(source, role: str, input_shapes, dims, warnings: list[str]) -> dict:
+    """:func:`load_report` of one side of a diff, adding to ``warnings`` what of ``dims`` /
+    ``input_shapes`` it ignored: a ``--dim`` the model has no dimension for (as ``sepify
+    analyze`` warns), or both when the side is a saved report (its numbers are as saved)."""
+    report = load_report(source, input_shapes=input_shapes, dims=dims)
+    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else role
+    saved = not isinstance(source, (str, os.PathLike)) and not hasattr(source, "graph")  # a dict, an Analysis
+    saved = saved or (isinstance(source, (str, os.PathLike)) and Path(os.fspath(source)).is_file()
+                      and _looks_like_json(Path(os.fspath(source))))
+    if saved:
+        given = [opt for opt, v in (("--dim", dims), ("--input-shape", input_shapes)) if v]
+        if given:
+            verb = "do" if len(given) > 1 else "does"
+            warnings.append(f"{' and '.join(given)} {verb} not apply to {label}: it is a saved analyze report, "
+                            "whose numbers are those it was analyzed with (ignored)")
+        return report
+    have = set(report.get("symbols") or {})
+    for name in sorted(set(dims or {}) - have):
+        warnings.append(f"--dim {name}: {label} has no dimension named {name!r} (ignored)")
+    return report
+
+
 def _looks_like_json(path: Path) -> bool:
     if path.suffix.lower() == ".json":
         return True
@@ -202,6 +224,9 @@ class Diff:
     old: dict
     new: dict
     rows: list[DiffRow]
+    #: ``--dim`` names a side has no dimension for, and bindings that do not apply to a side
+    #: that is an analyze JSON (``sepify diff`` prints each on stderr as a warning)
+    warnings: list[str] = field(default_factory=list)
 
     def totals(self) -> dict[str, dict]:
         out = {}
@@ -246,6 +271,7 @@ class Diff:
             "counts": self.counts(),
             "extra_columns": self.extra_columns(),
             "rows": [r.to_dict() for r in self.rows],
+            "warnings": list(self.warnings),
         }
 
 
@@ -296,8 +322,9 @@ def compare(old, new, mapping: Mapping[str, str | Sequence[str]] | None = None, 
     ``extra``: ``{layer_name: {column: value}}`` attached to the row holding that layer (old or
     new name). Unknown names in ``mapping`` or ``extra`` raise :class:`UsageError`.
     """
-    old_r = load_report(old, input_shapes=input_shapes, dims=dims)
-    new_r = load_report(new, input_shapes=input_shapes, dims=dims)
+    warnings: list[str] = []
+    old_r = _load_side(old, "the old model", input_shapes, dims, warnings)
+    new_r = _load_side(new, "the new model", input_shapes, dims, warnings)
     olds: list[dict] = list(old_r["layers"])
     news: list[dict] = list(new_r["layers"])
     used_old: set[int] = set()
@@ -382,7 +409,7 @@ def compare(old, new, mapping: Mapping[str, str | Sequence[str]] | None = None, 
     rows += [_row([], [news[j]], None) for j in range(len(news)) if j not in used_new]
     rows = _order(rows, olds)
 
-    diff = Diff(old_r, new_r, rows)
+    diff = Diff(old_r, new_r, rows, warnings)
     for name, cols in (extra or {}).items():
         try:
             diff.row(name).extra.update(cols)

@@ -169,3 +169,45 @@ def test_malformed_analyze_json(tiny_model, tmp_path, case):
     bad = _report(tiny_model, tmp_path, edit)
     one_error_line(run("diff", bad, tiny_model), "malformed", where)
     one_error_line(run("check", "--no-config", tiny_model, "--baseline", bad, "--max-growth", "1%"), "malformed", where)
+
+
+# --- diff and --dim: warned as analyze warns ------------------------------------------------------
+def _batch_model(path):
+    """A 1x1 Conv (4 -> 2 channels, no bias) on an input [batch, 4, 3, 3]: 2*4*9 = 72 MACs a sample."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "w")
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, 3, 3])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_diff_warns_unknown_dim(tiny_model, tmp_path):
+    """An unknown --dim was silently ignored by diff; analyze and check warn about it."""
+    batched = _batch_model(tmp_path / "b.onnx")
+    r = run("diff", batched, tiny_model, "--dim", "batch=5", "--dim", "typo=3", "--format", "json")
+    assert r.exit_code == 0, r.output
+    warns = [line for line in r.stderr.splitlines()]
+    assert warns == [f"sepify: warning: --dim typo: {batched} has no dimension named 'typo' (ignored)",
+                     f"sepify: warning: --dim batch: {tiny_model} has no dimension named 'batch' (ignored)",
+                     f"sepify: warning: --dim typo: {tiny_model} has no dimension named 'typo' (ignored)"]
+    data = json.loads(r.stdout)
+    assert data["totals"]["macs"]["old"] == 5 * 72  # the binding applied where the model has it
+    assert [w for w in data["warnings"]] == [w.removeprefix("sepify: warning: ") for w in warns]
+    md = run("diff", batched, tiny_model, "--dim", "typo=3", "--format", "markdown")
+    assert f"> warning: --dim typo: {batched} has no dimension named 'typo' (ignored)" in md.stdout
+
+
+def test_diff_bindings_do_not_apply_to_saved_json(tiny_model, tmp_path):
+    saved = tmp_path / "tiny.json"
+    saved.write_text(run("analyze", tiny_model, "--format", "json").stdout)
+    r = run("diff", saved, tiny_model, "--input-shape", "input=1x3x64x64")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [f"sepify: warning: --input-shape does not apply to {saved}: it is a saved analyze "
+                                     "report, whose numbers are those it was analyzed with (ignored)"]
+    r = run("diff", tiny_model, tiny_model, "--dim", "typo=2")
+    assert r.stderr.count("warning") == 2  # each side named: the two are two models to the user

@@ -200,6 +200,8 @@ def diff_markdown(data: dict, show_unchanged: bool = False, sort: str = "graph",
            "| | before | after | Δ | % | ratio |", "|---|---:|---:|---:|---:|---:|"]
     out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in _totals_rows(data)]
     out += ["", f"**Layers:** {_counts_line(data)}", ""]
+    for w in data.get("warnings") or []:
+        out += [f"> warning: {md_escape(w)}", ""]
     extra_cols = data.get("extra_columns") or []
     rows = select_rows(data, show_unchanged, sort)
     if top:
