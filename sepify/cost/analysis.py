@@ -6,9 +6,11 @@ layers). Conventions are in ``docs/conventions.md``; cost formulas in :mod:`sepi
 
 Symbolic dimensions: costs are computed as polynomials of the symbols left unbound; numbers
 are reported with each unbound symbol set to 1 (the report names them), and totals also as a
-formula (``4.09G·batch``). Where shape inference loses a symbolic dimension (a Conv over a
-symbolic height, say), the model is analyzed a second time with the unbound symbols set to 1
-for the numbers, and the formula is reported only where it is exact.
+formula (``4.09G·batch``). A Conv or pool over a symbolic height gives a *derived* dimension
+(``⌈H/2⌉``, :mod:`sepify.model.symdims`), and costs stay exact formulas in those. Where a
+symbolic dimension is still lost (an op no rule follows), the model is analyzed a second time
+with the unbound symbols set to 1 for the numbers, and the formula is reported only where it is
+exact.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .costs import PARAM_ROLES, Cost, OpContext, Unknown, find_rule
 from ..model.graph import GraphView, is_float, itemsize, static_numel, subgraphs, unique_node_names
 from ..model.loading import LoadedModel, load
 from ..model.validation import check_conv, check_inferred_shapes
-from .symbolic import Num, Poly, add_terms, evaluate, formula
+from .symbolic import Num, Poly, add_terms, base_symbols, dim_poly, evaluate, formula
 from ..units import human, human3
 
 SCHEMA = "sepify.analysis/1"
@@ -451,6 +453,8 @@ class _Bytes:
                     n *= d
                 elif d in self.values:
                     n *= self.values[d]
+                elif (p := dim_poly(d)) is not None:  # a derived dimension (⌈H/2⌉)
+                    n *= p.evaluate(self.values)
                 else:
                     n = None
                     break
@@ -596,8 +600,8 @@ def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, i
     where a cost is not polynomial (shape inference lost a symbol), every unbound symbol.
     Activation peak: a symbol in the shape of a graph input or of any layer output, and every
     unbound symbol when some shape was lost. Params, file size and unknown nodes never change."""
-    in_macs = {sym for mono in sym_macs for sym, _ in mono}
-    in_flops = {sym for mono in sym_flops for sym, _ in mono}
+    in_macs = {base for mono in sym_macs for sym, _ in mono for base in base_symbols(sym)}
+    in_flops = {base for mono in sym_flops for sym, _ in mono for base in base_symbols(sym)}
     in_shapes: set[str] = set()
     unbound_set = set(unbound) | bound_names
     lost = not exact
@@ -612,6 +616,10 @@ def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, i
                 continue
             for d in shape:
                 if d.__class__ is str:
+                    derived = dim_poly(d)
+                    if derived is not None:  # (⌈H/2⌉: sepify.model.symdims)
+                        in_shapes.update(derived.symbols)
+                        continue
                     in_shapes.add(d)
                     if d not in unbound_set:  # a dimension shape inference named itself (unk__0): lost
                         lost = True

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from ..model.graph import GraphView
-from .symbolic import Num, Poly, prod
+from .symbolic import Num, Poly, dim_poly, prod
 
 
 class Unknown(Exception):
@@ -119,6 +119,8 @@ def _convert_dims(shape: tuple | None, symbols) -> tuple | str:
             return "shape of {what} {name!r} has an unknown dimension"
         elif d in symbols:
             out.append(Poly.symbol(d))
+        elif (p := dim_poly(d)) is not None:  # a derived dimension (``⌈H/2⌉``: sepify.model.symdims)
+            out.append(p)
         else:
             return "shape of {what} {name!r} has an unresolved dimension " + repr(d).replace("{", "{{").replace("}", "}}")
     return tuple(out)

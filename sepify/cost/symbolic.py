@@ -4,13 +4,34 @@
 Cost rules multiply and add dimensions. A concrete dimension is a Python ``int``; a symbolic
 one (an ONNX ``dim_param``) becomes :class:`Poly`. ``int`` op ``int`` stays ``int`` (the fast
 path for the common, fully static case); anything touching a :class:`Poly` gives a
-:class:`Poly`. Only ``+`` and ``*`` are supported: a cost that needs division or ``max`` of a
-symbolic quantity is not polynomial and is computed numerically instead.
+:class:`Poly`. Rules use only ``+`` and ``*``; a cost that needs ``max`` of a symbolic quantity
+is not polynomial and is computed numerically instead.
+
+**Derived dimensions.** A strided Conv or a pool maps a symbolic height ``H`` to
+``floor((H + pads - dilation·(k-1) - 1) / stride) + 1``, which is not a polynomial in ``H``. Such
+a quotient is a symbol of its own, an *atom* ``floor(n / d)`` with ``n`` a polynomial and ``d``
+a positive integer (:func:`floordiv`), so that costs stay polynomials over the input symbols and
+these atoms, and stay exact. Atoms are kept in a canonical form, using (for integers ``x``,
+integers ``c`` and positive ``d``, ``e``):
+
+- ``floor(x/d) + c == floor((x + c·d)/d)``: the constant of ``n`` is reduced to ``0 <= r < d``
+  and the rest is added outside, so ``floor((H-1)/2) + 1`` (3x3, stride 2, pad 1) is
+  ``floor((H+1)/2)``, written ``⌈H/2⌉``;
+- ``floor((floor(x/d) + c)/e) == floor((x + c·d)/(d·e))``: nested quotients collapse, so a
+  stride-2 pool after a stride-2 conv gives ``⌈H/4⌉``, not ``⌈⌈H/2⌉/2⌉``;
+- ``floor((g·y + c)/d) == floor((y + floor(c/g))/(d/g))`` when ``g`` divides ``d`` and every
+  non-constant coefficient of ``n``: common factors cancel (and ``d = 1`` is no quotient).
+
+An atom's name is its formula (``⌈H/2⌉``, ``⌊H/4⌋``, ``⌊(H+2)/4⌋``); a dimension that is a
+polynomial over atoms (``2·⌈H/32⌉`` after an upsampling) is named by its formula too
+(:func:`dim_name`), and :func:`dim_poly` reads such a name back. Evaluating an atom evaluates its
+numerator first, so ``⌈H/2⌉`` at ``H = 1`` is 1, exactly what shape inference gives at that size.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Mapping, Union
 
 Num = Union[int, "Poly"]
@@ -67,6 +88,15 @@ class Poly:
 
     __radd__ = __add__
 
+    def __neg__(self) -> "Poly":
+        return Poly._of({m: -c for m, c in self.terms.items()})
+
+    def __sub__(self, other: Num) -> "Poly":
+        return self + (-other)
+
+    def __rsub__(self, other: Num) -> "Poly":
+        return (-self) + other
+
     def __mul__(self, other: Num) -> "Poly":
         if other.__class__ is int:  # the common case: a constant
             return Poly._of({m: c * other for m, c in self.terms.items()} if other else {})
@@ -90,7 +120,12 @@ class Poly:
 
     @property
     def symbols(self) -> set[str]:
-        return {s for m in self.terms for s, _ in m}
+        """The input symbols the value depends on (through atoms too)."""
+        out: set[str] = set()
+        for m in self.terms:
+            for s, _ in m:
+                out |= base_symbols(s)
+        return out
 
     def has_symbols(self) -> bool:
         return any(self.terms)  # a non-constant monomial is a non-empty tuple
@@ -100,7 +135,11 @@ class Poly:
         for m, c in self.terms.items():
             v = c
             for s, p in m:
-                v *= values.get(s, 1) ** p
+                atom = _ATOMS.get(s)
+                if atom is None:
+                    v *= values.get(s, 1) ** p
+                else:
+                    v *= (atom[0].evaluate(values) // atom[1]) ** p
             total += v
         return total
 
@@ -116,16 +155,21 @@ class Poly:
 def _format(terms: frozenset, number_format) -> str:
     if not terms:
         return "0"
-    parts = []
+    out = ""
     for m, c in sorted(terms, key=lambda t: (-sum(p for _, p in t[0]), t[0])):
         syms = "·".join(s if p == 1 else f"{s}^{p}" for s, p in m)
+        a = abs(c)
         if not syms:
-            parts.append(number_format(c))
-        elif c == 1:
-            parts.append(syms)
+            part = number_format(a)
+        elif a == 1:
+            part = syms
         else:
-            parts.append(f"{number_format(c)}·{syms}")
-    return " + ".join(parts)
+            part = f"{number_format(a)}·{syms}"
+        if not out:
+            out = part if c > 0 else "-" + part
+        else:
+            out += (" + " if c > 0 else " - ") + part
+    return out
 
 
 def add_terms(acc: dict, x: Num) -> None:
@@ -160,3 +204,81 @@ def formula(x: Num | None, number_format=str) -> str | None:
     if isinstance(x, Poly) and x.has_symbols():
         return x.format(number_format)
     return None
+
+
+# -- derived dimensions (see the module docstring) ---------------------------------------------
+
+_ATOMS: dict[str, tuple[Poly, int]] = {}  # atom name -> (numerator, divisor)
+_DIMS: dict[str, Poly] = {}  # dimension name (a formula) -> its polynomial
+
+
+def base_symbols(name: str) -> set[str]:
+    """The input symbols a symbol stands for: itself, or an atom's numerator's symbols."""
+    atom = _ATOMS.get(name)
+    return {name} if atom is None else atom[0].symbols
+
+
+def is_atom(name: str) -> bool:
+    return name in _ATOMS
+
+
+def floordiv(n: Num, d: int) -> Num:
+    """``floor(n / d)`` for a positive integer ``d``, exact: an ``int`` for a constant ``n``,
+    else a :class:`Poly` over a canonical atom (see the module docstring)."""
+    d = int(d)
+    if d <= 0:
+        raise ValueError("divisor must be positive")
+    if n.__class__ is int:
+        return n // d
+    if not n.has_symbols():
+        return n.evaluate({}) // d
+    c = n.terms.get((), 0)
+    var = {m: k for m, k in n.terms.items() if m}
+    # a nested quotient: floor((floor(x/e) + c)/d) == floor((x + c·e)/(e·d))
+    if len(var) == 1:
+        (m, k), = var.items()
+        if k == 1 and len(m) == 1 and m[0][1] == 1 and m[0][0] in _ATOMS:
+            inner, e = _ATOMS[m[0][0]]
+            return floordiv(inner + c * e, e * d)
+    g = math.gcd(d, *var.values())
+    if g > 1:  # floor((g·y + c)/d) == floor((y + floor(c/g))/(d/g))
+        var = {m: k // g for m, k in var.items()}
+        c, d = c // g, d // g
+    q, r = divmod(c, d)  # floor(x/d) + q == floor((x + q·d)/d)
+    if d == 1:
+        return Poly._of(dict(var)) + q
+    num = Poly._of(dict(var)) + r
+    name = _atom_name(num, var, r, d)
+    _ATOMS.setdefault(name, (num, d))
+    return Poly.symbol(name) + q
+
+
+def _compact(p: Poly) -> str:
+    return p.format().replace(" + ", "+").replace(" - ", "-")
+
+
+def _atom_name(num: Poly, var: dict, r: int, d: int) -> str:
+    body = _compact(Poly._of(dict(var)))
+    simple = len(var) == 1 and next(iter(var.values())) == 1 and len(next(iter(var))) == 1
+    if r == 0:
+        return f"⌊{body}/{d}⌋" if simple else f"⌊({body})/{d}⌋"
+    if r == d - 1:
+        return f"⌈{body}/{d}⌉" if simple else f"⌈({body})/{d}⌉"
+    return f"⌊({_compact(num)})/{d}⌋"
+
+
+def dim_name(x: Num) -> int | str:
+    """A dimension as ONNX writes it: an ``int``, or a name (a ``dim_param``): an input symbol's
+    own name, or the formula of a derived dimension (remembered, for :func:`dim_poly`)."""
+    if x.__class__ is int:
+        return x
+    if not x.has_symbols():
+        return x.evaluate({})
+    name = _compact(x)
+    _DIMS.setdefault(name, x)
+    return name
+
+
+def dim_poly(name: str) -> Poly | None:
+    """The polynomial of a derived dimension's name (:func:`dim_name`), ``None`` if it is not one."""
+    return _DIMS.get(name)

@@ -27,7 +27,8 @@ import onnx
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
-from .shapes import Origins, resolve_shapes
+from .shapes import Origins, lost_tensors, resolve_shapes
+from .symdims import derive
 from .validation import check_input_dims
 
 
@@ -307,6 +308,8 @@ def load(
     rounds = 0
     if _needs_data_prop(model):  # (else no node computes a value a shape depends on: nothing to fold)
         model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label))
+    elif any(v is None for v in symbols.values()) and lost_tensors(model):
+        derive(model, {k for k, v in symbols.items() if v is None})  # (formulas: :mod:`sepify.model.symdims`)
     lost = Origins(model)
     size = path.stat().st_size if path else None
     return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused, lost=lost)

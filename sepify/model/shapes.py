@@ -44,7 +44,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from ..cost.symbolic import dim_poly
 from .graph import all_graphs, has_subgraph, outer_inputs, subgraphs
+from .symdims import derive
 
 MAX_ELEMENTS = 1 << 16  # largest value folded (shape vectors, pads, small tables)
 MAX_ROUNDS = 16
@@ -87,7 +89,8 @@ def lost_tensors(model: onnx.ModelProto) -> list[str]:
             if not o:
                 continue
             s = shapes.get(o)
-            if s is None or any(d is None or (d.__class__ is str and d not in symbols) for d in s):
+            if s is None or any(d is None or (d.__class__ is str and d not in symbols and dim_poly(d) is None)
+                                for d in s):
                 lost.append(o)
     return lost
 
@@ -293,6 +296,8 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
             break
         if not lost_tensors(scratch):
             break
+    if lost_tensors(scratch):  # symbolic dims through Conv/pool/Resize arithmetic, as formulas
+        derive(scratch, symbols)
     _write_back(model, scratch, folder)
     return model, rounds
 
@@ -305,7 +310,7 @@ def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folde
     def score(s):
         if s is None:
             return -1
-        return sum(1 for d in s if d.__class__ is int or (d.__class__ is str and d in symbols))
+        return sum(1 for d in s if d.__class__ is int or (d.__class__ is str and (d in symbols or dim_poly(d) is not None)))
 
     found: dict[str, onnx.ValueInfoProto] = {vi.name: vi for vi in (*scratch.graph.value_info, *scratch.graph.output)}
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in (*model.graph.value_info, *model.graph.output)}
