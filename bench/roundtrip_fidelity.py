@@ -91,8 +91,13 @@ def compare(before: onnx.ModelProto, after: onnx.ModelProto, replaced: set[int])
         d["graph.metadata_props"] += 1
     if _ser(bg.sparse_initializer) != _ser(ag.sparse_initializer):
         d["graph.sparse_initializer"] += 1
-    # --- nodes: untouched ones matched by their first output
+    # --- nodes: untouched ones matched by their first output. Nodes that only fed the replaced
+    # ones (a Constant holding a weight or BN statistics) go with them: not counted as lost
+    first_replaced = min(replaced, default=0)
+    replaced = replaced | _feeders_only(bg, replaced)
+    derived = _named_copy(before)
     untouched = [n for i, n in enumerate(bg.node) if i not in replaced]
+    derived_of = {id(n): derived[i] for i, n in enumerate(bg.node)}
     by_key = {_key(n): n for n in ag.node}
     positions = {id(n): i for i, n in enumerate(ag.node)}
     order = []
@@ -104,6 +109,9 @@ def compare(before: onnx.ModelProto, after: onnx.ModelProto, replaced: set[int])
         order.append(positions[id(m)])
         for f in _NODE_FIELDS:
             a, b = getattr(n, f), getattr(m, f)
+            if f == "name" and a != b and b == derived_of[id(n)]:
+                d["node.name (unnamed/duplicate given its derived name: by design)"] += 1
+                continue
             if (_ser(a) != _ser(b)) if f == "metadata_props" else (list(a) != list(b) if f in ("input", "output") else a != b):
                 d[f"node.{f}"] += 1
         plain = [a for a in n.attribute if a.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)]
@@ -123,7 +131,6 @@ def compare(before: onnx.ModelProto, after: onnx.ModelProto, replaced: set[int])
     # new nodes: each replaced node's replacement where it was (between its untouched neighbours)
     new_pos = [i for i, n in enumerate(ag.node) if _key(n) not in {_key(u) for u in untouched}]
     if replaced and new_pos:
-        first_replaced = min(replaced)
         before_it = sum(1 for i in range(first_replaced) if i not in replaced)
         if min(new_pos) != before_it:
             d["new nodes not in place"] += 1
@@ -161,6 +168,31 @@ def compare(before: onnx.ModelProto, after: onnx.ModelProto, replaced: set[int])
     if stale:
         d["unused initializers left"] += len(stale)
     return dict(d)
+
+
+def _feeders_only(g: onnx.GraphProto, replaced: set[int]) -> set[int]:
+    """Nodes that computed only the weights / BN statistics of the ``replaced`` nodes (their
+    inputs after the first, the data input): all their outputs are read by nothing else."""
+    keep = _graph_reads(onnx.GraphProto(node=[n for n in g.node if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)])) | {o.name for o in g.output}
+    readers: dict[str, set[int]] = defaultdict(set)
+    producer = {}
+    for i, n in enumerate(g.node):
+        for t in n.input:
+            readers[t].add(i)
+        for o in n.output:
+            producer[o] = i
+    out: set[int] = set()
+    stack = [t for i in replaced for t in g.node[i].input[1:]]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in replaced or i in out:
+            continue
+        outs = [o for o in g.node[i].output if o]
+        if all(o not in keep and readers[o] <= (replaced | out | {i}) for o in outs):
+            out.add(i)
+            stack.extend(g.node[i].input)
+    return out
 
 
 def replaced_indices(source: onnx.ModelProto, result) -> set[int]:

@@ -430,20 +430,25 @@ def test_regression_nan_weight_is_a_skip_reason(tmp_path):
     assert json.loads(result.stdout)["skipped"] == [{"name": "conv", "reason": "weight or bias contains NaN or infinite values"}]
 
 
-def test_string_attribute_not_utf8_cannot_be_rewritten(tmp_path):
-    """A string attribute may hold any bytes in ONNX (analyze and check accept it), but
-    onnx-graphsurgeon decodes them as UTF-8: rewrite crashed (exit 3). Now one line, exit 2."""
-    m = _sample_model("worked_example_separable")
-    m.graph.node.append(helper.make_node("Blob", ["output"], ["blob"], name="blob", domain="com.example",
-                                         payload=b"\xff\xfe binary"))
+def test_string_attribute_not_utf8_is_kept(tmp_path):
+    """A string attribute may hold any bytes in ONNX (analyze and check accept it). The graph
+    library the rewrite used decoded them as UTF-8 (rewrite crashed, exit 3, then refused the
+    model, exit 2); the edit is now made on the ModelProto and leaves the node as it is."""
+    m = _sample_model("worked_example")
+    y = m.graph.output[0].name
+    blob = helper.make_node("Blob", [y], ["blob"], name="blob", domain="com.example", payload=b"\xff\xfe binary")
+    m.graph.node.append(blob)
     m.graph.output.append(helper.make_tensor_value_info("blob", TensorProto.FLOAT, [1, 256, 8, 8]))
     m.opset_import.append(helper.make_opsetid("com.example", 1))
     path = _save(m, tmp_path / "in" / "m.onnx")
     assert run_cli(["analyze", str(path)]).exit_code == 0
-    out_dir = tmp_path / "out"
-    out_dir.mkdir()
-    assert_one_error_line(run_cli(["rewrite", str(path), "-o", str(out_dir / "m.onnx")]), path, r"string attribute")
-    assert_nothing_written(out_dir)
+    out = tmp_path / "out.onnx"
+    result = run_cli(["rewrite", str(path), "-o", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [r["name"] for r in json.loads(result.stdout)["layers"]] == ["conv"]
+    written = onnx.load(str(out))
+    assert [n.op_type for n in written.graph.node] == ["Conv", "Conv", "Blob"]
+    assert written.graph.node[2].SerializeToString() == blob.SerializeToString()
 
 
 def test_regression_dead_conv_is_skipped(tmp_path):

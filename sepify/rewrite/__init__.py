@@ -6,7 +6,7 @@ The rewrite is a staged pipeline; each stage is a module with a typed result:
   (folding a following BatchNormalization is one rule);
 - :mod:`.factorize` — the math (pure numpy): per-slice SVD and the factors of a rank;
 - :mod:`.allocate`  — rank policies (one class per policy) choosing (orientation, rank) per layer;
-- :mod:`.emit`      — the graph edit (onnx-graphsurgeon);
+- :mod:`.emit`      — the graph edit, made directly on the ModelProto (only what changes);
 - :mod:`.verify`    — running original and rewritten model in onnxruntime;
 - :mod:`.pipeline`  — :func:`rewrite`, which runs the stages on one prepared model.
 

@@ -1,4 +1,15 @@
-"""Emit: the graph edit of one rewritten Conv (onnx-graphsurgeon), in one of three graph forms.
+"""Emit: the graph edit of the rewritten Convs, in one of three graph forms, made directly on
+the ModelProto.
+
+The edit touches only what changes (:func:`apply`): each rewritten Conv (with the
+BatchNormalization folded into it) is replaced, at its position in the node list, by the nodes
+of its pair; the new weights are appended to the initializers; an initializer, value_info
+entry, quantization annotation or constant-producing node that only the replaced nodes read is
+removed (nothing else, a subgraph body included, reads it). Every other node, tensor and
+field of the model stays byte for byte as it was: no graph library round trip, which can lose
+what it does not model (node metadata_props and doc_strings, model-local functions, sparse
+initializers, training_info, quantization annotations, the node order; see
+``bench/roundtrip_fidelity.py``).
 
 A rank-r factorization computes the same function in every form; the forms differ only in how
 the depthwise stage is laid out for the runtime (onnxruntime's fast NCHWc depthwise kernel takes
@@ -37,10 +48,13 @@ At rank 1 the three forms are the same graph; it is emitted (and reported) as ``
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
-from ..model.graph import all_graphs
+from ..model.graph import all_graphs, has_subgraph
 from .plan import Candidate
 
 FORMS = ("native", "split", "tiled")
@@ -88,17 +102,29 @@ def pw_permuted(q: np.ndarray, s: np.ndarray, group: int, rank: int) -> tuple[np
     return np.ascontiguousarray(q2), np.ascontiguousarray(s2)
 
 
-# --- the graph edit ------------------------------------------------------------------------------
+# --- the new nodes of one pair ------------------------------------------------------------------
 def _split_attrs(opset: int, parts: int) -> dict:
     # opset >= 18 needs num_outputs (or a split input); before, the outputs' count splits equally
     return {"axis": 1, **({"num_outputs": parts} if opset >= 18 else {})}
 
 
-def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: np.ndarray | None, *,
+@dataclass
+class Pair:
+    """The nodes (in execution order) and the new initializers computing one Conv's output."""
+
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+
+def emit_pair(x: str, y: str, first_w: np.ndarray, second_w: np.ndarray, bias: np.ndarray | None, *,
               spatial_attrs: dict, group: int, orientation: str, rank: int, form: str, names: _Names,
-              base: str, opset: int) -> list[str]:
-    """Append the nodes computing ``y`` from ``x`` with the factors of one rank-``rank`` conv in
-    ``form`` to the gs ``graph``; returns the names of the new nodes (in execution order)."""
+              base: str, opset: int) -> Pair:
+    """The nodes computing tensor ``y`` from tensor ``x`` with the factors of one rank-``rank``
+    conv in ``form``, and their weights (new names from ``names``, derived from ``base``)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, not {form!r}")
     if rank == 1:
@@ -106,18 +132,19 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
     dtype = first_w.dtype
     nd = first_w.ndim - 2
     point_attrs = {"kernel_shape": [1] * nd, "strides": [1] * nd, "pads": [0] * (2 * nd), "dilations": [1] * nd}
-    new: list[str] = []
+    out = Pair()
 
-    def var(label: str):
-        return gs.Variable(names.make(f"{base}/{label}"), dtype=dtype)
+    def var(label: str) -> str:
+        return names.make(f"{base}/{label}")
 
-    def const(label: str, arr: np.ndarray):
-        return gs.Constant(names.make(f"{base}/{label}"), np.ascontiguousarray(arr.astype(dtype, copy=False)))
+    def const(label: str, arr: np.ndarray) -> str:
+        name = names.make(f"{base}/{label}")
+        out.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr.astype(dtype, copy=False)), name))
+        return name
 
     def node(op: str, label: str, inputs, outputs, attrs=None) -> None:
         name = names.make(f"{base}/{label}")
-        graph.nodes.append(gs.Node(op, name=name, attrs=attrs or {}, inputs=inputs, outputs=outputs))
-        new.append(name)
+        out.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name, **(attrs or {})))
 
     def split(t, parts: int, label: str) -> list:
         if parts == 1:
@@ -126,12 +153,12 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
         node("Split", label, [t], outs, _split_attrs(opset, parts))
         return outs
 
-    def concat(ts: list, label: str, out=None):
-        if len(ts) == 1 and out is None:
+    def concat(ts: list, label: str, out_name=None):
+        if len(ts) == 1 and out_name is None:
             return ts[0]
-        out = out if out is not None else var(f"{label}_out")
-        node("Concat", label, ts, [out], {"axis": 1})
-        return out
+        out_name = out_name if out_name is not None else var(f"{label}_out")
+        node("Concat", label, ts, [out_name], {"axis": 1})
+        return out_name
 
     b = [const("bias", bias)] if bias is not None else []
     if orientation == "dw-first":
@@ -142,7 +169,6 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
             p = second_w
         else:
             d2, p = dw_permuted(first_w, second_w, group, rank)
-            mg = m // group
             if form == "split":
                 outs = []
                 for i in range(rank):
@@ -156,9 +182,8 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
                 tiled = concat([parts[j] for j in range(group) for _ in range(rank)], "tile")
                 mid = var("depthwise_out")
                 node("Conv", "depthwise", [tiled, const("depthwise.weight", d2)], [mid], dict(spatial_attrs, group=m * rank))
-            del mg
         node("Conv", "pointwise", [mid, const("pointwise.weight", p)] + b, [y], dict(point_attrs, group=group))
-        return new
+        return out
 
     n = second_w.shape[0]
     ng = n // group
@@ -166,7 +191,7 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
         mid = var("pointwise_out")
         node("Conv", "pointwise", [x, const("pointwise.weight", first_w)], [mid], dict(point_attrs, group=group))
         node("Conv", "spatial", [mid, const("spatial.weight", second_w)] + b, [y], dict(spatial_attrs, group=n))
-        return new
+        return out
     q2, s2 = pw_permuted(first_w, second_w, group, rank)
     mid = var("pointwise_out")
     node("Conv", "pointwise", [x, const("pointwise.weight", q2)], [mid], dict(point_attrs, group=group))
@@ -181,7 +206,7 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
                  dict(spatial_attrs, group=n))
             outs.append(o)
         node("Sum", "sum", outs, [y])
-        return new
+        return out
     # tiled: one multiplier-1 conv over the N*r mid channels, then the sums over i
     bt = []
     if bias is not None:
@@ -193,14 +218,14 @@ def emit_pair(graph, gs, x, y, first_w: np.ndarray, second_w: np.ndarray, bias: 
     parts = split(dwo, group * rank, "split")
     if group == 1:
         node("Sum", "sum", parts, [y])
-        return new
+        return out
     sums = []
     for j in range(group):
         s = var(f"sum_{j}_out")
         node("Sum", f"sum_{j}", parts[j * rank:(j + 1) * rank], [s])
         sums.append(s)
-    concat(sums, "concat", out=y)
-    return new
+    concat(sums, "concat", out_name=y)
+    return out
 
 
 def _spatial_attrs(attrs: dict) -> dict:
@@ -211,28 +236,129 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
-def _build(graph, gs, by_name: dict, c: Candidate, orientation: str, rank: int, names: _Names,
-           form: str = "native", factors: tuple[np.ndarray, np.ndarray] | None = None,
-           bias: np.ndarray | None = None, opset: int = 13) -> list[str]:
-    """Replace the Conv (and its folded BN) in the gs graph by the two factor convs in ``form``.
-    ``by_name``: the gs nodes by name (every top-level node is named, see :func:`_name_nodes`).
-    ``factors``/``bias``: the (first, second) factor weights and the bias to emit (default: the
-    weight-SVD factors at ``rank`` and the candidate's bias)."""
-    node = by_name[c.node.name]
+@dataclass
+class Replacement:
+    """One rewritten Conv: the name of the Conv node, of the BatchNormalization folded into it
+    (or None), and the pair that replaces them."""
+
+    conv: str
+    bn: str | None
+    pair: Pair
+
+
+def build(c: Candidate, orientation: str, rank: int, names: _Names, form: str = "native",
+          factors: tuple[np.ndarray, np.ndarray] | None = None, bias: np.ndarray | None = None,
+          opset: int = 13) -> Replacement:
+    """The replacement of the Conv ``c`` (and its folded BN) by its two factor convs in ``form``:
+    the pair reads the Conv's input and writes the tensor the Conv (or the BN) wrote, so its
+    consumers are unchanged. ``factors``/``bias``: the (first, second) factor weights and the
+    bias to emit (default: the weight-SVD factors at ``rank`` and the candidate's bias)."""
     first_w, second_w = factors if factors is not None else c.spectra[orientation].factors(rank)
     if factors is None:
         bias = c.bias
-    x = node.inputs[0]
-    if c.bn is not None:
-        bn = by_name[c.bn.name]
-        y = bn.outputs[0]
-        bn.outputs = []
-        bn.inputs = []
-    else:
-        y = node.outputs[0]
-    spatial = _spatial_attrs(dict(node.attrs))
-    node.outputs = []
-    node.inputs = []
+    x = c.node.input[0]
+    y = c.bn.output[0] if c.bn is not None else c.node.output[0]
+    spatial = _spatial_attrs({a.name: helper.get_attribute_value(a) for a in c.node.attribute})
     base = c.node.name or f"conv{c.index}"
-    return emit_pair(graph, gs, x, y, first_w, second_w, bias, spatial_attrs=spatial, group=c.group,
-                     orientation=orientation, rank=rank, form=form, names=names, base=base, opset=opset)
+    pair = emit_pair(x, y, first_w, second_w, bias, spatial_attrs=spatial, group=c.group, orientation=orientation,
+                     rank=rank, form=form, names=names, base=base, opset=opset)
+    return Replacement(c.node.name, c.bn.name if c.bn is not None else None, pair)
+
+
+# --- the edit of the graph -----------------------------------------------------------------------
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Every name read anywhere inside the subgraphs of the graph's nodes (an over-approximation
+    of their outer-scope reads: a name a body defines itself is counted too, which only keeps
+    a tensor that could have gone)."""
+    out: set[str] = set()
+    for n in graph.node:
+        for a in n.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else (list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else [])
+            for g in subs:
+                for inner in all_graphs(g):
+                    out.update(i for m in inner.node for i in m.input)
+                    out.update(o.name for o in inner.output)
+    return out
+
+
+def apply(model: onnx.ModelProto, replacements: list[Replacement]) -> None:
+    """Replace, in ``model.graph`` (modified in place), each Conv (and its folded BN) by its pair
+    at the Conv's position, add the pairs' initializers, and remove what only the replaced
+    nodes read (see the module docstring). For IR < 4, where every initializer is also a graph
+    input, the inputs of removed initializers go and the new ones are added."""
+    graph = model.graph
+    index = {n.name: i for i, n in enumerate(graph.node)}
+    at: dict[int, Replacement] = {}
+    removed: set[int] = set()
+    freed: list[str] = []
+    for r in replacements:
+        i = index[r.conv]
+        at[i] = r
+        removed.add(i)
+        conv = graph.node[i]
+        freed.extend(conv.input[1:])
+        if r.bn is not None:
+            j = index[r.bn]
+            removed.add(j)
+            freed.extend(graph.node[j].input[1:])
+            freed.append(conv.output[0])  # the tensor between the Conv and the BN
+    # readers of every tensor after the edit; subgraph and graph-output reads are never released
+    keep = _subgraph_reads(graph) | {o.name for o in graph.output}
+    old_ir = model.ir_version < 4
+    if not old_ir:  # an initializer that is also a graph input is an input with a default: kept
+        keep.update(i.name for i in graph.input)
+    reads: dict[str, int] = {}
+    for i, n in enumerate(graph.node):
+        if i not in removed:
+            for t in n.input:
+                reads[t] = reads.get(t, 0) + 1
+    for r in replacements:
+        for n in r.pair.nodes:
+            for t in n.input:
+                reads[t] = reads.get(t, 0) + 1
+    producer = {o: i for i, n in enumerate(graph.node) if i not in removed for o in n.output if o}
+    # nodes that only fed the replaced ones (a Constant weight, a DequantizeLinear chain): gone too
+    gone: set[str] = set()
+    stack = [t for t in freed if t]
+    while stack:
+        t = stack.pop()
+        if not t or t in keep or reads.get(t, 0) or t in gone:
+            continue
+        i = producer.get(t)
+        if i is None or i in removed:  # an initializer, or the output of a replaced node
+            gone.add(t)
+            continue
+        n = graph.node[i]
+        if any(o and (o in keep or reads.get(o, 0)) for o in n.output) or has_subgraph(n):
+            continue
+        removed.add(i)
+        gone.update(o for o in n.output if o)
+        for u in n.input:
+            reads[u] = reads.get(u, 0) - 1
+            stack.append(u)
+    if at or removed:
+        tail = min(min(removed, default=len(graph.node)), min(at, default=len(graph.node)))
+        rebuilt = onnx.GraphProto()
+        for i in range(tail, len(graph.node)):
+            if i in at:
+                rebuilt.node.extend(at[i].pair.nodes)
+            elif i not in removed:
+                rebuilt.node.append(graph.node[i])
+        del graph.node[tail:]
+        graph.node.extend(rebuilt.node)
+
+    def drop(field_, name_of) -> None:
+        idx = [k for k, e in enumerate(field_) if name_of(e) in gone]
+        for k in reversed(idx):
+            del field_[k]
+
+    drop(graph.initializer, lambda t: t.name)
+    drop(graph.value_info, lambda v: v.name)
+    drop(graph.quantization_annotation, lambda a: a.tensor_name)
+    if old_ir:
+        drop(graph.input, lambda v: v.name)
+    for r in replacements:
+        graph.initializer.extend(r.pair.initializers)
+        if old_ir:
+            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                               for t in r.pair.initializers)

@@ -256,7 +256,7 @@ def factor_shapes(spec: LayerSpec, orientation: str, rank: int) -> tuple[tuple, 
 
 
 def pair_model(spec: LayerSpec, orientation: str, rank: int, form: str, seed: int = 0) -> onnx.ModelProto:
-    import onnx_graphsurgeon as gs
+    from onnx import helper
 
     rng = np.random.default_rng(seed)
     dt = np.dtype(spec.dtype)
@@ -264,17 +264,13 @@ def pair_model(spec: LayerSpec, orientation: str, rank: int, form: str, seed: in
     first = rng.standard_normal(s1).astype(dt)
     second = rng.standard_normal(s2).astype(dt)
     bias = rng.standard_normal(spec.weight_shape[0]).astype(dt) if spec.bias else None
-    x = gs.Variable("x", dtype=dt, shape=list(spec.x_shape))
-    y = gs.Variable("y", dtype=dt)
-    graph = gs.Graph(inputs=[x], outputs=[y], opset=spec.opset)
     spatial = {k: v for k, v in spec.attr_dict().items() if k in ("auto_pad", "pads", "strides", "dilations", "kernel_shape")}
-    emit_pair(graph, gs, x, y, first, second, bias, spatial_attrs=spatial, group=spec.group, orientation=orientation,
-              rank=rank, form=form, names=_Names(), base="conv", opset=spec.opset)
-    model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = _ir_for(spec.opset)
-    del model.opset_import[:]
-    model.opset_import.extend([onnx.helper.make_opsetid("", spec.opset)])
-    return model
+    pair = emit_pair("x", "y", first, second, bias, spatial_attrs=spatial, group=spec.group, orientation=orientation,
+                     rank=rank, form=form, names=_Names(), base="conv", opset=spec.opset)
+    elem = _NP_TO_ONNX[dt]
+    g = helper.make_graph(pair.nodes, "pair", [helper.make_tensor_value_info("x", elem, list(spec.x_shape))],
+                          [helper.make_tensor_value_info("y", elem, None)], pair.initializers)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", spec.opset)], ir_version=_ir_for(spec.opset))
 
 
 # --- per-layer measurements, cached --------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..model.external import weightless_copy
 from ..model.loading import load
 from ..model.reading import drop_initializer_inputs, read_model
 from .allocate import plan_ranks
-from .emit import _Names, _build, _opset
+from .emit import Replacement, _Names, _opset, apply, build
 from .options import FAST_FORM, RewriteOptions
 from .plan import SHAPE_UNKNOWN, Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
 
@@ -158,6 +158,13 @@ def rewrite(
 
     external = has_external_data(raw)
     unnamed = _name_nodes(raw)
+    # what the edit starts from: the model as read (nodes named as the analysis names them).
+    # The analysis and the plan read a copy with model-local functions inlined and, for IR < 4,
+    # without the initializers listed as inputs; the written model keeps both as they were.
+    edit_base = raw
+    if raw.functions or (raw.ir_version < 4 and len(raw.graph.input) > 0):
+        edit_base = onnx.ModelProto()
+        edit_base.CopyFrom(raw)
     calib = None
     if calibration is not None:
         from .data import load_calibration
@@ -197,9 +204,9 @@ def rewrite(
             continue
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
-        if idx not in live:  # the graph cleanup after the edit removes it
+        if idx not in live:  # nothing reads it: rewriting it would save nothing that runs
             skipped.append(Skipped(node.name or f"Conv_{idx}", "dead code: its output reaches no graph output "
-                                                                "(removed from the rewritten model)"))
+                                                                "(left as it is)"))
             continue
         plan = plan_conv(loaded.model, view, idx, node, opts, base_dir, values)
         if plan == SHAPE_UNKNOWN and any(v is None for v in loaded.symbols.values()):
@@ -249,21 +256,14 @@ def rewrite(
         with threadpool_limits(limits=1, user_api="blas"):
             fitted = calibrator.fit(chosen)
 
-    # build
-    import onnx_graphsurgeon as gs
-
-    # our private copy, without bound input shapes or inferred value_info. Weights in external
-    # data stay there (the rewritten convs' were read one by one above): the new model keeps
-    # referencing the untouched ones, and RewriteResult.save streams them into its data file
-    work = raw
-    try:
-        graph = gs.import_onnx(work)
-    except UnicodeDecodeError as e:  # ONNX allows any bytes in a string attribute; graphsurgeon does not
-        raise ModelError(f"{path or '<model>'}: cannot rewrite: a string attribute is not UTF-8 text "
-                         f"({e.object[:40]!r}), which onnx-graphsurgeon cannot read") from None
-    by_name = {n.name: n for n in graph.nodes}
-    names = _Names(work)
+    # build: the edit is made on our private copy of the model as read (no bound input shapes,
+    # no inferred value_info). Weights in external data stay there (the rewritten convs' were
+    # read one by one above): the new model keeps referencing the untouched ones, and
+    # RewriteResult.save streams them into its data file
+    names = _Names(raw)
+    replacements: list[Replacement] = []
     results: list[LayerResult] = []
+    notes: list[str] = []
     for c in candidates:
         choice = choices.get(c.node.name)
         if choice is None:
@@ -281,8 +281,10 @@ def rewrite(
         form = FAST_FORM[orientation] if form == "fast" else form
         form = form if rank > 1 else "native"
         fit = fitted[c.node.name] if calibrator is not None else None
-        new_nodes = _build(graph, gs, by_name, c, orientation, rank, names, form=form, opset=_opset(work),
-                           factors=fit[:2] if fit is not None else None, bias=fit[2] if fit is not None else None)
+        rep = build(c, orientation, rank, names, form=form, opset=_opset(raw),
+                    factors=fit[:2] if fit is not None else None, bias=fit[2] if fit is not None else None)
+        replacements.append(rep)
+        new_nodes = rep.pair.names
         first, second = fit[:2] if fit is not None else sp.factors(rank)
         new_bias = fit[2] if fit is not None else c.bias
         results.append(LayerResult(
@@ -293,23 +295,18 @@ def rewrite(
             folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
             form=form, latency=latency.layer(c.node.name) if latency else None,
             output_error_predicted=fit[3] if fit is not None else None))
-    if not results:
-        # nothing rewritten: the model as it was (no graph-library round trip, which can lose
-        # what it does not model), with the rewrite's metadata; its analysis is the "before"
-        new = onnx.ModelProto()
-        new.CopyFrom(raw)
-        _restore_model_fields(new, raw, opts, results)
+    new = edit_base
+    if results and edit_base is not raw and not _top_level(edit_base, replacements):
+        # a rewritten Conv is inside a model-local function: edit the inlined model
+        new = raw
         if old_ir:
             new.ir_version = 4  # initializers are no longer listed as inputs
+        notes.append("model-local functions were inlined in the rewritten model: a rewritten Conv was inside one")
+    apply(new, replacements)  # in place: from here on ``raw`` may be the edited model
+    _set_rewrite_metadata(new, opts, results)
+    if not results:  # nothing rewritten: the model as it was, with the rewrite's metadata
         after = before
     else:
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        new = gs.export_onnx(graph, do_type_check=False)
-        _restore_model_fields(new, raw, opts, results)
-        _restore_declared_types(new, raw)
-        if old_ir:
-            new.ir_version = 4  # initializers are no longer listed as inputs
-
         def load_new(**numeric):
             return load(weightless_copy(new), input_shapes=input_shapes, dims=dims, copy=False, **numeric)
 
@@ -333,6 +330,7 @@ def rewrite(
     order = {n.name: i for i, n in enumerate(view.nodes)}
     skipped.sort(key=lambda s: order.get(s.name, len(order)))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped, calibration=calib_info)
+    report["notes"].extend(notes)
     if latency is not None:
         report["latency"] = latency.report(new, external)
         report["notes"].extend(latency.notes)
@@ -458,33 +456,24 @@ class _Latency:
         return e2e
 
 
-def _restore_declared_types(new: onnx.ModelProto, raw: onnx.ModelProto) -> None:
-    """The graph inputs and outputs keep the types the source declares: onnx-graphsurgeon merges
-    ``value_info`` into them, and a value_info entry with a type but no shape (valid ONNX,
-    written by some exporters) would leave a graph output without the shape the checker wants."""
-    declared = {vi.name: vi.type for vi in (*raw.graph.input, *raw.graph.output)}
-    for vi in (*new.graph.input, *new.graph.output):
-        t = declared.get(vi.name)
-        if t is not None:
-            vi.type.CopyFrom(t)
+def _top_level(model: onnx.ModelProto, replacements) -> bool:
+    """Are the replaced nodes all top-level nodes of ``model`` (not inside a model-local function)?"""
+    names = {n.name for n in model.graph.node}
+    return all(r.conv in names and (r.bn is None or r.bn in names) for r in replacements)
 
 
-def _restore_model_fields(new: onnx.ModelProto, raw: onnx.ModelProto, opts: RewriteOptions, results) -> None:
-    new.ir_version = raw.ir_version
-    del new.opset_import[:]
-    new.opset_import.extend(raw.opset_import)
-    new.producer_name, new.producer_version = raw.producer_name, raw.producer_version
-    new.domain, new.model_version, new.doc_string = raw.domain, raw.model_version, raw.doc_string
-    new.graph.name = raw.graph.name
-    del new.metadata_props[:]
-    keep = [p for p in raw.metadata_props if not p.key.startswith("sepify.")]
-    new.metadata_props.extend(keep)
-    onnx.helper.set_model_props(new, {**{p.key: p.value for p in keep},
-                                      "sepify.version": __version__,
-                                      "sepify.rewrite": json.dumps({"settings": opts.to_dict(),
-                                                                    "layers": {r.name: [r.orientation, r.rank] + ([r.form] if r.form != "native" else [])
-                                                                               for r in results}},
-                                                                   sort_keys=True)})
+def _set_rewrite_metadata(new: onnx.ModelProto, opts: RewriteOptions, results) -> None:
+    """``sepify.version`` and ``sepify.rewrite`` (the settings and every layer's choice) in the
+    model's metadata_props, replacing the entries of an earlier rewrite; the others stay as they are."""
+    entries = {"sepify.version": __version__,
+               "sepify.rewrite": json.dumps({"settings": opts.to_dict(),
+                                             "layers": {r.name: [r.orientation, r.rank] + ([r.form] if r.form != "native" else [])
+                                                        for r in results}}, sort_keys=True)}
+    stale = [k for k, p in enumerate(new.metadata_props) if p.key.startswith("sepify.")]
+    for k in reversed(stale):
+        del new.metadata_props[k]
+    for key, value in entries.items():
+        new.metadata_props.add(key=key, value=value)
 
 
 def _diff(before: dict, after: dict, layers: list[LayerResult]) -> dict:
