@@ -54,7 +54,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..model.graph import all_graphs, has_subgraph
+from ..model.graph import all_graphs, has_subgraph, outer_inputs
 from .plan import Candidate
 
 FORMS = ("native", "split", "tiled")
@@ -279,6 +279,18 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
                     out.update(i for m in inner.node for i in m.input)
                     out.update(o.name for o in inner.output)
     return out
+
+
+def is_sorted(graph: onnx.GraphProto) -> bool:
+    """Does every node read only tensors defined before it (graph inputs, initializers, earlier
+    nodes' outputs; subgraphs' outer-scope reads included)?"""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    for n in graph.node:
+        ins = list(n.input) + (outer_inputs(n) if has_subgraph(n) else [])
+        if any(t not in known for t in ins):
+            return False
+        known.update(n.output)
+    return True
 
 
 def apply(model: onnx.ModelProto, replacements: list[Replacement]) -> None:

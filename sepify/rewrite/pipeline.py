@@ -19,9 +19,9 @@ from ..errors import ModelError, UsageError
 from ..model.graph import GraphView, all_graphs, subgraphs
 from ..model.external import weightless_copy
 from ..model.loading import load
-from ..model.reading import drop_initializer_inputs, read_model
+from ..model.reading import drop_initializer_inputs, read_model, topological_sort
 from .allocate import plan_ranks
-from .emit import Replacement, _Names, _opset, apply, build
+from .emit import Replacement, _Names, _opset, apply, build, is_sorted
 from .options import FAST_FORM, RewriteOptions
 from .plan import SHAPE_UNKNOWN, Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
 
@@ -165,6 +165,15 @@ def rewrite(
     if raw.functions or (raw.ir_version < 4 and len(raw.graph.input) > 0):
         edit_base = onnx.ModelProto()
         edit_base.CopyFrom(raw)
+    if raw.functions:  # inlined here (not only in loading) so that the nodes it adds are named too
+        from onnx import inliner
+
+        try:
+            raw = inliner.inline_local_functions(raw)
+        except Exception as e:  # noqa: BLE001 - a broken function body is a model error
+            raise ModelError(f"{path or '<model>'}: cannot inline model-local functions: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        unnamed += _name_nodes(raw)
     calib = None
     if calibration is not None:
         from .data import load_calibration
@@ -176,10 +185,8 @@ def rewrite(
     loaded = load(weightless_copy(raw, label=str(path) if path else "<model>"), input_shapes=input_shapes, dims=dims,
                   copy=False, path=path)
     loaded.path, loaded.file_size = path, (path.stat().st_size if path else None)
-    if raw.functions:
-        from onnx import inliner
-
-        raw = inliner.inline_local_functions(raw)
+    if edit_base.functions:
+        loaded.notes.insert(0, "model-local functions were inlined")
     old_ir = drop_initializer_inputs(raw)
     values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
     view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
@@ -302,6 +309,9 @@ def rewrite(
         if old_ir:
             new.ir_version = 4  # initializers are no longer listed as inputs
         notes.append("model-local functions were inlined in the rewritten model: a rewritten Conv was inside one")
+    if results and not is_sorted(new.graph):  # the checker wants the order the loading sorted into
+        topological_sort(new.graph, str(path or "<model>"))
+        notes.append("the nodes were not in topological order: the rewritten model has them sorted")
     apply(new, replacements)  # in place: from here on ``raw`` may be the edited model
     _set_rewrite_metadata(new, opts, results)
     if not results:  # nothing rewritten: the model as it was, with the rewrite's metadata
