@@ -628,6 +628,56 @@ def test_weight_dequantized_twice_counts_once():
     assert sepify.analyze(make_model(nodes, [X4], ["y"], inits)).totals.params == 288
 
 
+def test_weight_combined_from_two_stored_weights_counts_both():
+    # weight normalization exported with its parameters: W = v * g (PyTorch's weight_norm has
+    # v and g as parameters: 4*4*9 + 4); a second layer rebuilding W from v and its own g2
+    # counts only g2
+    nodes = [helper.make_node("Mul", ["v", "g"], ["W"], name="wn"),
+             helper.make_node("Mul", ["v", "g2"], ["W2"], name="wn2"),
+             helper.make_node("Conv", ["x", "W"], ["a"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "W2"], ["y"], name="c2", pads=[1, 1, 1, 1])]
+    inits = [init("v", rand(4, 4, 3, 3)), init("g", rand(4, 1, 1, 1)), init("g2", rand(4, 1, 1, 1))]
+    a = sepify.analyze(make_model(nodes, [X4], ["y"], inits))
+    assert [layer.name for layer in a.layers] == ["c1", "c2"]
+    assert [layer.params for layer in a.layers] == [144 + 4, 4]
+    assert a.totals.param_bytes == 4 * (144 + 4 + 4)
+
+
+def test_constant_mask_counts_what_it_is_made_from():
+    # Swin's shifted-window attention mask as torch.onnx (dynamo) writes it: region ids
+    # scattered into zeros (ConstantOfShape), differences of every window pair, then the two
+    # masked_fill (Where) to 0 / -100: a 2x8x8 constant the model never stores. Its parameters are
+    # what it is made from: the 4x4 zeros and the 2x4 stored region ids, not its 128 elements.
+    f32 = lambda name, v: init(name, np.array(v, np.float32))  # noqa: E731
+    i64 = lambda name, v: init(name, np.array(v, np.int64))  # noqa: E731
+    nodes = [helper.make_node("ConstantOfShape", ["shp"], ["zeros"], value=numpy_helper.from_array(np.array([0], np.float32))),
+             helper.make_node("ScatterND", ["zeros", "rows", "ids"], ["img"]),
+             helper.make_node("Reshape", ["img", "win_shape"], ["win"]),          # 2 windows of 8
+             helper.make_node("Unsqueeze", ["win", "ax1"], ["w1"]),
+             helper.make_node("Unsqueeze", ["win", "ax2"], ["w2"]),
+             helper.make_node("Sub", ["w1", "w2"], ["diff"]),                      # 2x8x8
+             helper.make_node("Equal", ["diff", "zero"], ["same"]),                # torch: diff.masked_fill(
+             helper.make_node("Not", ["same"], ["other"]),                        #   diff != 0, -100)
+             helper.make_node("Where", ["other", "minus100", "diff"], ["filled"]),  # .masked_fill(
+             helper.make_node("Where", ["same", "zero", "filled"], ["mask"]),     #   diff == 0, 0)
+             helper.make_node("Add", ["x", "mask"], ["y"], name="scores")]
+    inits = [i64("shp", [4, 4]), i64("rows", [[2], [3]]), f32("ids", [[1, 1, 2, 2], [3, 3, 4, 4]]),
+             i64("win_shape", [2, 8]), i64("ax1", [1]), i64("ax2", [2]), f32("zero", 0.0), f32("minus100", -100.0)]
+    m = make_model(nodes, [vi("x", [2, 8, 8])], ["y"], inits)
+    import onnxruntime as ort
+
+    probe = make_model(nodes, [vi("x", [2, 8, 8])], ["y", "mask"], inits)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    mask = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        ["mask"], {"x": np.zeros((2, 8, 8), np.float32)})[0]
+    assert mask.size == 128 and set(np.unique(mask)) == {-100.0, 0.0}
+    a = sepify.analyze(m)
+    assert [layer.name for layer in a.layers] == ["scores"]
+    assert a.totals.params == 4 * 4 + 2 * 4  # the zeros and the stored ids; scalars are not
+    assert a.totals.flops == 128  # the Add
+
+
 def test_weight_through_transpose_of_constant():
     nodes = [helper.make_node("Transpose", ["Wt"], ["W"], name="t", perm=[1, 0, 2, 3]),
              helper.make_node("Conv", ["x", "W"], ["y"], name="c1", pads=[1, 1, 1, 1])]

@@ -179,16 +179,18 @@ class _Walker:
         self._sizes[t] = out
         return out
 
-    def _source(self, view: GraphView, name: str):
+    def _source(self, view: GraphView, name: str) -> tuple[str, ...]:
         """What a computed constant is made from: the stored tensors behind its data inputs
-        (through ``DequantizeLinear``, ``Cast``, ``Transpose``...; scales, zero points and shape
-        vectors are not data), as a key for counting a weight once however many nodes rebuild
-        it (two ``DequantizeLinear`` of one int8 weight, say). ``Constant`` outputs and anything
-        else are their own source."""
+        (through ``DequantizeLinear``, ``Cast``, ``Transpose``, ``Sub``, ``Where``...; scales,
+        zero points, shape vectors and scalars are not data), as the names of those tensors, so
+        that each stored weight counts once however many nodes rebuild or combine it (two
+        ``DequantizeLinear`` of one int8 weight; Swin's shifted-window mask, built at export time
+        from a few small fills and a ``ConstantOfShape``, is not a 64x49x49 weight). ``Constant``
+        outputs and constants made from no data (``ConstantOfShape``) are their own source."""
         key = self._sources.get(name)
         if key is not None:
             return key
-        key = name
+        key = (name,)
         v = view
         while v is not None and name not in v.producer:
             v = v.outer
@@ -196,7 +198,7 @@ class _Walker:
             idx = v.producer[name]
             op = v.ops[idx]
             roles = PARAM_ROLES.get(op, _NO_ROLES)
-            data = []
+            data: dict[str, None] = {}
             for i, n in enumerate(v.io[idx][0]):
                 if not n or op == "Constant":
                     continue
@@ -205,9 +207,9 @@ class _Walker:
                     t = v.tensor(n)
                     role = "param" if t is not None and t.shape is not None and self._size(t)[1] == "param" else "none"
                 if role == "param":
-                    data.append(self._source(v, n))
+                    data.update(dict.fromkeys(self._source(v, n)))
             if data:
-                key = data[0] if len(data) == 1 else ("+",) + tuple(sorted(map(str, data)))
+                key = tuple(data)
         self._sources[name] = key
         return key
 
@@ -234,19 +236,25 @@ class _Walker:
             role = roles.get(i, size[1])
             if role == "none":
                 continue
-            if name not in initializers:  # a computed constant: counted once per stored weight
-                key = self._source(view, name)
-                if key in counted:
+            if name not in initializers:  # a computed constant: counted by its stored sources
+                fresh = [k for k in self._source(view, name) if k not in counted]
+                if not fresh:
                     continue
-                counted.add(key)
-                stored = view.initializer(key) if key.__class__ is str else None
-                if stored is not None:  # one stored weight (expanded, tiled, cast, dequantized...):
-                    st = view.tensor(key)  # its own elements are the parameters, not its copies
-                    if st is not None and st.shape is not None:
-                        stored_size = sizes.get(st) or self._size(st)
-                        if stored_size[0] is not None:
-                            n = stored_size[0]
-                            size = (n, size[1], stored_size[2])
+                counted.update(fresh)
+                if fresh != [name]:  # stored weights (expanded, tiled, cast, dequantized,
+                    n = nbytes = 0  # combined...): their own elements are the parameters
+                    for k in fresh:
+                        st = view.tensor(k)
+                        stored_size = (sizes.get(st) or self._size(st)) if st is not None and st.shape is not None else None
+                        if stored_size is None or stored_size[0] is None:
+                            n = None
+                            break
+                        n += stored_size[0]
+                        nbytes += stored_size[2]
+                    if n is None:  # a source of unknown size: the computed tensor's own
+                        n = size[0]
+                    else:
+                        size = (n, size[1], nbytes)
             counted.add(name)
             if role == "param":
                 params += n
