@@ -389,11 +389,20 @@ class _Walker:
         subs = {name: self._sub(g, view) for name, g in subgraphs(node)}
         params = sum(s[2] for s in subs.values())
         buffers = sum(s[3] for s in subs.values())
-        unknown = [u for s in subs.values() for u in s[4]]
+        # an If whose condition the shapes decide (shape resolution, :mod:`sepify.model.shapes`)
+        # runs one branch: the other's costs are never paid (its constants are still stored)
+        taken = getattr(view.lost, "taken", {}).get(node.output[0]) if op == "If" and node.output else None
+        if taken not in subs:
+            taken = None
+        unknown = [u for name, s in subs.items() if taken is None or name == taken for u in s[4]]
         if unknown:
             e = Unknown(f"subgraph nodes of unknown cost: {'; '.join(unknown[:3])}")
             e.params, e.buffers = params, buffers
             raise e
+        if taken is not None:
+            s = subs[taken]
+            other = next(name for name in subs if name != taken)
+            return Cost(s[0], s[1]), f"If: the shapes decide the condition: {taken} runs ({other} never does)", params, buffers
         if op == "If" and len(subs) == 2:
             (n1, s1), (n2, s2) = subs.items()
             v1, v2 = evaluate(s1[0], {}), evaluate(s2[0], {})
@@ -494,7 +503,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
 
     numeric_rows = None
     if numeric is not None:  # the peak too is measured on the numeric view: it has every size
-        numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols)
+        numeric_view = GraphView(numeric.model.graph, symbols=numeric.symbols, lost=numeric.lost)
         numeric_walker = _Walker(loaded.label)
         numeric_bytes = _Bytes(numeric_view, values)
         numeric_rows = numeric_walker.walk(numeric_view, numeric_bytes)

@@ -306,10 +306,11 @@ def load(
         _forget_derived_dims(model.graph)
         model = infer_shapes(model, label)
     rounds = 0
+    taken: dict[str, str] = {}
     if _needs_data_prop(model):  # (else no node computes a value a shape depends on: nothing to fold)
-        model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label))
+        model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label), taken=taken)
     elif any(v is None for v in symbols.values()) and lost_tensors(model):
         derive(model, {k for k, v in symbols.items() if v is None})  # (formulas: :mod:`sepify.model.symdims`)
-    lost = Origins(model)
+    lost = Origins(model, taken)
     size = path.stat().st_size if path else None
     return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused, lost=lost)

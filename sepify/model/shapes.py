@@ -99,11 +99,21 @@ class _Folder:
     """Known values of one graph: numpy arrays, or for shape vectors with symbolic entries a
     tuple of ints and symbol names."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.opset = {(o.domain or ""): o.version for o in model.opset_import}
-        self.values: dict[str, np.ndarray] = {}
-        self.partial: dict[str, tuple] = {}
-        for t in model.graph.initializer:
+    def __init__(self, model: onnx.ModelProto | None, graph: onnx.GraphProto | None = None,
+                 outer: "_Folder | None" = None, hidden=()):
+        """``model``: the main graph's folder; ``graph``/``outer``: a body's folder, which also
+        sees the values of the enclosing scopes (not the names the body declares as its inputs)."""
+        if outer is None:
+            self.opset = {(o.domain or ""): o.version for o in model.opset_import}
+            self.values: dict[str, np.ndarray] = {}
+            self.partial: dict[str, tuple] = {}
+            graph = model.graph
+        else:
+            self.opset = outer.opset
+            hidden = frozenset(hidden)
+            self.values = _Scoped(outer.values, hidden)
+            self.partial = _Scoped(outer.partial, hidden)
+        for t in graph.initializer:
             if t.data_location != TensorProto.EXTERNAL and _numel(t.dims) <= MAX_ELEMENTS:
                 try:
                     self.values[t.name] = numpy_helper.to_array(t)
@@ -160,6 +170,12 @@ class _Folder:
             return self._fold_partial(node)
         if any(n and n not in values for n in ins):
             return False
+        if op == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            t = node.attribute[0].t  # (read directly: bodies hold many of them)
+            if t.data_location == TensorProto.EXTERNAL or _numel(t.dims) > MAX_ELEMENTS:
+                return False
+            values[out] = numpy_helper.to_array(t)
+            return True
         if op == "Constant" or not ins:
             pass
         elif op == "ConstantOfShape":
@@ -210,6 +226,29 @@ class _Folder:
         return False
 
 
+class _Scoped(dict):
+    """A body's own entries, then (by lookup, never copied) those of the enclosing scopes, as
+    ONNX scoping says: a body sees every outer name it does not declare itself (``hidden``: its
+    inputs). Writes and ``len`` are the body's own."""
+
+    __slots__ = ("outer", "hidden")
+
+    def __init__(self, outer, hidden=frozenset()):
+        super().__init__()
+        self.outer, self.hidden = outer, hidden
+
+    def __missing__(self, key):
+        if key in self.hidden:
+            raise KeyError(key)
+        return self.outer[key]
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or (key not in self.hidden and key in self.outer)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+
 def _evaluate(node: onnx.NodeProto, opset: dict[str, int], feeds: dict[str, np.ndarray]) -> list:
     """Run one node with onnx's reference evaluator, at the model's opset (a bare NodeProto
     would run at the newest opset: ``Unsqueeze`` with an ``axes`` attribute would fail)."""
@@ -230,29 +269,35 @@ def _numel(dims) -> int:
     return n
 
 
-def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]:
+def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> tuple[onnx.ModelProto, int]:
     """Recover lost shapes (see the module docstring). ``infer``: the caller's shape inference
     (model -> inferred model, raising on failure). Returns the model with the shapes found in
-    its ``value_info`` and the number of rounds run (0: nothing was lost)."""
-    lost = lost_tensors(model)
-    if not lost:
+    its ``value_info`` and the number of rounds run (0: nothing was lost). ``taken``: filled
+    with the ``If`` nodes whose condition is known once the shapes are (first output name ->
+    the branch that runs, ``then_branch`` or ``else_branch``)."""
+    if taken is None:
+        taken = {}
+    symbols = _input_symbols(model.graph)
+    has_bodies = any(has_subgraph(n) for n in model.graph.node)
+    if not lost_tensors(model) and not (has_bodies and _lost_in_bodies(model.graph, symbols)):
         return model, 0
     folder = _Folder(model)
+    bodies: dict[tuple, _Folder] = {}  # the folder of each If/Loop/Scan body, by its path
     from .external import weightless_copy
 
     scratch = weightless_copy(model)  # (weights stubbed: each re-inference serializes the graph only)
     keep_names = {o.name for o in model.graph.output}
-    symbols = _input_symbols(model.graph)
     rounds = 0
     while rounds < MAX_ROUNDS:
         rounds += 1
         g = scratch.graph
         shapes = {vi.name: _dims(vi) for vi in (*g.value_info, *g.output, *g.input)}
-        known_before = len(folder.values)
+        known_before = len(folder.values) + _body_count(bodies)
         folded = folder.fold(g, shapes)
-        if len(folder.values) == known_before and rounds > 1:
+        body_folded = _fold_bodies(g, folder, shapes, bodies, taken) if has_bodies else {}
+        if len(folder.values) + _body_count(bodies) == known_before and rounds > 1:
             break
-        if not folded:
+        if not folded and not any(body_folded.values()):
             break
         # substitute: folded nodes out, their results read by the remaining nodes in as initializers
         remaining = [n for i, n in enumerate(g.node) if i not in folded]
@@ -264,19 +309,8 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
         del g.node[:]
         g.node.extend(remaining)
         g.initializer.extend(new_inits)
-        # a body reading a folded value gets it from a Constant node of its own: ONNX inference
-        # of a body reads no values from enclosing scopes
-        by_name = {t.name: t for t in new_inits}
-        for n in g.node:  # (not ``remaining``: extend copied those messages)
-            if has_subgraph(n):
-                for _, body in subgraphs(n):
-                    local = {t.name for t in body.initializer} | {o for x in body.node for o in x.output}
-                    consts = [onnx.helper.make_node("Constant", [], [x], value=by_name[x])
-                              for x in dict.fromkeys(_reads(body)) if x in by_name and x not in local]
-                    if consts:
-                        nodes = consts + list(body.node)
-                        del body.node[:]
-                        body.node.extend(nodes)
+        if has_bodies:  # (on ``g.node``, not ``remaining``: extend copied those messages)
+            _substitute_bodies(g, bodies, body_folded, taken)
         del g.value_info[:]
         for vi in g.output:  # declared output shapes are hints (a lost ``unk__N`` would be kept over
             if vi.type.WhichOneof("value") == "tensor_type":  # what inference finds; some are wrong)
@@ -293,16 +327,202 @@ def resolve_shapes(model: onnx.ModelProto, infer) -> tuple[onnx.ModelProto, int]
         try:
             scratch = infer(scratch)
         except Exception:  # noqa: BLE001 - the scratch copy is a help, never a new error
-            break
-        if not lost_tensors(scratch):
+            lenient = _infer_lenient(scratch) if has_bodies else None
+            if lenient is None:
+                break
+            scratch = lenient
+        if not lost_tensors(scratch) and not (has_bodies and _lost_in_bodies(scratch.graph, symbols)):
             break
     if lost_tensors(scratch):  # symbolic dims through Conv/pool/Resize arithmetic, as formulas
         derive(scratch, symbols)
-    _write_back(model, scratch, folder)
+    _write_back(model, scratch, folder, bodies, taken)
     return model, rounds
 
 
-def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folder) -> None:
+# --- bodies ------------------------------------------------------------------------------------
+def _infer_lenient(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX inference that skips the nodes it cannot infer. Used when strict inference fails on
+    a scratch copy whose shapes are now known: typically in the dead branch of an ``If`` whose
+    condition is decided by those shapes only in the next round (``Squeeze`` of a dim that is not
+    1, in the branch run when it is)."""
+    ir = model.ir_version
+    try:
+        model.ir_version = max(ir, 4)  # (as the loader's inference: IR < 4 reads no initializer types)
+        out = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - a help, never a new error
+        return None
+    finally:
+        model.ir_version = ir
+    out.ir_version = ir
+    return out
+
+
+# A body (If branch, Loop/Scan body) is folded like the main graph, with its own folder that
+# also sees the known values of the enclosing scopes. What a body computes from its inputs is
+# not a constant: a Loop's iteration number and carried values, a Scan's states and slices
+# change from one iteration to the next. The *shape* of a body input is used only when it is the
+# same in every iteration: a Scan slice always; a Loop/Scan carried value when the body's
+# matching output has the same static shape as the input (by induction from the initial value).
+
+def _body_path(path: tuple, node: onnx.NodeProto, key: str) -> tuple | None:
+    return path + (node.output[0], key) if node.output and node.output[0] else None
+
+
+def _body_count(bodies: dict) -> int:
+    return sum(dict.__len__(f.values) for f in bodies.values())
+
+
+def _body_shapes(node: onnx.NodeProto, body: onnx.GraphProto, outer: dict) -> "_Scoped":
+    shapes = _Scoped(outer)
+    for vi in (*body.value_info, *body.output, *body.input):
+        shapes[vi.name] = _dims(vi)
+    carried: list = []
+    if node.op_type == "Loop":
+        carried = list(zip(body.input[2:], body.output[1:]))
+    elif node.op_type == "Scan":
+        n_scan = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        n_state = len(node.input) - n_scan
+        carried = list(zip(body.input[:n_state], body.output[:n_state]))
+    for vi_in, vi_out in carried:
+        s_in, s_out = _dims(vi_in), _dims(vi_out)
+        if s_in is None or s_in != s_out or any(d is None for d in s_in):
+            shapes[vi_in.name] = None
+    return shapes
+
+
+def _branch_taken(node: onnx.NodeProto, values) -> str | None:
+    """The branch an ``If`` runs when its condition is a known value (PyTorch exports
+    ``squeeze(d)`` of a dynamic dim as ``If(Equal(Gather(Shape(x), d), 1))``: once the shape
+    is known, one branch is dead, and ONNX inference may even fail on it)."""
+    if node.op_type != "If" or node.domain not in ("", "ai.onnx") or not node.input or not node.output[0]:
+        return None
+    v = values.get(node.input[0])
+    if v is None or np.asarray(v).size != 1:
+        return None
+    return "then_branch" if bool(np.asarray(v).reshape(())) else "else_branch"
+
+
+def _fold_bodies(graph: onnx.GraphProto, folder: _Folder, shapes: dict, bodies: dict, taken: dict,
+                 path: tuple = ()) -> dict[tuple, set[int]]:
+    """Fold every body of ``graph``'s nodes (nested ones too; of an ``If`` whose condition is
+    known, only the branch that runs); values only, the graphs are not changed. Returns, per
+    body path, the indices of its nodes folded. Fills ``taken`` (see :func:`resolve_shapes`)."""
+    out: dict[tuple, set[int]] = {}
+    for node in graph.node:
+        if not has_subgraph(node):
+            continue
+        branch = _branch_taken(node, folder.values)
+        if branch is not None:
+            taken[node.output[0]] = branch
+        for key, body in subgraphs(node):
+            p = _body_path(path, node, key)
+            if p is None or (branch is not None and key != branch):
+                continue
+            sub = bodies.get(p)
+            if sub is None:
+                sub = bodies[p] = _Folder(None, body, outer=folder, hidden=[i.name for i in body.input])
+            body_shapes = _body_shapes(node, body, shapes)
+            out[p] = sub.fold(body, body_shapes)
+            out.update(_fold_bodies(body, sub, body_shapes, bodies, taken, p))
+    return out
+
+
+def _injectable(v: np.ndarray) -> bool:
+    """An outer value worth a Constant copy inside a body: shape-like data, not weights."""
+    return v.dtype.kind in "iub" or v.size <= 1024
+
+
+def _substitute_bodies(graph: onnx.GraphProto, bodies: dict, folded: dict, taken: dict, path: tuple = ()) -> None:
+    """In each body of ``graph`` (scratch copy): its folded nodes out (``Constant`` nodes stay
+    as they are), a ``Constant`` node for each folded result still read; and a ``Constant`` copy
+    of each known outer value the body reads (ONNX inference of a body reads no values from
+    enclosing scopes). The dead branch of an ``If`` whose condition is known becomes a copy of
+    the branch that runs (inference then gives the If the shapes of that branch)."""
+    for node in graph.node:
+        if not has_subgraph(node):
+            continue
+        branch = taken.get(node.output[0]) if node.output and node.op_type == "If" else None
+        for key, body in subgraphs(node):
+            p = _body_path(path, node, key)
+            sub = bodies.get(p) if p is not None else None
+            if sub is None or (branch is not None and key != branch):
+                continue
+            done = folded.get(p, ())
+            remaining = [n for i, n in enumerate(body.node) if i not in done or n.op_type == "Constant"]
+            produced = {o for n in remaining for o in n.output}
+            local = produced | {i.name for i in body.input} | {t.name for t in body.initializer}
+            needed = {x for n in remaining for x in (*n.input, *outer_inputs(n))} | {o.name for o in body.output}
+            values = sub.values
+            consts = []
+            for i in sorted(done):
+                for name in body.node[i].output:
+                    if name and name in needed and name not in produced:
+                        consts.append(onnx.helper.make_node("Constant", [], [name],
+                                                            value=numpy_helper.from_array(values[name], name)))
+                        local.add(name)
+            for name in dict.fromkeys(x for n in remaining for x in n.input):
+                if name and name not in local and name in values and _injectable(values[name]):
+                    consts.append(onnx.helper.make_node("Constant", [], [name],
+                                                        value=numpy_helper.from_array(values[name], name)))
+                    local.add(name)
+            if consts or len(remaining) != len(body.node):
+                del body.node[:]
+                body.node.extend(consts + remaining)
+            _substitute_bodies(body, bodies, folded, taken, p)
+        if branch is not None:
+            graphs = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+            dead = "else_branch" if branch == "then_branch" else "then_branch"
+            if branch in graphs and dead in graphs:
+                graphs[dead].CopyFrom(_renamed_copy(graphs[branch], "sepify_dead__"))
+
+
+def _renamed_copy(graph: onnx.GraphProto, prefix: str) -> onnx.GraphProto:
+    """A copy of a body with every name it defines (nested bodies' too) prefixed: ONNX data
+    propagation keys values by name, so a plain copy beside the original collides."""
+    out = onnx.GraphProto()
+    out.CopyFrom(graph)
+    local: set[str] = set()
+    for g in all_graphs(out):
+        local.update(i.name for i in g.input)
+        local.update(t.name for t in g.initializer)
+        for n in g.node:
+            local.update(o for o in n.output if o)
+    for g in all_graphs(out):
+        for vi in (*g.input, *g.output, *g.value_info):
+            if vi.name in local:
+                vi.name = prefix + vi.name
+        for t in g.initializer:
+            t.name = prefix + t.name
+        for n in g.node:
+            for field in (n.input, n.output):
+                for i, x in enumerate(field):
+                    if x in local:
+                        field[i] = prefix + x
+            if n.name:
+                n.name = prefix + n.name
+    return out
+
+
+def _lost_in_bodies(graph: onnx.GraphProto, symbols: set[str]) -> bool:
+    """Does a node output inside some body have no shape, or a dimension that is neither a
+    number nor a symbol of the graph inputs?"""
+    for body in all_graphs(graph):
+        if body is graph:
+            continue
+        shapes = {vi.name: _dims(vi) for vi in (*body.value_info, *body.output)}
+        for t in body.initializer:
+            shapes[t.name] = tuple(t.dims)
+        for n in body.node:
+            for o in n.output:
+                if o:
+                    s = shapes.get(o)
+                    if s is None or any(d is None or (d.__class__ is str and d not in symbols) for d in s):
+                        return True
+    return False
+
+
+def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folder, bodies: dict | None = None,
+                taken: dict | None = None) -> None:
     """The shapes of ``scratch`` (and of the folded values) into ``model``'s value_info and
     outputs, where they know more than what the model has."""
     symbols = _input_symbols(model.graph)
@@ -322,7 +542,7 @@ def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folde
     for t in scratch.graph.initializer:  # substituted results
         if t.name in folder.values and t.name not in found:
             found[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-    _write_back_bodies(model, scratch)
+    _write_back_bodies(model.graph, scratch.graph, bodies or {}, taken or {}, score)
     current = {vi.name: vi for vi in model.graph.value_info}
     for vi in model.graph.output:
         better = found.get(vi.name)
@@ -341,36 +561,49 @@ def _write_back(model: onnx.ModelProto, scratch: onnx.ModelProto, folder: _Folde
             vi.type.CopyFrom(better.type)
 
 
-def _reads(body: onnx.GraphProto) -> list[str]:
-    """Names a body's nodes (and their nested bodies) read."""
-    out = []
-    for n in body.node:
-        out.extend(n.input)
-        out.extend(outer_inputs(n))
-    return out
-
-
-def _write_back_bodies(model: onnx.ModelProto, scratch: onnx.ModelProto) -> None:
+def _write_back_bodies(graph: onnx.GraphProto, scratch: onnx.GraphProto, bodies: dict, taken: dict, score,
+                       path: tuple = ()) -> None:
     """What inference found in the If/Loop/Scan bodies of ``scratch`` (with the outer shapes
-    resolved): their value_info and output types into the model's same bodies. (The model's
-    bodies keep their nodes: the scratch ones may start with Constant nodes of folded values.)"""
-    by_output = {n.output[0]: n for n in scratch.graph.node if n.output and has_subgraph(n)}
-    for n in model.graph.node:
+    resolved), and the shapes of the values folded in them: into the value_info and output
+    types of the model's same bodies, nested ones too, where they know more. (The model's
+    bodies keep their nodes: the scratch ones lack the folded nodes and start with Constant
+    nodes of folded values.)"""
+    by_output = {n.output[0]: n for n in scratch.node if n.output and has_subgraph(n)}
+    for n in graph.node:
         if not n.output or not has_subgraph(n):
             continue
         twin = by_output.get(n.output[0])
         if twin is None or twin.op_type != n.op_type:
             continue
         theirs = dict(subgraphs(twin))
+        branch = taken.get(n.output[0]) if n.op_type == "If" else None
         for key, body in subgraphs(n):
             found = theirs.get(key)
-            if found is None or len(found.output) != len(body.output):
-                continue
-            del body.value_info[:]
-            body.value_info.extend(found.value_info)
+            if found is None or len(found.output) != len(body.output) or (branch is not None and key != branch):
+                continue  # (a dead branch keeps what it had: the scratch one is a copy of the other)
+            p = _body_path(path, n, key)
+            better = {vi.name: vi for vi in found.value_info}
+            sub = bodies.get(p)
+            elem = {vi.name: vi.type.tensor_type.elem_type for vi in (*body.value_info, *body.output)}
+            for name, v in (dict.items(sub.values) if sub is not None else ()):
+                if name not in better:
+                    dtype = elem.get(name) or onnx.helper.np_dtype_to_tensor_dtype(v.dtype)
+                    better[name] = onnx.helper.make_tensor_value_info(name, dtype, list(v.shape))
             for vi, fvi in zip(body.output, found.output):
-                if vi.name == fvi.name:
+                if vi.name == fvi.name and score(_dims(fvi)) >= score(_dims(vi)):
                     vi.type.CopyFrom(fvi.type)
+            outputs = {vi.name for vi in body.output}
+            produced = {o for x in body.node for o in x.output if o}
+            current = {vi.name: vi for vi in body.value_info}
+            for name, vi_new in better.items():
+                if name in outputs or name not in produced:
+                    continue
+                vi = current.get(name)
+                if vi is None:
+                    body.value_info.append(vi_new)
+                elif score(_dims(vi_new)) > score(_dims(vi)):
+                    vi.type.CopyFrom(vi_new.type)
+            _write_back_bodies(body, found, bodies, taken, score, p)
 
 
 def origins(model: onnx.ModelProto) -> dict[str, str]:
@@ -401,8 +634,9 @@ class Origins:
     """:func:`origins` of a model, computed on the first lookup (a walk that meets no unknown
     shape never pays for it)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, taken: dict | None = None):
         self._model, self._why = model, None
+        self.taken = taken or {}  # If nodes whose condition the shapes decide (see :func:`resolve_shapes`)
 
     def get(self, name: str, default=None):
         if self._why is None:
