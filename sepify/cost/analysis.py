@@ -164,6 +164,9 @@ class _Walker:
         self.param_bytes = 0
         self._sizes: dict = {}  # TensorInfo -> (elements, default role, bytes)
         self._sources: dict = {}  # computed constant -> the stored tensor(s) it is made from
+        # nodes of unknown cost, those inside subgraphs counted one by one (not the If/Loop that
+        # holds them; not those in an If branch that never runs): a figure for reports
+        self.leaves = 0
 
     def _size(self, t) -> tuple[int | None, str, int]:
         """(elements, default role, bytes) of a constant of this type, once per distinct type."""
@@ -357,8 +360,11 @@ class _Walker:
                 if sub:  # the weights read inside the subgraphs count even when a cost is unknown
                     params += getattr(e, "params", 0)
                     buffers += getattr(e, "buffers", 0)
+                if not getattr(e, "nested", False):
+                    self.leaves += 1
                 append((name, op, domain, None, str(e), params, buffers, note, outs, shapes, out_bytes))
             except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError) as e:
+                self.leaves += 1
                 append((name, op, domain, None, f"malformed node ({type(e).__name__}: {e})", params, buffers, note, outs,
                         shapes, out_bytes))
         if report:
@@ -386,7 +392,11 @@ class _Walker:
 
     def control_flow(self, node: onnx.NodeProto, view: GraphView) -> tuple[Cost, str, int, int]:
         op = node.op_type
-        subs = {name: self._sub(g, view) for name, g in subgraphs(node)}
+        subs, leaves = {}, {}
+        for name, g in subgraphs(node):
+            before = self.leaves
+            subs[name] = self._sub(g, view)
+            leaves[name] = self.leaves - before
         params = sum(s[2] for s in subs.values())
         buffers = sum(s[3] for s in subs.values())
         # an If whose condition the shapes decide (shape resolution, :mod:`sepify.model.shapes`)
@@ -394,10 +404,12 @@ class _Walker:
         taken = getattr(view.lost, "taken", {}).get(node.output[0]) if op == "If" and node.output else None
         if taken not in subs:
             taken = None
+        else:
+            self.leaves -= sum(n for name, n in leaves.items() if name != taken)
         unknown = [u for name, s in subs.items() if taken is None or name == taken for u in s[4]]
         if unknown:
             e = Unknown(f"subgraph nodes of unknown cost: {'; '.join(unknown[:3])}")
-            e.params, e.buffers = params, buffers
+            e.params, e.buffers, e.nested = params, buffers, True
             raise e
         if taken is not None:
             s = subs[taken]

@@ -297,8 +297,8 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
         body_folded = _fold_bodies(g, folder, shapes, bodies, taken) if has_bodies else {}
         if len(folder.values) + _body_count(bodies) == known_before and rounds > 1:
             break
-        if not folded and not any(body_folded.values()):
-            break
+        if not folded and not any(body_folded.values()) and not (has_bodies and rounds == 1):
+            break  # (round 1 with bodies goes on: their Constant copies of outer values may be all they need)
         # substitute: folded nodes out, their results read by the remaining nodes in as initializers
         remaining = [n for i, n in enumerate(g.node) if i not in folded]
         needed = {x for n in remaining for x in (*n.input, *outer_inputs(n))} | keep_names  # (bodies read outer names)

@@ -1,0 +1,172 @@
+"""Shape arithmetic computed inside If/Loop bodies (issue #9): folded per body, with the outer
+scope's known shapes visible, each If branch on its own, and in a Loop only what does not change
+from one iteration to the next. Each expected MAC count is computed by hand from the shapes
+onnxruntime produces (the model is run and its output shapes read)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import sepify
+
+RNG = np.random.default_rng(0)
+
+
+def _c(name, value):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, np.int64), name))
+
+
+def _w(name, *shape):
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+        RNG.standard_normal(shape).astype(np.float32), name))
+
+
+def _vi(name, shape, dtype=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def _model(nodes, inputs, outputs, inits=()):
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits)),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(model, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [o.shape for o in sess.run(None, feeds)]
+
+
+def _half_area_reshape(p, src):
+    """``Reshape(src, [n, h*w/2, -1])`` for ``src`` of shape (n, c, h, w), the shape computed
+    from ``Shape(src)``; ONNX data propagation does not follow ReduceProd/Div."""
+    return [helper.make_node("Shape", [src], [f"{p}s"]), _c(f"{p}i", [0]), _c(f"{p}hw", [2, 3]), _c(f"{p}two", 2),
+            _c(f"{p}m1", [-1]),
+            helper.make_node("Gather", [f"{p}s", f"{p}i"], [f"{p}n"], axis=0),
+            helper.make_node("Gather", [f"{p}s", f"{p}hw"], [f"{p}hwv"], axis=0),
+            helper.make_node("ReduceProd", [f"{p}hwv"], [f"{p}area"], keepdims=1, axes=[0]),
+            helper.make_node("Div", [f"{p}area", f"{p}two"], [f"{p}half"]),
+            helper.make_node("Concat", [f"{p}n", f"{p}half", f"{p}m1"], [f"{p}shape"], axis=0),
+            helper.make_node("Reshape", [src, f"{p}shape"], [f"{p}x2"])]
+
+
+X = np.ones((2, 3, 4, 5), np.float32)
+
+
+def test_if_branches_fold_shape_arithmetic_of_an_outer_tensor():
+    # then: x (outer, 2x3x4x5) -> Reshape to [2, 10, -1] (computed) -> MatMul 6x7
+    # else: x -> Reshape to [2*3, -1] (computed, Mul) -> MatMul 20x9
+    then = helper.make_graph(_half_area_reshape("t_", "x") + [_w("t_W", 6, 7), helper.make_node("MatMul", ["t_x2", "t_W"], ["t_y"])],
+                             "then", [], [_vi("t_y", [None, None, None])])
+    els = helper.make_graph(
+        [helper.make_node("Shape", ["x"], ["e_s"]), _c("e_i0", [0]), _c("e_i1", [1]), _c("e_m1", [-1]),
+         helper.make_node("Gather", ["e_s", "e_i0"], ["e_a"], axis=0),
+         helper.make_node("Gather", ["e_s", "e_i1"], ["e_b"], axis=0),
+         helper.make_node("Mul", ["e_a", "e_b"], ["e_ab"]),
+         helper.make_node("Div", ["e_ab", "e_i1"], ["e_ab1"]),  # (/1: lost to ONNX data propagation)
+         helper.make_node("Concat", ["e_ab1", "e_m1"], ["e_shape"], axis=0),
+         helper.make_node("Reshape", ["x", "e_shape"], ["e_x2"]), _w("e_W", 20, 9),
+         helper.make_node("MatMul", ["e_x2", "e_W"], ["e_y2"]), _c("e_ax", [0]),
+         helper.make_node("Unsqueeze", ["e_y2", "e_ax"], ["e_y"])],
+        "else", [], [_vi("e_y", [None, None, None])])
+    m = _model([helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=els)],
+               [_vi("x", [2, 3, 4, 5]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", [None, None, None])])
+    (then_shape,) = _run(m, {"x": X, "cond": np.array(True)})
+    (else_shape,) = _run(m, {"x": X, "cond": np.array(False)})
+    assert then_shape == (2, 10, 7) and else_shape == (1, 6, 9)
+    then_macs = 2 * 10 * 6 * 7  # (2,10,6) @ (6,7)
+    else_macs = 6 * 20 * 9  # (6,20) @ (20,9)
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    assert a.totals.macs == max(then_macs, else_macs) == 1080  # the costlier branch
+    assert "then_branch has 840 MACs" in a.layers[0].note
+    assert a.totals.params == 6 * 7 + 20 * 9
+
+
+def _loop_model(dependent: bool):
+    """Loop of 3 iterations. Loop-invariant: x (outer) reshaped by computed dims, MatMul 6x7.
+    Carried: ``acc`` grows by one column per iteration (1x1 -> 1x4). ``dependent``: a MatMul
+    whose size is acc's width, read by Shape(acc): it changes every iteration."""
+    nodes = _half_area_reshape("b_", "x") + [
+        _w("b_W", 6, 7), helper.make_node("MatMul", ["b_x2", "b_W"], ["b_y"]),  # (2,10,7) every iteration
+        helper.make_node("ReduceSum", ["b_y"], ["b_r"], keepdims=0), _c("b_11", [1, 1]),
+        helper.make_node("Reshape", ["b_r", "b_11"], ["b_r11"]),
+        helper.make_node("Concat", ["acc", "b_r11"], ["acc_out"], axis=1),
+        helper.make_node("Identity", ["cond_in"], ["cond_out"])]
+    outs = [_vi("cond_out", [], TensorProto.BOOL), _vi("acc_out", [1, None])]
+    if dependent:
+        nodes += [helper.make_node("Shape", ["acc"], ["d_s"]), _c("d_1", [1]), _c("d_7", [7]),
+                  helper.make_node("Gather", ["d_s", "d_1"], ["d_k"], axis=0),
+                  helper.make_node("Concat", ["d_k", "d_7"], ["d_shape"], axis=0),
+                  helper.make_node("ConstantOfShape", ["d_shape"], ["d_ones"],
+                                   value=numpy_helper.from_array(np.ones(1, np.float32))),
+                  helper.make_node("MatMul", ["acc", "d_ones"], ["d_z"])]
+        outs.append(_vi("d_z", [None, None]))
+    body = helper.make_graph(nodes, "body", [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL),
+                                             _vi("acc", [1, None])], outs)
+    loop_outs = ["acc_final"] + (["zs"] if dependent else [])
+    return _model([helper.make_node("Loop", ["M", "c0", "acc0"], loop_outs, name="loop", body=body)],
+                  [_vi("x", [2, 3, 4, 5])],
+                  [_vi("acc_final", [1, None])] + ([_vi("zs", [None, None, None])] if dependent else []),
+                  [numpy_helper.from_array(np.array(3, np.int64), "M"), numpy_helper.from_array(np.array(True), "c0"),
+                   numpy_helper.from_array(np.zeros((1, 1), np.float32), "acc0")])
+
+
+def test_loop_body_folds_loop_invariant_shape_arithmetic():
+    m = _loop_model(dependent=False)
+    assert _run(m, {"x": X}) == [(1, 4)]  # 3 iterations, each appends one column
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    assert a.totals.macs == 3 * (2 * 10 * 6 * 7)  # (2,10,6) @ (6,7) per iteration
+    assert a.totals.params == 6 * 7
+
+
+def test_loop_carried_shapes_are_not_folded_as_constants():
+    # Shape(acc) is 1x1, 1x2, 1x3 in the three iterations: no single figure is right, and the
+    # first iteration's must not be reported as if it were
+    m = _loop_model(dependent=True)
+    assert _run(m, {"x": X}) == [(1, 4), (3, 1, 7)]
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 1
+    assert "MatMul" in a.layers[0].unknown and "'acc'" in a.layers[0].unknown
+
+
+def _squeeze_if_model():
+    """PyTorch's export of ``squeeze(-1)`` on a dynamic dim: ``If(Shape(x)[-1] == 1)`` with
+    Squeeze in one branch and the tensor as it is in the other. x (2, 8, w/8) is computed from
+    x0 (2, 24) by a Reshape ONNX inference loses, so only folding sees that w/8 = 3: the then
+    branch (Squeeze of a 3) cannot run and ONNX inference of it fails once the shape is known."""
+    then = helper.make_graph([_c("t_ax", [-1]), helper.make_node("Squeeze", ["x", "t_ax"], ["t_sq"]), _w("t_W", 8, 4),
+                              helper.make_node("MatMul", ["t_sq", "t_W"], ["t_y2"]), _c("t_one", [1]),
+                              helper.make_node("Unsqueeze", ["t_y2", "t_one"], ["t_y"])],
+                             "then", [], [_vi("t_y", [None, None, None])])
+    els = helper.make_graph([_w("e_W", 3, 4), helper.make_node("MatMul", ["x", "e_W"], ["e_y"])],
+                            "else", [], [_vi("e_y", [None, None, None])])
+    nodes = [helper.make_node("Shape", ["x0"], ["s0"]), _c("i0", [0]), _c("i1", [1]), _c("eight", [8]),
+             helper.make_node("Gather", ["s0", "i0"], ["n"], axis=0), helper.make_node("Gather", ["s0", "i1"], ["w"], axis=0),
+             helper.make_node("Div", ["w", "eight"], ["w8"]),
+             helper.make_node("Concat", ["n", "eight", "w8"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x0", "shape"], ["x"]),
+             helper.make_node("Shape", ["x"], ["sx"]), _c("last", [-1]), _c("one", [1]),
+             helper.make_node("Gather", ["sx", "last"], ["d"], axis=0), helper.make_node("Equal", ["d", "one"], ["eq"]),
+             helper.make_node("Squeeze", ["eq"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=els)]
+    return _model(nodes, [_vi("x0", [2, 24])], [_vi("y", [None, None, None])])
+
+
+def test_if_decided_by_the_shapes_counts_the_branch_that_runs():
+    m = _squeeze_if_model()
+    (shape,) = _run(m, {"x0": np.ones((2, 24), np.float32)})
+    assert shape == (2, 8, 4)  # the else branch ran: (2,8,3) @ (3,4)
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    assert a.totals.macs == 2 * 8 * 3 * 4
+    row = next(x for x in a.layers if x.op_type == "If")
+    assert "else_branch runs" in row.note
+    assert a.totals.params == 8 * 4 + 3 * 4  # both branches' constants are stored in the file
