@@ -26,7 +26,6 @@ import onnx
 
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
-from .graph import all_graphs, has_subgraph, subgraphs
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
 from .shapes import Origins, lost_tensors, resolve_shapes
 from .symdims import derive
@@ -166,19 +165,6 @@ def bind_inputs(
         _bind_value_infos(graph.output, bound)
         _bind_value_infos(graph.value_info, bound)
         changed = True
-    # the same in If/Loop/Scan bodies: an exporter's "batch" in a body's declared shapes is the
-    # input's symbol (bound or not), anything else is derived again by inference
-    for body in (b for n in graph.node if has_subgraph(n) for _, g in subgraphs(n) for b in all_graphs(g)):
-        for vi in (*body.input, *body.output, *body.value_info):
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                for d in vi.type.tensor_type.shape.dim:
-                    if d.HasField("dim_param") and d.dim_param not in symbols:
-                        d.Clear()
-                        changed = True
-        if bound:
-            _bind_value_infos(body.input, bound)
-            _bind_value_infos(body.output, bound)
-            _bind_value_infos(body.value_info, bound)
     return symbols, changed
 
 
