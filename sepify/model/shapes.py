@@ -25,8 +25,22 @@ without computed shapes pays nothing else.
 3. **re-infer**: ONNX shape inference (data propagation on) on the scratch copy;
 4. repeat from 1 until nothing new folds (a fixpoint; at most 16 rounds).
 
-The shapes found are written into the model's ``value_info``; the nodes of the model are not
-changed (the analysis still has one row per node). Why this and not onnxruntime's
+The same runs inside ``If``/``Loop``/``Scan`` bodies (nested ones too), each body with its own
+folder that also sees the known values of the enclosing scopes (ONNX scoping); each ``If``
+branch is folded on its own; values a body computes from its inputs are never constants (a
+``Loop``'s iteration number and carried values change every iteration), and the shape of a
+carried input is used only when the body's matching output has the same static shape (see
+"bodies" below). ONNX inference of a body reads no values from enclosing scopes, so in the
+scratch copy a body gets ``Constant`` copies of the outer values it reads. An ``If`` whose
+condition is a folded value (PyTorch's ``squeeze(d)`` of a dynamic dim:
+``If(Equal(Gather(Shape(x), d), 1))``) runs one branch: in the scratch copy the dead branch
+becomes a renamed copy of the live one (inference of the dead one may fail: a ``Squeeze`` of a
+dim that is not 1), and the decision is returned (``taken``) for the cost walk, which counts
+only the branch that runs. When strict inference of the scratch copy fails in a model with
+bodies, a lenient one (nodes it cannot infer skipped) lets the next round decide such Ifs.
+
+The shapes found are written into the model's ``value_info`` (bodies' too; a dead branch keeps
+what it had); the nodes of the model are not changed (the analysis still has one row per node). Why this and not onnxruntime's
 ``symbolic_shape_infer``: measured on the exports in ``bench/realworld.py`` it fails outright on
 a third of them (models with ``-1`` dims, ``If`` bodies, quantized ops), and takes 15-18 s on
 two detection models where this stage takes milliseconds; ONNX inference plus folding recovers
