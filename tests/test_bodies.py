@@ -170,3 +170,39 @@ def test_if_decided_by_the_shapes_counts_the_branch_that_runs():
     row = next(x for x in a.layers if x.op_type == "If")
     assert "else_branch runs" in row.note
     assert a.totals.params == 8 * 4 + 3 * 4  # both branches' constants are stored in the file
+
+
+# --- com.microsoft DynamicQuantizeLSTM (ddddocr's common_old.onnx) --------------------------------
+def _dq_lstm_model(seq, batch, inp, hidden):
+    q = lambda *shape: RNG.integers(-127, 127, shape, dtype=np.int8)  # noqa: E731
+    f = lambda *shape: RNG.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(q(1, inp, 4 * hidden), "W"), numpy_helper.from_array(q(1, hidden, 4 * hidden), "R"),
+             numpy_helper.from_array(f(1, 8 * hidden), "B"),
+             numpy_helper.from_array(np.array([0.02], np.float32), "W_scale"), numpy_helper.from_array(np.zeros(1, np.int8), "W_zp"),
+             numpy_helper.from_array(np.array([0.03], np.float32), "R_scale"), numpy_helper.from_array(np.zeros(1, np.int8), "R_zp"),
+             numpy_helper.from_array(f(hidden, 6), "Wm")]
+    nodes = [helper.make_node("DynamicQuantizeLSTM", ["x", "W", "R", "B", "", "", "", "", "W_scale", "W_zp", "R_scale", "R_zp"],
+                              ["Y", "Y_h", "Y_c"], domain="com.microsoft", hidden_size=hidden, name="lstm"),
+             helper.make_node("MatMul", ["Y_h", "Wm"], ["z"], name="head")]  # after the LSTM: needs its output shape
+    g = helper.make_graph(nodes, "g", [_vi("x", [seq, batch, inp])], [_vi("z", [None, None, None]), _vi("Y", [None] * 4)],
+                          initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+def test_dynamic_quantize_lstm():
+    seq, batch, inp, hidden = 5, 2, 3, 4
+    m = _dq_lstm_model(seq, batch, inp, hidden)
+    z, y = _run(m, {"x": RNG.standard_normal((seq, batch, inp)).astype(np.float32)})
+    assert y == (seq, 1, batch, hidden) and z == (1, batch, 6)
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    lstm, head = a.layers
+    w, r = inp * 4 * hidden, hidden * 4 * hidden  # int8 weight elements
+    assert lstm.macs == seq * batch * (w + r) == 1120  # as a float LSTM: integer MACs are MACs
+    steps = seq * batch * 1
+    assert lstm.flops == 2 * 1120 + steps * (15 * hidden + 4 * (inp + hidden) + 2 * 8 * hidden)
+    assert head.macs == batch * hidden * 6  # (1,2,4) @ (4,6): the LSTM's output shape was known
+    assert lstm.params == w + r + 8 * hidden  # int8 W and R, float B; scales and zero points are not
+    assert a.totals.params == w + r + 8 * hidden + hidden * 6

@@ -494,6 +494,26 @@ def recurrent(ctx: OpContext) -> Cost:
     return Cost(macs, flops)
 
 
+@cost_rule("DynamicQuantizeLSTM", domain="com.microsoft")
+def dynamic_quantize_lstm(ctx: OpContext) -> Cost:
+    """onnxruntime's LSTM on int8 weights W (D, I, 4H) and R (D, H, 4H) (transposed against
+    LSTM's), X and h quantized to uint8 on the fly. MACs as LSTM's: seq x batch x (numel(W) +
+    numel(R)), integer multiply-accumulates like ConvInteger's. FLOPs: 2 x MACs, the LSTM gate
+    math (15 per hidden unit per step per direction), the dynamic quantization of x_t and h_t-1
+    (DynamicQuantizeLinear's 4 per element: seq x batch x D x (I + H)) and the dequantization of
+    the two int32 gate products (DequantizeLinear's 2 per element: seq x batch x D x 2 x 4H)."""
+    x = ctx.in_shape(0)
+    w, r = ctx.in_shape(1), ctx.in_shape(2)
+    if len(x) != 3 or len(w) != 3 or len(r) != 3:
+        raise Unknown("X, W and R must be 3-D")
+    seq, batch = x[0], x[1]
+    dirs, inp, hidden = w[0], w[1], r[1]
+    macs = seq * batch * (prod(w) + prod(r))
+    steps = seq * batch * dirs
+    flops = 2 * macs + steps * (15 * hidden + 4 * (inp + hidden) + 2 * 8 * hidden)
+    return Cost(macs, flops)
+
+
 # --- attention ------------------------------------------------------------------------------
 def _attention_core(batch: Num, heads: Num, q_len: Num, kv_len: Num, qk_dim: Num, v_dim: Num) -> Cost:
     """Q·Kᵀ (q_len x kv_len x qk_dim) and P·V (q_len x kv_len x v_dim) per head; softmax 5 per score."""
@@ -613,4 +633,5 @@ PARAM_ROLES: dict[str, dict[int, str]] = {
     "Gather": {0: "param", 1: "none"},
     "Pow": {1: "none"},
     "MatMulNBits": {1: "param", 2: "none", 3: "none", 4: "none", 5: "none"},
+    "DynamicQuantizeLSTM": {1: "param", 2: "param", 8: "none", 9: "none", 10: "none", 11: "none"},
 }

@@ -197,7 +197,7 @@ def _needs_data_prop(model: onnx.ModelProto) -> bool:
     by ``ConstantOfShape`` of a ``Concat`` of constants); without such ops it is skipped (it
     costs ~70%). Initializers and ``Constant`` outputs are read without it."""
     present = {n.op_type for n in model.graph.node}
-    if present & {"Shape", "Size", "If", "Loop", "Scan"}:
+    if present & {"Shape", "Size", "If", "Loop", "Scan", "DynamicQuantizeLSTM"}:  # (the last: shapes.py's surrogate)
         return True
     if not present & _SHAPE_CONSUMERS:
         return False

@@ -300,6 +300,7 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
     from .external import weightless_copy
 
     scratch = weightless_copy(model)  # (weights stubbed: each re-inference serializes the graph only)
+    surrogates = _add_surrogates(scratch.graph)
     keep_names = {o.name for o in model.graph.output}
     rounds = 0
     while rounds < MAX_ROUNDS:
@@ -311,8 +312,9 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
         body_folded = _fold_bodies(g, folder, shapes, bodies, taken) if has_bodies else {}
         if len(folder.values) + _body_count(bodies) == known_before and rounds > 1:
             break
-        if not folded and not any(body_folded.values()) and not (has_bodies and rounds == 1):
-            break  # (round 1 with bodies goes on: their Constant copies of outer values may be all they need)
+        if not folded and not any(body_folded.values()) and not ((has_bodies or surrogates) and rounds == 1):
+            break  # (round 1 goes on with bodies, whose Constant copies of outer values may be all they
+            # need, and with surrogate nodes: inference on them is what they are for)
         # substitute: folded nodes out, their results read by the remaining nodes in as initializers
         remaining = [n for i, n in enumerate(g.node) if i not in folded]
         needed = {x for n in remaining for x in (*n.input, *outer_inputs(n))} | keep_names  # (bodies read outer names)
@@ -351,6 +353,51 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
         derive(scratch, symbols)
     _write_back(model, scratch, folder, bodies, taken)
     return model, rounds
+
+
+# --- contrib ops ONNX inference does not know -------------------------------------------------
+# onnx has no schema for onnxruntime's com.microsoft ops, so their outputs (and everything after
+# them) get no shape. Where a standard op has the same output shapes, the scratch copy runs
+# inference on that op instead (the model keeps its node).
+
+def _surrogate_dq_lstm(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: dict) -> onnx.NodeProto | None:
+    """com.microsoft DynamicQuantizeLSTM -> LSTM: the same inputs at positions 0 and 3-7 (X, B,
+    sequence_lens, initial_h, initial_c, P) and attributes; W (D, I, 4H) and R (D, H, 4H) are
+    int8 and transposed against LSTM's (D, 4H, I) / (D, 4H, H): stand-in float stubs (no data)."""
+    ins = list(node.input)
+    if len(ins) < 3 or shapes.get(ins[1]) is None or shapes.get(ins[2]) is None:
+        return None
+    stubs = []
+    for name in ins[1:3]:
+        d, a, b = shapes[name]
+        stub = onnx.TensorProto(name=f"sepify_surrogate__{name}", data_type=TensorProto.FLOAT, dims=[d, b, a])
+        stub.data_location = TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "sepify-weightless"
+        stubs.append(stub)
+    graph.initializer.extend(stubs)
+    return onnx.helper.make_node("LSTM", [ins[0], stubs[0].name, stubs[1].name, *ins[3:8]], list(node.output),
+                                 name=node.name, **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+                                                    if a.name != "layout"})
+
+
+_SURROGATES = {("com.microsoft", "DynamicQuantizeLSTM"): _surrogate_dq_lstm}
+
+
+def _add_surrogates(graph: onnx.GraphProto) -> bool:
+    """Replace, in the scratch copy's main graph, the contrib ops of :data:`_SURROGATES`; were
+    there any?"""
+    if not any((n.domain, n.op_type) in _SURROGATES for n in graph.node):
+        return False
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer if len(t.dims) == 3}
+    nodes = []
+    for n in graph.node:
+        make = _SURROGATES.get((n.domain, n.op_type))
+        sub = make(n, graph, shapes) if make is not None else None
+        nodes.append(sub if sub is not None else n)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
 
 
 # --- bodies ------------------------------------------------------------------------------------
