@@ -144,7 +144,7 @@ class Poly:
         return total
 
     def format(self, number_format=str) -> str:
-        """Human form, highest degree first: ``4.09G·batch + 1.2M``."""
+        """Human form, highest degree first, then largest coefficient: ``4.09G·batch + 1.2M``."""
         return _format(frozenset(self.terms.items()), number_format)
 
     def __repr__(self) -> str:
@@ -156,7 +156,7 @@ def _format(terms: frozenset, number_format) -> str:
     if not terms:
         return "0"
     out = ""
-    for m, c in sorted(terms, key=lambda t: (-sum(p for _, p in t[0]), t[0])):
+    for m, c in sorted(terms, key=lambda t: (-sum(p for _, p in t[0]), -abs(t[1]), t[0])):
         syms = "·".join(s if p == 1 else f"{s}^{p}" for s, p in m)
         a = abs(c)
         if not syms:
