@@ -269,3 +269,27 @@ def test_nodes_out_of_order_are_sorted_in_the_rewritten_model():
     assert [n.name for n in result.model.graph.node] == ["conv/depthwise", "conv/pointwise", "relu"]
     assert any("topological order" in n for n in result.report["notes"])
     onnx.checker.check_model(result.model, full_check=True)
+
+
+def test_weight_computed_by_dequantize_linear_goes_with_the_conv():
+    """A weight computed from constants (DequantizeLinear of an int8 initializer, opset 13, which
+    onnx's reference evaluator has no kernel for: onnxruntime evaluates it) is read and the
+    nodes and initializers that only computed it are removed; a scale also read elsewhere stays."""
+    rng = np.random.default_rng(0)
+    wq = rng.integers(-100, 100, (6, 3, 3, 3)).astype(np.int8)
+    g = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["wq", "sc", "zp"], ["w"], name="dq"),
+         helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"], name="relu"),
+         helper.make_node("Identity", ["sc"], ["sc_out"], name="keep_sc")], "dq",
+        [_vi("x", [1, 3, 6, 6])], [_vi("y", [1, 6, 6, 6]), _vi("sc_out", [])],
+        [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.float32(0.02).reshape(()), "sc"),
+         numpy_helper.from_array(np.int8(0).reshape(()), "zp")])
+    src = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    result = sepify.rewrite(src, rank="full", allow_increase=True, form="native")
+    out = result.model
+    assert [n.name for n in out.graph.node] == ["conv/depthwise", "conv/pointwise", "relu", "keep_sc"]
+    assert [t.name for t in out.graph.initializer] == ["sc", "conv/depthwise.weight", "conv/pointwise.weight"]
+    onnx.checker.check_model(out, full_check=True)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x)[0], _run(src, x)[0], rtol=1e-4, atol=1e-4)
