@@ -137,6 +137,11 @@ def test_untouched_parts_are_byte_identical_and_rewritten_parts_exact(kw, tmp_pa
     new_inits = [t.name for t in out.graph.initializer[len(kept_inits):]]
     assert new_inits and all(n.startswith(("conv1/", "conv2/")) for n in new_inits)
     assert "b1" in src_inits and "w2" not in {t.name for t in out.graph.initializer}
+    # the report's layer diff matches every untouched node (the function's inlined ones too)
+    rows = result.report["diff"]["rows"]
+    assert {(r["status"], r["name"]) for r in rows if r["status"] != "unchanged"} == \
+        {("changed", "conv1"), ("changed", "conv2"), ("removed", "bn"), ("changed", "if")}  # if: b1 now counted there
+    assert {"Swish/Sigmoid_0__1", "Swish/Mul_1__1"} <= {r["name"] for r in rows if r["status"] == "unchanged"}
     # the written model passes the full check; at full rank it computes what the source does
     path = tmp_path / "out.onnx"
     result.save(path)

@@ -169,6 +169,7 @@ def rewrite(
         from onnx import inliner
 
         try:
+            _name_function_nodes(raw)  # edit_base keeps the functions as they are
             raw = inliner.inline_local_functions(raw)
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error
             raise ModelError(f"{path or '<model>'}: cannot inline model-local functions: "
@@ -318,7 +319,9 @@ def rewrite(
         after = before
     else:
         def load_new(**numeric):
-            return load(weightless_copy(new), input_shapes=input_shapes, dims=dims, copy=False, **numeric)
+            light = weightless_copy(new)
+            _name_function_nodes(light)  # inlined by the loading with the names the "before" has
+            return load(light, input_shapes=input_shapes, dims=dims, copy=False, **numeric)
 
         try:  # checker and strict shape inference of the result, on a weightless copy
             new_loaded = load_new()
@@ -464,6 +467,16 @@ class _Latency:
                                   f"{self.opts.target_speedup:g}: the budget is on the sum of one-layer timings, which "
                                   f"do not add up exactly to the whole model's; ask for a little more")
         return e2e
+
+
+def _name_function_nodes(model: onnx.ModelProto) -> None:
+    """Name the unnamed nodes of model-local function bodies ``<function>/<op>_<index>``: the
+    inliner then names their copies ``<that>__<call number>``, the same before and after the
+    edit (names derived from node positions would shift with the new nodes)."""
+    for f in model.functions:
+        for i, n in enumerate(f.node):
+            if not n.name:
+                n.name = f"{f.name}/{n.op_type}_{i}"
 
 
 def _top_level(model: onnx.ModelProto, replacements) -> bool:
