@@ -211,3 +211,30 @@ def test_diff_bindings_do_not_apply_to_saved_json(tiny_model, tmp_path):
                                      "report, whose numbers are those it was analyzed with (ignored)"]
     r = run("diff", tiny_model, tiny_model, "--dim", "typo=2")
     assert r.stderr.count("warning") == 2  # each side named: the two are two models to the user
+
+
+# --- data files that are not .npz ---------------------------------------------------------------------
+def _npy(path):
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.save(f, np.zeros((10, 1, 3, 32, 32), np.float32))
+
+
+NOT_NPZ = {
+    "npy": (_npy, "a .npy file"),
+    "empty": (lambda p: p.write_bytes(b""), "an empty file"),
+    "json": (lambda p: p.write_text('{"input": [1, 2]}'), "not a zip archive"),
+}
+
+
+@pytest.mark.parametrize("option", ["--calibration", "--inputs"])
+@pytest.mark.parametrize("kind", list(NOT_NPZ))
+def test_data_file_not_npz(tiny_model, tmp_path, option, kind):
+    """A .npy file was an internal error (np.load returns a bare array), an empty file too
+    (EOFError) for --calibration, and a JSON 'contains pickled (object) data'."""
+    make, what = NOT_NPZ[kind]
+    path = tmp_path / f"data.{kind}"
+    make(path)
+    one_error_line(run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", option, path), option, "not an .npz file", what)
+    assert not (tmp_path / "o.onnx").exists()

@@ -139,6 +139,7 @@ class CalibrationSet:
 # --- reading ---------------------------------------------------------------------------------
 def _npz_headers(path: Path, label: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Array names, shapes and dtypes of an ``.npz`` from the .npy headers (no data read)."""
+    _require_npz(path, label)
     out = {}
     try:
         with zipfile.ZipFile(path) as z:
@@ -160,12 +161,30 @@ def _line(e: Exception) -> str:
     return s.splitlines()[0][:200] if s else type(e).__name__
 
 
-def _read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
+def read_npz(path: Path, label: str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file (calibration data, ``--inputs``). Anything else — a
+    ``.npy`` file, an empty or truncated file, a JSON — is one line (:class:`UsageError`):
+    ``np.load`` would return a bare array for a .npy and try to unpickle any other file."""
+    _require_npz(path, label)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UsageError(f"{label}: cannot read ({_line(e)})") from None
+
+
+def _require_npz(path: Path, label: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise UsageError(f"{label}: cannot read ({e.strerror or e})") from None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip (the second: an empty one, no arrays)
+        return
+    what = ("an empty file" if not head else "a .npy file (one array without a name)" if head == b"\x93NUMPY"
+            else "not a zip archive")
+    raise UsageError(f"{label}: not an .npz file: {what}; write one array per graph input, named after it, with "
+                     "numpy.savez(path, NAME=array)")
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -264,7 +283,7 @@ def load_calibration(source, model_or_inputs, *, holdout: float = DEFAULT_HOLDOU
             return _from_folder(path, label, specs, holdout, seed, dims)
         if not path.exists():
             raise UsageError(f"{label}: no such file or folder")
-        return _from_stacked(_read_npz(path, label), label, str(path), specs, holdout, seed, dims)
+        return _from_stacked(read_npz(path, label), label, str(path), specs, holdout, seed, dims)
     if isinstance(source, Mapping):
         arrays = {k: np.asarray(v) for k, v in source.items()}
         return _from_stacked(arrays, "calibration", "<arrays>", specs, holdout, seed, dims)
@@ -352,7 +371,7 @@ def _from_folder(path: Path, label: str, specs: list[InputSpec], holdout, seed, 
 
     def get(i: int) -> Feed:
         lab = f"{label}/{files[i].name}"
-        data = _read_npz(files[i], lab)
+        data = read_npz(files[i], lab)
         out = {}
         for k, a in data.items():
             a = a[0] if squeeze[(i, k)] else a

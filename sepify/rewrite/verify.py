@@ -63,7 +63,7 @@ import numpy as np
 import onnx
 
 from ..errors import ModelError, UsageError
-from .data import InputSpec, model_inputs
+from .data import InputSpec, model_inputs, read_npz
 
 SMOKE_TEST = "random inputs: wiring smoke test, not an accuracy measurement"
 NEAR_ZERO = 1e-6          # reference RMS <= NEAR_ZERO * S (S = 1 + largest |reference| of the graph outputs)
@@ -162,13 +162,7 @@ def load_samples(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[di
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise ValueError("not a .npz archive")
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise UsageError(f"{path}: cannot read inputs: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return read_npz(path, f"--inputs {path}")
 
 
 def _check_names(arrays: Mapping, specs: Sequence[InputSpec], where) -> None:
