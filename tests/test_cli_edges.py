@@ -238,3 +238,42 @@ def test_data_file_not_npz(tiny_model, tmp_path, option, kind):
     make(path)
     one_error_line(run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", option, path), option, "not an .npz file", what)
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --- analyze --by-op honours --sort; Markdown notes after the layer table ----------------------------
+@pytest.mark.parametrize("sort", ["flops", "params", "name"])
+@pytest.mark.parametrize("fmt", ["csv", "markdown", "table"])
+def test_by_op_sort(tiny_model, sort, fmt):
+    """--by-op ignored --sort (always by MACs) and said 'the heaviest by MACs' under --sort params."""
+    layers = json.loads(run("analyze", tiny_model, "--format", "json").stdout)["layers"]
+    groups: dict[str, dict] = {}
+    for layer in layers:  # the groups by hand, from the per-layer rows
+        g = groups.setdefault(layer["op_type"], {"flops": 0, "params": 0, "macs": 0})
+        for q in g:
+            g[q] += layer[q] or 0
+    if sort == "name":
+        expected = sorted(groups)
+    else:
+        expected = sorted(groups, key=lambda op: (-groups[op][sort], -groups[op]["macs"], -groups[op]["flops"], op))
+    r = run("analyze", tiny_model, "--by-op", "--sort", sort, "--top", "3", "--format", fmt)
+    assert r.exit_code == 0, r.output
+    if fmt == "csv":
+        got = [line.split(",")[0] for line in r.stdout.splitlines()[1:]]
+    elif fmt == "markdown":
+        got = [line.split("|")[1].strip() for line in r.stdout.splitlines() if line.startswith("| ")][3:]
+    else:
+        got = [line.split()[0] for line in r.stdout.splitlines() if line.split() and line.split()[0] in groups]
+        word = {"flops": "the heaviest by FLOPs", "params": "the heaviest by params", "name": "the first by name"}[sort]
+        assert f"5 more op types not shown (--top 3: {word};" in r.stdout
+    assert got == expected[:3]
+
+
+def test_markdown_notes_are_a_list(tmp_path):
+    """The notes came right after </details>: CommonMark keeps them inside the HTML block (shown
+    as one raw line of text, not a list)."""
+    from markdown_it import MarkdownIt
+
+    model = _batch_model(tmp_path / "b.onnx")  # an unbound batch: one note
+    md = run("analyze", model, "--format", "markdown").stdout
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    assert "<li>unbound symbolic dimensions set to 1 for the numbers: batch" in html

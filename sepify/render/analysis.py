@@ -44,6 +44,25 @@ def select_layers(layers: list[dict], sort: str = "graph", top: int | None = Non
     return rows[:top] if top else rows
 
 
+#: the orders of ``--by-op`` rows (``graph`` and ``output_bytes`` have none there: MACs)
+GROUP_SORT_KEYS = ("macs", "flops", "params", "name")
+
+
+def select_groups(by_op: dict, sort: str = "graph", top: int | None = None) -> list[tuple[str, dict]]:
+    """The ``--by-op`` rows: heaviest first by ``sort`` (MACs unless flops/params), or by op
+    name; the ``top`` first. Deterministic."""
+    key = group_sort_key(sort)
+    if key == "name":
+        groups = sorted(by_op.items())
+    else:
+        groups = sorted(by_op.items(), key=lambda kv: (-kv[1][key], -kv[1]["macs"], -kv[1]["flops"], kv[0]))
+    return groups[:top] if top else groups
+
+
+def group_sort_key(sort: str) -> str:
+    return sort if sort in GROUP_SORT_KEYS else "macs"
+
+
 # --- analysis ---------------------------------------------------------------------------------
 def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None = None, by_op: bool = False,
                    width: int | None = None) -> None:
@@ -56,9 +75,8 @@ def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None
     if by_op:
         columns = [Column("op type", "left", flex=12), Column("count"), Column("MACs"), Column("FLOPs", drop=1),
                    Column("params"), Column("unknown", drop=2)]
-        groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
-        shown = groups[:top] if top else groups
-        hidden, what = len(groups) - len(shown), "op types"
+        shown = select_groups(data["by_op"], sort, top)
+        hidden, what = len(data["by_op"]) - len(shown), "op types"
         rows = [(op, str(g["count"]), human(g["macs"]), human(g["flops"]), human(g["params"]),
                  str(g["unknown"]) if g["unknown"] else "") for op, g in shown]
         total = ("total", str(len(data["layers"])), human(t["macs"]), human(t["flops"]), human(t["params"]),
@@ -83,10 +101,14 @@ def analysis_table(data: dict, stream=None, sort: str = "graph", top: int | None
     if not by_op:
         lines += [f"{mark}: {note} ({sum(1 for n in notes if n == note)} layers)" for note, mark in marks.items()]
     if hidden:
-        key = "MACs" if by_op or sort == "graph" else sort
-        lines.insert(0, f"{hidden} more {what} not shown (--top {top}: the heaviest by {key}; the total row counts them all)")
+        key = group_sort_key(sort) if by_op else "macs" if sort == "graph" else sort
+        order = "the first by name" if key == "name" else f"the heaviest by {_KEY_WORDS.get(key, key)}"
+        lines.insert(0, f"{hidden} more {what} not shown (--top {top}: {order}; the total row counts them all)")
     # plain text (rich would read "[...]" in a tensor name as markup, and wrap long notes)
     stream.write("\n".join([*lines, *(f"note: {note}" for note in data.get("notes", []))]) + "\n")
+
+
+_KEY_WORDS = {"macs": "MACs", "flops": "FLOPs", "output_bytes": "output bytes"}
 
 
 def _note_marks(notes: list[str]) -> dict[str, str]:
@@ -123,13 +145,12 @@ BY_OP_CSV_COLUMNS = ("op_type", "count", "macs", "flops", "params", "unknown")
 
 def analysis_csv(data: dict, sort: str = "graph", top: int | None = None, by_op: bool = False) -> str:
     """One row per layer (``CSV_COLUMNS``), or with ``by_op`` one per op type (``BY_OP_CSV_COLUMNS``,
-    heaviest first, as the table)."""
+    in :func:`select_groups` order, as the table)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if by_op:
         w.writerow(BY_OP_CSV_COLUMNS)
-        groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
-        for op, g in groups[:top] if top else groups:
+        for op, g in select_groups(data["by_op"], sort, top):
             w.writerow([op, *(g[c] for c in BY_OP_CSV_COLUMNS[1:])])
         return buf.getvalue()
     w.writerow(CSV_COLUMNS)
@@ -150,8 +171,7 @@ def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, b
         out += [f"MACs as a formula of the free dimensions: `{t['macs_formula']}`", ""]
     if by_op:
         out += ["| op type | count | MACs | FLOPs | params |", "|---|---:|---:|---:|---:|"]
-        groups = sorted(data["by_op"].items(), key=lambda kv: (-kv[1]["macs"], -kv[1]["flops"], kv[0]))
-        for op, g in groups[:top] if top else groups:
+        for op, g in select_groups(data["by_op"], sort, top):
             out.append(f"| {md_escape(op)} | {g['count']} | {human(g['macs'])} | {human(g['flops'])} | {human(g['params'])} |")
     else:
         rows = select_layers(data["layers"], sort, top)
@@ -162,7 +182,7 @@ def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, b
             note = f"unknown: {r['unknown']}" if r["unknown"] else r["note"]
             out.append(f"| {r['index']} | {md_escape(r['name'])} | {r['op_type']} | {_shape(r['output_shapes'])} "
                        f"| {human(r['macs'])} | {human(r['params']) if r['params'] else ''} | {md_escape(note)} |")
-        out += ["", "</details>"]
+        out += ["", "</details>", ""]  # (a blank line ends the HTML block: the notes below are Markdown again)
     for note in data.get("notes", []):
         out.append(f"- {md_escape(note)}")
     return "\n".join(out) + "\n"
