@@ -277,3 +277,14 @@ def test_markdown_notes_are_a_list(tmp_path):
     md = run("analyze", model, "--format", "markdown").stdout
     html = MarkdownIt("commonmark").enable("table").render(md)
     assert "<li>unbound symbolic dimensions set to 1 for the numbers: batch" in html
+
+
+def test_rewrite_verification_tables_fit_80_columns(tiny_model, tmp_path):
+    """The verification table was 81 columns wide at COLUMNS=80 (its columns could not shrink)."""
+    r = run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--verify-layers", "--rank", "2", env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert any("before Softmax" in line or "before Soft" in line or "…" in line for line in lines)
+    assert "error after each rewritten layer" in r.stdout
+    too_wide = [line for line in lines if len(line) > 80]
+    assert too_wide == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .common import _console, dumps_json, md_escape
+from .common import Column, _console, dumps_json, md_escape
 from ..units import human
 
 
@@ -38,8 +38,10 @@ def _cells(label: str, o: dict, extra: list[str] | None = None) -> tuple[str, ..
             _g(o.get("top5_agreement"), ".3f"), "; ".join(notes))
 
 
-_OUTPUT_COLUMNS = [("output", "left"), ("rel L2", "right"), ("max abs", "right"), ("cosine", "right"),
-                   ("top-1", "right"), ("top-5", "right"), ("note", "left")]
+#: the verification tables fit the terminal as the layer tables do: long tensor names are
+#: shortened in the middle, notes wrapped, top-5 left out last
+_OUTPUT_COLUMNS = [Column("output", "left", flex=12), Column("rel L2"), Column("max abs"), Column("cosine"),
+                   Column("top-1"), Column("top-5", drop=1), Column("note", "left", fold=True)]
 
 
 def _output_rows(ver: dict) -> list[tuple[str, ...]]:
@@ -85,7 +87,8 @@ def _layer_rows(ver: dict | None) -> list[tuple[str, ...]]:
     return rows
 
 
-_LAYER_COLUMNS = [("layer", "left"), ("tensor", "left"), ("rel L2", "right"), ("max abs", "right"), ("cosine", "right")]
+_LAYER_COLUMNS = [Column("layer", "left", flex=12), Column("tensor", "left", flex=12), Column("rel L2"),
+                  Column("max abs"), Column("cosine")]
 _LAYER_TITLE = "error after each rewritten layer (end to end)"
 
 
@@ -159,8 +162,8 @@ def _print_verification(ver: dict | None, console, stream) -> None:
 
 
 def _md_table(columns, rows) -> list[str]:
-    out = ["| " + " | ".join(h for h, _ in columns) + " |",
-           "|" + "|".join("---" if j == "left" else "---:" for _, j in columns) + "|"]
+    out = ["| " + " | ".join(c.header for c in columns) + " |",
+           "|" + "|".join("---" if c.justify == "left" else "---:" for c in columns) + "|"]
     return out + ["| " + " | ".join(md_escape(c) for c in r) + " |" for r in rows]
 
 
