@@ -288,3 +288,12 @@ def test_rewrite_verification_tables_fit_80_columns(tiny_model, tmp_path):
     assert "error after each rewritten layer" in r.stdout
     too_wide = [line for line in lines if len(line) > 80]
     assert too_wide == []
+
+
+def test_unreachable_target_ratio_names_the_ratio(tiny_model, tmp_path):
+    """The error of an unreachable --target-ratio spoke of a --target-macs the user never gave."""
+    line = one_error_line(run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--target-ratio", "0.1"))
+    total, least = 2_254_176, 500_592  # samples/README.md; rank 1 everywhere (test_rewrite_cli)
+    assert f"--target-ratio 0.1 ({int(total * 0.1):,} of {total:,} MACs) cannot be reached" in line
+    assert f"the least the model can cost is {least:,} MACs ({least / total:.3f} of the model" in line
+    assert "--target-macs" not in line

@@ -241,16 +241,18 @@ class Budget(RankPolicy):
                 out[c.node.name] = "no saving even at rank 1"
         fixed += sum(c.original_macs for c in candidates if c not in usable)
         budget = target - fixed
+        asked = (f"--target-macs {target:,}" if self.target_macs is not None
+                 else f"--target-ratio {self.target_ratio:g} ({target:,} of {total_macs:,} MACs)")
         if budget < 0:
-            raise BudgetError(f"--target-macs {target:,} cannot be reached: the layers that cannot be rewritten "
-                              f"alone cost {fixed:,} MACs")
+            raise BudgetError(f"{asked} cannot be reached: the layers that cannot be rewritten "
+                              f"alone cost {fixed:,} MACs ({fixed / total_macs:.3f} of the model)")
         options = [layer_options(c, curves_of(c)) for c in usable]
         picks = solve(options, budget)
         if picks is None:
             minimum = int(sum(min(o.cost for o in opts if o.key != KEEP) for opts in options))
-            raise BudgetError(f"--target-macs {target:,} cannot be reached: the least the model can cost is "
-                              f"{minimum + fixed:,} MACs (every eligible conv at rank 1; {fixed:,} of them in layers "
-                              f"that are not rewritten)")
+            raise BudgetError(f"{asked} cannot be reached: the least the model can cost is "
+                              f"{minimum + fixed:,} MACs ({(minimum + fixed) / total_macs:.3f} of the model; every "
+                              f"eligible conv at rank 1; {fixed:,} of them in layers that are not rewritten)")
         for c, opts, j in zip(usable, options, picks):
             key = opts[j].key
             out[c.node.name] = KEPT if key == KEEP else key
