@@ -297,3 +297,12 @@ def test_unreachable_target_ratio_names_the_ratio(tiny_model, tmp_path):
     assert f"--target-ratio 0.1 ({int(total * 0.1):,} of {total:,} MACs) cannot be reached" in line
     assert f"the least the model can cost is {least:,} MACs ({least / total:.3f} of the model" in line
     assert "--target-macs" not in line
+
+
+def test_rewrite_markdown_has_no_diff_heading(tiny_model):
+    """A dry run's Markdown said '### sepify diff: `.../tiny.onnx → tiny_cnn`' (the graph name of a
+    model that is not written), under a report titled 'sepify rewrite'."""
+    md = run("rewrite", tiny_model, "--dry-run", "--format", "markdown").stdout
+    assert md.startswith("## sepify rewrite: `tiny.onnx` (rank 1, dw-first)\n")
+    assert "sepify diff" not in md
+    assert "### cost before → after" in md

@@ -195,8 +195,11 @@ def diff_table(data: dict, stream=None, show_unchanged: bool = False, sort: str 
     console.print(f"layers: {_counts_line(data)}{hidden}")
 
 
-def diff_markdown(data: dict, show_unchanged: bool = False, sort: str = "graph", top: int | None = None) -> str:
-    out = [f"### sepify diff: `{md_escape(_title(data))}`", "",
+def diff_markdown(data: dict, show_unchanged: bool = False, sort: str = "graph", top: int | None = None,
+                  title: str | None = None) -> str:
+    """The totals and the layer rows in Markdown; ``title``: the heading's text instead of
+    ``sepify diff: `old → new```."""
+    out = [f"### {title}" if title else f"### sepify diff: `{md_escape(_title(data))}`", "",
            "| | before | after | Δ | % | ratio |", "|---|---:|---:|---:|---:|---:|"]
     out += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in _totals_rows(data)]
     out += ["", f"**Layers:** {_counts_line(data)}", ""]

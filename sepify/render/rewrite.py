@@ -233,7 +233,7 @@ def rewrite_markdown(report: dict) -> str:
     name = os.path.basename(report.get("model") or "") or "model"
     written = f" → `{md_escape(os.path.basename(report['output']))}`" if report.get("output") else ""
     out = [f"## sepify rewrite: `{md_escape(name)}`{written} ({md_escape(_criterion(report))})", "",
-           diff_markdown(report["diff"]).rstrip("\n")]
+           diff_markdown(report["diff"], title="cost before → after").rstrip("\n")]
     if any(r.get("folded_batchnorm") for r in report["layers"]):
         out.append("")  # a list right after "</details>" would be swallowed by the HTML block
     for r in report["layers"]:
