@@ -360,6 +360,9 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
     inputs = _guard(guard,
                     {"-o": None if dry_run else output, "--report": report_file})
     report_fmt = "html" if report_file and report_file.lower().endswith((".html", ".htm")) else fmt
+    if dry_run and report_fmt in ("netron", "model-explorer"):
+        click.echo(f"sepify: warning: --dry-run: the {report_fmt} file describes the rewritten model's nodes "
+                   "(conv/depthwise, ...), and no rewritten model is written to open it with", err=True)
     _check_viewer_format(fmt)
     _check_viewer_format(report_fmt)
     shapes, dims = _shapes_and_dims(input_shape, dim)

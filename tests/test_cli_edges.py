@@ -306,3 +306,11 @@ def test_rewrite_markdown_has_no_diff_heading(tiny_model):
     assert md.startswith("## sepify rewrite: `tiny.onnx` (rank 1, dw-first)\n")
     assert "sepify diff" not in md
     assert "### cost before → after" in md
+
+
+@pytest.mark.parametrize("fmt", ["netron", "model-explorer"])
+def test_rewrite_dry_run_viewer_file_warns(tiny_model, fmt):
+    r = run("rewrite", tiny_model, "--dry-run", "--format", fmt)
+    assert r.exit_code == 0, r.output
+    assert "conv1/depthwise" in r.stdout  # it names nodes of the rewritten model...
+    assert r.stderr.startswith(f"sepify: warning: --dry-run: the {fmt} file describes the rewritten model")
