@@ -160,6 +160,15 @@ def _guard(inputs, outputs: dict[str, str | None]):
     return inputs
 
 
+def _warn_table_options(fmt: str, given: dict, shaped: str) -> None:
+    """Options that shape rows of the human formats are warned about where they do nothing (a
+    JSON report, a page or a viewer file holds every layer)."""
+    used = [opt for opt, on in given.items() if on]
+    if used:
+        click.echo(f"sepify: warning: {', '.join(used)} shape{'s' if len(used) == 1 else ''} {shaped}; "
+                   f"--format {fmt} holds every row (ignored)", err=True)
+
+
 def _warn_unused_dims(model: str, unused) -> None:
     """A --dim the model has no symbol for is ignored (noted in the report) and warned about:
     it matches no model of the command (a typo?)."""
@@ -241,6 +250,8 @@ def analyze(model, fmt, output, input_shape, dim, metric, by_op, top, sort):
     inputs = _guard(Inputs().add_model(model), {"-o": output})
     _check_viewer_format(fmt)
     shapes, dims = _shapes_and_dims(input_shape, dim)
+    if fmt not in ("table", "csv", "markdown"):
+        _warn_table_options(fmt, {"--by-op": by_op, "--top": top, "--sort": sort != "graph"}, "the table, CSV and Markdown")
     with no_gc():  # the report makes a few objects per layer, and no reference cycles
         result = run(model, input_shapes=shapes, dims=dims)
         _warn_unused_dims(model, result.unused_dims)
@@ -546,6 +557,8 @@ def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match
 
     inputs = _guard(Inputs().add_model(old, "the old model").add_model(new, "the new model"), {"-o": output})
     _check_viewer_format(fmt)
+    if fmt not in ("table", "markdown"):
+        _warn_table_options(fmt, {"--all": show_all, "--top": top, "--sort": sort != "graph"}, "the table and Markdown")
     shapes, dims = _shapes_and_dims(input_shape, dim)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
                      input_shapes=shapes, dims=dims)

@@ -314,3 +314,23 @@ def test_rewrite_dry_run_viewer_file_warns(tiny_model, fmt):
     assert r.exit_code == 0, r.output
     assert "conv1/depthwise" in r.stdout  # it names nodes of the rewritten model...
     assert r.stderr.startswith(f"sepify: warning: --dry-run: the {fmt} file describes the rewritten model")
+
+
+@pytest.mark.parametrize("args,warning", [
+    (["analyze", "{m}", "--format", "json", "--top", "3"], "--top shapes the table, CSV and Markdown; --format json"),
+    (["analyze", "{m}", "--format", "model-explorer", "--by-op", "--sort", "params"],
+     "--by-op, --sort shape the table, CSV and Markdown; --format model-explorer"),
+    (["diff", "{m}", "{m}", "--format", "json", "--all"], "--all shapes the table and Markdown; --format json"),
+])
+def test_row_options_ignored_by_machine_formats_warn(tiny_model, args, warning):
+    """--top 3 with --format json wrote all 15 layers without a word."""
+    r = run(*[a.replace("{m}", str(tiny_model)) for a in args])
+    assert r.exit_code == 0, r.output
+    assert r.stderr == f"sepify: warning: {warning} holds every row (ignored)\n"
+    if args[:1] == ["analyze"] and "json" in args:
+        assert len(json.loads(r.stdout)["layers"]) == 15  # every layer, as the warning says
+
+
+def test_row_options_of_the_table_do_not_warn(tiny_model):
+    assert run("analyze", tiny_model, "--top", "3", "--by-op", "--sort", "flops").stderr == ""
+    assert run("diff", tiny_model, tiny_model, "--all", "--top", "3", "--format", "markdown").stderr == ""
