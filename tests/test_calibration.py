@@ -195,8 +195,8 @@ def test_folder_is_read_lazily(tmp_path, monkeypatch):
     import sepify.rewrite.data as data
 
     reads = []
-    real = data._read_npz
-    monkeypatch.setattr(data, "_read_npz", lambda p, label: reads.append(p) or real(p, label))
+    real = data.read_npz
+    monkeypatch.setattr(data, "read_npz", lambda p, label: reads.append(p) or real(p, label))
     cs = load_calibration(str(folder), cnn())
     assert reads == []  # validation reads the .npy headers only
     np.testing.assert_array_equal(cs.fit[0]["x"], cal[cs.fit.indices[0]])
