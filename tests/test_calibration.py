@@ -235,7 +235,7 @@ def _bad(tmp_path, kind):
         return tmp_path / "d", "05.npz 'x' has shape [1, 6, 10, 9]"
     if kind == "not npz":
         (tmp_path / "c.npz").write_bytes(b"not a zip")
-        return tmp_path / "c.npz", "cannot read"
+        return tmp_path / "c.npz", "not an .npz file: not a zip archive"
     raise AssertionError(kind)
 
 
