@@ -403,7 +403,42 @@ def qlinear_matmul(ctx: OpContext) -> Cost:
 
 @cost_rule("FusedMatMul", domain="com.microsoft")
 def fused_matmul(ctx: OpContext) -> Cost:
-    return _matmul_cost(ctx, 0, 1)
+    """alpha·op(A)·op(B), op = transpose of the last two axes when ``transA``/``transB``:
+    MACs = numel(Y) x K with K the contracted length (A's second-to-last axis with transA)."""
+    if ctx.attr("transBatchA", 0) or ctx.attr("transBatchB", 0):
+        raise Unknown("FusedMatMul with transBatchA/transBatchB")
+    a, b = list(ctx.in_shape(0)), list(ctx.in_shape(1))
+    if len(a) < 2 or len(b) < 2:
+        return _matmul_cost(ctx, 0, 1) if not (ctx.attr("transA", 0) or ctx.attr("transB", 0)) else _no_1d()
+    if ctx.attr("transA", 0):
+        a[-2], a[-1] = a[-1], a[-2]
+    if ctx.attr("transB", 0):
+        b[-2], b[-1] = b[-1], b[-2]
+    try:
+        y = ctx.out_numel(0)
+    except Unknown:
+        y = prod(_matmul_out_shape(tuple(a), tuple(b)))
+    macs = y * a[-1]
+    return Cost(macs, 2 * macs)
+
+
+def _no_1d():
+    raise Unknown("FusedMatMul transA/transB of a 1-D operand")
+
+
+@cost_rule("DynamicQuantizeMatMul", "MatMulIntegerToFloat", domain="com.microsoft")
+def dynamic_quantize_matmul(ctx: OpContext) -> Cost:
+    """onnxruntime's int8 MatMul with float output: A (float; DynamicQuantizeMatMul quantizes it
+    on the fly) x B (int8). MACs = numel(Y) x K, integer multiply-accumulates like
+    MatMulInteger's. FLOPs: 2 x MACs, + 4 per element of A for its dynamic quantization
+    (DynamicQuantizeLinear's), + 2 per output element for the dequantization (a scale product)
+    and 1 for the bias when there is one."""
+    c = _matmul_cost(ctx, 0, 1)
+    y = ctx.out_numel(0)
+    extra = 2 * y + (y if ctx.has_input(4 if ctx.node.op_type == "DynamicQuantizeMatMul" else 6) else 0)
+    if ctx.node.op_type == "DynamicQuantizeMatMul":
+        extra = extra + 4 * prod(ctx.in_shape(0))
+    return Cost(c.macs, c.flops + extra)
 
 
 @cost_rule("MatMulNBits", domain="com.microsoft")
@@ -634,4 +669,6 @@ PARAM_ROLES: dict[str, dict[int, str]] = {
     "Pow": {1: "none"},
     "MatMulNBits": {1: "param", 2: "none", 3: "none", 4: "none", 5: "none"},
     "DynamicQuantizeLSTM": {1: "param", 2: "param", 8: "none", 9: "none", 10: "none", 11: "none"},
+    "DynamicQuantizeMatMul": {1: "param", 2: "none", 3: "none"},
+    "MatMulIntegerToFloat": {0: "param", 1: "param", 2: "none", 3: "none", 4: "none", 5: "none"},
 }

@@ -27,7 +27,7 @@ import onnx
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
-from .shapes import Origins, lost_tensors, resolve_shapes
+from .shapes import SURROGATE_OPS, Origins, lost_tensors, resolve_shapes
 from .symdims import derive
 from .validation import check_input_dims
 
@@ -197,7 +197,7 @@ def _needs_data_prop(model: onnx.ModelProto) -> bool:
     by ``ConstantOfShape`` of a ``Concat`` of constants); without such ops it is skipped (it
     costs ~70%). Initializers and ``Constant`` outputs are read without it."""
     present = {n.op_type for n in model.graph.node}
-    if present & {"Shape", "Size", "If", "Loop", "Scan", "DynamicQuantizeLSTM"}:  # (the last: shapes.py's surrogate)
+    if present & {"Shape", "Size", "If", "Loop", "Scan"} or present & SURROGATE_OPS:  # (contrib ops: see shapes.py)
         return True
     if not present & _SHAPE_CONSUMERS:
         return False

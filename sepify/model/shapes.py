@@ -360,28 +360,94 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
 # them) get no shape. Where a standard op has the same output shapes, the scratch copy runs
 # inference on that op instead (the model keeps its node).
 
-def _surrogate_dq_lstm(node: onnx.NodeProto, graph: onnx.GraphProto, shapes: dict) -> onnx.NodeProto | None:
-    """com.microsoft DynamicQuantizeLSTM -> LSTM: the same inputs at positions 0 and 3-7 (X, B,
-    sequence_lens, initial_h, initial_c, P) and attributes; W (D, I, 4H) and R (D, H, 4H) are
-    int8 and transposed against LSTM's (D, 4H, I) / (D, 4H, H): stand-in float stubs (no data)."""
+def _stub(graph: onnx.GraphProto, name: str, dims) -> str:
+    """A float initializer of these dims and no data (inference reads only its type)."""
+    stub = onnx.TensorProto(name=f"sepify_surrogate__{name}", data_type=TensorProto.FLOAT, dims=list(dims))
+    stub.data_location = TensorProto.EXTERNAL
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", "sepify-weightless"
+    graph.initializer.append(stub)
+    return stub.name
+
+
+def _attrs(node: onnx.NodeProto, keep=None, drop=()) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
+            if (keep is None or a.name in keep) and a.name not in drop}
+
+
+def _surrogate_dq_lstm(node, graph, shapes):
+    """DynamicQuantizeLSTM -> LSTM: the same inputs at positions 0 and 3-7 (X, B, sequence_lens,
+    initial_h, initial_c, P) and attributes; W (D, I, 4H) and R (D, H, 4H) are int8 and
+    transposed against LSTM's (D, 4H, I) / (D, 4H, H): float stubs stand in."""
     ins = list(node.input)
-    if len(ins) < 3 or shapes.get(ins[1]) is None or shapes.get(ins[2]) is None:
+    if len(ins) < 3:
         return None
-    stubs = []
-    for name in ins[1:3]:
-        d, a, b = shapes[name]
-        stub = onnx.TensorProto(name=f"sepify_surrogate__{name}", data_type=TensorProto.FLOAT, dims=[d, b, a])
-        stub.data_location = TensorProto.EXTERNAL
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "sepify-weightless"
-        stubs.append(stub)
-    graph.initializer.extend(stubs)
-    return onnx.helper.make_node("LSTM", [ins[0], stubs[0].name, stubs[1].name, *ins[3:8]], list(node.output),
-                                 name=node.name, **{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-                                                    if a.name != "layout"})
+    w, r = shapes.get(ins[1]), shapes.get(ins[2])
+    if w is None or r is None or len(w) != 3 or len(r) != 3:
+        return None
+    ws, rs = _stub(graph, ins[1], (w[0], w[2], w[1])), _stub(graph, ins[2], (r[0], r[2], r[1]))
+    return onnx.helper.make_node("LSTM", [ins[0], ws, rs, *ins[3:8]], list(node.output), name=node.name,
+                                 **_attrs(node, drop=("layout",)))
 
 
-_SURROGATES = {("com.microsoft", "DynamicQuantizeLSTM"): _surrogate_dq_lstm}
+def _surrogate_dq_matmul(node, graph, shapes):
+    """DynamicQuantizeMatMul (A float, B int8, scales, zero points, bias) -> MatMul(A, float B)."""
+    b = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if b is None:
+        return None
+    return onnx.helper.make_node("MatMul", [node.input[0], _stub(graph, node.input[1], b)], [node.output[0]], name=node.name)
+
+
+def _surrogate_as(op: str, n_inputs: int, keep=None, unless=()):
+    """The standard op ``op`` on the first ``n_inputs`` inputs, with the attributes in ``keep``
+    (none if empty; all if None); not when an attribute of ``unless`` is set (non-zero)."""
+    def make(node, graph, shapes):
+        a = _attrs(node)
+        if any(a.get(k) for k in unless):
+            return None
+        ins = [x for x in list(node.input)[:n_inputs]]
+        while ins and not ins[-1]:
+            ins.pop()
+        return onnx.helper.make_node(op, ins, [node.output[0]], name=node.name,
+                                     **({} if keep == () else _attrs(node, keep=keep)))
+    return make
+
+
+def _surrogate_fused_matmul(node, graph, shapes):
+    """FusedMatMul -> MatMul, after a Transpose of the last two axes of A (``transA``) or B
+    (``transB``); the rank from the shapes known so far. (``transBatch*``: no surrogate.)"""
+    a = _attrs(node)
+    if a.get("transBatchA") or a.get("transBatchB") or len(node.input) < 2:
+        return None
+    ins, pre = list(node.input[:2]), []
+    for i, flag in enumerate(("transA", "transB")):
+        if not a.get(flag):
+            continue
+        rank = len(shapes[ins[i]]) if shapes.get(ins[i]) is not None else 0
+        if rank < 2:
+            return None
+        t = f"sepify_surrogate__{node.output[0]}_{i}"
+        pre.append(onnx.helper.make_node("Transpose", [ins[i]], [t], perm=[*range(rank - 2), rank - 1, rank - 2]))
+        ins[i] = t
+    return pre + [onnx.helper.make_node("MatMul", ins, [node.output[0]], name=node.name)]
+
+
+_CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+_SURROGATES = {
+    ("com.microsoft", "DynamicQuantizeLSTM"): _surrogate_dq_lstm,
+    ("com.microsoft", "DynamicQuantizeMatMul"): _surrogate_dq_matmul,
+    ("com.microsoft", "FusedConv"): _surrogate_as("Conv", 3, keep=_CONV_ATTRS),
+    ("com.microsoft", "FusedGemm"): _surrogate_as("Gemm", 3, keep=("alpha", "beta", "transA", "transB")),
+    ("com.microsoft", "FusedMatMul"): lambda node, graph, shapes: _surrogate_fused_matmul(node, graph, shapes),
+    ("com.microsoft", "QuickGelu"): _surrogate_as("Identity", 1, keep=()),
+    ("com.microsoft", "Gelu"): _surrogate_as("Identity", 1, keep=()),
+    ("com.microsoft", "FastGelu"): _surrogate_as("Add", 2, keep=()),  # (X + bias; X alone: Identity below)
+    ("com.microsoft", "BiasGelu"): _surrogate_as("Add", 2, keep=()),
+    ("com.microsoft", "BiasAdd"): _surrogate_as("Add", 2, keep=()),
+}
+# ops of the model that shape resolution replaces by surrogates in its scratch copy (the loader
+# runs the stage when one is present)
+SURROGATE_OPS = frozenset(op for _, op in _SURROGATES)
 
 
 def _add_surrogates(graph: onnx.GraphProto) -> bool:
@@ -389,12 +455,20 @@ def _add_surrogates(graph: onnx.GraphProto) -> bool:
     there any?"""
     if not any((n.domain, n.op_type) in _SURROGATES for n in graph.node):
         return False
-    shapes = {t.name: tuple(t.dims) for t in graph.initializer if len(t.dims) == 3}
+    shapes = {vi.name: _dims(vi) for vi in (*graph.value_info, *graph.input)}
+    shapes.update((t.name, tuple(t.dims)) for t in graph.initializer)
     nodes = []
     for n in graph.node:
         make = _SURROGATES.get((n.domain, n.op_type))
         sub = make(n, graph, shapes) if make is not None else None
-        nodes.append(sub if sub is not None else n)
+        if sub is None:
+            nodes.append(n)
+            continue
+        if not isinstance(sub, list):
+            sub = [sub]
+        if sub[-1].op_type == "Add" and len(sub[-1].input) == 1:
+            sub[-1] = onnx.helper.make_node("Identity", list(sub[-1].input), list(sub[-1].output), name=sub[-1].name)
+        nodes.extend(sub)
     del graph.node[:]
     graph.node.extend(nodes)
     return True
