@@ -206,3 +206,37 @@ def test_dynamic_quantize_lstm():
     assert head.macs == batch * hidden * 6  # (1,2,4) @ (4,6): the LSTM's output shape was known
     assert lstm.params == w + r + 8 * hidden  # int8 W and R, float B; scales and zero points are not
     assert a.totals.params == w + r + 8 * hidden + hidden * 6
+
+
+# --- contrib ops of onnxruntime-optimized models (FusedConv, QuickGelu, FusedMatMul, ...) ---------
+def test_onnxruntime_contrib_ops_keep_shapes_and_costs():
+    """ONNX inference has no schema for com.microsoft ops: without the shape stage's stand-in
+    standard ops, every tensor after the first FusedConv has no shape (an onnxruntime-optimized
+    PP-OCR model: 149 nodes of unknown cost)."""
+    f = lambda *shape: RNG.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(f(4, 3, 3, 3), "W1"), numpy_helper.from_array(f(4), "B1"),
+             numpy_helper.from_array(f(2, 4, 1, 1), "W2"), numpy_helper.from_array(np.array([1, 2, 36], np.int64), "s"),
+             numpy_helper.from_array(f(2, 5), "M"),
+             numpy_helper.from_array(RNG.integers(-127, 127, (5, 7), dtype=np.int8), "Q"),
+             numpy_helper.from_array(np.array(0.05, np.float32), "Q_scale"), numpy_helper.from_array(np.array(0, np.int8), "Q_zp")]
+    ms = "com.microsoft"
+    nodes = [helper.make_node("FusedConv", ["x", "W1", "B1"], ["c1"], domain=ms, name="fconv", kernel_shape=[3, 3],
+                              activation="Relu"),                                        # (1,4,6,6)
+             helper.make_node("QuickGelu", ["c1"], ["g"], domain=ms, name="gelu", alpha=1.702),
+             helper.make_node("Conv", ["g", "W2"], ["c2"], name="conv"),                 # (1,2,6,6)
+             helper.make_node("Reshape", ["c2", "s"], ["r"], name="reshape"),            # (1,2,36)
+             helper.make_node("FusedMatMul", ["r", "M"], ["mm"], domain=ms, name="fmm", transA=1),  # (1,36,2)x(2,5)
+             helper.make_node("DynamicQuantizeMatMul", ["mm", "Q", "Q_scale", "Q_zp"], ["y"], domain=ms, name="dqmm")]
+    g = helper.make_graph(nodes, "g", [_vi("x", [1, 3, 8, 8])], [_vi("y", [None, None, None])], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
+    m.ir_version = 8
+    (y,) = _run(m, {"x": f(1, 3, 8, 8)})
+    assert y == (1, 36, 7)
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    macs = {x.name: x.macs for x in a.layers}
+    assert macs["fconv"] == 4 * 6 * 6 * (3 * 3 * 3)
+    assert macs["conv"] == 2 * 6 * 6 * 4
+    assert macs["fmm"] == 36 * 5 * 2  # K = 2: A is transposed
+    assert macs["dqmm"] == 36 * 7 * 5  # integer MACs count as MACs
+    assert a.totals.params == 4 * 27 + 4 + 2 * 4 + 2 * 5 + 5 * 7  # int8 Q counted; its scale and zero point not

@@ -300,21 +300,24 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
     from .external import weightless_copy
 
     scratch = weightless_copy(model)  # (weights stubbed: each re-inference serializes the graph only)
-    surrogates = _add_surrogates(scratch.graph)
+    contrib = True  # (until a round finds no contrib op left that a surrogate could replace)
     keep_names = {o.name for o in model.graph.output}
     rounds = 0
     while rounds < MAX_ROUNDS:
         rounds += 1
         g = scratch.graph
+        fresh = _add_surrogates(g) if contrib else 0
+        contrib = fresh > 0 or (fresh == 0 and rounds == 1)  # (a second try: ranks known after round 1)
+        fresh = max(fresh, 0)
         shapes = {vi.name: _dims(vi) for vi in (*g.value_info, *g.output, *g.input)}
         known_before = len(folder.values) + _body_count(bodies)
         folded = folder.fold(g, shapes)
         body_folded = _fold_bodies(g, folder, shapes, bodies, taken) if has_bodies else {}
-        if len(folder.values) + _body_count(bodies) == known_before and rounds > 1:
+        if len(folder.values) + _body_count(bodies) == known_before and rounds > 1 and not fresh:
             break
-        if not folded and not any(body_folded.values()) and not ((has_bodies or surrogates) and rounds == 1):
-            break  # (round 1 goes on with bodies, whose Constant copies of outer values may be all they
-            # need, and with surrogate nodes: inference on them is what they are for)
+        if not folded and not any(body_folded.values()) and not fresh and not (has_bodies and rounds == 1):
+            break  # (round 1 goes on with bodies: their Constant copies of outer values may be all they need;
+            # so does a round with new surrogate nodes: inference on them is what they are for)
         # substitute: folded nodes out, their results read by the remaining nodes in as initializers
         remaining = [n for i, n in enumerate(g.node) if i not in folded]
         needed = {x for n in remaining for x in (*n.input, *outer_inputs(n))} | keep_names  # (bodies read outer names)
@@ -450,28 +453,37 @@ _SURROGATES = {
 SURROGATE_OPS = frozenset(op for _, op in _SURROGATES)
 
 
-def _add_surrogates(graph: onnx.GraphProto) -> bool:
-    """Replace, in the scratch copy's main graph, the contrib ops of :data:`_SURROGATES`; were
-    there any?"""
-    if not any((n.domain, n.op_type) in _SURROGATES for n in graph.node):
-        return False
-    shapes = {vi.name: _dims(vi) for vi in (*graph.value_info, *graph.input)}
-    shapes.update((t.name, tuple(t.dims)) for t in graph.initializer)
-    nodes = []
-    for n in graph.node:
-        make = _SURROGATES.get((n.domain, n.op_type))
-        sub = make(n, graph, shapes) if make is not None else None
-        if sub is None:
-            nodes.append(n)
-            continue
-        if not isinstance(sub, list):
-            sub = [sub]
-        if sub[-1].op_type == "Add" and len(sub[-1].input) == 1:
-            sub[-1] = onnx.helper.make_node("Identity", list(sub[-1].input), list(sub[-1].output), name=sub[-1].name)
-        nodes.extend(sub)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return True
+def _add_surrogates(graph: onnx.GraphProto) -> int:
+    """Replace, in the scratch copy (bodies included), the contrib ops of :data:`_SURROGATES`
+    that can be now (a FusedMatMul with transA needs the rank of A: known in a later round);
+    return how many were (-1: the graph has none of them)."""
+    every = list(all_graphs(graph))
+    graphs = [g for g in every if any(n.domain == "com.microsoft" and n.op_type in SURROGATE_OPS for n in g.node)]
+    if not graphs:
+        return -1
+    shapes: dict = {}
+    for g in every:
+        shapes.update((vi.name, _dims(vi)) for vi in (*g.value_info, *g.input, *g.output))
+        shapes.update((t.name, tuple(t.dims)) for t in g.initializer)
+    count = 0
+    for g in graphs:
+        nodes = []
+        for n in g.node:
+            make = _SURROGATES.get((n.domain, n.op_type))
+            sub = make(n, g, shapes) if make is not None else None
+            if sub is None:
+                nodes.append(n)
+                continue
+            if not isinstance(sub, list):
+                sub = [sub]
+            if sub[-1].op_type == "Add" and len(sub[-1].input) == 1:
+                sub[-1] = onnx.helper.make_node("Identity", list(sub[-1].input), list(sub[-1].output), name=sub[-1].name)
+            nodes.extend(sub)
+            count += 1
+        if count:
+            del g.node[:]
+            g.node.extend(nodes)
+    return count
 
 
 # --- bodies ------------------------------------------------------------------------------------
