@@ -39,6 +39,12 @@ dim that is not 1), and the decision is returned (``taken``) for the cost walk, 
 only the branch that runs. When strict inference of the scratch copy fails in a model with
 bodies, a lenient one (nodes it cannot infer skipped) lets the next round decide such Ifs.
 
+onnxruntime's contrib ops (``com.microsoft``: FusedConv, FusedMatMul, QuickGelu,
+DynamicQuantizeLSTM, ...; see ``_SURROGATES``) have no ONNX schema: inference gives their
+outputs no shape. In the scratch copy each is replaced by a standard op with the same output
+shapes (a surrogate; int8 weights by float stand-ins without data), retried each round for those
+that need a shape found in an earlier one (the rank of a transposed FusedMatMul operand).
+
 The shapes found are written into the model's ``value_info`` (bodies' too; a dead branch keeps
 what it had); the nodes of the model are not changed (the analysis still has one row per node). Why this and not onnxruntime's
 ``symbolic_shape_infer``: measured on the exports in ``bench/realworld.py`` it fails outright on
