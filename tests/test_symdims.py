@@ -231,3 +231,21 @@ def test_check_names_the_dims_a_strided_conv_depends_on(tmp_path):
     # by hand at 64x64: 1176·32·32 + 576·16·16 + 128·8·8 + 160 = 1,360,032 > 1M
     assert r.exit_code == 1
     assert analyze(path, dims={"N": 1, "H": 64, "W": 64}).totals.macs == 1176 * 1024 + 576 * 256 + 128 * 64 + 160
+
+
+def test_rewrite_of_a_symbolic_height_model_reports_formulas(tmp_path):
+    from sepify.rewrite import rewrite
+
+    path = tmp_path / "stem.onnx"
+    onnx.save(_resnet_stem(), path)
+    result = rewrite(path)
+    layers = {r.name: r for r in result.layers}
+    assert set(layers) == {"conv1", "conv2"}  # conv3 is 1x1
+    # rank 1, dw-first: (M·K + N·M)·positions. conv1 8x3x7x7: 3·49 + 8·3 = 171; conv2 8x8x3x3: 72 + 64 = 136
+    assert layers["conv1"].macs_before_formula == "1.18K·N·⌈H/2⌉·⌈W/2⌉"
+    assert layers["conv1"].macs_after_formula == "171·N·⌈H/2⌉·⌈W/2⌉"
+    assert layers["conv2"].macs_after_formula == "136·N·⌈H/4⌉·⌈W/4⌉"
+    totals = result.report["totals"]
+    assert totals["after"]["macs_formula"] == "171·N·⌈H/2⌉·⌈W/2⌉ + 136·N·⌈H/4⌉·⌈W/4⌉ + 128·N·⌈H/8⌉·⌈W/8⌉ + 160·N"
+    # no second load at the stand-in values was needed to plan the layers after the strided conv
+    assert not any("unbound" in s.reason for s in result.skipped)

@@ -192,6 +192,9 @@ def rewrite_table(report: dict, stream=None) -> None:
     console.print(f"rewritten {t['rewritten']} Conv(s); MACs {human(b['macs'])} → {human(a['macs'])} "
                   f"({_pct(a['macs'], b['macs'])}), params {human(b['params'])} → {human(a['params'])} "
                   f"({_pct(a['params'], b['params'])})")
+    if b.get("macs_formula") or a.get("macs_formula"):
+        console.print(f"MACs as formulas of the unbound dims: {b.get('macs_formula') or human(b['macs'])} → "
+                      f"{a.get('macs_formula') or human(a['macs'])}")
     for line in _calibration_lines(report):
         console.print(line)
     folded = [r for r in report["layers"] if r.get("folded_batchnorm")]

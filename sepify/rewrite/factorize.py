@@ -165,6 +165,12 @@ def _dims(shape: tuple[int, ...], group: int) -> tuple[int, int, int, int]:
     return n, mg, mg * group, math.prod(shape[2:])
 
 
+def _count(value, what: str):
+    """A position count: a non-negative int, or a formula of symbolic dims (any object with
+    polynomial ``+``/``*``, as :class:`sepify.cost.symbolic.Poly`), which is kept as it is."""
+    return value if hasattr(value, "terms") else _check_count(value, what)
+
+
 def _check_count(value, what: str) -> int:
     value = _as_int(value, what)
     if value < 0:
@@ -274,10 +280,11 @@ class Spectrum:
     def macs(self, rank: int, p_in: int, p_out: int) -> int:
         """Multiply-accumulates of the factorized pair at ``rank``.
 
-        dw-first: (M*r*K + N*Mg*r) * p_out; pw-first: N*r*Mg * p_in + N*r*K * p_out.
+        dw-first: (M*r*K + N*Mg*r) * p_out; pw-first: N*r*Mg * p_in + N*r*K * p_out. With
+        ``p_in``/``p_out`` formulas of symbolic dims, the MACs are a formula.
         """
         r = self._rank(rank)
-        p_in, p_out = _check_count(p_in, "p_in"), _check_count(p_out, "p_out")
+        p_in, p_out = _count(p_in, "p_in"), _count(p_out, "p_out")
         n, mg, m, k = _dims(self.weight_shape, self.group)
         if self.orientation == "dw-first":
             return (m * r * k + n * mg * r) * p_out

@@ -15,11 +15,13 @@ import numpy as np
 import onnx
 
 from .. import __version__
+from ..cost.symbolic import formula
 from ..errors import ModelError, UsageError
 from ..model.graph import GraphView, all_graphs, subgraphs
 from ..model.external import weightless_copy
 from ..model.loading import load
 from ..model.reading import drop_initializer_inputs, read_model, topological_sort
+from ..units import human3
 from .allocate import plan_ranks
 from .emit import Replacement, _Names, _opset, apply, build, is_sorted
 from .options import FAST_FORM, RewriteOptions
@@ -46,10 +48,31 @@ class LayerResult:
     # from the fit statistics and measured on the held-out samples (None without them)
     output_error_predicted: float | None = None
     output_error_measured: float | None = None
+    # MACs as formulas of the unbound symbolic dims (``576·N·⌈H/4⌉·⌈W/4⌉``), None when static
+    macs_before_formula: str | None = None
+    macs_after_formula: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+
+
+def _macs_formulas(c: Candidate, sp, rank: int) -> dict:
+    """The layer's MACs before and after as formulas, when its positions are symbolic."""
+    if c.p_out_sym is None and c.p_in_sym is None:
+        return {}
+    p_in = c.p_in_sym if c.p_in_sym is not None else c.p_in
+    p_out = c.p_out_sym if c.p_out_sym is not None else c.p_out
+    before = original_macs_formula(c, p_out)
+    return {"macs_before_formula": formula(before, human3), "macs_after_formula": formula(sp.macs(rank, p_in, p_out), human3)}
+
+
+def original_macs_formula(c: Candidate, p_out):
+    n_out, c_per_group, *kernel = c.weight.shape
+    k = 1
+    for d in kernel:
+        k *= int(d)
+    return p_out * (int(n_out) * int(c_per_group) * k)
 
 
 @dataclass
@@ -302,7 +325,8 @@ def rewrite(
             params_before=c.original_params, params_after=int(first.size + second.size + (new_bias.size if new_bias is not None else 0)),
             folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
             form=form, latency=latency.layer(c.node.name) if latency else None,
-            output_error_predicted=fit[3] if fit is not None else None))
+            output_error_predicted=fit[3] if fit is not None else None,
+            **_macs_formulas(c, sp, rank)))
     new = edit_base
     if results and edit_base is not raw and not _top_level(edit_base, replacements):
         # a rewritten Conv is inside a model-local function: edit the inlined model
@@ -535,8 +559,8 @@ def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: 
         "model": str(path) if path else None,
         "settings": opts.to_dict(),
         "totals": {
-            "before": {k: tb[k] for k in ("macs", "flops", "params", "activation_peak_bytes")},
-            "after": {k: ta[k] for k in ("macs", "flops", "params", "activation_peak_bytes")},
+            "before": {k: tb[k] for k in ("macs", "flops", "params", "activation_peak_bytes", "macs_formula") if k in tb},
+            "after": {k: ta[k] for k in ("macs", "flops", "params", "activation_peak_bytes", "macs_formula") if k in ta},
             "macs_ratio": ratio(ta["macs"], tb["macs"]),
             "params_ratio": ratio(ta["params"], tb["params"]),
             "rewritten": len(layers),

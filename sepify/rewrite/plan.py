@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
+from ..cost.symbolic import Poly, dim_poly, is_symbolic
 from ..model.graph import GraphView, is_float, outer_inputs, unique_node_names
 from .factorize import ORIENTATIONS, Spectrum, spectrum
 from .options import RewriteOptions
@@ -39,6 +40,9 @@ class Candidate:
     bn: onnx.NodeProto | None = None
     original_macs: int = 0
     original_params: int = 0
+    # p_in / p_out as formulas of the unbound symbols (None when static), for the report's formulas
+    p_in_sym: Poly | None = None
+    p_out_sym: Poly | None = None
 
 
 
@@ -150,15 +154,24 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
         return SHAPE_UNKNOWN
 
     def positions(shape):
+        """batch x prod(spatial): the number at the symbols' values, and the formula (a Poly,
+        or the same int when every dim is static)."""
         dims = [shape[0]] + list(shape[2:])
-        out = 1
+        out, formula = 1, 1
         for d in dims:
-            if d is None or (isinstance(d, str) and d not in values):
-                return None
-            out *= d if isinstance(d, int) else values[d]
-        return out
+            if d is None:
+                return None, None
+            if isinstance(d, int):
+                out, formula = out * d, formula * d
+            elif d in values:
+                out, formula = out * values[d], formula * Poly.symbol(d)
+            elif (p := dim_poly(d)) is not None:  # a derived dim (⌈H/2⌉: sepify.model.symdims)
+                out, formula = out * p.evaluate(values), formula * p
+            else:
+                return None, None
+        return out, formula
 
-    p_in, p_out = positions(xs), positions(ys)
+    (p_in, p_in_sym), (p_out, p_out_sym) = positions(xs), positions(ys)
     if p_in is None or p_out is None:
         return SHAPE_UNKNOWN
     try:
@@ -185,7 +198,8 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
     spectra = {o: spectrum(weight, group, o) for o in orientations}
     original = n_out * c_per_group * _prod(kernel) * p_out
     return Candidate(node, idx, weight, bias, group, p_in, p_out, spectra, bn, original,
-                     weight.size + (bias.size if bias is not None else 0))
+                     weight.size + (bias.size if bias is not None else 0),
+                     p_in_sym if is_symbolic(p_in_sym) else None, p_out_sym if is_symbolic(p_out_sym) else None)
 
 
 def _foldable_bn(view: GraphView, node: onnx.NodeProto) -> onnx.NodeProto | None:
