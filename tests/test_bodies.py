@@ -240,3 +240,25 @@ def test_onnxruntime_contrib_ops_keep_shapes_and_costs():
     assert macs["fmm"] == 36 * 5 * 2  # K = 2: A is transposed
     assert macs["dqmm"] == 36 * 7 * 5  # integer MACs count as MACs
     assert a.totals.params == 4 * 27 + 4 + 2 * 4 + 2 * 5 + 5 * 7  # int8 Q counted; its scale and zero point not
+
+
+def test_if_decided_by_bound_shapes_when_the_dead_branch_fails_inference():
+    # the squeeze-If on a dynamic dim bound with --input-shape: with w = 3, ONNX inference (strict)
+    # fails in the then branch (Squeeze of a 3), which never runs; with w = 1 the else branch is dead
+    then = helper.make_graph([_c("t_ax", [-1]), helper.make_node("Squeeze", ["x", "t_ax"], ["t_sq"]), _w("t_W", 8, 4),
+                              helper.make_node("MatMul", ["t_sq", "t_W"], ["t_y2"]), _c("t_one", [1]),
+                              helper.make_node("Unsqueeze", ["t_y2", "t_one"], ["t_y"])],
+                             "then", [], [_vi("t_y", [None, None, None])])
+    els = helper.make_graph([_w("e_W", 3, 4), helper.make_node("MatMul", ["x", "e_W"], ["e_y"])],
+                            "else", [], [_vi("e_y", [None, None, None])])
+    nodes = [helper.make_node("Shape", ["x"], ["sx"]), _c("last", [-1]), _c("one", [1]),
+             helper.make_node("Gather", ["sx", "last"], ["d"], axis=0), helper.make_node("Equal", ["d", "one"], ["eq"]),
+             helper.make_node("Squeeze", ["eq"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then, else_branch=els)]
+    m = _model(nodes, [_vi("x", ["n", 8, "w"])], [_vi("y", [None, None, None])])
+    for w, branch, macs in ((3, "else_branch", 2 * 8 * 3 * 4), (1, "then_branch", 2 * 8 * 4)):
+        (shape,) = _run(m, {"x": np.ones((2, 8, w), np.float32)})
+        assert shape == ((2, 8, 4) if w == 3 else (2, 1, 4))
+        a = sepify.analyze(m, input_shapes={"x": [2, 8, w]})
+        assert a.totals.unknown == 0 and a.totals.macs == macs
+        assert f"{branch} runs" in next(x for x in a.layers if x.op_type == "If").note

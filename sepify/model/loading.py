@@ -26,6 +26,7 @@ import onnx
 
 from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data
+from .graph import all_graphs
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
 from .shapes import SURROGATE_OPS, Origins, lost_tensors, resolve_shapes
 from .symdims import derive
@@ -191,6 +192,29 @@ def infer_shapes(model: onnx.ModelProto, label: str = "<model>", data: bytes | N
         raise ModelError(f"{label}: shape inference failed: {_first_line(e)}") from None
 
 
+def _decide_ifs(model: onnx.ModelProto, label: str, error: ModelError):
+    """Strict shape inference failed. If it failed in the dead branch of an ``If`` whose condition
+    the shapes decide (PyTorch's ``squeeze(d)`` of a dynamic dim, bound with ``--input-shape``:
+    the Squeeze of a dim that is not 1 is in the branch that never runs), onnxruntime runs the
+    model: infer leniently, let shape resolution decide the Ifs, and accept the result when strict
+    inference then succeeds on the scratch copy (the dead branches left out). Returns (model,
+    the Ifs decided, a note) or None."""
+    if not any(n.op_type == "If" for g in all_graphs(model.graph) for n in g.node):
+        return None
+    from .shapes import infer_lenient
+
+    lenient = infer_lenient(model)
+    if lenient is None:
+        return None
+    taken: dict[str, str] = {}
+    status: dict = {}
+    out, _ = resolve_shapes(lenient, lambda m: infer_shapes(m, label), taken=taken, status=status)
+    if not status.get("strict") or not taken:
+        return None
+    return out, taken, (f"shape inference fails only in If branches that never run at these shapes "
+                        f"({len(taken)} If node(s) decided by the shapes); they are left out")
+
+
 def _needs_data_prop(model: onnx.ModelProto) -> bool:
     """Data propagation only helps where shapes are computed at run time (``Shape``/``Size``
     feeding ``Reshape``, ``Expand``...) or computed from constants by other nodes (a weight made
@@ -296,20 +320,26 @@ def load(
     if changed:
         data = None
     check_input_dims(model.graph, label, initializers)
+    rescued = None
     try:
         model = infer_shapes(model, label, data)
-    except ModelError:
-        if bind_unbound_to is None or all(v is not None for v in symbols.values()):
+    except ModelError as error:
+        rescued = _decide_ifs(model, label, error)
+        if rescued is not None:
+            model = rescued[0]
+            notes.append(rescued[2])
+        elif bind_unbound_to is None or all(v is not None for v in symbols.values()):
             raise
         # the values given to unbound symbols are stand-ins for the numbers: an output declared
         # 8 wide for an input of unknown width is no contradiction, but it is one at width 1
-        _forget_derived_dims(model.graph)
-        model = infer_shapes(model, label)
+        else:
+            _forget_derived_dims(model.graph)
+            model = infer_shapes(model, label)
     rounds = 0
-    taken: dict[str, str] = {}
-    if _needs_data_prop(model):  # (else no node computes a value a shape depends on: nothing to fold)
+    taken: dict[str, str] = rescued[1] if rescued is not None else {}
+    if rescued is None and _needs_data_prop(model):  # (else no node computes a value a shape depends on: nothing to fold)
         model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label), taken=taken)
-    elif any(v is None for v in symbols.values()) and lost_tensors(model):
+    elif rescued is None and any(v is None for v in symbols.values()) and lost_tensors(model):
         derive(model, {k for k, v in symbols.items() if v is None})  # (formulas: :mod:`sepify.model.symdims`)
     lost = Origins(model, taken)
     size = path.stat().st_size if path else None

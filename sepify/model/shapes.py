@@ -289,14 +289,19 @@ def _numel(dims) -> int:
     return n
 
 
-def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> tuple[onnx.ModelProto, int]:
+def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None,
+                   status: dict | None = None) -> tuple[onnx.ModelProto, int]:
     """Recover lost shapes (see the module docstring). ``infer``: the caller's shape inference
     (model -> inferred model, raising on failure). Returns the model with the shapes found in
     its ``value_info`` and the number of rounds run (0: nothing was lost). ``taken``: filled
     with the ``If`` nodes whose condition is known once the shapes are (first output name ->
-    the branch that runs, ``then_branch`` or ``else_branch``)."""
+    the branch that runs, ``then_branch`` or ``else_branch``). ``status["strict"]``: whether the
+    last inference of the scratch copy was the caller's (strict) one and succeeded."""
     if taken is None:
         taken = {}
+    if status is None:
+        status = {}
+    status["strict"] = False
     symbols = _input_symbols(model.graph)
     has_bodies = any(has_subgraph(n) for n in model.graph.node)
     if not lost_tensors(model) and not (has_bodies and _lost_in_bodies(model.graph, symbols)):
@@ -351,8 +356,10 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None) -> 
                             d.Clear()
         try:
             scratch = infer(scratch)
+            status["strict"] = True
         except Exception:  # noqa: BLE001 - the scratch copy is a help, never a new error
-            lenient = _infer_lenient(scratch) if has_bodies else None
+            status["strict"] = False
+            lenient = infer_lenient(scratch) if has_bodies else None
             if lenient is None:
                 break
             scratch = lenient
@@ -493,7 +500,7 @@ def _add_surrogates(graph: onnx.GraphProto) -> int:
 
 
 # --- bodies ------------------------------------------------------------------------------------
-def _infer_lenient(model: onnx.ModelProto) -> onnx.ModelProto | None:
+def infer_lenient(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """ONNX inference that skips the nodes it cannot infer. Used when strict inference fails on
     a scratch copy whose shapes are now known: typically in the dead branch of an ``If`` whose
     condition is decided by those shapes only in the next round (``Squeeze`` of a dim that is not
