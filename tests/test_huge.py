@@ -226,7 +226,12 @@ def test_rewrite_writes_a_valid_external_data_model(huge):
     onnx.checker.check_model(str(out), full_check=True)
     header = onnx.load(str(out), load_external_data=False)
     inits = {t.name: t for t in header.graph.initializer}
-    assert "mid.weight" not in inits and {"mid/depthwise.weight", "mid/pointwise.weight"} <= set(inits)
+    # the pair's weights (full rank 9: the default `split` form, docs/rewrite.md) replace mid's
+    (layer,) = report["layers"]
+    assert layer["form"] == "split" and layer["rank"] == 9
+    pair_convs = [n for n in layer["new_nodes"] if n.startswith(("mid/depthwise_", "mid/pointwise"))]
+    assert len(pair_convs) == 10
+    assert "mid.weight" not in inits and {f"{n}.weight" for n in pair_convs} <= set(inits)
     # every big weight went to the new data file, byte for byte (spot-checked at both ends)
     for name, _, _ in _convs()[1:]:
         t = inits[f"{name}.weight"]
