@@ -334,3 +334,36 @@ def test_row_options_ignored_by_machine_formats_warn(tiny_model, args, warning):
 def test_row_options_of_the_table_do_not_warn(tiny_model):
     assert run("analyze", tiny_model, "--top", "3", "--by-op", "--sort", "flops").stderr == ""
     assert run("diff", tiny_model, tiny_model, "--all", "--top", "3", "--format", "markdown").stderr == ""
+
+
+def _anonymous_dims_model(path):
+    """A 3x3 Conv (4 -> 6 channels) on an input whose batch, height and width have no name."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((6, 4, 3, 3)).astype(np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, None, None])
+    for axis in (0, 2, 3):
+        x.type.tensor_type.shape.dim[axis].Clear()
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 6, None, None])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "g", [x],
+                              [y], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_verify_binds_anonymous_dims_by_their_names(tmp_path):
+    """docs/cli.md: anonymous input dims are named <input>_d<axis> and bound with --dim. analyze
+    did so, but rewrite --verify's random input said 'x[2] (unnamed)' and would not take the dims."""
+    model = _anonymous_dims_model(tmp_path / "m.onnx")
+    analysis = json.loads(run("analyze", model, "--dim", "x_d2=8", "--dim", "x_d3=8", "--format", "json").stdout)
+    assert analysis["totals"]["macs"] == 6 * 4 * 9 * 8 * 8  # each output position: 4*9 MACs per output channel
+    r = run("rewrite", model, "-o", tmp_path / "o.onnx", "--verify", "--dim", "x_d2=8", "--dim", "x_d3=8",
+            "--rank", "full", "--format", "json")
+    assert r.exit_code == 0, r.output
+    ver = json.loads(r.stdout)["verification"]
+    assert ver["samples"] == 1 and ver["checked_error"] < 1e-4  # full rank: the same function
+    r = run("rewrite", model, "-o", tmp_path / "o.onnx", "--verify")
+    line = one_error_line(r, "x[2]=x_d2", "x[3]=x_d3", "--dim x_d2=VALUE --dim x_d3=VALUE (or --input-shape),")
+    assert "(unnamed)" not in line

@@ -65,7 +65,9 @@ class InputSpec:
 def model_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence] | None = None) -> list[InputSpec]:
     """The graph inputs a feed needs (initializers listed as inputs, IR < 4, excluded), with
     ``input_shapes`` (``--input-shape``) replacing the declared shapes. Used for calibration
-    data, ``--inputs`` and the random smoke-test inputs alike."""
+    data, ``--inputs`` and the random smoke-test inputs alike. A dimension with no name (or
+    written ``-1``) is called ``<input>_d<axis>``, as :func:`~sepify.model.loading.bind_inputs`
+    calls it, so that ``--dim`` binds it here too."""
     inits = {t.name for t in model.graph.initializer}
     out = []
     for vi in model.graph.input:
@@ -80,9 +82,9 @@ def model_inputs(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence] | 
             dtype = None
         if input_shapes and vi.name in input_shapes:
             shape = tuple(d if isinstance(d, str) else int(d) for d in input_shapes[vi.name])
-        elif tt.HasField("shape"):
+        elif tt.HasField("shape"):  # an anonymous or -1 dim has the name analysis gives it (--dim x_d0=...)
             shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
-                          else (d.dim_param or None) for d in tt.shape.dim)
+                          else (d.dim_param or f"{vi.name}_d{axis}") for axis, d in enumerate(tt.shape.dim))
         else:
             shape = None
         out.append(InputSpec(vi.name, dtype, shape))

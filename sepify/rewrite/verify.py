@@ -111,9 +111,10 @@ def random_samples(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = 
             feed[spec.name] = rng.integers(0, 10, shape).astype(spec.dtype)
     if unbound:
         names = sorted({u.split("=", 1)[1] for u in unbound if "=" in u})
-        how = " ".join(f"--dim {n}=VALUE" for n in names) or "--input-shape NAME=1x3x224x224"
-        raise UsageError(f"cannot make verification inputs: unbound dims {', '.join(unbound)}; bind them with {how} "
-                         f"(or --input-shape), or verify on data (--inputs data.npz / --calibration)")
+        how = (" ".join(f"--dim {n}=VALUE" for n in names) + " (or --input-shape)") if names \
+            else "--input-shape NAME=1x3x224x224"
+        raise UsageError(f"cannot make verification inputs: unbound dims {', '.join(unbound)}; bind them with {how}, "
+                         "or verify on data (--inputs data.npz / --calibration)")
     return [feed], notes
 
 
