@@ -367,3 +367,22 @@ def test_verify_binds_anonymous_dims_by_their_names(tmp_path):
     r = run("rewrite", model, "-o", tmp_path / "o.onnx", "--verify")
     line = one_error_line(r, "x[2]=x_d2", "x[3]=x_d3", "--dim x_d2=VALUE --dim x_d3=VALUE (or --input-shape),")
     assert "(unnamed)" not in line
+
+
+def test_check_one_unbound_dim_is_it(tmp_path):
+    """One dimension is 'it', not 'them' (the note and the error)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, "W"])], [w])
+    path = tmp_path / "w.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    r = run("check", "--no-config", path, "--max-params", "100", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert "unbound dimension W: no budget of this model depends on it" in json.loads(r.stdout)["models"][0]["notes"]
+    line = one_error_line(run("check", "--no-config", path, "--max-macs", "1M"), "unbound dimension W")
+    assert "bind it with --dim W=VALUE" in line

@@ -182,7 +182,7 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
         free = sorted(k for k, v in unbound.items() if k not in batch and k not in guessed)
         if free:
             result.notes.append(f"unbound dimension{'s' if len(free) > 1 else ''} {', '.join(free)}: no budget "
-                                "of this model depends on them")
+                                f"of this model depends on {'them' if len(free) > 1 else 'it'}")
         if batch:
             result.notes.append(f"per sample: the dynamic batch dimension {', '.join(batch)} is set to 1 "
                                 f"(to budget a batch of SIZE, bind it: --dim {batch[0]}=SIZE, or dims in the config)")
@@ -198,12 +198,13 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
 def _bind_hint(cfg: Config | None, layers: list[Settings], names: list[str] | None = None) -> str:
     """How to bind dimensions, in the words of where the model's settings come from: the last
     config section matching the model, else the command line."""
+    them = "them" if names is None or len(names) > 1 else "it"
     names = names or ["NAME"]
     dims = ", ".join(f"{n} = VALUE" for n in names)
     flags = " ".join(f"--dim {n}=VALUE" for n in names)
     if cfg is not None and len(layers) > 1:
-        return f"bind them with dims = {{{dims}}} (or input-shape) in {cfg.sections_for_label(layers[-1])}, or {flags}"
-    return f"bind them with {flags} or --input-shape INPUT=1x3x224x224 (or dims / input-shape in the config)"
+        return f"bind {them} with dims = {{{dims}}} (or input-shape) in {cfg.sections_for_label(layers[-1])}, or {flags}"
+    return f"bind {them} with {flags} or --input-shape INPUT=1x3x224x224 (or dims / input-shape in the config)"
 
 
 def dumps(report: CheckReport | dict) -> str:
