@@ -386,3 +386,13 @@ def test_check_one_unbound_dim_is_it(tmp_path):
     assert "unbound dimension W: no budget of this model depends on it" in json.loads(r.stdout)["models"][0]["notes"]
     line = one_error_line(run("check", "--no-config", path, "--max-macs", "1M"), "unbound dimension W")
     assert "bind it with --dim W=VALUE" in line
+
+
+@pytest.mark.parametrize("args", [["analyze", ""], ["rewrite", "", "--dry-run"], ["diff", "", "{m}"],
+                                  ["check", "--no-config", "", "--max-macs", "1G"]])
+def test_empty_model_path(tiny_model, args):
+    """`sepify analyze "$MODEL"` with MODEL unset said '.: is a directory, not an ONNX file'."""
+    r = run(*[a.replace("{m}", str(tiny_model)) for a in args])
+    assert r.exit_code == 2, r.output
+    assert "sepify: error: '': an empty model path (an unset variable in a script?)" in r.stderr.splitlines()
+    assert "directory" not in r.output

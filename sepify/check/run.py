@@ -72,6 +72,9 @@ def check(
     if models:
         here = cwd == Path.cwd().resolve()
         for m in models:
+            if not os.fspath(m):  # Path("") is the current folder
+                paths.append(("''", None, "'': an empty model path (an unset variable in a script?)"))
+                continue
             p = Path(os.fspath(m))
             paths.append((os.fspath(m), p if p.is_absolute() or here else cwd / p, None))
     elif cfg is not None and cfg.sections:

@@ -48,6 +48,8 @@ def _read(source, *, load_external_data: bool = False, copy: bool = True,
         path = None
         label = "<model>"
     else:
+        if not os.fspath(source):  # Path("") is ".": a folder, which would be a riddle
+            raise ModelError("'': an empty model path (an unset variable in a script?)")
         path = Path(os.fspath(source))
         label = str(path)
         if not path.exists():
