@@ -370,6 +370,12 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
                 guard.add(os.path.join(folder, f), role)
     inputs = _guard(guard,
                     {"-o": None if dry_run else output, "--report": report_file})
+    if report_file and output and not dry_run:  # the model's data file is an output too (external data)
+        for data in (output + ".data", output + ".alt.data"):
+            if os.path.abspath(report_file) == os.path.abspath(data) or (
+                    os.path.exists(report_file) and os.path.exists(data) and os.path.samefile(report_file, data)):
+                raise UsageError(f"{report_file}: --report is a name of -o's external-data file ({os.path.basename(data)}); "
+                                 "the report would overwrite the rewritten model's weights")
     report_fmt = "html" if report_file and report_file.lower().endswith((".html", ".htm")) else fmt
     if dry_run and report_fmt in ("netron", "model-explorer"):
         click.echo(f"sepify: warning: --dry-run: the {report_fmt} file describes the rewritten model's nodes "

@@ -396,3 +396,20 @@ def test_empty_model_path(tiny_model, args):
     assert r.exit_code == 2, r.output
     assert "sepify: error: '': an empty model path (an unset variable in a script?)" in r.stderr.splitlines()
     assert "directory" not in r.output
+
+
+@pytest.mark.parametrize("suffix", [".data", ".alt.data"])
+def test_report_is_not_the_data_file_of_the_output(tiny_model, tmp_path, suffix):
+    """rewrite -o out.onnx --report out.onnx.alt.data wrote the model's weights to that file and
+    then the report over them: out.onnx no longer loaded."""
+    import onnx
+
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx.load(tiny_model), src, save_as_external_data=True, location="w.bin", size_threshold=0)
+    out = tmp_path / "out.onnx"
+    for _ in range(2):  # the second save alternates the data file's name (.data, .alt.data)
+        r = run("rewrite", src, "-o", out, "--report", f"{out}{suffix}")
+        one_error_line(r, "--report is a name of -o's external-data file", "overwrite the rewritten model's weights")
+        assert run("rewrite", src, "-o", out, "--report", tmp_path / "r.json", "--format", "json").exit_code == 0
+        onnx.checker.check_model(str(out), full_check=True)
+        assert len(onnx.load(str(out)).graph.node) == 17  # the pair loads, weights and all
