@@ -648,8 +648,12 @@ def test_constant_mask_counts_what_it_is_made_from():
     # scattered into zeros (ConstantOfShape), differences of every window pair, then the two
     # masked_fill (Where) to 0 / -100: a 2x8x8 constant the model never stores. Its parameters are
     # what it is made from: the 4x4 zeros and the 2x4 stored region ids, not its 128 elements.
-    f32 = lambda name, v: init(name, np.array(v, np.float32))  # noqa: E731
-    i64 = lambda name, v: init(name, np.array(v, np.int64))  # noqa: E731
+    def f32(name, v):
+        return init(name, np.array(v, np.float32))
+
+    def i64(name, v):
+        return init(name, np.array(v, np.int64))
+
     nodes = [helper.make_node("ConstantOfShape", ["shp"], ["zeros"], value=numpy_helper.from_array(np.array([0], np.float32))),
              helper.make_node("ScatterND", ["zeros", "rows", "ids"], ["img"]),
              helper.make_node("Reshape", ["img", "win_shape"], ["win"]),          # 2 windows of 8
