@@ -197,7 +197,7 @@ def main(debug: bool) -> None:
     """sepify: static cost analysis, depthwise-separable rewriting and budget checks for ONNX models.
 
     Exit codes: 0 success, 1 budget exceeded or verification failed, 2 usage/config/model error,
-    3 internal error.
+    3 internal error; 130 interrupted (Ctrl-C), 143 terminated, 141 stdout closed (| head).
     """
     _State.debug = debug
     _terminate_like_interrupt(click.get_current_context())
