@@ -341,8 +341,9 @@ def _holdout_value(text: str) -> float:
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "markdown", *VIEWER_FORMATS]), default="table",
               show_default=True, help="Report format (html, netron and model-explorer describe the rewritten model).")
 @click.option("--report", "report_file", type=click.Path(dir_okay=False),
-              help="Also write the report to this file: in --format, or HTML when FILE ends in .html. With an html, "
-                   "netron or model-explorer --format, stdout then shows the table.")
+              help="Also write the report to this file: in --format, or HTML when FILE ends in .html (JSON / "
+                   "Markdown for .json / .md under the default --format table). With an html, netron or "
+                   "model-explorer --format, stdout then shows the table.")
 @_metric_opt
 @_input_shape_opt
 @_dim_opt
@@ -376,7 +377,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
                     os.path.exists(report_file) and os.path.exists(data) and os.path.samefile(report_file, data)):
                 raise UsageError(f"{report_file}: --report is a name of -o's external-data file ({os.path.basename(data)}); "
                                  "the report would overwrite the rewritten model's weights")
-    report_fmt = "html" if report_file and report_file.lower().endswith((".html", ".htm")) else fmt
+    report_fmt = _report_format(report_file, fmt)
     if dry_run and report_fmt in ("netron", "model-explorer"):
         click.echo(f"sepify: warning: --dry-run: the {report_fmt} file describes the rewritten model's nodes "
                    "(conv/depthwise, ...), and no rewritten model is written to open it with", err=True)
@@ -458,6 +459,20 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         click.echo(f"sepify: verification failed: checked error {'non-finite' if err is None else f'{err:.4g}'} "
                    f"> tolerance {tolerance:g}", err=True)
         sys.exit(EXIT_FAILED)
+
+
+def _report_format(report_file: str | None, fmt: str) -> str:
+    """The format of ``rewrite --report FILE``: HTML for ``.html``/``.htm`` whatever ``--format``
+    is; under the default ``--format table`` a ``.json`` / ``.md`` file gets JSON / Markdown (a
+    terminal table is no file format); else ``--format``'s."""
+    name = (report_file or "").lower()
+    if name.endswith((".html", ".htm")):
+        return "html"
+    if fmt == "table" and name.endswith(".json"):
+        return "json"
+    if fmt == "table" and name.endswith((".md", ".markdown")):
+        return "markdown"
+    return fmt
 
 
 @main.command("check")

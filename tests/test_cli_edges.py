@@ -413,3 +413,18 @@ def test_report_is_not_the_data_file_of_the_output(tiny_model, tmp_path, suffix)
         assert run("rewrite", src, "-o", out, "--report", tmp_path / "r.json", "--format", "json").exit_code == 0
         onnx.checker.check_model(str(out), full_check=True)
         assert len(onnx.load(str(out)).graph.node) == 17  # the pair loads, weights and all
+
+
+@pytest.mark.parametrize("name,check", [
+    ("r.json", lambda text: json.loads(text)["schema"] == "sepify.rewrite/1"),
+    ("r.md", lambda text: text.startswith("## sepify rewrite: `tiny.onnx`")),
+    ("r.txt", lambda text: "sepify rewrite:" in text.splitlines()[0] and "┃" not in text),
+])
+def test_report_file_format_follows_its_name_under_the_default_format(tiny_model, tmp_path, name, check):
+    """--report r.json under the default --format wrote the terminal table into r.json."""
+    r = run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--report", tmp_path / name)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines()[0].strip().startswith("sepify rewrite:")  # stdout: the table
+    assert check((tmp_path / name).read_text())
+    r = run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--format", "markdown")
+    assert (tmp_path / "r.json").read_text().startswith("## sepify rewrite")  # an explicit --format wins
