@@ -428,3 +428,18 @@ def test_report_file_format_follows_its_name_under_the_default_format(tiny_model
     assert check((tmp_path / name).read_text())
     r = run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--report", tmp_path / "r.json", "--format", "markdown")
     assert (tmp_path / "r.json").read_text().startswith("## sepify rewrite")  # an explicit --format wins
+
+
+def test_layer_budget_of_a_model_without_layers(tmp_path):
+    """A graph of no nodes (an identity export) has no layer above any budget: it FAILED with
+    'layer MACs could not be measured'."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    path = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(helper.make_graph([], "g", [x], [x]), opset_imports=[helper.make_opsetid("", 17)]), path)
+    r = run("check", "--no-config", path, "--max-layer-macs", "1", "--format", "json")
+    assert r.exit_code == 0, r.output
+    (budget,) = [b for b in json.loads(r.stdout)["models"][0]["budgets"] if b["quantity"] == "layer_macs"]
+    assert budget["value"] == 0 and budget["passed"] is True

@@ -55,7 +55,9 @@ def measure(report: dict) -> dict[str, tuple[int | None, str]]:
         "macs": (t.get("macs"), ""),
         "flops": (t.get("flops"), ""),
         "params": (t.get("params"), ""),
-        "layer_macs": ((heaviest["macs"], f"heaviest layer: {heaviest['name']}") if heaviest else (None, "no layer")),
+        "layer_macs": ((heaviest["macs"], f"heaviest layer: {heaviest['name']}") if heaviest
+                       else (0, "no layer") if not report.get("layers")  # a model of no nodes: no layer costs anything
+                       else (None, "every layer of unknown cost")),
         "activation_peak": (t.get("activation_peak_bytes"), ""),
         "file_size": ((report.get("model") or {}).get("file_size"), ""),
         "unknown": (t.get("unknown"), ("unknown: " + ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else ""))
