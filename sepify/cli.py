@@ -359,6 +359,10 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
 
     if not output and not dry_run:
         raise UsageError("give -o OUTPUT (or --dry-run to only report)")
+    if output == "-" and not dry_run:
+        raise UsageError("-o -: the rewritten model is written to a file, not to stdout (stdout carries the report)")
+    if report_file == "-":  # stdout: where the report goes anyway (once)
+        report_file = None
     if tolerance is not None and not (tolerance >= 0 and tolerance != float("inf")):  # (nan fails both)
         raise UsageError(f"--tolerance must be a finite number >= 0, not {tolerance:g}")
     from .fileio import Inputs
@@ -516,10 +520,12 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
     from .check import check as run
     from .render.check import github_report, render_check, write_junit
 
-    if config and no_config:
-        from .errors import UsageError
+    from .errors import UsageError
 
+    if config and no_config:
         raise UsageError("--config and --no-config exclude each other")
+    if junit == "-":
+        raise UsageError("--junit -: give the JUnit report a file name (stdout carries the --format report)")
     from .fileio import Inputs
 
     # the models and baselines the config names are known after the check: refused again then

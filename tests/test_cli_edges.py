@@ -443,3 +443,15 @@ def test_layer_budget_of_a_model_without_layers(tmp_path):
     assert r.exit_code == 0, r.output
     (budget,) = [b for b in json.loads(r.stdout)["models"][0]["budgets"] if b["quantity"] == "layer_macs"]
     assert budget["value"] == 0 and budget["passed"] is True
+
+
+def test_dash_outputs(tiny_model, tmp_path, monkeypatch):
+    """'-' is stdout for -o and --report; rewrite -o - and check --junit - wrote a file named '-',
+    and rewrite --report - printed the report twice (two JSON documents on stdout)."""
+    monkeypatch.chdir(tmp_path)
+    one_error_line(run("rewrite", tiny_model, "-o", "-"), "-o -", "not to stdout")
+    one_error_line(run("check", "--no-config", tiny_model, "--junit", "-"), "--junit -")
+    r = run("rewrite", tiny_model, "--dry-run", "--report", "-", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["schema"] == "sepify.rewrite/1"  # one document
+    assert not (tmp_path / "-").exists()
