@@ -262,3 +262,22 @@ def test_if_decided_by_bound_shapes_when_the_dead_branch_fails_inference():
         a = sepify.analyze(m, input_shapes={"x": [2, 8, w]})
         assert a.totals.unknown == 0 and a.totals.macs == macs
         assert f"{branch} runs" in next(x for x in a.layers if x.op_type == "If").note
+
+
+def test_loop_trip_count_computed_from_a_shape():
+    # for i in range(x.shape[0]): y_i = x[i][None] @ W — the trip count is Shape(x)[0], a value
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["x", "i"], ["row0"], axis=0),  # (4,)
+         helper.make_node("Unsqueeze", ["row0", "ax0"], ["row"]),  # (1, 4)
+         _w("W", 4, 5), helper.make_node("MatMul", ["row", "W"], ["y_i"]),  # (1, 5): 20 MACs
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body", [_vi("i", [], TensorProto.INT64), _vi("cond_in", [], TensorProto.BOOL)],
+        [_vi("cond_out", [], TensorProto.BOOL), _vi("y_i", [None, None])])
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), _c("zero", 0), _c("ax0", [0]),
+             helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             helper.make_node("Loop", ["n", "", ], ["ys"], name="loop", body=body)]
+    m = _model(nodes, [_vi("x", [3, 4])], [_vi("ys", [None, None, None])])
+    assert _run(m, {"x": np.ones((3, 4), np.float32)}) == [(3, 1, 5)]
+    a = sepify.analyze(m)
+    loop = next(x for x in a.layers if x.op_type == "Loop")
+    assert loop.macs == 3 * (1 * 4 * 5) and "3 iterations" in loop.note

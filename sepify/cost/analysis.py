@@ -430,6 +430,9 @@ class _Walker:
                 val = view.const_value(node.input[0])
                 if val is not None and val.size == 1:
                     trips = int(val.reshape(()))
+            if trips is None and node.output:  # computed from shapes (shape resolution)
+                t = getattr(view.lost, "taken", {}).get(node.output[0])
+                trips = t if t.__class__ is int else None
             if trips is None:
                 return Cost(body[0], body[1]), "Loop: per iteration (trip count not constant)", params, buffers
             return Cost(body[0] * trips, body[1] * trips), f"Loop: {trips} iterations", params, buffers

@@ -294,8 +294,9 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None,
     """Recover lost shapes (see the module docstring). ``infer``: the caller's shape inference
     (model -> inferred model, raising on failure). Returns the model with the shapes found in
     its ``value_info`` and the number of rounds run (0: nothing was lost). ``taken``: filled
-    with the ``If`` nodes whose condition is known once the shapes are (first output name ->
-    the branch that runs, ``then_branch`` or ``else_branch``). ``status["strict"]``: whether the
+    with what the shapes decide about control flow, by the node's first output name: an ``If``
+    whose condition is known -> the branch that runs (``then_branch`` or ``else_branch``); a
+    ``Loop`` whose trip count is a computed value -> that count (an int). ``status["strict"]``: whether the
     last inference of the scratch copy was the caller's (strict) one and succeeded."""
     if taken is None:
         taken = {}
@@ -574,6 +575,10 @@ def _fold_bodies(graph: onnx.GraphProto, folder: _Folder, shapes: dict, bodies: 
         branch = _branch_taken(node, folder.values)
         if branch is not None:
             taken[node.output[0]] = branch
+        elif node.op_type == "Loop" and node.input and node.input[0] and node.output and node.output[0]:
+            trips = folder.values.get(node.input[0])  # a trip count computed from shapes (Shape(x)[0])
+            if trips is not None and np.asarray(trips).size == 1:
+                taken[node.output[0]] = int(np.asarray(trips).reshape(()))
         for key, body in subgraphs(node):
             p = _body_path(path, node, key)
             if p is None or (branch is not None and key != branch):
