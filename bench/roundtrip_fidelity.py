@@ -12,6 +12,12 @@ sit: in place of the node they replace. A report, not a test: nothing is asserte
     PYTHONPATH=. python bench/roundtrip_fidelity.py /work/scratch/models/flat [--hand-made] [--rank 1]
 
 ``--hand-made`` adds small models carrying each item (built here, see :func:`hand_made`).
+To check that two versions of sepify write models that compute the same (three settings)::
+
+    PYTHONPATH=OLD_SRC python bench/roundtrip_fidelity.py FOLDER --save /tmp/old
+    PYTHONPATH=.       python bench/roundtrip_fidelity.py FOLDER --save /tmp/new
+    python bench/roundtrip_fidelity.py --compare /tmp/old /tmp/new
+
 Prints one row per model (the items that differ, with a count) and, at the end, the items lost
 on any model. Untouched nodes are matched to the source by their output names.
 """
@@ -19,6 +25,7 @@ on any model. Untouched nodes are matched to the source by their output names.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -307,12 +314,80 @@ def hand_made() -> dict[str, onnx.ModelProto]:
     return out
 
 
+# --- the same rewrites by two versions of sepify: do the written models compute the same? -------
+SETTINGS = {"r1": dict(rank=1), "r3split": dict(rank=3, form="split", allow_increase=True),
+            "pw2tiled": dict(rank=2, orientation="pw-first", form="tiled", allow_increase=True)}
+# inputs of the real models whose declared shapes leave a dim free (silero: 576 samples and its states)
+_FEED_SHAPES = {"input": {"silero": [1, 576]}, "state": {"silero": [2, 1, 128]}, "h": {"silero": [1, 1, 128]},
+                "c": {"silero": [1, 1, 128]}}
+
+
+def save_rewrites(folder: Path, out: Path) -> None:
+    """Rewrite every model of ``folder`` with each of :data:`SETTINGS` using the sepify on the
+    path, and save what rewrites something to ``out`` (``<model>.<setting>.onnx``)."""
+    import sepify
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(folder.rglob("*.onnx")):
+        for tag, kw in SETTINGS.items():
+            try:
+                r = sepify.rewrite(str(f), **kw)
+            except Exception as e:  # noqa: BLE001 - a report
+                print(f"{f.name} {tag}: {type(e).__name__}")
+                continue
+            if r.layers:
+                r.save(out / f"{f.stem}.{tag}.onnx")
+
+
+def compare_outputs(old: Path, new: Path) -> None:
+    """The models of ``old`` and ``new`` saved by :func:`save_rewrites` with two versions: the
+    full checker on each new one, and onnxruntime's outputs of both on the same random inputs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    worst, n = 0.0, 0
+    for f in sorted(old.glob("*.onnx")):
+        g = new / f.name
+        onnx.checker.check_model(str(g), full_check=True)
+        plans = [json.loads({p.key: p.value for p in onnx.load(str(x), load_external_data=False).metadata_props}
+                            ["sepify.rewrite"])["layers"] for x in (f, g)]
+        if plans[0] != plans[1]:  # the two versions chose other layers / ranks: not the same edit
+            print(f"{f.name[:64]:64} not comparable: rewrote {sorted(plans[0])} vs {sorted(plans[1])}")
+            continue
+        a = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        b = ort.InferenceSession(str(g), so, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for i in a.get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else (1 if k == 0 else 64) for k, d in enumerate(i.shape)]
+            shape = next((v for key, v in _FEED_SHAPES.get(i.name, {}).items() if key in f.name), shape)
+            if "int64" in i.type:
+                feeds[i.name] = np.full(shape, 16000, np.int64)
+            else:
+                feeds[i.name] = rng.standard_normal(shape).astype(np.float16 if "float16" in i.type else np.float32)
+        oa, ob = a.run(None, feeds), b.run(None, feeds)
+        same = all(np.array_equal(x, y) for x, y in zip(oa, ob))
+        d = max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+                for x, y in zip(oa, ob))
+        worst, n = max(worst, d), n + 1
+        print(f"{f.name[:64]:64} {'bit-identical' if same else f'max |diff| {d:.3g}'}")
+    print(f"{n} model pairs, largest output difference {worst:g}")
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path, nargs="?")
     ap.add_argument("--hand-made", action="store_true")
     ap.add_argument("--rank", type=int, default=1)
+    ap.add_argument("--save", type=Path, metavar="OUT", help="save the rewrites of FOLDER (3 settings) to OUT instead")
+    ap.add_argument("--compare", type=Path, nargs=2, metavar=("OLD", "NEW"),
+                    help="compare two --save folders (made by two versions) in onnxruntime instead")
     args = ap.parse_args()
+    if args.compare:
+        return compare_outputs(*args.compare)
+    if args.save:
+        return save_rewrites(args.folder, args.save)
     import sepify
 
     models: list[tuple[str, onnx.ModelProto, object]] = []
