@@ -298,3 +298,15 @@ def test_weight_computed_by_dequantize_linear_goes_with_the_conv():
     onnx.checker.check_model(out, full_check=True)
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(out, x)[0], _run(src, x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_ir3_model_that_does_not_list_its_initializers_gets_none_listed():
+    """onnxruntime runs an IR 3 model whose initializers are not graph inputs: the rewritten one
+    keeps that form (its new initializers are not listed either) and runs the same."""
+    src = _ir3_model()
+    del src.graph.input[1:]
+    result = sepify.rewrite(src, rank="full", allow_increase=True, form="native")
+    out = result.model
+    assert out.ir_version == 3 and [i.name for i in out.graph.input] == ["x"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x)[0], _run(src, x)[0], rtol=1e-4, atol=1e-4)

@@ -297,7 +297,8 @@ def apply(model: onnx.ModelProto, replacements: list[Replacement]) -> None:
     """Replace, in ``model.graph`` (modified in place), each Conv (and its folded BN) by its pair
     at the Conv's position, add the pairs' initializers, and remove what only the replaced
     nodes read (see the module docstring). For IR < 4, where every initializer is also a graph
-    input, the inputs of removed initializers go and the new ones are added."""
+    input, the inputs of removed initializers go and the new ones are added (unless the model
+    lists none of its own)."""
     graph = model.graph
     index = {n.name: i for i, n in enumerate(graph.node)}
     at: dict[int, Replacement] = {}
@@ -317,6 +318,9 @@ def apply(model: onnx.ModelProto, replacements: list[Replacement]) -> None:
     # readers of every tensor after the edit; subgraph and graph-output reads are never released
     keep = _subgraph_reads(graph) | {o.name for o in graph.output}
     old_ir = model.ir_version < 4
+    # IR < 4 lists every initializer among the inputs; a model that does not (onnxruntime reads
+    # it all the same) gets its new initializers unlisted too, as its own are
+    listed = old_ir and {t.name for t in graph.initializer} <= {i.name for i in graph.input}
     if not old_ir:  # an initializer that is also a graph input is an input with a default: kept
         keep.update(i.name for i in graph.input)
     reads: dict[str, int] = {}
@@ -371,6 +375,6 @@ def apply(model: onnx.ModelProto, replacements: list[Replacement]) -> None:
         drop(graph.input, lambda v: v.name)
     for r in replacements:
         graph.initializer.extend(r.pair.initializers)
-        if old_ir:
+        if listed:
             graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                for t in r.pair.initializers)
