@@ -455,3 +455,16 @@ def test_dash_outputs(tiny_model, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["schema"] == "sepify.rewrite/1"  # one document
     assert not (tmp_path / "-").exists()
+
+
+def test_check_a_model_named_twice_is_checked_once(tiny_model, monkeypatch, tmp_path):
+    """Overlapping shell globs named a model twice: two suites with the same testcases in JUnit."""
+    import xml.etree.ElementTree as ET
+
+    monkeypatch.chdir(tiny_model.parent)
+    junit = tmp_path / "j.xml"
+    r = run("check", "--no-config", "tiny.onnx", "./tiny.onnx", str(tiny_model), "--max-macs", "1G", "--junit", junit,
+            "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert [m["path"] for m in json.loads(r.stdout)["models"]] == ["tiny.onnx"]
+    assert len(ET.parse(junit).getroot().findall("testsuite")) == 1

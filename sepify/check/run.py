@@ -71,12 +71,18 @@ def check(
     paths: list[tuple[str, Path | None, str | None]] = []  # (display, path, error)
     if models:
         here = cwd == Path.cwd().resolve()
+        given: set[Path] = set()
         for m in models:
             if not os.fspath(m):  # Path("") is the current folder
                 paths.append(("''", None, "'': an empty model path (an unset variable in a script?)"))
                 continue
             p = Path(os.fspath(m))
-            paths.append((os.fspath(m), p if p.is_absolute() or here else cwd / p, None))
+            p = p if p.is_absolute() or here else cwd / p
+            key = p.resolve() if p.exists() else p
+            if key in given:  # a model named twice (overlapping globs: models/*.onnx models/net.onnx) is one model
+                continue
+            given.add(key)
+            paths.append((os.fspath(m), p, None))
     elif cfg is not None and cfg.sections:
         seen: set[Path] = set()
         for sec in cfg.sections:
