@@ -169,6 +169,12 @@ def _warn_table_options(fmt: str, given: dict, shaped: str) -> None:
                    f"--format {fmt} holds every row (ignored)", err=True)
 
 
+def _warn_metric(metric: str, *formats: str) -> None:
+    if metric != "macs" and "model-explorer" not in formats:
+        click.echo(f"sepify: warning: --metric {metric} is the quantity of a --format model-explorer file; "
+                   "other formats show every quantity (ignored)", err=True)
+
+
 def _warn_unused_dims(model: str, unused) -> None:
     """A --dim the model has no symbol for is ignored (noted in the report) and warned about:
     it matches no model of the command (a typo?)."""
@@ -252,6 +258,7 @@ def analyze(model, fmt, output, input_shape, dim, metric, by_op, top, sort):
     shapes, dims = _shapes_and_dims(input_shape, dim)
     if fmt not in ("table", "csv", "markdown"):
         _warn_table_options(fmt, {"--by-op": by_op, "--top": top, "--sort": sort != "graph"}, "the table, CSV and Markdown")
+    _warn_metric(metric, fmt)
     with no_gc():  # the report makes a few objects per layer, and no reference cycles
         result = run(model, input_shapes=shapes, dims=dims)
         _warn_unused_dims(model, result.unused_dims)
@@ -382,6 +389,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
                 raise UsageError(f"{report_file}: --report is a name of -o's external-data file ({os.path.basename(data)}); "
                                  "the report would overwrite the rewritten model's weights")
     report_fmt = _report_format(report_file, fmt)
+    _warn_metric(metric, fmt, report_fmt if report_file else fmt)
     if dry_run and report_fmt in ("netron", "model-explorer"):
         click.echo(f"sepify: warning: --dry-run: the {report_fmt} file describes the rewritten model's nodes "
                    "(conv/depthwise, ...), and no rewritten model is written to open it with", err=True)

@@ -468,3 +468,14 @@ def test_check_a_model_named_twice_is_checked_once(tiny_model, monkeypatch, tmp_
     assert r.exit_code == 0, r.output
     assert [m["path"] for m in json.loads(r.stdout)["models"]] == ["tiny.onnx"]
     assert len(ET.parse(junit).getroot().findall("testsuite")) == 1
+
+
+def test_metric_without_model_explorer_warns(tiny_model, tmp_path):
+    r = run("analyze", tiny_model, "--metric", "params", "--format", "json")
+    assert r.exit_code == 0 and r.stderr.startswith("sepify: warning: --metric params is the quantity of a --format "
+                                                    "model-explorer file")
+    assert run("analyze", tiny_model, "--metric", "params", "--format", "model-explorer").stderr == ""
+    me = tmp_path / "me.json"
+    r = run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--metric", "params", "--format", "model-explorer",
+            "--report", me)
+    assert r.stderr == "" and json.loads(me.read_text())["results"]["fc"]["value"] == 330  # 32*10 + 10
