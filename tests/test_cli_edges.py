@@ -479,3 +479,13 @@ def test_metric_without_model_explorer_warns(tiny_model, tmp_path):
     r = run("rewrite", tiny_model, "-o", tmp_path / "o.onnx", "--metric", "params", "--format", "model-explorer",
             "--report", me)
     assert r.stderr == "" and json.loads(me.read_text())["results"]["fc"]["value"] == 330  # 32*10 + 10
+
+
+def test_rewrite_error_column_keeps_its_digits(tiny_model):
+    """The weight-error column read 0.853, 0.88, 0.912: three significant digits, with the zeros."""
+    r = run("rewrite", tiny_model, "--dry-run", "--format", "json")
+    errors = {x["name"]: x["rel_error"] for x in json.loads(r.stdout)["layers"]}
+    md = run("rewrite", tiny_model, "--dry-run", "--format", "markdown").stdout
+    for name, err in errors.items():
+        row = next(line for line in md.splitlines() if line.startswith(f"| ~ | `{name} → "))
+        assert row.rstrip(" |").split("| ")[-1] == f"{round(err, 4):#.3g}"

@@ -47,8 +47,8 @@ def _extra_value(v) -> str:
         return ""
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.3g}"
+    if isinstance(v, float):  # three significant digits, trailing zeros kept: a column of 0.853, 0.880
+        return f"{v:#.3g}".rstrip(".")
     if isinstance(v, int):
         return human(v) if abs(v) >= 10_000 else str(v)
     return str(v)
