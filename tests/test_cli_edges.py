@@ -489,3 +489,11 @@ def test_rewrite_error_column_keeps_its_digits(tiny_model):
     for name, err in errors.items():
         row = next(line for line in md.splitlines() if line.startswith(f"| ~ | `{name} → "))
         assert row.rstrip(" |").split("| ")[-1] == f"{round(err, 4):#.3g}"
+
+
+def test_op_column_loses_the_spaces_before_letters():
+    from sepify.render.common import shorten_op
+
+    assert shorten_op("Conv → Conv+Concat", 17) == "Conv→Conv+Concat"  # was "Conv → C…v+Concat"
+    assert shorten_op("Conv → Conv+Concat", 18) == "Conv → Conv+Concat"
+    assert shorten_op("BatchNormalization → Conv", 12) == "Batch…m→Conv"  # "BatchNorm→Conv", cut in the middle

@@ -93,6 +93,8 @@ def shorten_op(text: str, width: int, head: int | None = None) -> str:
     if len(text) > width:
         for full, short in OP_ABBREVIATIONS.items():
             text = text.replace(full, short)
+    if len(text) > width:  # "Conv → Conv+Concat" in 17: "Conv→Conv+Concat", not "Conv → C…v+Concat"
+        text = text.replace(" → ", "→")
     return shorten_middle(text, width, head)
 
 
