@@ -71,6 +71,8 @@ class _Names:
             self.used.update(o for n in g.node for o in n.output)
             self.used.update(i.name for i in g.initializer)
             self.used.update(i.name for i in g.input)
+            self.used.update(v.name for v in g.value_info)
+            self.used.update(t.values.name for t in g.sparse_initializer)
 
     def make(self, base: str) -> str:
         name, k = base, 1
