@@ -246,6 +246,7 @@ class Replacement:
     conv: str
     bn: str | None
     pair: Pair
+    conv_output: str = ""  # the Conv's output tensor (tells the node apart from a namesake)
 
 
 def build(c: Candidate, orientation: str, rank: int, names: _Names, form: str = "native",
@@ -264,7 +265,7 @@ def build(c: Candidate, orientation: str, rank: int, names: _Names, form: str = 
     base = c.node.name or f"conv{c.index}"
     pair = emit_pair(x, y, first_w, second_w, bias, spatial_attrs=spatial, group=c.group, orientation=orientation,
                      rank=rank, form=form, names=names, base=base, opset=opset)
-    return Replacement(c.node.name, c.bn.name if c.bn is not None else None, pair)
+    return Replacement(c.node.name, c.bn.name if c.bn is not None else None, pair, c.node.output[0])
 
 
 # --- the edit of the graph -----------------------------------------------------------------------

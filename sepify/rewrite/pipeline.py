@@ -505,8 +505,9 @@ def _name_function_nodes(model: onnx.ModelProto) -> None:
 
 def _top_level(model: onnx.ModelProto, replacements) -> bool:
     """Are the replaced nodes all top-level nodes of ``model`` (not inside a model-local function)?"""
-    names = {n.name for n in model.graph.node}
-    return all(r.conv in names and (r.bn is None or r.bn in names) for r in replacements)
+    nodes = {n.name: n for n in model.graph.node}
+    return all(r.conv in nodes and nodes[r.conv].op_type == "Conv" and nodes[r.conv].output[:1] == [r.conv_output]
+               and (r.bn is None or r.bn in nodes) for r in replacements)
 
 
 def _set_rewrite_metadata(new: onnx.ModelProto, opts: RewriteOptions, results) -> None:
