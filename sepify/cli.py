@@ -287,7 +287,9 @@ def _holdout_value(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise UsageError(f"--holdout must be a fraction in [0, 1) or a sample count, not {text!r}") from None
+        v = float("nan")
+    if v != v or v in (float("inf"), float("-inf")):  # (float() reads "nan", "inf", "1e400")
+        raise UsageError(f"--holdout must be a fraction in [0, 1) or a sample count, not {text!r}")
     return int(v) if v >= 1 and v == int(v) else v
 
 

@@ -56,7 +56,8 @@ def test_config_non_finite_or_huge_values(tiny_model, tmp_path, text):
 
 
 @pytest.mark.parametrize("args", [["--target-ratio", "nan"], ["--target-macs", "1e400"], ["--tolerance", "nan"],
-                                  ["--tolerance", "-1"], ["--tolerance", "inf"]])
+                                  ["--tolerance", "-1"], ["--tolerance", "inf"],
+                                  ["--holdout", "1e400", "--calibration", "c.npz"]])
 def test_rewrite_non_finite_numbers(tiny_model, args):
     one_error_line(run("rewrite", tiny_model, "--dry-run", *args), args[0].lstrip("-").split("-")[-1])
 
