@@ -498,3 +498,9 @@ def test_op_column_loses_the_spaces_before_letters():
     assert shorten_op("Conv → Conv+Concat", 17) == "Conv→Conv+Concat"  # was "Conv → C…v+Concat"
     assert shorten_op("Conv → Conv+Concat", 18) == "Conv → Conv+Concat"
     assert shorten_op("BatchNormalization → Conv", 12) == "Batch…m→Conv"  # "BatchNorm→Conv", cut in the middle
+
+
+def test_negative_seed_is_a_usage_error(tiny_model):
+    """numpy's generators take no negative seed: --seed -1 was an internal error (ValueError)."""
+    r = run("rewrite", tiny_model, "--dry-run", "--verify", "--seed", "-1")
+    assert r.exit_code == 2 and "--seed" in r.output and "Traceback" not in r.output
