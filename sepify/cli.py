@@ -147,7 +147,8 @@ def _guard(inputs, outputs: dict[str, str | None]):
         inputs.refuse(path, opt)
         folder = os.path.dirname(path) or "."
         if not os.path.isdir(folder):  # (the writers check again; this is before minutes of work)
-            raise UsageError(f"{path}: {opt}: folder {folder} does not exist")
+            what = "is not a folder" if os.path.exists(folder) else "does not exist"
+            raise UsageError(f"{path}: {opt}: folder {folder} {what}")
         if os.path.isdir(path):
             raise UsageError(f"{path}: {opt}: is a folder, not a file")
     for i, (opt_a, a) in enumerate(given):

@@ -504,3 +504,7 @@ def test_negative_seed_is_a_usage_error(tiny_model):
     """numpy's generators take no negative seed: --seed -1 was an internal error (ValueError)."""
     r = run("rewrite", tiny_model, "--dry-run", "--verify", "--seed", "-1")
     assert r.exit_code == 2 and "--seed" in r.output and "Traceback" not in r.output
+
+
+def test_output_below_a_file(tiny_model):
+    one_error_line(run("analyze", tiny_model, "-o", f"{tiny_model}/a.json"), f"folder {tiny_model} is not a folder")
