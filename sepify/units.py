@@ -69,6 +69,10 @@ def parse_fraction(text: str | float, what: str = "value") -> float:
     return value
 
 
+#: output units, largest first (a --input-shape of 1x3x99999x99999 reaches petaMACs)
+_SI_UNITS = (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3))
+
+
 @functools.lru_cache(maxsize=8192)  # a large model's table repeats a few values many times
 def human(n: int | float | None, digits: int = 1) -> str:
     """``568740352`` → ``568.7M``; SI steps of 1000 with ``digits`` decimals (the one number
@@ -76,7 +80,7 @@ def human(n: int | float | None, digits: int = 1) -> str:
     to 1000 of a unit is shown in the next one (``999,990,000`` → ``1.0G``, not ``1000.0M``)."""
     if n is None:
         return "?"
-    return _scaled(n, digits, (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)), 1000, "")
+    return _scaled(n, digits, _SI_UNITS, 1000, "")
 
 
 @functools.lru_cache(maxsize=8192)
@@ -86,8 +90,10 @@ def human_bytes(n: int | float | None, digits: int = 1, style: str = "binary") -
     if n is None:
         return "?"
     if style == "si":
-        return _scaled(n, digits, (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)), 1000, "B", whole=True)
-    return _scaled(n, digits, (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)), 1024, "B", whole=True)
+        return _scaled(n, digits, (("EB", 1e18), ("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)),
+                       1000, "B", whole=True)
+    return _scaled(n, digits, (("EiB", 2**60), ("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20),
+                               ("KiB", 2**10)), 1024, "B", whole=True)
 
 
 def _scaled(n, digits: int, units, step: int, small: str, whole: bool = False) -> str:
@@ -120,7 +126,7 @@ def human3(n: int | float | None) -> str:
         return "?"
     sign = "-" if n < 0 else ""
     n = abs(n)
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("", 1)):
+    for unit, scale in (*_SI_UNITS, ("", 1)):
         if n >= scale:
             v = n / scale
             s = f"{v:.{max(0, 2 - len(str(int(v))) + 1)}f}" if unit else str(int(n))

@@ -508,3 +508,14 @@ def test_negative_seed_is_a_usage_error(tiny_model):
 
 def test_output_below_a_file(tiny_model):
     one_error_line(run("analyze", tiny_model, "-o", f"{tiny_model}/a.json"), f"folder {tiny_model} is not a folder")
+
+
+def test_numbers_above_tera_have_units():
+    """A 1x3x48x10^17 input shape gave 'MACs 8468400000.0T' and '229920260.6TiB'."""
+    from sepify.units import human, human3, human_bytes
+
+    assert human(1_500_000_000_000_000) == "1.5P"
+    assert human(2_300_000_000_000_000_000) == "2.3E"
+    assert human(999_960_000_000_000) == "1.0P"  # rounds to 1000.0T: the next unit
+    assert human_bytes(3 * 2**50) == "3.0PiB" and human_bytes(5 * 10**18, style="si") == "5.0EB"
+    assert human3(42_000_000_000_000_000) == "42.0P"
