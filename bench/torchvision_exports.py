@@ -19,9 +19,11 @@ analyzed with ``sepify.analyze`` and compared with:
 
 A dynamic export is analyzed twice: unbound (the unknown-node count and the MAC formula sepify
 reports, or its error) and with its symbols bound to 1 / 224 / 224 (the numbers must equal the
-static export's). Optionally (``--rewrite``) ``sepify rewrite --verify`` (rank 1, and
-``--target-ratio 0.5``) on the static exports of the CNNs, checking the written model with
-``onnx.checker``.
+static export's). Optionally (``--rewrite``) ``sepify rewrite --verify`` (rank 1, ``--target-ratio 0.5`` and
+``--rank full --allow-increase``, the exactness check) on the static exports of the CNNs,
+checking the written model with ``onnx.checker``; and the full-rank rewrite of the dynamic-H/W
+exports (bound to 224 for ``--verify``), run at 160x192 against the original: the rewritten
+model must keep its dynamic dims.
 
 Needs torch + torchvision (NOT dependencies of sepify): a scratch venv, e.g.
 
@@ -247,6 +249,29 @@ def rewrite(path: Path, out: Path, extra: list[str]) -> str:
     return f"{status} ({dt:.0f} s)"
 
 
+def rewrite_dynamic(path: Path, out: Path, symbols: dict[str, int]) -> str:
+    """``rewrite --rank full --allow-increase --verify`` of a dynamic-H/W export (bound to 224
+    for the verification), then both models run in onnxruntime at another size (160x192): the
+    written model must keep its dynamic dims and compute the same function there."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    binds = [a for k, v in symbols.items() for a in ("--dim", f"{k}={v}")]
+    status = rewrite(path, out, ["--rank", "full", "--allow-increase", *binds])
+    if not out.exists():
+        return status
+    m = onnx.load(str(out), load_external_data=False)
+    dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    x = np.random.default_rng(0).standard_normal((1, 3, 160, 192)).astype(np.float32)
+    ya = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    yb = ort.InferenceSession(str(out), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    err = float(np.linalg.norm(ya - yb) / np.linalg.norm(ya))
+    return f"{status}; input {dims}, at 160x192 rel err {err:.2g}"
+
+
 def _g(n):
     if n is None:
         return "—"
@@ -317,6 +342,8 @@ def main() -> None:
                         syms = _symbols(path)
                         row["symbols"] = syms
                         row["bound"] = analyze(path, dims=syms)
+                    if args.rewrite and var == "hw" and name in CNNS and len(row["symbols"]) == 2:
+                        row["rewrite_hw"] = rewrite_dynamic(path, args.out / f"{path.stem}.sepfull.onnx", row["symbols"])
                     if args.rewrite and var == "static" and name in CNNS:
                         row["rewrite"] = {
                             "rank1": rewrite(path, args.out / f"{path.stem}.sep.onnx", []),
@@ -342,6 +369,8 @@ def tables(results: list[dict], versions: str) -> str:
            "MACs, params, unknown | = static? |", "|---|---|---|---|---|---|"]
     rw = ["| model | exporter | rewrite (rank 1) --verify | --target-ratio 0.5 --verify | --rank full --allow-increase --verify |",
           "|---|---|---|---|---|"]
+    rwd = ["| model | exporter | dynamic H/W: rewrite --rank full --allow-increase --verify --dim …=224, then run at 160x192 |",
+           "|---|---|---|"]
     static = {}
     for r in results:
         ref, name, exp = r["ref"], r["model"], r["exporter"]
@@ -385,9 +414,13 @@ def tables(results: list[dict], versions: str) -> str:
             same = "—" if s is None or "error" in b else (
                 "yes" if (b["macs"], b["params"], b["unknown"]) == (s["macs"], s["params"], s["unknown"]) else "**no**")
             dyn.append(f"| {name} | {exp} | {r['variant']} | {fs} | {bs} | {same} |")
+            if "rewrite_hw" in r:
+                rwd.append(f"| {name} | {exp} | {r['rewrite_hw']} |")
     out = "\n".join(lines) + "\n\nDynamic exports:\n\n" + "\n".join(dyn) + "\n"
     if len(rw) > 2:
         out += "\nRewrite of the static exports:\n\n" + "\n".join(rw) + "\n"
+    if len(rwd) > 2:
+        out += "\nRewrite of the dynamic-H/W exports:\n\n" + "\n".join(rwd) + "\n"
     return out
 
 
