@@ -281,3 +281,23 @@ def test_loop_trip_count_computed_from_a_shape():
     a = sepify.analyze(m)
     loop = next(x for x in a.layers if x.op_type == "Loop")
     assert loop.macs == 3 * (1 * 4 * 5) and "3 iterations" in loop.note
+
+
+def test_scan_body_folds_shape_arithmetic_of_its_slice():
+    # Scan over the rows of x (4, 6): each slice (6,) is reshaped to [2, 6/2] (computed: Div) and
+    # multiplied by W (3, 5); a slice's shape is the same in every iteration
+    body = helper.make_graph(
+        [helper.make_node("Shape", ["row"], ["s"]), _c("two", [2]),
+         helper.make_node("Div", ["s", "two"], ["half"]),
+         helper.make_node("Concat", ["two", "half"], ["shape"], axis=0),
+         helper.make_node("Reshape", ["row", "shape"], ["r2"]),  # (2, 3)
+         _w("W", 3, 5), helper.make_node("MatMul", ["r2", "W"], ["out"]),  # (2, 5): 30 MACs
+         helper.make_node("Identity", ["acc"], ["acc_out"])],
+        "body", [_vi("acc", [1]), _vi("row", [None])], [_vi("acc_out", [1]), _vi("out", [None, None])])
+    m = _model([helper.make_node("Scan", ["acc0", "x"], ["acc_final", "outs"], name="scan", body=body, num_scan_inputs=1)],
+               [_vi("x", [4, 6])], [_vi("acc_final", [1]), _vi("outs", [None, None, None])],
+               [numpy_helper.from_array(np.zeros(1, np.float32), "acc0")])
+    assert _run(m, {"x": np.ones((4, 6), np.float32)}) == [(1,), (4, 2, 5)]
+    a = sepify.analyze(m)
+    assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
+    assert a.totals.macs == 4 * (2 * 3 * 5)
