@@ -519,3 +519,9 @@ def test_numbers_above_tera_have_units():
     assert human(999_960_000_000_000) == "1.0P"  # rounds to 1000.0T: the next unit
     assert human_bytes(3 * 2**50) == "3.0PiB" and human_bytes(5 * 10**18, style="si") == "5.0EB"
     assert human3(42_000_000_000_000_000) == "42.0P"
+
+
+def test_baseline_errors_say_it_is_the_baseline(tiny_model, tmp_path):
+    """'x/tiny.json: no such file' for model tiny.onnx did not say which file that was."""
+    r = run("check", "--no-config", tiny_model, "--baseline", str(tmp_path / "base" / "{stem}.json"))
+    one_error_line(r, f"{tiny_model}: the baseline {tmp_path / 'base' / 'tiny.json'}: no such file")

@@ -181,7 +181,10 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
                          "file_size": data["model"].get("file_size")}
         base_report = None
         if baseline is not None:
-            base_report = load_baseline(baseline, input_shapes=s.input_shapes or None, dims=s.dims or None)
+            try:
+                base_report = load_baseline(baseline, input_shapes=s.input_shapes or None, dims=s.dims or None)
+            except SepifyError as e:  # say which file it is: the error names the baseline's path only
+                raise type(e)(f"{display}: the baseline {e}") from None
         result.results = evaluate(data, s.limits, s.growth, base_report, s.styles)
         result.notes = [n for n in data.get("notes") or [] if not n.startswith((UNUSED_DIMS_NOTE, UNBOUND_NOTE))]
         for n, (words, has) in result.dims_given.items():
