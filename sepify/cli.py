@@ -341,7 +341,7 @@ def _holdout_value(text: str) -> float:
 @click.option("--verify", "do_verify", is_flag=True,
               help="Run both models in onnxruntime on every verification sample and compare outputs.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=True),
-              help="Samples for --verify: .npz (one array per input, samples on a leading axis) or a folder of .npz.")
+              help="Samples for --verify (implies it): .npz (one array per input, samples on a leading axis) or a folder of .npz.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the random --verify input (a wiring smoke test, used without data), and of the --calibration holdout split and sampled positions.")
 @click.option("--tolerance", type=float,
