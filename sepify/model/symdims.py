@@ -276,17 +276,21 @@ class _Values:
 
 # -- symbolic values: int shape vectors through the arithmetic exporters compute shapes with ---------
 
+def _registrar(table: dict, what: str):
+    """A decorator ``@rule("Op", ...)`` filling ``table``; a second rule for an op is refused."""
+    def rule(*ops):
+        def register(fn):
+            for op in ops:
+                if op in table:
+                    raise ValueError(f"duplicate {what} rule for {op}")
+                table[op] = fn
+            return fn
+        return register
+    return rule
+
+
 _VALUE_RULES: dict = {}
-
-
-def _value_rule(*ops):
-    def register(fn):
-        for op in ops:
-            if op in _VALUE_RULES:
-                raise ValueError(f"duplicate value rule for {op}")
-            _VALUE_RULES[op] = fn
-        return fn
-    return register
+_value_rule = _registrar(_VALUE_RULES, "value")
 
 
 def _symbolic(v: list | None) -> list | None:
@@ -385,16 +389,7 @@ def _v_div(node, ins, vals, attrs):
 # -- rules: (node, input dims, constants, attributes, opset) -> dims of each output ----------------
 
 _RULES: dict = {}
-
-
-def _rule(*ops):
-    def register(fn):
-        for op in ops:
-            if op in _RULES:
-                raise ValueError(f"duplicate dims rule for {op}")
-            _RULES[op] = fn
-        return fn
-    return register
+_rule = _registrar(_RULES, "dims")
 
 
 def _window(x: Num, k: int, s: int, d: int, begin: int, end: int, auto_pad: str, ceil_mode: int = 0) -> Num | None:
