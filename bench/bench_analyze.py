@@ -137,7 +137,7 @@ def main() -> None:
 
     print(f"sepify --help start-up:        {best_of(help_, args.repeat):7.3f} s")
     print(f"sepify analyze tiny_cnn.onnx:  {best_of(small, args.repeat):7.3f} s")
-    heavy = [m for m in ("onnxruntime", "onnx_graphsurgeon", "networkx") if m in sys.modules]
+    heavy = [m for m in ("onnxruntime", "networkx") if m in sys.modules]
     print(f"heavy modules imported by analyze in-process: {heavy or 'none'}")
 
 
