@@ -174,8 +174,8 @@ def test_if_decided_by_the_shapes_counts_the_branch_that_runs():
 
 # --- com.microsoft DynamicQuantizeLSTM (ddddocr's common_old.onnx) --------------------------------
 def _dq_lstm_model(seq, batch, inp, hidden):
-    q = lambda *shape: RNG.integers(-127, 127, shape, dtype=np.int8)  # noqa: E731
-    f = lambda *shape: RNG.standard_normal(shape).astype(np.float32)  # noqa: E731
+    q = lambda *shape: RNG.integers(-127, 127, shape, dtype=np.int8)
+    f = lambda *shape: RNG.standard_normal(shape).astype(np.float32)
     inits = [numpy_helper.from_array(q(1, inp, 4 * hidden), "W"), numpy_helper.from_array(q(1, hidden, 4 * hidden), "R"),
              numpy_helper.from_array(f(1, 8 * hidden), "B"),
              numpy_helper.from_array(np.array([0.02], np.float32), "W_scale"), numpy_helper.from_array(np.zeros(1, np.int8), "W_zp"),
@@ -213,7 +213,7 @@ def test_onnxruntime_contrib_ops_keep_shapes_and_costs():
     """ONNX inference has no schema for com.microsoft ops: without the shape stage's stand-in
     standard ops, every tensor after the first FusedConv has no shape (an onnxruntime-optimized
     PP-OCR model: 149 nodes of unknown cost)."""
-    f = lambda *shape: RNG.standard_normal(shape).astype(np.float32)  # noqa: E731
+    f = lambda *shape: RNG.standard_normal(shape).astype(np.float32)
     inits = [numpy_helper.from_array(f(4, 3, 3, 3), "W1"), numpy_helper.from_array(f(4), "B1"),
              numpy_helper.from_array(f(2, 4, 1, 1), "W2"), numpy_helper.from_array(np.array([1, 2, 36], np.int64), "s"),
              numpy_helper.from_array(f(2, 5), "M"),

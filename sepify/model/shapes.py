@@ -533,7 +533,7 @@ def _body_count(bodies: dict) -> int:
     return sum(dict.__len__(f.values) for f in bodies.values())
 
 
-def _body_shapes(node: onnx.NodeProto, body: onnx.GraphProto, outer: dict) -> "_Scoped":
+def _body_shapes(node: onnx.NodeProto, body: onnx.GraphProto, outer: dict) -> _Scoped:
     shapes = _Scoped(outer)
     for vi in (*body.value_info, *body.output, *body.input):
         shapes[vi.name] = _dims(vi)
