@@ -525,3 +525,20 @@ def test_baseline_errors_say_it_is_the_baseline(tiny_model, tmp_path):
     """'x/tiny.json: no such file' for model tiny.onnx did not say which file that was."""
     r = run("check", "--no-config", tiny_model, "--baseline", str(tmp_path / "base" / "{stem}.json"))
     one_error_line(r, f"{tiny_model}: the baseline {tmp_path / 'base' / 'tiny.json'}: no such file")
+
+
+def test_file_size_counts_external_data(tiny_model, tmp_path):
+    """check --max-file-size passed a model whose weights are in an external-data file: its
+    'file size' was the .onnx header alone (2.8 KiB of a 91 KiB model)."""
+    import onnx
+
+    src = tmp_path / "ext" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save(onnx.load(tiny_model), src, save_as_external_data=True, location="w.bin", size_threshold=0)
+    total = src.stat().st_size + (src.parent / "w.bin").stat().st_size
+    assert (src.parent / "w.bin").stat().st_size > 80_000  # the weights: 22,122 params + 32 buffers, float32
+    assert json.loads(run("analyze", src, "--format", "json").stdout)["model"]["file_size"] == total
+    r = run("check", "--no-config", src, "--max-file-size", str(total - 1), "--format", "json")
+    assert r.exit_code == 1, r.output
+    (b,) = [b for b in json.loads(r.stdout)["models"][0]["budgets"] if b["quantity"] == "file_size"]
+    assert b["value"] == total and not b["passed"]

@@ -56,6 +56,24 @@ _BYTE_ALIGNED = {getattr(onnx.TensorProto, n) for n in (
     "FLOAT8E8M0") if hasattr(onnx.TensorProto, n)}
 
 
+def file_bytes(model: onnx.ModelProto, path: str | os.PathLike) -> int:
+    """The bytes a model occupies on disk: its file and the external-data files it references
+    (each once), what a device has to store and load. Unreadable data files count 0 here (the
+    external-data check reports them)."""
+    path = Path(path)
+    total = path.stat().st_size
+    seen: set[str] = set()
+    for t in _external_tensors(model):
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        if location and location not in seen:
+            seen.add(location)
+            try:
+                total += (path.parent / location).stat().st_size
+            except (OSError, ValueError):
+                pass
+    return total
+
+
 def _data_bytes(t: onnx.TensorProto) -> int | None:
     """Bytes of a tensor's data from its dims and type, or None when unknown (strings, new types)."""
     n = 1

@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 import onnx
 
 from ..errors import ModelError, UsageError, first_line as _first_line
-from .external import check_external_data
+from .external import check_external_data, file_bytes
 from .graph import all_graphs
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
 from .shapes import SURROGATE_OPS, Origins, lost_tensors, resolve_shapes
@@ -263,6 +263,7 @@ def load(
                                                defer_scan=True)
     path = read_path or (Path(os.fspath(path)) if path is not None else None)
     label = str(path) if path else "<model>"
+    size = file_bytes(model, read_path) if read_path else None  # (the file and its external-data files)
     notes: list[str] = []
     unscanned = data is not None  # _read left the external-data scan to the checker reading ``data``
 
@@ -342,5 +343,6 @@ def load(
     elif rescued is None and any(v is None for v in symbols.values()) and lost_tensors(model):
         derive(model, {k for k, v in symbols.items() if v is None})  # (formulas: :mod:`sepify.model.symdims`)
     lost = Origins(model, taken)
-    size = path.stat().st_size if path else None
+    if size is None and path is not None:
+        size = path.stat().st_size
     return LoadedModel(model=model, path=path, file_size=size, symbols=symbols, notes=notes, unused_dims=unused, lost=lost)
