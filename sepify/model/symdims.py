@@ -75,7 +75,7 @@ def derive(model: onnx.ModelProto, symbols: set[str]) -> int:
             consts[t.name] = numpy_helper.to_array(t)
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     ctx = _Ctx(symbols)
-    svals: dict[str, list] = {}  # int shape vectors with symbolic entries (Shape of x, and arithmetic on it)
+    svals: dict[str, np.ndarray] = {}  # shape values with symbolic entries (Shape of x, and arithmetic on it)
     value_info = {vi.name: vi for vi in g.value_info}
     outputs = {vi.name: vi for vi in g.output}
     found = 0
@@ -94,7 +94,11 @@ def derive(model: onnx.ModelProto, symbols: set[str]) -> int:
                 v = _VALUE_RULES[node.op_type](node, ins, vals, _attrs(node))
             except (ValueError, ZeroDivisionError, IndexError, KeyError, TypeError):
                 v = None
-            if v is not None:
+            if v is not None and not isinstance(v, np.ndarray):  # (a scalar picked by a Gather)
+                scalar = np.empty((), dtype=object)
+                scalar[()] = v
+                v = scalar
+            if v is not None and v.size <= _MAX_VALUE:
                 svals[node.output[0]] = v
         outs = [o for o in node.output if o]
         if not outs or not any(ctx.lost(types.get(o)) for o in outs):
@@ -248,9 +252,9 @@ def _const(consts, node, i):
 
 
 class _Values:
-    """Constants and symbolic shape vectors, looked up by tensor name: ``get`` gives a numpy
-    array for a constant (None for a symbolic vector); ``vector`` gives a list of ints and
-    Polys for either (a shape vector, a scalar as a list of one)."""
+    """Constants and symbolic shape values, looked up by tensor name. ``get``: a numpy array for
+    a constant (None otherwise); ``array``: an object array of ints and Polys for either;
+    ``vector``: that array as a flat list (a shape vector, a scalar as a list of one)."""
 
     def __init__(self, consts: dict, svals: dict):
         self.consts, self.svals = consts, svals
@@ -261,7 +265,7 @@ class _Values:
     def __contains__(self, name):
         return name in self.consts
 
-    def vector(self, node, i) -> list | None:
+    def array(self, node, i) -> np.ndarray | None:
         if len(node.input) <= i or not node.input[i]:
             return None
         name = node.input[i]
@@ -269,12 +273,23 @@ class _Values:
         if v is not None:
             return v
         c = self.consts.get(name)
-        if c is None or c.dtype.kind not in "iu" or c.ndim > 1:
+        if c is None or c.dtype.kind not in "iub":
             return None
-        return [int(x) for x in np.ravel(c)]
+        return c.astype(object)
+
+    def vector(self, node, i) -> list | None:
+        a = self.array(node, i)
+        if a is None or a.ndim > 1:
+            return None
+        return list(a.ravel())
 
 
-# -- symbolic values: int shape vectors through the arithmetic exporters compute shapes with ---------
+# -- symbolic values: the int shape arithmetic exporters compute shapes with ------------------------
+# Values are numpy object arrays of ints and Polys (so numpy does the indexing, reshaping and
+# broadcasting), started by a ``Shape`` and kept only while small (``_MAX_VALUE`` elements).
+
+_MAX_VALUE = 64
+
 
 def _registrar(table: dict, what: str):
     """A decorator ``@rule("Op", ...)`` filling ``table``; a second rule for an op is refused."""
@@ -293,10 +308,19 @@ _VALUE_RULES: dict = {}
 _value_rule = _registrar(_VALUE_RULES, "value")
 
 
-def _symbolic(v: list | None) -> list | None:
-    """A shape vector (from a ``Shape``: a few entries, some of them formulas); an all-int one
-    is kept too (``Gather(Shape(x), 1)`` of a tensor with a derived dim elsewhere)."""
-    return v
+def _ints(a: np.ndarray | None) -> list[int] | None:
+    if a is None or any(x.__class__ is not int for x in a.ravel()):
+        return None
+    return [int(x) for x in a.ravel()]
+
+
+def _axes(node, vals, attrs, i, rank) -> list[int] | None:
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > i and node.input[i]:
+        axes = _ints(vals.array(node, i))
+        if axes is None:
+            return None
+    return None if axes is None else [a % rank for a in axes]
 
 
 @_value_rule("Shape")
@@ -306,58 +330,103 @@ def _v_shape(node, ins, vals, attrs):
         return None
     r = len(x)
     start, end = attrs.get("start", 0), attrs.get("end", r)
-    return _symbolic(list(x[slice(start, end)]))
+    out = np.empty(len(x[slice(start, end)]), dtype=object)
+    out[:] = list(x[slice(start, end)])
+    return out
 
 
-@_value_rule("Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten")
+@_value_rule("Cast", "Identity")
 def _v_same(node, ins, vals, attrs):
-    if node.op_type == "Cast" and attrs.get("to") not in (TensorProto.INT64, TensorProto.INT32):
+    return vals.array(node, 0) if node.op_type != "Cast" or attrs.get("to") != TensorProto.BOOL else None
+
+
+@_value_rule("Squeeze")
+def _v_squeeze(node, ins, vals, attrs):
+    a = vals.array(node, 0)
+    if a is None:
         return None
-    return _symbolic(vals.vector(node, 0))
+    axes = _axes(node, vals, attrs, 1, a.ndim)
+    return a.reshape([d for i, d in enumerate(a.shape) if (d != 1 if axes is None else i not in axes)])
+
+
+@_value_rule("Unsqueeze")
+def _v_unsqueeze(node, ins, vals, attrs):
+    a = vals.array(node, 0)
+    if a is None:
+        return None
+    axes = _axes(node, vals, attrs, 1, a.ndim + len(attrs.get("axes") or _ints(vals.array(node, 1)) or []))
+    if axes is None:
+        return None
+    shape = list(a.shape)
+    for ax in sorted(axes):
+        shape.insert(ax, 1)
+    return a.reshape(shape)
+
+
+@_value_rule("Reshape")
+def _v_reshape(node, ins, vals, attrs):
+    a, shape = vals.array(node, 0), _ints(vals.array(node, 1))
+    if a is None or shape is None:
+        return None
+    shape = [a.shape[i] if d == 0 and not attrs.get("allowzero", 0) else d for i, d in enumerate(shape)]
+    return a.reshape(shape)
+
+
+@_value_rule("Flatten")
+def _v_flatten(node, ins, vals, attrs):
+    a = vals.array(node, 0)
+    if a is None:
+        return None
+    axis = attrs.get("axis", 1) % (a.ndim + 1)
+    return a.reshape(int(np.prod(a.shape[:axis])), -1)
+
+
+@_value_rule("Transpose")
+def _v_transpose(node, ins, vals, attrs):
+    a = vals.array(node, 0)
+    return None if a is None else np.transpose(a, attrs.get("perm"))
 
 
 @_value_rule("Gather")
 def _v_gather(node, ins, vals, attrs):
-    v, idx = vals.vector(node, 0), _const(vals, node, 1)
-    if v is None or idx is None or attrs.get("axis", 0) != 0:
+    a, idx = vals.array(node, 0), _const(vals, node, 1)
+    if a is None or idx is None:
         return None
-    return _symbolic([v[int(i)] for i in np.ravel(idx)])
+    return np.take(a, idx.astype(np.int64), axis=attrs.get("axis", 0))
 
 
 @_value_rule("Slice")
 def _v_slice(node, ins, vals, attrs):
-    v = vals.vector(node, 0)
-    starts, ends = _const(vals, node, 1), _const(vals, node, 2)
-    steps = _const(vals, node, 4)
-    if v is None or starts is None or ends is None:
+    a = vals.array(node, 0)
+    starts, ends = _ints(vals.array(node, 1)), _ints(vals.array(node, 2))
+    if a is None or starts is None or ends is None:
         return None
-    step = int(np.ravel(steps)[0]) if steps is not None else 1
-    return _symbolic(v[slice(int(np.ravel(starts)[0]), int(np.ravel(ends)[0]), step)])
+    axes = _ints(vals.array(node, 3)) if len(node.input) > 3 and node.input[3] else list(range(len(starts)))
+    steps = _ints(vals.array(node, 4)) if len(node.input) > 4 and node.input[4] else [1] * len(starts)
+    if axes is None or steps is None:
+        return None
+    index = [slice(None)] * a.ndim
+    for ax, b, e, st in zip(axes, starts, ends, steps):
+        n = a.shape[ax % a.ndim]
+        index[ax % a.ndim] = slice(*slice(b, e, st).indices(n))
+    return a[tuple(index)]
 
 
 @_value_rule("Concat")
 def _v_concat(node, ins, vals, attrs):
-    out: list = []
-    for i in range(len(node.input)):
-        v = vals.vector(node, i)
-        if v is None:
-            return None
-        out.extend(v)
-    return _symbolic(out)
+    parts = [vals.array(node, i) for i in range(len(node.input))]
+    if any(p is None for p in parts):
+        return None
+    return np.concatenate(parts, axis=attrs.get("axis", 0))
 
 
 def _elementwise(node, vals, fn):
-    a, b = vals.vector(node, 0), vals.vector(node, 1)
+    a, b = vals.array(node, 0), vals.array(node, 1)
     if a is None or b is None:
         return None
-    if len(a) == 1 and len(b) > 1:
-        a = a * len(b)
-    if len(b) == 1 and len(a) > 1:
-        b = b * len(a)
-    if len(a) != len(b):
-        return None
-    out = [fn(x, y) for x, y in zip(a, b)]
-    return None if any(x is None for x in out) else _symbolic(out)
+    out = np.frompyfunc(fn, 2, 1)(a, b)
+    out = np.asarray(out, dtype=object)
+    return None if any(x is None for x in out.ravel()) or out.size > _MAX_VALUE else out
 
 
 def _div(x, y):
@@ -384,6 +453,46 @@ def _v_sub(node, ins, vals, attrs):
 @_value_rule("Div")
 def _v_div(node, ins, vals, attrs):
     return _elementwise(node, vals, _div)
+
+
+def _equal(x, y):
+    if x.__class__ is int and y.__class__ is int:
+        return x == y
+    if x == y:
+        return True
+    # a formula against a constant: a size formula is never -1 or 0 (a dim is compared with
+    # the -1 of "keep this dim" in exported expand/reshape patterns)
+    if (x.__class__ is int and x <= 0) or (y.__class__ is int and y <= 0):
+        return False
+    return None
+
+
+@_value_rule("Equal")
+def _v_equal(node, ins, vals, attrs):
+    return _elementwise(node, vals, _equal)
+
+
+@_value_rule("Where")
+def _v_where(node, ins, vals, attrs):
+    c, a, b = vals.array(node, 0), vals.array(node, 1), vals.array(node, 2)
+    if c is None or a is None or b is None:
+        return None
+    return np.where(c.astype(bool), a, b).astype(object)
+
+
+@_value_rule("ConstantOfShape")
+def _v_constant_of_shape(node, ins, vals, attrs):
+    shape = _ints(vals.array(node, 0))
+    fill = 0
+    for a in node.attribute:
+        if a.name == "value":
+            t = numpy_helper.to_array(a.t)
+            if t.dtype.kind not in "iub":
+                return None
+            fill = int(t.ravel()[0])
+    if shape is None or int(np.prod(shape)) > _MAX_VALUE:
+        return None
+    return np.full(shape, fill, dtype=object)
 
 
 # -- rules: (node, input dims, constants, attributes, opset) -> dims of each output ----------------
@@ -726,3 +835,14 @@ def _tile(node, ins, consts, attrs, opset):
     if x is None or reps is None or len(reps) != len(x) or any(d is None for d in x):
         return None
     return [tuple(d * r for d, r in zip(x, reps))]
+
+
+@_rule("Range")
+def _range(node, ins, consts, attrs, opset):
+    start, limit, delta = (consts.vector(node, i) for i in range(3))
+    if not start or not limit or not delta or len(start) != 1 or len(limit) != 1 or len(delta) != 1:
+        return None
+    d = delta[0]
+    if d.__class__ is not int or d <= 0:
+        return None
+    return [(floordiv(limit[0] - start[0] + (d - 1), d),)]
