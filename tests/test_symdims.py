@@ -281,3 +281,50 @@ def test_reshape_target_from_gathers_of_a_derived_shape(tmp_path):
         assert analyze(path, dims={"L": length}).totals.macs == 32 * (-(-length // 2))
         got = _ort_shapes(model, {"x": np.zeros((1, 1, length), np.float32)})
         assert got["r"] == (-(-length // 2), 4)
+
+
+def test_rewrite_decides_savings_at_real_sizes_not_the_stand_in(tmp_path):
+    """A 4x4 stride-4 patch embedding over a free H x W has ⌊H/4⌋·⌊W/4⌋ = 0 positions at the
+    stand-in H = W = 1: its saving is judged on the formulas, so it is rewritten."""
+    from sepify.rewrite import rewrite
+
+    nodes = [h.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[4, 4], strides=[4, 4], name="patch")]
+    model = _model(nodes, [_w((32, 3, 4, 4), "w")], [h.make_tensor_value_info("x", T.FLOAT, [1, 3, "H", "W"])], "y", 4)
+    path = tmp_path / "patch.onnx"
+    onnx.save(model, path)
+    result = rewrite(path)
+    assert [r.name for r in result.layers] == ["patch"], result.skipped
+    # rank 1, dw-first: 3·16 + 32·3 = 144 per position, against 32·3·16 = 1536
+    assert result.layers[0].macs_after_formula == "144·⌊H/4⌋·⌊W/4⌋"
+    assert result.layers[0].macs_before_formula == "1.54K·⌊H/4⌋·⌊W/4⌋"
+
+
+def test_a_mac_budget_over_free_spatial_dims_is_refused_until_bound(tmp_path):
+    from click.testing import CliRunner
+    from sepify.cli import main
+
+    path = tmp_path / "stem.onnx"
+    onnx.save(_resnet_stem(), path)
+    r = CliRunner().invoke(main, ["rewrite", str(path), "--dry-run", "--target-ratio", "0.5"])
+    assert r.exit_code == 2
+    assert "H, W" in r.output and "--dim H=VALUE --dim W=VALUE" in r.output
+    r = CliRunner().invoke(main, ["rewrite", str(path), "--dry-run", "--target-ratio", "0.5", "--dim", "H=64",
+                                  "--dim", "W=64", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    rep = json.loads(r.output)
+    # bound at 64x64 (N free: a batch): conv MACs 1176·32·32 + 576·16·16 + 128·8·8 + 160 before
+    assert rep["totals"]["before"]["macs"] == 1176 * 1024 + 576 * 256 + 128 * 64 + 160
+    assert rep["totals"]["after"]["macs"] <= rep["totals"]["before"]["macs"] * 0.5
+
+
+@settings(max_examples=6, deadline=None)
+@given(hh=st.integers(5, 40), ww=st.integers(5, 40))
+def test_ceil_mode_pool_with_pads_matches_onnxruntime(tmp_path_factory, hh, ww):
+    """GoogLeNet's inception pools: 3x3 stride 1 pad 1, ceil mode; and 3x3 stride 2 pad 0."""
+    nodes = [h.make_node("MaxPool", ["x"], ["p1"], kernel_shape=[3, 3], strides=[1, 1], pads=[1] * 4, ceil_mode=1),
+             h.make_node("MaxPool", ["p1"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]
+    model = _model(nodes, [], [h.make_tensor_value_info("x", T.FLOAT, [1, 2, "H", "W"])], "y", 4)
+    _check_against_ort(tmp_path_factory.mktemp("ceil"), model, {"H": hh, "W": ww},
+                       {"x": np.zeros((1, 2, hh, ww), np.float32)})

@@ -27,8 +27,9 @@ op                        output dimension (``x`` an input dimension)
 ========================  =====================================================================
 Conv, ConvInteger,        ``floor((x + pad_begin + pad_end - dilation·(k-1) - 1)/stride) + 1``;
 QLinearConv               ``auto_pad`` SAME: ``ceil(x/stride)``
-MaxPool, AveragePool,     the same; ``ceil_mode``: ``ceil`` for the quotient, only without pads
-LpPool                    and with ``k >= stride`` (else the last window rule needs a ``max``)
+MaxPool, AveragePool,     the same; ``ceil_mode``: ``ceil`` for the quotient, where the window is
+LpPool                    at least ``stride + pad_end`` wide (else the last window rule needs a
+                          ``max``)
 ConvTranspose             ``stride·(x-1) + output_padding + dilation·(k-1) + 1 - pads``
 Resize, Upsample          constant scales: ``floor(x·scale)``; constant sizes: the sizes
 Pad                       constant pads: ``x + begin + end``
@@ -509,8 +510,11 @@ def _window(x: Num, k: int, s: int, d: int, begin: int, end: int, auto_pad: str,
         begin = end = 0
     span = x + (begin + end) - (d * (k - 1) + 1)
     if ceil_mode:
-        if begin or end or k < s:
-            return None  # (the last window may start in the padding: a max() of two formulas)
+        # onnxruntime drops a last window that would start in the end padding; that never
+        # happens when the window is at least ``stride + pad_end`` wide (its start is then
+        # before ``x + begin``), else the size is a max() of two formulas
+        if d * (k - 1) + 1 < s + end:
+            return None
         return floordiv(span + (s - 1), s) + 1
     return floordiv(span, s) + 1
 

@@ -145,7 +145,8 @@ def curves_of(c: Candidate) -> ErrorCurves:
 
 
 def _macs(c: Candidate, o: str, r: int) -> int:
-    return c.spectra[o].macs(r, c.p_in, c.p_out)
+    """The pair's MACs for comparing options of one layer (at the planning positions)."""
+    return c.plan_macs(o, r)
 
 
 # --------------------------------------------------------------------------- policies
@@ -235,7 +236,7 @@ class Budget(RankPolicy):
         out: dict = {}
         usable = []
         for c in candidates:
-            if any(sp.macs(1, c.p_in, c.p_out) < c.original_macs for sp in c.spectra.values()):
+            if any(c.saves(o, 1) for o in c.spectra):
                 usable.append(c)
             else:
                 out[c.node.name] = "no saving even at rank 1"
@@ -267,7 +268,7 @@ def layer_options(c: Candidate, curves: ErrorCurves) -> list[Option]:
         if o not in c.spectra:
             continue
         for r in range(1, c.spectra[o].max_rank + 1):
-            m = _macs(c, o, r)
+            m = c.spectra[o].macs(r, c.p_in, c.p_out)  # (a budget is in the report's numbers)
             if m < c.original_macs:
                 opts.append(Option((o, r), float(m), float(curves.additive[o][r - 1])))
     return opts

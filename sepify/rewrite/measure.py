@@ -447,7 +447,7 @@ def plan_latency(candidates, opts, specs: dict, measurer: LayerMeasurer, mac_cho
                 curves = allocate.curves_of(c)
                 ranks = {o: _criterion_rank(c, o, opts, curves) for o in c.spectra}
                 ranks = {o: r for o, r in ranks.items()
-                         if opts.allow_increase or c.spectra[o].macs(r, c.p_in, c.p_out) < c.original_macs}
+                         if opts.allow_increase or c.saves(o, r)}
                 if not ranks:
                     choices[name] = "no saving at the chosen rank in any orientation (--allow-increase to force)"
                     continue
@@ -474,7 +474,7 @@ def plan_latency(candidates, opts, specs: dict, measurer: LayerMeasurer, mac_cho
         best_at, faster = {}, []
         for o, sp in c.spectra.items():
             for r in range(1, min(sp.max_rank, MAX_RANKS) + 1):
-                if not opts.allow_increase and sp.macs(r, c.p_in, c.p_out) >= c.original_macs:
+                if not opts.allow_increase and not c.saves(o, r):
                     break
                 got = measurer.measure(spec, [(o, r, f) for f in forms_for(opts.form, r)])
                 key, m = fastest(got)

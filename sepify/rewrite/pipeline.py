@@ -260,6 +260,7 @@ def rewrite(
                 skipped.extend(Skipped(n.name or "Conv", f"inside a subgraph of {node.name or node.op_type} (not rewritten)")
                                for n in g.node if n.op_type == "Conv")
 
+    _refuse_guessed_budget(opts, candidates, before)
     calibrator = None
     if calib is not None:
         from threadpoolctl import threadpool_limits
@@ -282,7 +283,7 @@ def rewrite(
             ch = choices.get(c.node.name)
             if isinstance(ch, tuple):
                 o, r = ch[0], ch[1]
-                if c.spectra[o].macs(r, c.p_in, c.p_out) < c.original_macs or opts.allow_increase:
+                if c.saves(o, r) or opts.allow_increase:
                     chosen.append((c, o, r))
         with threadpool_limits(limits=1, user_api="blas"):
             fitted = calibrator.fit(chosen)
@@ -305,7 +306,7 @@ def rewrite(
         orientation, rank, *chosen_form = choice
         sp = c.spectra[orientation]
         macs_after = sp.macs(rank, c.p_in, c.p_out)
-        if macs_after >= c.original_macs and not opts.allow_increase:
+        if not c.saves(orientation, rank) and not opts.allow_increase:
             skipped.append(Skipped(c.node.name, f"no saving at rank {rank} ({macs_after:,} >= {c.original_macs:,} MACs; --allow-increase to force)"))
             continue
         form = chosen_form[0] if chosen_form else (opts.form if opts.form != "auto" else "native")
@@ -577,6 +578,25 @@ def build_report(path, opts: RewriteOptions, before: dict, after: dict, layers: 
         "after": after,
     }
 
+
+
+def _refuse_guessed_budget(opts: RewriteOptions, candidates: list[Candidate], before) -> None:
+    """A MAC budget (``--target-macs`` / ``--target-ratio``) over layers whose positions depend
+    on an unbound dimension other than a dynamic batch would be met at the stand-in value 1 only
+    (a stride-32 map then weighs as much as the full-size one): refused, as ``sepify check``
+    refuses to pass on that guess. Binding the dims changes only the planning: the written model
+    keeps its symbolic dims."""
+    if opts.target_macs is None and opts.target_ratio is None:
+        return
+    batch = {k for k, v in before.symbols.items() if v.get("batch")}
+    free = sorted({s for c in candidates for p in (c.p_in_sym, c.p_out_sym) if p is not None for s in p.symbols}
+                  - batch)
+    if free:
+        flag = "--target-macs" if opts.target_macs is not None else "--target-ratio"
+        raise UsageError(f"{flag}: the MACs of the rewritable layers depend on the unbound dimension(s) "
+                         f"{', '.join(free)}; bind them for the planning with "
+                         + " ".join(f"--dim {k}=VALUE" for k in free)
+                         + " (the written model keeps them symbolic)")
 
 
 def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibrator, total_macs: int) -> None:

@@ -21,7 +21,7 @@ import onnx
 
 from ..cost.symbolic import Poly, dim_poly, is_symbolic
 from ..model.graph import GraphView, is_float, outer_inputs, unique_node_names
-from .factorize import ORIENTATIONS, Spectrum, spectrum
+from .factorize import ORIENTATIONS, Spectrum, original_macs, spectrum
 from .options import RewriteOptions
 
 
@@ -43,6 +43,30 @@ class Candidate:
     # p_in / p_out as formulas of the unbound symbols (None when static), for the report's formulas
     p_in_sym: Poly | None = None
     p_out_sym: Poly | None = None
+
+    def _plan_positions(self) -> tuple[int, int]:
+        """Positions for decisions that compare costs (is a rank cheaper than the Conv, which
+        orientation is cheaper): with symbolic positions, the formulas at ``PLAN_SIZE`` for every
+        unbound symbol, not at the stand-in 1, where a stride-32 map has 0 or 1 positions and
+        every layer looks alike."""
+        if self.p_in_sym is None and self.p_out_sym is None:
+            return self.p_in, self.p_out
+        at = lambda p, n: n if p is None else p.evaluate({k: PLAN_SIZE for k in p.symbols})  # noqa: E731
+        return at(self.p_in_sym, self.p_in), at(self.p_out_sym, self.p_out)
+
+    def plan_macs(self, orientation: str, rank: int) -> int:
+        """MACs of the pair at ``rank``, at the planning positions (see ``_plan_positions``)."""
+        return self.spectra[orientation].macs(rank, *self._plan_positions())
+
+    def saves(self, orientation: str, rank: int) -> bool:
+        """Is the pair at ``rank`` cheaper than the Conv (at the planning positions)?"""
+        p_in, p_out = self._plan_positions()
+        sp = self.spectra[orientation]
+        return sp.macs(rank, p_in, p_out) < original_macs(sp.weight_shape, sp.group, p_out)
+
+
+#: the value of each unbound symbolic dimension when costs are compared (see Candidate.saves)
+PLAN_SIZE = 1024
 
 
 
