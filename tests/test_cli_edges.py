@@ -542,3 +542,23 @@ def test_file_size_counts_external_data(tiny_model, tmp_path):
     assert r.exit_code == 1, r.output
     (b,) = [b for b in json.loads(r.stdout)["models"][0]["budgets"] if b["quantity"] == "file_size"]
     assert b["value"] == total and not b["passed"]
+
+
+def test_markdown_layer_names_are_literal(tmp_path):
+    """A layer named 'a*b*' rendered as 'a<em>b</em>' and '<lambda>' as an HTML tag on GitHub."""
+    import onnx
+    from markdown_it import MarkdownIt
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="block*1*/relu"),
+             helper.make_node("Relu", ["y"], ["z"], name="<lambda>[0]"),
+             helper.make_node("Relu", ["z"], ["w"], name="conv_1_bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("w", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "names.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    md = run("analyze", path, "--format", "markdown").stdout
+    assert "| conv_1_bn |" in md  # underscores inside a word are left as they are
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    for name in ("block*1*/relu", "&lt;lambda&gt;[0]", "conv_1_bn"):
+        assert f"<td>{name}</td>" in html, html

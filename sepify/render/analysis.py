@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..units import human, human_bytes
-from .common import Column, dumps_json, md_escape, print_table, shorten_op
+from .common import Column, dumps_json, md_escape, md_text, print_table, shorten_op
 
 FORMATS = ("table", "json", "csv", "markdown")
 
@@ -172,7 +172,7 @@ def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, b
     if by_op:
         out += ["| op type | count | MACs | FLOPs | params |", "|---|---:|---:|---:|---:|"]
         for op, g in select_groups(data["by_op"], sort, top):
-            out.append(f"| {md_escape(op)} | {g['count']} | {human(g['macs'])} | {human(g['flops'])} | {human(g['params'])} |")
+            out.append(f"| {md_text(op)} | {g['count']} | {human(g['macs'])} | {human(g['flops'])} | {human(g['params'])} |")
     else:
         rows = select_layers(data["layers"], sort, top)
         out += ["<details><summary>layers" + (f" (top {top} by {sort if sort != 'graph' else 'macs'})" if top else "")
@@ -180,7 +180,7 @@ def analysis_markdown(data: dict, sort: str = "graph", top: int | None = None, b
                 "| # | name | op | output | MACs | params | note |", "|---:|---|---|---|---:|---:|---|"]
         for r in rows:
             note = f"unknown: {r['unknown']}" if r["unknown"] else r["note"]
-            out.append(f"| {r['index']} | {md_escape(r['name'])} | {r['op_type']} | {_shape(r['output_shapes'])} "
+            out.append(f"| {r['index']} | {md_text(r['name'])} | {md_text(r['op_type'])} | {_shape(r['output_shapes'])} "
                        f"| {human(r['macs'])} | {human(r['params']) if r['params'] else ''} | {md_escape(note)} |")
         out += ["", "</details>", ""]  # (a blank line ends the HTML block: the notes below are Markdown again)
     for note in data.get("notes", []):

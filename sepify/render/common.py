@@ -4,6 +4,7 @@ escaping."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -229,6 +230,16 @@ def fit_table(columns: list[Column], rows: list[list[str]], total: list[str] | N
 def md_escape(s) -> str:
     """Escape a value for a Markdown table cell."""
     return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+_MD_SPECIAL = re.compile(r"([\\`*<>\[\]])")  # ("_" inside a word starts no emphasis: conv_1 stays readable)
+
+
+def md_text(s) -> str:
+    """A name as literal Markdown text in a table cell: the characters that would start emphasis,
+    a link, an HTML tag or code are backslash-escaped (``a*b*`` is not italics, ``<lambda>`` is no
+    tag), then :func:`md_escape`."""
+    return md_escape(_MD_SPECIAL.sub(r"\\\1", str(s)))
 
 
 def dumps_json(data: dict) -> str:
