@@ -203,6 +203,20 @@ def test_floordiv_is_floor(a, c, d, e, k, x):
     assert evaluate(inner, {"H": x}) == (a * x + c) // d
     outer = floordiv(inner + k, e)  # (nested quotients collapse: still exact)
     assert evaluate(outer, {"H": x}) == ((a * x + c) // d + k) // e
+    neg = floordiv(-a * H + c, d)  # (turned around)
+    assert evaluate(neg, {"H": x}) == (-a * x + c) // d
+    mixed = floordiv(inner * (k * e) - H + c, e)  # (a multiple of e comes out)
+    assert evaluate(mixed, {"H": x}) == (((a * x + c) // d) * k * e - x + c) // e
+
+
+def test_swin_pad_is_the_padded_size():
+    """(7 - H mod 7) mod 7, as the legacy Swin export computes its pad: H + pad == 7·⌈H/7⌉."""
+    from sepify.model.symdims import _mod
+
+    H = Poly.symbol("H")
+    pad = _mod(7 - _mod(H, 7), 7)
+    assert H + pad == 7 * floordiv(H + 6, 7)
+    assert [evaluate(H + pad, {"H": x}) for x in (56, 57, 62, 63)] == [56, 63, 63, 63]
 
 
 def test_floordiv_canonical_names():

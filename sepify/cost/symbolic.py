@@ -20,7 +20,11 @@ integers ``c`` and positive ``d``, ``e``):
 - ``floor((floor(x/d) + c)/e) == floor((x + c·d)/(d·e))``: nested quotients collapse, so a
   stride-2 pool after a stride-2 conv gives ``⌈H/4⌉``, not ``⌈⌈H/2⌉/2⌉``;
 - ``floor((g·y + c)/d) == floor((y + floor(c/g))/(d/g))`` when ``g`` divides ``d`` and every
-  non-constant coefficient of ``n``: common factors cancel (and ``d = 1`` is no quotient).
+  non-constant coefficient of ``n``: common factors cancel (and ``d = 1`` is no quotient);
+- ``floor((d·q + x)/d) == q + floor(x/d)``: terms whose coefficient ``d`` divides come out;
+- ``floor(-y/d) == -floor((y + d - 1)/d)``: a numerator with only negative terms is turned
+  around, so ``H mod 7 = H - 7·⌊H/7⌋`` and Swin's pad ``(7 - H mod 7) mod 7`` give the padded
+  size ``7·⌈H/7⌉``.
 
 An atom's name is its formula (``⌈H/2⌉``, ``⌊H/4⌋``, ``⌊(H+2)/4⌋``); a dimension that is a
 polynomial over atoms (``2·⌈H/32⌉`` after an upsampling) is named by its formula too
@@ -234,6 +238,14 @@ def floordiv(n: Num, d: int) -> Num:
         return n.evaluate({}) // d
     c = n.terms.get((), 0)
     var = {m: k for m, k in n.terms.items() if m}
+    # integer multiples of d come out: floor((d·q + x)/d) == q + floor(x/d)
+    whole = {m: k // d for m, k in var.items() if k % d == 0}
+    if whole:
+        rest = Poly._of({m: k for m, k in var.items() if k % d}) + c
+        return Poly._of(whole) + floordiv(rest, d)
+    # a negative numerator: floor(-y/d) == -ceil(y/d) == -floor((y + d - 1)/d)
+    if all(k < 0 for k in var.values()):
+        return -floordiv(-n + (d - 1), d)
     # a nested quotient: floor((floor(x/e) + c)/d) == floor((x + c·e)/(e·d))
     if len(var) == 1:
         (m, k), = var.items()

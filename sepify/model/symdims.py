@@ -408,8 +408,7 @@ def _v_slice(node, ins, vals, attrs):
         return None
     index = [slice(None)] * a.ndim
     for ax, b, e, st in zip(axes, starts, ends, steps):
-        n = a.shape[ax % a.ndim]
-        index[ax % a.ndim] = slice(*slice(b, e, st).indices(n))
+        index[ax % a.ndim] = slice(b, e, st)  # (ONNX clamps the bounds as Python does)
     return a[tuple(index)]
 
 
@@ -454,6 +453,17 @@ def _v_sub(node, ins, vals, attrs):
 @_value_rule("Div")
 def _v_div(node, ins, vals, attrs):
     return _elementwise(node, vals, _div)
+
+
+def _mod(x, y):
+    if y.__class__ is not int or y <= 0:
+        return None
+    return x % y if x.__class__ is int else x - floordiv(x, y) * y  # (x >= 0: a size)
+
+
+@_value_rule("Mod")
+def _v_mod(node, ins, vals, attrs):
+    return _elementwise(node, vals, _mod)
 
 
 def _equal(x, y):
@@ -638,10 +648,9 @@ def _resize(node, ins, consts, attrs, opset):
 @_rule("Pad")
 def _pad(node, ins, consts, attrs, opset):
     x = ins[0]
-    pads = attrs.get("pads") if opset < 11 else _const(consts, node, 1)
+    pads = attrs.get("pads") if opset < 11 else consts.vector(node, 1)
     if x is None or pads is None:
         return None
-    pads = [int(v) for v in np.ravel(pads)]
     axes = _const(consts, node, 3)
     axes = list(range(len(x))) if axes is None else [int(a) % len(x) for a in np.ravel(axes)]
     n = len(axes)
