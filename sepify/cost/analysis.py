@@ -586,9 +586,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         notes.append(f"{derived} unnamed or duplicate-named node(s) are shown under derived names "
                      "(Op_index / name_index; the node's own name is in onnx_name)")
     if loaded.unused_dims:
-        have = sorted(loaded.symbols)
-        notes.append(UNUSED_DIMS_NOTE + ", ".join(loaded.unused_dims)
-                     + (f" (its symbolic dimensions: {', '.join(have)})" if have else " (it has no symbolic dimensions)"))
+        notes.append(unused_dims_note(loaded.unused_dims, loaded.symbols))
     if unbound:
         notes.append(UNBOUND_NOTE + ", ".join(unbound)
                      + " (bind them with --dim NAME=VALUE)")
@@ -619,6 +617,13 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
 
 
 UNUSED_DIMS_NOTE = "dims not in the model, ignored: "
+
+
+def unused_dims_note(unused: Sequence[str], symbols: Mapping[str, object]) -> str:
+    """The note for ``--dim`` names a model has no symbol for (every command words it so)."""
+    have = sorted(symbols)
+    return (UNUSED_DIMS_NOTE + ", ".join(unused)
+            + (f" (its symbolic dimensions: {', '.join(have)})" if have else " (it has no symbolic dimensions)"))
 UNBOUND_NOTE = "unbound symbolic dimensions set to 1 for the numbers: "
 #: the quantities of a report that can depend on a dimension (``sepify check`` budgets them)
 SHAPE_QUANTITIES = ("macs", "flops", "layer_macs", "activation_peak")

@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 
 from .. import __version__
+from ..cost.analysis import unused_dims_note
 from ..cost.symbolic import formula
 from ..errors import ModelError, UsageError
 from ..model.graph import GraphView, all_graphs, subgraphs
-from ..model.external import weightless_copy
+from ..model.external import file_bytes, weightless_copy
 from ..model.loading import load
 from ..model.reading import drop_initializer_inputs, read_model, topological_sort
 from ..units import human3
@@ -125,7 +126,7 @@ class RewriteResult:
     def _record_output(self, out: Path) -> None:
         """The report names the written file and its size (the diff's "file size" row and the
         after-analysis, which were computed before there was a file)."""
-        size = out.stat().st_size
+        size = file_bytes(onnx.load(str(out), load_external_data=False), out)  # (its data file too)
         self.report["output"] = str(out)
         diff = self.report.get("diff")
         if diff:
@@ -208,7 +209,7 @@ def rewrite(
     # shapes come from a weightless copy: checker and shape inference never copy the weights
     loaded = load(weightless_copy(raw, label=str(path) if path else "<model>"), input_shapes=input_shapes, dims=dims,
                   copy=False, path=path)
-    loaded.path, loaded.file_size = path, (path.stat().st_size if path else None)
+    loaded.path, loaded.file_size = path, (file_bytes(raw, path) if path else None)  # (its data files too)
     if edit_base.functions:
         loaded.notes.insert(0, "model-local functions were inlined")
     old_ir = drop_initializer_inputs(raw)
@@ -375,7 +376,7 @@ def rewrite(
     if unnamed:
         report["notes"].append(f"{unnamed} unnamed or duplicate-named node(s) were given unique names (Op_index / name_index)")
     if loaded.unused_dims:
-        report["notes"].append(f"dims not in the model, ignored: {', '.join(loaded.unused_dims)}")
+        report["notes"].append(unused_dims_note(loaded.unused_dims, loaded.symbols))
     report["unused_dims"] = list(loaded.unused_dims)
     return RewriteResult(new, results, skipped, report, external, path, calib, latency_stage=latency)
 
