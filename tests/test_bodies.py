@@ -137,17 +137,24 @@ def test_loop_carried_shapes_are_not_folded_as_constants():
     assert "MatMul" in a.layers[0].unknown and "'acc'" in a.layers[0].unknown
 
 
-def _squeeze_if_model():
-    """PyTorch's export of ``squeeze(-1)`` on a dynamic dim: ``If(Shape(x)[-1] == 1)`` with
-    Squeeze in one branch and the tensor as it is in the other. x (2, 8, w/8) is computed from
-    x0 (2, 24) by a Reshape ONNX inference loses, so only folding sees that w/8 = 3: the then
-    branch (Squeeze of a 3) cannot run and ONNX inference of it fails once the shape is known."""
+def _squeeze_branches():
+    """The two branches of PyTorch's squeeze-If: Squeeze of the last dim then a MatMul by an 8x4
+    weight (then), a MatMul by a 3x4 weight (else)."""
     then = helper.make_graph([_c("t_ax", [-1]), helper.make_node("Squeeze", ["x", "t_ax"], ["t_sq"]), _w("t_W", 8, 4),
                               helper.make_node("MatMul", ["t_sq", "t_W"], ["t_y2"]), _c("t_one", [1]),
                               helper.make_node("Unsqueeze", ["t_y2", "t_one"], ["t_y"])],
                              "then", [], [_vi("t_y", [None, None, None])])
     els = helper.make_graph([_w("e_W", 3, 4), helper.make_node("MatMul", ["x", "e_W"], ["e_y"])],
                             "else", [], [_vi("e_y", [None, None, None])])
+    return then, els
+
+
+def _squeeze_if_model():
+    """PyTorch's export of ``squeeze(-1)`` on a dynamic dim: ``If(Shape(x)[-1] == 1)`` with
+    Squeeze in one branch and the tensor as it is in the other. x (2, 8, w/8) is computed from
+    x0 (2, 24) by a Reshape ONNX inference loses, so only folding sees that w/8 = 3: the then
+    branch (Squeeze of a 3) cannot run and ONNX inference of it fails once the shape is known."""
+    then, els = _squeeze_branches()
     nodes = [helper.make_node("Shape", ["x0"], ["s0"]), _c("i0", [0]), _c("i1", [1]), _c("eight", [8]),
              helper.make_node("Gather", ["s0", "i0"], ["n"], axis=0), helper.make_node("Gather", ["s0", "i1"], ["w"], axis=0),
              helper.make_node("Div", ["w", "eight"], ["w8"]),
@@ -245,12 +252,7 @@ def test_onnxruntime_contrib_ops_keep_shapes_and_costs():
 def test_if_decided_by_bound_shapes_when_the_dead_branch_fails_inference():
     # the squeeze-If on a dynamic dim bound with --input-shape: with w = 3, ONNX inference (strict)
     # fails in the then branch (Squeeze of a 3), which never runs; with w = 1 the else branch is dead
-    then = helper.make_graph([_c("t_ax", [-1]), helper.make_node("Squeeze", ["x", "t_ax"], ["t_sq"]), _w("t_W", 8, 4),
-                              helper.make_node("MatMul", ["t_sq", "t_W"], ["t_y2"]), _c("t_one", [1]),
-                              helper.make_node("Unsqueeze", ["t_y2", "t_one"], ["t_y"])],
-                             "then", [], [_vi("t_y", [None, None, None])])
-    els = helper.make_graph([_w("e_W", 3, 4), helper.make_node("MatMul", ["x", "e_W"], ["e_y"])],
-                            "else", [], [_vi("e_y", [None, None, None])])
+    then, els = _squeeze_branches()
     nodes = [helper.make_node("Shape", ["x"], ["sx"]), _c("last", [-1]), _c("one", [1]),
              helper.make_node("Gather", ["sx", "last"], ["d"], axis=0), helper.make_node("Equal", ["d", "one"], ["eq"]),
              helper.make_node("Squeeze", ["eq"], ["cond"]),
