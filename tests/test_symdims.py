@@ -342,3 +342,21 @@ def test_ceil_mode_pool_with_pads_matches_onnxruntime(tmp_path_factory, hh, ww):
     model = _model(nodes, [], [h.make_tensor_value_info("x", T.FLOAT, [1, 2, "H", "W"])], "y", 4)
     _check_against_ort(tmp_path_factory.mktemp("ceil"), model, {"H": hh, "W": ww},
                        {"x": np.zeros((1, 2, hh, ww), np.float32)})
+
+
+def test_stem_that_cannot_run_at_1_keeps_its_formula(tmp_path):
+    """SqueezeNet's stem: 7x7 stride 2, no padding, over a free H x W: ⌈H/2⌉ - 3, negative at
+    the stand-in 1. The formula is kept; the numbers take the smallest power of two where every
+    size is positive: (H - 7)//2 + 1 >= 1 needs H >= 7, so 8."""
+    nodes = [h.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[7, 7], strides=[2, 2], name="stem")]
+    model = _model(nodes, [_w((4, 3, 7, 7), "w")], [h.make_tensor_value_info("x", T.FLOAT, [1, 3, "H", "W"])], "y", 4)
+    path = tmp_path / "stem7.onnx"
+    onnx.save(model, path)
+    a = analyze(path)
+    assert a.layer("stem").output_shapes[0] == [1, 4, "⌈H/2⌉-3", "⌈W/2⌉-3"]
+    assert a.symbols["H"]["value"] == 8 and any("set to 8 for the numbers" in n for n in a.notes)
+    # 7·7·3·4 = 588 MACs per output position; at 8 x 8 one position
+    assert a.totals.macs == 588
+    for hh, ww in ((224, 224), (65, 40)):
+        shape = _ort_shapes(model, {"x": np.zeros((1, 3, hh, ww), np.float32)})["y"]
+        assert analyze(path, dims={"H": hh, "W": ww}).totals.macs == 588 * shape[2] * shape[3]

@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 
 from ..errors import ModelError, SepifyError, UsageError
 from .baselines import baseline_path, load_baseline
-from ..cost.analysis import SHAPE_QUANTITIES, UNBOUND_NOTE, UNUSED_DIMS_NOTE
+from ..cost.analysis import SHAPE_QUANTITIES, UNBOUND_NOTE_PREFIX, UNUSED_DIMS_NOTE
 from .budgets import QUANTITIES, CheckReport, ModelResult, budgeted, evaluate
 from ..units import byte_style
 from .config import Config, Settings, find_config, load_config, merge, parse_growth, parse_limit
@@ -186,7 +186,7 @@ def check_model(path: Path, display: str, cfg: Config | None, cli: Settings, cwd
             except SepifyError as e:  # say which file it is: the error names the baseline's path only
                 raise type(e)(f"{display}: the baseline {e}") from None
         result.results = evaluate(data, s.limits, s.growth, base_report, s.styles)
-        result.notes = [n for n in data.get("notes") or [] if not n.startswith((UNUSED_DIMS_NOTE, UNBOUND_NOTE))]
+        result.notes = [n for n in data.get("notes") or [] if not n.startswith((UNUSED_DIMS_NOTE, UNBOUND_NOTE_PREFIX))]
         for n, (words, has) in result.dims_given.items():
             if not has:
                 result.notes.append(f"{words}: this model has no dimension named {n!r} (ignored)")

@@ -508,7 +508,11 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     if view is None:
         view = GraphView(model.graph, symbols=loaded.symbols, lost=loaded.lost)
     check_inferred_shapes(view, loaded.label)
-    values = {k: (v if v is not None else 1) for k, v in loaded.symbols.items()}
+    graph_inputs = [vi for vi in model.graph.input if vi.name not in view.const]
+    input_shapes = {vi.name: _shape_list(view.tensor(vi.name)) for vi in graph_inputs}
+    batch = _batch_symbols(loaded.symbols, input_shapes.values())
+    values, stand_in = stand_in_values(view, loaded.symbols, batch) if numeric is None else \
+        ({k: (v if v is not None else 1) for k, v in loaded.symbols.items()}, 1)
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
     walker = _Walker(loaded.label)
     nbytes = _Bytes(view, values)
@@ -587,19 +591,19 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
                      "(Op_index / name_index; the node's own name is in onnx_name)")
     if loaded.unused_dims:
         notes.append(unused_dims_note(loaded.unused_dims, loaded.symbols))
-    if unbound:
+    if unbound and stand_in == 1:
         notes.append(UNBOUND_NOTE + ", ".join(unbound)
                      + " (bind them with --dim NAME=VALUE)")
+    elif unbound:
+        notes.append(f"unbound symbolic dimensions set to {stand_in} for the numbers (the smallest power of two "
+                     f"at which the model has no empty or negative size; a dynamic batch stays 1): " + ", ".join(unbound) + " (bind them with --dim NAME=VALUE)")
         if not formula_exact:
             notes.append("some costs are not polynomial in the symbols (shape inference lost them); totals formula omitted")
     if totals.unknown:
         notes.append(f"{totals.unknown} node(s) of unknown cost are not included in the totals")
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
-    graph_inputs = [vi for vi in model.graph.input if vi.name not in view.const]
-    input_shapes = {vi.name: _shape_list(view.tensor(vi.name)) for vi in graph_inputs}
     affects = _affects(unbound, sym_macs, sym_flops, formula_exact and numeric is None, input_shapes.values(), layers,
                        set(loaded.symbols))
-    batch = _batch_symbols(loaded.symbols, input_shapes.values())
     return Analysis(
         model={
             "path": str(loaded.path) if loaded.path else None, "file_size": loaded.file_size,
@@ -625,6 +629,27 @@ def unused_dims_note(unused: Sequence[str], symbols: Mapping[str, object]) -> st
     return (UNUSED_DIMS_NOTE + ", ".join(unused)
             + (f" (its symbolic dimensions: {', '.join(have)})" if have else " (it has no symbolic dimensions)"))
 UNBOUND_NOTE = "unbound symbolic dimensions set to 1 for the numbers: "
+UNBOUND_NOTE_PREFIX = "unbound symbolic dimensions set to "
+
+
+def stand_in_values(view: GraphView, symbols: Mapping[str, int | None], batch: set[str]) -> tuple[dict, int]:
+    """The values the numbers take for unbound symbols: 1, unless some derived dimension
+    (``⌈H/2⌉ - 3``) is negative there — a model that cannot run at that size — then the
+    smallest power of two (2..4096) at which every one is positive (the model runs), for every
+    unbound symbol but a dynamic batch (which stays 1). Returns (values, the stand-in used)."""
+    base = {k: (v if v is not None else 1) for k, v in symbols.items()}
+    polys = {dim_poly(d) for t in view.distinct_infos() if t.shape for d in t.shape
+             if d.__class__ is str and d not in symbols}
+    polys.discard(None)
+    if not polys or all(p.evaluate(base) >= 0 for p in polys):
+        return base, 1
+    size = 2
+    while size <= 4096:
+        values = {k: (v if v is not None else (1 if k in batch else size)) for k, v in symbols.items()}
+        if all(p.evaluate(values) >= 1 for p in polys):
+            return values, size
+        size *= 2
+    return base, 1
 #: the quantities of a report that can depend on a dimension (``sepify check`` budgets them)
 SHAPE_QUANTITIES = ("macs", "flops", "layer_macs", "activation_peak")
 

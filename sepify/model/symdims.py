@@ -18,9 +18,9 @@ order, and for each node with a lost output dimension:
 
 A derived dimension is written into ``value_info`` as a ``dim_param`` named by its formula
 (``⌈H/2⌉``, ``2·⌈H/32⌉``); the cost walk reads the name back as its polynomial
-(:func:`sepify.cost.symbolic.dim_poly`). A formula that is negative with every unbound symbol
-at 1 (the stand-in value of the numbers) is not written: that tensor stays lost, and the
-analysis says which dimension to bind, as before.
+(:func:`sepify.cost.symbolic.dim_poly`). A formula that is negative with every symbol at
+``CHECK_SIZE`` (1024) is not written: that tensor stays lost, and the analysis says which
+dimension to bind, as before.
 
 ========================  =====================================================================
 op                        output dimension (``x`` an input dimension)
@@ -185,12 +185,21 @@ def _elem(t: onnx.TypeProto | None) -> int:
 
 
 def _positive(dims) -> bool:
-    """No dimension negative with the symbols at 1 (a 2-wide pool over ``⌈W/8⌉`` is 0 wide at
-    ``W = 1``: a size the stand-in values give, not an error)."""
+    """No dimension negative at a real size (every symbol at ``CHECK_SIZE``). A formula may be
+    0 or negative at small sizes — a 2-wide pool over ``⌈W/8⌉`` is 0 wide at ``W = 1``, and
+    SqueezeNet's unpadded 7x7 stride-2 stem is ``⌈H/2⌉ - 3`` — the analysis then takes larger
+    stand-in values for its numbers (:func:`sepify.cost.analysis.stand_in_values`)."""
     for d in dims:
-        if (d if d.__class__ is int else d.evaluate({})) < 0:
+        if d.__class__ is int:
+            if d < 0:
+                return False
+        elif d.evaluate({s: CHECK_SIZE for s in d.symbols}) < 0:
             return False
     return True
+
+
+#: the size at which a derived formula must be non-negative to be written
+CHECK_SIZE = 1024
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -430,9 +439,21 @@ def _elementwise(node, vals, fn):
 
 
 def _div(x, y):
-    if y.__class__ is not int or y <= 0:
+    if y.__class__ is int:
+        return floordiv(x, y) if y > 0 else None  # (shape values are non-negative: truncation is floor)
+    if len(y.terms) != 1 or x.__class__ is int:
         return None
-    return floordiv(x, y)  # (shape values are non-negative: truncation is floor)
+    # by a monomial (windows·batch / windows): exact when every term of x is a multiple of it
+    (my, cy), = y.terms.items()
+    py = dict(my)
+    out = {}
+    for mx, cx in x.terms.items():
+        px = dict(mx)
+        if cx % cy or any(px.get(sym, 0) < k for sym, k in py.items()):
+            return None
+        q = {sym: k - py.get(sym, 0) for sym, k in px.items() if k - py.get(sym, 0)}
+        out[tuple(sorted(q.items()))] = cx // cy
+    return Poly._of(out) if any(out) else out.get((), 0)
 
 
 @_value_rule("Mul")

@@ -224,6 +224,9 @@ def rewrite(
 
     # the one analysis analyze/check/diff report; first: it also validates the inferred shapes (a ModelError)
     before = analyze_prepared(loaded, load_numeric, view=view)
+    # the layers' numbers take the analysis' stand-in values (1, or larger where the model has
+    # negative sizes at 1: cost.analysis.stand_in_values)
+    values = {k: before.symbols.get(k, {}).get("value", v) for k, v in values.items()}
 
     candidates: list[Candidate] = []
     skipped: list[Skipped] = []
