@@ -360,3 +360,27 @@ def test_stem_that_cannot_run_at_1_keeps_its_formula(tmp_path):
     for hh, ww in ((224, 224), (65, 40)):
         shape = _ort_shapes(model, {"x": np.zeros((1, 3, hh, ww), np.float32)})["y"]
         assert analyze(path, dims={"H": hh, "W": ww}).totals.macs == 588 * shape[2] * shape[3]
+
+
+def test_model_invalid_at_1_with_a_lost_dim_is_analysed_at_a_valid_size(tmp_path):
+    """An STFT-like Conv (kernel 64, stride 32) over a free length L, after a Reshape whose target
+    is computed in float arithmetic (no symbolic rule follows it; with L bound it folds): at L = 1
+    the Conv input is shorter than its kernel. The numbers are given at the smallest power of two
+    where the model is valid (64), not refused."""
+    nodes = [h.make_node("Shape", ["x"], ["s"]), h.make_node("Gather", ["s", "i2"], ["l"], axis=0),
+             h.make_node("Cast", ["l"], ["lf"], to=T.FLOAT), h.make_node("Mul", ["lf", "one_f"], ["lf1"]),
+             h.make_node("Cast", ["lf1"], ["l1"], to=T.INT64), h.make_node("Concat", ["ones", "l1"], ["target"], axis=0),
+             h.make_node("Reshape", ["x", "target"], ["xr"], name="reshape"),
+             h.make_node("Conv", ["xr", "w"], ["y"], kernel_shape=[64], strides=[32], name="stft")]
+    inits = [_i64([2], "i2"), nh.from_array(np.array([1.0], np.float32), "one_f"), _i64([1, 1], "ones"),
+             _w((8, 1, 64), "w")]
+    model = _model(nodes, inits, [h.make_tensor_value_info("x", T.FLOAT, [1, 1, "L"])], "y", 3)
+    path = tmp_path / "stft.onnx"
+    onnx.save(model, path)
+    a = analyze(path)
+    assert a.symbols["L"]["value"] == 64
+    # at L = 64: one window, 64·8 MACs
+    assert a.layer("stft").macs == 64 * 8
+    assert any("set to 64 for the numbers" in n for n in a.notes)
+    got = _ort_shapes(model, {"x": np.zeros((1, 1, 64), np.float32)})["y"]
+    assert got == (1, 8, 1)

@@ -500,10 +500,12 @@ def _shape_list(t) -> list | None:
     return list(t.shape) if t is not None and t.shape is not None else None
 
 
-def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view: GraphView | None = None) -> Analysis:
+def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view: GraphView | None = None,
+                   numeric_at: Mapping[str, int] | None = None) -> Analysis:
     """Analyze a prepared model. ``numeric``: the same model with unbound symbols set to 1,
-    used for the numbers of layers whose cost is not polynomial in the symbols. ``view``: the
-    caller's view of ``loaded.model.graph``, if it has one."""
+    used for the numbers of layers whose cost is not polynomial in the symbols (``numeric_at``:
+    the values it gave them, when not 1). ``view``: the caller's view of ``loaded.model.graph``,
+    if it has one."""
     model = loaded.model
     if view is None:
         view = GraphView(model.graph, symbols=loaded.symbols, lost=loaded.lost)
@@ -511,8 +513,12 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     graph_inputs = [vi for vi in model.graph.input if vi.name not in view.const]
     input_shapes = {vi.name: _shape_list(view.tensor(vi.name)) for vi in graph_inputs}
     batch = _batch_symbols(loaded.symbols, input_shapes.values())
-    values, stand_in = stand_in_values(view, loaded.symbols, batch) if numeric is None else \
-        ({k: (v if v is not None else 1) for k, v in loaded.symbols.items()}, 1)
+    if numeric is None:
+        values, stand_in = stand_in_values(view, loaded.symbols, batch)
+    else:  # (the numeric pass's values; its stand-in is the non-batch one)
+        at = numeric_at or {}
+        values = {k: (v if v is not None else at.get(k, 1)) for k, v in loaded.symbols.items()}
+        stand_in = max(at.values(), default=1)
     unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
     walker = _Walker(loaded.label)
     nbytes = _Bytes(view, values)
@@ -561,7 +567,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
             num_macs += macs
             num_flops += flops
             reason = None
-            note = "; ".join(x for x in (note, "cost computed with unbound symbols = 1 (not polynomial)") if x)
+            note = "; ".join(x for x in (note, f"cost computed with unbound symbols = {stand_in} (not polynomial)") if x)
         else:
             macs = flops = None
         node_idx, live_b = trace[i]
@@ -760,8 +766,8 @@ def analyze(
         loaded = load(source, input_shapes=input_shapes, dims=dims, shape_words=shape_words)
         unbound = sorted(k for k, v in loaded.symbols.items() if v is None)
         try:
-            return analyze_prepared(loaded, lambda: load(source, input_shapes=input_shapes, dims=dims, bind_unbound_to=1,
-                                                         shape_words=shape_words))
+            return analyze_prepared(loaded, lambda to=1: load(source, input_shapes=input_shapes, dims=dims,
+                                                              bind_unbound_to=to, shape_words=shape_words))
         except ModelError as e:
             if not unbound:
                 raise
@@ -775,14 +781,30 @@ def analyze_prepared(loaded: LoadedModel, reload_numeric, view: GraphView | None
     """The one analysis every command reports (``analyze``, ``check``, ``diff``, and the
     before/after of ``rewrite``): the cost walk on ``loaded``, and when shape inference lost a
     symbolic dimension somewhere, a second load with the unbound symbols at 1
-    (``reload_numeric()``, the same preparation with ``bind_unbound_to=1``) for the numbers the
-    formulas cannot give. ``view``: the caller's view of ``loaded.model.graph``, if it has one."""
+    (``reload_numeric(1)``, the same preparation with ``bind_unbound_to=1``) for the numbers the
+    formulas cannot give; where the model is invalid at 1, at the smallest power of two it is
+    valid at (``reload_numeric({symbol: value})``, a dynamic batch at 1). ``view``: the caller's
+    view of ``loaded.model.graph``, if it has one."""
     if view is None:
         view = GraphView(loaded.model.graph, symbols=loaded.symbols, lost=loaded.lost)
-    numeric = None
-    if any(v is None for v in loaded.symbols.values()) and view.loses_dims():
-        numeric = reload_numeric()
-    return analyze_loaded(loaded, numeric, view=view)
+    if not (any(v is None for v in loaded.symbols.values()) and view.loses_dims()):
+        return analyze_loaded(loaded, None, view=view)
+    try:
+        return analyze_loaded(loaded, reload_numeric(1), view=view)
+    except ModelError:
+        # invalid at 1 (an STFT window longer than a 1-sample input): the smallest power of two
+        # at which the model is valid, for every unbound symbol but a dynamic batch
+        inputs = [_shape_list(view.tensor(vi.name)) for vi in loaded.model.graph.input if vi.name not in view.const]
+        batch = _batch_symbols(loaded.symbols, inputs)
+        if all(k in batch for k, v in loaded.symbols.items() if v is None):
+            raise
+        for size in (2 ** i for i in range(1, 11)):
+            at = {k: (1 if k in batch else size) for k, v in loaded.symbols.items() if v is None}
+            try:
+                return analyze_loaded(loaded, reload_numeric(at), view=view, numeric_at=at)
+            except ModelError:
+                continue
+        raise
 
 
 @contextlib.contextmanager

@@ -248,14 +248,15 @@ def load(
     input_shapes: Mapping[str, Sequence[int | str]] | None = None,
     dims: Mapping[str, int] | None = None,
     load_external_data: bool = False,
-    bind_unbound_to: int | None = None,
+    bind_unbound_to: int | Mapping[str, int] | None = None,
     copy: bool = True,
     path: str | os.PathLike | None = None,
     shape_words: Mapping[str, str] | None = None,
 ) -> LoadedModel:
     """Read, validate and prepare a model, with shapes inferred. See the module docstring.
 
-    ``bind_unbound_to``: give every symbol left unbound this value (used for a numeric pass).
+    ``bind_unbound_to``: give every symbol left unbound this value, or its value in a mapping
+    (1 where the mapping has none; used for a numeric pass).
     ``copy=False``: a ModelProto source is a private copy that may be changed in place.
     ``path``: the file a ModelProto source was read from (named in errors, set on the result).
     """
@@ -314,7 +315,8 @@ def load(
     symbols, changed = bind_inputs(model, input_shapes, dims, label, initializers, shape_words)
     unused = sorted(set(dims or {}) - set(symbols))
     if bind_unbound_to is not None:
-        free = {k: bind_unbound_to for k, v in symbols.items() if v is None}
+        free = {k: (bind_unbound_to.get(k, 1) if isinstance(bind_unbound_to, Mapping) else bind_unbound_to)
+                for k, v in symbols.items() if v is None}
         if free:
             bind_inputs(model, None, free, label, initializers)
             changed = True

@@ -218,9 +218,9 @@ def rewrite(
     view.initializers.update((t.name, t) for t in raw.graph.initializer)  # weights are read from raw
     from ..cost.analysis import analyze_prepared
 
-    def load_numeric():
+    def load_numeric(to=1):
         return load(weightless_copy(raw, label=str(path) if path else "<model>"), input_shapes=input_shapes, dims=dims,
-                    copy=False, path=path, bind_unbound_to=1)
+                    copy=False, path=path, bind_unbound_to=to)
 
     # the one analysis analyze/check/diff report; first: it also validates the inferred shapes (a ModelError)
     before = analyze_prepared(loaded, load_numeric, view=view)
@@ -356,7 +356,7 @@ def rewrite(
             new_loaded = load_new()
         except ModelError as e:  # a sepify bug, not a user error
             raise RuntimeError(f"the rewritten model fails validation: {e}") from e
-        after = analyze_prepared(new_loaded, lambda: load_new(bind_unbound_to=1))
+        after = analyze_prepared(new_loaded, lambda to=1: load_new(bind_unbound_to=to))
     calib_info = None
     if calibrator is not None:
         from .calibrate import materialize
