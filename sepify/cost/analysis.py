@@ -514,7 +514,7 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
     input_shapes = {vi.name: _shape_list(view.tensor(vi.name)) for vi in graph_inputs}
     batch = _batch_symbols(loaded.symbols, input_shapes.values())
     if numeric is None:
-        values, stand_in = stand_in_values(view, loaded.symbols, batch)
+        values, stand_in = stand_in_values(view, loaded.symbols, _leading_symbols(loaded.symbols, input_shapes.values()))
     else:  # (the numeric pass's values; its stand-in is the non-batch one)
         at = numeric_at or {}
         values = {k: (v if v is not None else at.get(k, 1)) for k, v in loaded.symbols.items()}
@@ -642,7 +642,8 @@ def stand_in_values(view: GraphView, symbols: Mapping[str, int | None], batch: s
     """The values the numbers take for unbound symbols: 1, unless some derived dimension
     (``⌈H/2⌉ - 3``) is negative there — a model that cannot run at that size — then the
     smallest power of two (2..4096) at which every one is positive (the model runs), for every
-    unbound symbol but a dynamic batch (which stays 1). Returns (values, the stand-in used)."""
+    unbound symbol but a batch (``batch``: the first dim of an input, which stays 1). Returns
+    (values, the stand-in used)."""
     base = {k: (v if v is not None else 1) for k, v in symbols.items()}
     polys = {dim_poly(d) for t in view.distinct_infos() if t.shape for d in t.shape
              if d.__class__ is str and d not in symbols}
@@ -699,6 +700,14 @@ def _affects(unbound: list[str], sym_macs: dict, sym_flops: dict, exact: bool, i
         q = {"macs": macs, "flops": lost or k in in_flops, "layer_macs": macs, "activation_peak": lost or k in in_shapes}
         out[k] = [name for name in SHAPE_QUANTITIES if q[name]]
     return out
+
+
+def _leading_symbols(symbols: Mapping[str, int | None], input_shapes) -> set[str]:
+    """Symbols that are the first dimension of some input of rank >= 2 (a batch, even where the
+    model also uses it elsewhere, as a recurrent state's batch axis): they stay 1 when the
+    stand-in value of the other symbols is raised (:func:`stand_in_values`)."""
+    return {d for shape in input_shapes for axis, d in enumerate(shape or ())
+            if axis == 0 and d.__class__ is str and len(shape) >= 2 and d in symbols}
 
 
 def _batch_symbols(symbols: Mapping[str, int | None], input_shapes) -> set[str]:
@@ -795,7 +804,7 @@ def analyze_prepared(loaded: LoadedModel, reload_numeric, view: GraphView | None
         # invalid at 1 (an STFT window longer than a 1-sample input): the smallest power of two
         # at which the model is valid, for every unbound symbol but a dynamic batch
         inputs = [_shape_list(view.tensor(vi.name)) for vi in loaded.model.graph.input if vi.name not in view.const]
-        batch = _batch_symbols(loaded.symbols, inputs)
+        batch = _leading_symbols(loaded.symbols, inputs)
         if all(k in batch for k, v in loaded.symbols.items() if v is None):
             raise
         for size in (2 ** i for i in range(1, 11)):
