@@ -352,9 +352,9 @@ def spectrum(weight: np.ndarray, group: int = 1, orientation: str = "dw-first") 
 
 
 def original_macs(weight_shape, group: int, p_out: int) -> int:
-    """MACs of the original Conv: N * (M/g) * K * p_out."""
+    """MACs of the original Conv: N * (M/g) * K * p_out (a formula for a symbolic ``p_out``)."""
     shape, _ = _check_shape(weight_shape, group)
-    return math.prod(shape) * _check_count(p_out, "p_out")
+    return _count(p_out, "p_out") * math.prod(shape)
 
 
 def reconstruct(first, second, orientation: str, group: int, weight_shape) -> np.ndarray:

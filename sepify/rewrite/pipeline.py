@@ -24,6 +24,7 @@ from ..model.loading import load
 from ..model.reading import drop_initializer_inputs, read_model, topological_sort
 from ..units import human3
 from .allocate import plan_ranks
+from .factorize import original_macs
 from .emit import Replacement, _Names, _opset, apply, build, is_sorted
 from .options import FAST_FORM, RewriteOptions
 from .plan import SHAPE_UNKNOWN, Candidate, Skipped, _live_nodes, _name_nodes, plan_conv
@@ -64,16 +65,8 @@ def _macs_formulas(c: Candidate, sp, rank: int) -> dict:
         return {}
     p_in = c.p_in_sym if c.p_in_sym is not None else c.p_in
     p_out = c.p_out_sym if c.p_out_sym is not None else c.p_out
-    before = original_macs_formula(c, p_out)
+    before = original_macs(sp.weight_shape, sp.group, p_out)
     return {"macs_before_formula": formula(before, human3), "macs_after_formula": formula(sp.macs(rank, p_in, p_out), human3)}
-
-
-def original_macs_formula(c: Candidate, p_out):
-    n_out, c_per_group, *kernel = c.weight.shape
-    k = 1
-    for d in kernel:
-        k *= int(d)
-    return p_out * (int(n_out) * int(c_per_group) * k)
 
 
 @dataclass

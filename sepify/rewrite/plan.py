@@ -220,7 +220,7 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
         return "weight or bias contains NaN or infinite values"
     orientations = ORIENTATIONS if opts.orientation == "auto" else (opts.orientation,)
     spectra = {o: spectrum(weight, group, o) for o in orientations}
-    original = n_out * c_per_group * _prod(kernel) * p_out
+    original = original_macs(wshape, group, p_out)
     return Candidate(node, idx, weight, bias, group, p_in, p_out, spectra, bn, original,
                      weight.size + (bias.size if bias is not None else 0),
                      p_in_sym if is_symbolic(p_in_sym) else None, p_out_sym if is_symbolic(p_out_sym) else None)
