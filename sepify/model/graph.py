@@ -66,6 +66,11 @@ def static_numel(shape: tuple) -> int | None:
     return n
 
 
+def node_attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes as Python values (``onnx.helper.get_attribute_value``; strings as bytes)."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
 class TensorInfo:
     """Shape (``None``: rank unknown) and dtype of a tensor. Tensors of the same type share one
     instance (see :class:`GraphView`), so an instance is never changed after it is made; the

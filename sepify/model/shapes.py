@@ -65,7 +65,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from ..cost.symbolic import dim_poly
-from .graph import all_graphs, has_subgraph, outer_inputs, subgraphs
+from .graph import all_graphs, has_subgraph, node_attrs, outer_inputs, static_numel, subgraphs
 from .symdims import derive
 
 MAX_ELEMENTS = 1 << 16  # largest value folded (shape vectors, pads, small tables)
@@ -134,7 +134,7 @@ class _Folder:
             self.values = _Scoped(outer.values, hidden)
             self.partial = _Scoped(outer.partial, hidden)
         for t in graph.initializer:
-            if t.data_location != TensorProto.EXTERNAL and _numel(t.dims) <= MAX_ELEMENTS:
+            if t.data_location != TensorProto.EXTERNAL and static_numel(t.dims) <= MAX_ELEMENTS:
                 try:
                     self.values[t.name] = numpy_helper.to_array(t)
                 except Exception:  # noqa: BLE001 - an odd initializer is simply not folded
@@ -173,7 +173,7 @@ class _Folder:
             if op == "Size":
                 if any(d.__class__ is not int for d in s):
                     return False
-                values[out] = np.array(_numel(s), dtype=np.int64)
+                values[out] = np.array(static_numel(s), dtype=np.int64)
                 return True
             attrs = {a.name: a.i for a in node.attribute}
             start, end = attrs.get("start", 0), attrs.get("end", len(s))
@@ -192,14 +192,14 @@ class _Folder:
             return False
         if op == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             t = node.attribute[0].t  # (read directly: bodies hold many of them)
-            if t.data_location == TensorProto.EXTERNAL or _numel(t.dims) > MAX_ELEMENTS:
+            if t.data_location == TensorProto.EXTERNAL or static_numel(t.dims) > MAX_ELEMENTS:
                 return False
             values[out] = numpy_helper.to_array(t)
             return True
         if op == "Constant" or not ins:
             pass
         elif op == "ConstantOfShape":
-            if _numel(values[ins[0]].reshape(-1).tolist()) > MAX_ELEMENTS:
+            if static_numel(values[ins[0]].reshape(-1).tolist()) > MAX_ELEMENTS:
                 return False
         elif op in ("Expand", "Tile", "Range"):
             pass  # checked on the result
@@ -280,13 +280,6 @@ def _evaluate(node: onnx.NodeProto, opset: dict[str, int], feeds: dict[str, np.n
         [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o])
     m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opset.items()])
     return ReferenceEvaluator(m).run(None, feeds)
-
-
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None,
@@ -388,8 +381,7 @@ def _stub(graph: onnx.GraphProto, name: str, dims) -> str:
 
 
 def _attrs(node: onnx.NodeProto, keep=None, drop=()) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute
-            if (keep is None or a.name in keep) and a.name not in drop}
+    return {k: v for k, v in node_attrs(node).items() if (keep is None or k in keep) and k not in drop}
 
 
 def _surrogate_dq_lstm(node, graph, shapes):

@@ -52,6 +52,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper, shape_inference
 
 from ..cost.symbolic import Num, Poly, dim_name, dim_poly, floordiv
+from .graph import node_attrs, static_numel
 
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less",
               "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "PRelu", "Mod", "BitShift"}
@@ -72,7 +73,7 @@ def derive(model: onnx.ModelProto, symbols: set[str]) -> int:
     consts: dict[str, np.ndarray] = {}
     for t in g.initializer:
         if t.data_type in (TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT, TensorProto.DOUBLE) \
-                and _numel(t.dims) <= _MAX_CONST and t.data_location != TensorProto.EXTERNAL:
+                and static_numel(t.dims) <= _MAX_CONST and t.data_location != TensorProto.EXTERNAL:
             consts[t.name] = numpy_helper.to_array(t)
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
     ctx = _Ctx(symbols)
@@ -171,13 +172,6 @@ class _Ctx:
         return tuple(out)
 
 
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
 def _elem(t: onnx.TypeProto | None) -> int:
     if t is None or t.WhichOneof("value") != "tensor_type":
         return 0
@@ -204,7 +198,7 @@ CHECK_SIZE = 1024
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
     for a in node.attribute:
-        if a.name == "value" and a.type == AttributeProto.TENSOR and _numel(a.t.dims) <= _MAX_CONST:
+        if a.name == "value" and a.type == AttributeProto.TENSOR and static_numel(a.t.dims) <= _MAX_CONST:
             return numpy_helper.to_array(a.t)
         if a.name == "value_ints":
             return np.array(list(a.ints), dtype=np.int64)
@@ -218,19 +212,8 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
-    out = {}
-    for a in node.attribute:
-        if a.type == AttributeProto.INT:
-            out[a.name] = a.i
-        elif a.type == AttributeProto.INTS:
-            out[a.name] = list(a.ints)
-        elif a.type == AttributeProto.FLOAT:
-            out[a.name] = a.f
-        elif a.type == AttributeProto.FLOATS:
-            out[a.name] = list(a.floats)
-        elif a.type == AttributeProto.STRING:
-            out[a.name] = a.s.decode("utf-8", "replace")
-    return out
+    """The node's attributes, strings as text (``auto_pad``, ``mode``)."""
+    return {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in node_attrs(node).items()}
 
 
 def _infer(node, types, consts, opset, ir_version) -> dict[str, onnx.TypeProto]:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..cost.symbolic import Poly, dim_poly, is_symbolic
-from ..model.graph import GraphView, is_float, outer_inputs, unique_node_names
+from ..model.graph import GraphView, is_float, node_attrs, outer_inputs, unique_node_names
 from .factorize import ORIENTATIONS, Spectrum, original_macs, spectrum
 from .options import RewriteOptions
 
@@ -129,8 +129,7 @@ def _const_array(model: onnx.ModelProto, view: GraphView, name: str, base_dir: s
             raise first from None
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+_attrs = node_attrs  # (the name the rewrite stages import)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
