@@ -641,7 +641,7 @@ UNBOUND_NOTE_PREFIX = "unbound symbolic dimensions set to "
 def stand_in_values(view: GraphView, symbols: Mapping[str, int | None], batch: set[str]) -> tuple[dict, int]:
     """The values the numbers take for unbound symbols: 1, unless some derived dimension
     (``⌈H/2⌉ - 3``) is negative there — a model that cannot run at that size — then the
-    smallest power of two (2..4096) at which every one is positive (the model runs), for every
+    smallest power of two (2..1024) at which every one is positive (the model runs), for every
     unbound symbol but a batch (``batch``: the first dim of an input, which stays 1). Returns
     (values, the stand-in used)."""
     base = {k: (v if v is not None else 1) for k, v in symbols.items()}
@@ -650,13 +650,20 @@ def stand_in_values(view: GraphView, symbols: Mapping[str, int | None], batch: s
     polys.discard(None)
     if not polys or all(p.evaluate(base) >= 0 for p in polys):
         return base, 1
-    size = 2
-    while size <= 4096:
-        values = {k: (v if v is not None else (1 if k in batch else size)) for k, v in symbols.items()}
+    for size, at in _larger_stand_ins(symbols, batch):
+        values = {**base, **at}
         if all(p.evaluate(values) >= 1 for p in polys):
             return values, size
-        size *= 2
     return base, 1
+
+
+def _larger_stand_ins(symbols: Mapping[str, int | None], leading: set[str]):
+    """The stand-ins tried where 1 does not do: for each power of two 2..1024, that value for
+    every unbound symbol but the ``leading`` ones (a batch), which stay 1."""
+    for size in (2 ** i for i in range(1, 11)):
+        yield size, {k: (1 if k in leading else size) for k, v in symbols.items() if v is None}
+
+
 #: the quantities of a report that can depend on a dimension (``sepify check`` budgets them)
 SHAPE_QUANTITIES = ("macs", "flops", "layer_macs", "activation_peak")
 
@@ -807,8 +814,7 @@ def analyze_prepared(loaded: LoadedModel, reload_numeric, view: GraphView | None
         batch = _leading_symbols(loaded.symbols, inputs)
         if all(k in batch for k, v in loaded.symbols.items() if v is None):
             raise
-        for size in (2 ** i for i in range(1, 11)):
-            at = {k: (1 if k in batch else size) for k, v in loaded.symbols.items() if v is None}
+        for _, at in _larger_stand_ins(loaded.symbols, batch):
             try:
                 return analyze_loaded(loaded, reload_numeric(at), view=view, numeric_at=at)
             except ModelError:
