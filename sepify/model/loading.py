@@ -28,7 +28,7 @@ from ..errors import ModelError, UsageError, first_line as _first_line
 from .external import check_external_data, file_bytes
 from .graph import all_graphs
 from .reading import _read, check, drop_initializer_inputs, list_initializers_as_inputs, topological_sort
-from .shapes import SURROGATE_OPS, Origins, lost_tensors, resolve_shapes
+from .shapes import SURROGATE_OPS, Origins, any_lost, resolve_shapes
 from .symdims import derive
 from .validation import check_input_dims
 
@@ -342,7 +342,7 @@ def load(
     taken: dict[str, str] = rescued[1] if rescued is not None else {}
     if rescued is None and _needs_data_prop(model):  # (else no node computes a value a shape depends on: nothing to fold)
         model, rounds = resolve_shapes(model, lambda m: infer_shapes(m, label), taken=taken)
-    elif rescued is None and any(v is None for v in symbols.values()) and lost_tensors(model):
+    elif rescued is None and any(v is None for v in symbols.values()) and any_lost(model):
         derive(model, {k for k, v in symbols.items() if v is None})  # (formulas: :mod:`sepify.model.symdims`)
     lost = Origins(model, taken)
     if size is None and path is not None:
