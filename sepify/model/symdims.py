@@ -516,8 +516,10 @@ _RULES: dict = {}
 _rule = _registrar(_RULES, "dims")
 
 
-def _window(x: Num, k: int, s: int, d: int, begin: int, end: int, auto_pad: str, ceil_mode: int = 0) -> Num | None:
-    """Output size of a sliding window over ``x`` (Conv and pools)."""
+def window(x: Num, k: int, s: int, d: int, begin: int, end: int, auto_pad: str = "NOTSET",
+           ceil_mode: int = 0) -> Num | None:
+    """Output size of a sliding window (Conv and pools) over ``x``, an int or a formula; None
+    where it is not one formula (ceil mode whose last window may start in the padding)."""
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         return floordiv(x + (s - 1), s)
     if auto_pad == "VALID":
@@ -545,7 +547,7 @@ def _spatial(x, kernel, attrs, ceil_mode=0):
     for i in range(n):
         if x[2 + i] is None:
             return None
-        o = _window(x[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + n], auto_pad, ceil_mode)
+        o = window(x[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + n], auto_pad, ceil_mode)
         if o is None:
             return None
         out.append(o)

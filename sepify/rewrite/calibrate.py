@@ -44,6 +44,7 @@ import onnx
 
 from ..errors import ModelError
 from ..model.graph import outer_inputs
+from ..model.symdims import window
 
 DEFAULT_ROWS = 16384
 """Patch rows accumulated per layer (``--calib-rows``)."""
@@ -160,8 +161,8 @@ def geometry(node: onnx.NodeProto, weight_shape: Sequence[int], in_spatial: Sequ
 
 def out_spatial(geo: ConvGeometry, in_spatial: Sequence[int]) -> tuple[int, ...]:
     nd = len(geo.kernel)
-    return tuple((int(in_spatial[i]) + geo.pads[i] + geo.pads[i + nd] - geo.dilations[i] * (geo.kernel[i] - 1) - 1)
-                 // geo.strides[i] + 1 for i in range(nd))
+    return tuple(window(int(in_spatial[i]), geo.kernel[i], geo.strides[i], geo.dilations[i], geo.pads[i],
+                        geo.pads[i + nd]) for i in range(nd))
 
 
 def gather_patches(x: np.ndarray, geo: ConvGeometry, flat: np.ndarray) -> np.ndarray:
