@@ -338,6 +338,22 @@ def _holdout_value(text: str) -> float:
 @click.option("--no-sequential", is_flag=True,
               help="With --calibration: fit every layer on the original model's inputs instead of the "
                    "already-rewritten model's (faster, less accurate at high compression).")
+@click.option("--sensitivity", type=click.Choice(["measured", "none"]), default="measured", show_default=True,
+              help="With --calibration and a budget (--target-macs/--target-ratio/--target-speedup): weigh each "
+                   "layer's error by what it measurably does to the model's outputs (measured), or count every "
+                   "layer's relative output error alike (none). docs/rewrite.md.")
+@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+              help="With --sensitivity measured: held-out samples the sensitivities are measured on.")
+@click.option("--distortion", type=click.Choice(["auto", "kl", "rel"]), default="auto", show_default=True,
+              help="How --sensitivity measured compares the model's outputs: KL divergence of probabilities or "
+                   "logits, relative squared error, or auto (KL for softmax/log-softmax/classifier-logit outputs).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="With --calibration: where the per-model error and sensitivity tables are cached "
+                   "(default $SEPIFY_CACHE_DIR, else ~/.cache/sepify).")
+@click.option("--no-cache", is_flag=True, help="With --calibration: neither read nor write the tables' cache.")
+@click.option("--no-refit-kept", is_flag=True,
+              help="With --calibration: do not refit the Convs left dense after rewritten layers to their "
+                   "original outputs (they are refitted by default; MACs unchanged).")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Run both models in onnxruntime on every verification sample and compare outputs.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=True),
@@ -359,7 +375,8 @@ def _holdout_value(text: str) -> float:
 @_dim_opt
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
-            allow_increase, no_fold_bn, calibration, holdout, calib_rows, calib_method, no_sequential, do_verify,
+            allow_increase, no_fold_bn, calibration, holdout, calib_rows, calib_method, no_sequential, sensitivity,
+            sensitivity_samples, distortion, cache_dir, no_cache, no_refit_kept, do_verify,
             inputs_file, seed, tolerance, verify_layers, dry_run, fmt, report_file, metric, input_shape, dim,
             **latency):  # --objective, --target-speedup, --threads (sepify.rewrite.measure)
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
@@ -407,10 +424,16 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         clock=latency["clock"],
         include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
-        calib_method=calib_method, sequential=not no_sequential, calib_seed=seed)
+        calib_method=calib_method, sequential=not no_sequential, calib_seed=seed, sensitivity=sensitivity,
+        sensitivity_samples=sensitivity_samples, distortion=distortion, cache_dir=cache_dir, cache=not no_cache,
+        refit_kept=not no_refit_kept)
     if calibration is None and any(v != d for v, d in ((holdout, "0.2"), (calib_rows, 16384), (calib_method, "als"),
-                                                        (no_sequential, False))):
-        raise UsageError("--holdout, --calib-rows, --calib-method and --no-sequential need --calibration")
+                                                        (no_sequential, False), (sensitivity, "measured"),
+                                                        (sensitivity_samples, 32), (distortion, "auto"),
+                                                        (cache_dir, None), (no_cache, False), (no_refit_kept, False))):
+        raise UsageError("--holdout, --calib-rows, --calib-method, --no-sequential, --sensitivity, "
+                         "--sensitivity-samples, --distortion, --cache-dir, --no-cache and --no-refit-kept need "
+                         "--calibration")
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None
     if do_verify:  # read and check the data before the work: a bad file is one line, exit 2

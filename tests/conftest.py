@@ -177,3 +177,16 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("huge") is not None])
         items[:] = keep
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_table_cache(tmp_path_factory):
+    """Calibrated rewrites cache their tables (sepify.rewrite.sensitivity): never in the home
+    folder of whoever runs the suite."""
+    old = os.environ.get("SEPIFY_CACHE_DIR")
+    os.environ["SEPIFY_CACHE_DIR"] = str(tmp_path_factory.mktemp("sepify-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SEPIFY_CACHE_DIR", None)
+    else:
+        os.environ["SEPIFY_CACHE_DIR"] = old

@@ -144,6 +144,19 @@ def _calibration_lines(report: dict) -> list[str]:
             meas = r.get("output_error_measured")
             out.append(f"    {r['name']}: {r['orientation']} rank {r['rank']}: {r['output_error_predicted']:.4g} / "
                        f"{'-' if meas is None else f'{meas:.4g}'}")
+    for f in report.get("refitted") or []:
+        meas = f.get("output_error_measured")
+        out.append(f"    {f['name']}: kept, refitted: {f['output_error_before']:.4g} -> {f['output_error_predicted']:.4g} / "
+                   f"{'-' if meas is None else f'{meas:.4g}'}")
+    sens = cal.get("sensitivity") or {}
+    if sens.get("layers"):
+        kinds = ", ".join(f"{k}: {'KL' if v != 'rel' else 'rel. error'}" for k, v in sens.get("outputs", {}).items())
+        cache = sens.get("cache") or {}
+        out.append(f"  sensitivity measured on {sens['samples']} {sens['from']} samples ({kinds})"
+                   f"{'; from the cache' if cache.get('hit') else ''}; amplification of each layer's error at the "
+                   f"outputs (ranks {'/'.join(str(r) for r in next(iter(sens['layers'].values()))['ranks'])}):")
+        for name, t in sens["layers"].items():
+            out.append(f"    {name}: " + " ".join(f"{a:.3g}" for a in t["amplification"]))
     return out
 
 

@@ -49,6 +49,10 @@ from ..model.symdims import window
 DEFAULT_ROWS = 16384
 """Patch rows accumulated per layer (``--calib-rows``)."""
 
+REFIT_GAIN = 0.01
+"""A kept Conv's refit is used only when it lowers its predicted relative output error by at
+least this fraction (otherwise the Conv stays exactly as it was)."""
+
 
 
 # --- onnxruntime -----------------------------------------------------------------------------
@@ -350,6 +354,32 @@ def splice(model: onnx.ModelProto, layer: Layer, orientation: str, first: np.nda
     g.node.extend(keep)
 
 
+def replace_dense(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, bias: np.ndarray | None,
+                  drop: Iterable[str] = ()) -> None:
+    """Give ``layer``'s Conv (in place) new weights, with a folded BN (``drop``) removed: the
+    calibration working model's copy of a refitted kept Conv."""
+    g = model.graph
+    idx = next(i for i, n in enumerate(g.node) if n.name == layer.name)
+    conv = g.node[idx]
+    base = f"__calib__/{layer.name}"
+    from onnx import numpy_helper
+
+    new = onnx.NodeProto()
+    new.CopyFrom(conv)
+    del new.input[:]
+    new.input.extend([conv.input[0], f"{base}/w"] + ([f"{base}/b"] if bias is not None else []))
+    del new.output[:]
+    new.output.append(layer.output)
+    g.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(weight), f"{base}/w")])
+    if bias is not None:
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(bias.astype(weight.dtype)), f"{base}/b"))
+    dropped = set(drop)
+    keep = [n for i, n in enumerate(g.node) if i != idx and n.name not in dropped]
+    keep.insert(min(idx, len(keep)), new)
+    del g.node[:]
+    g.node.extend(keep)
+
+
 # --- measurement -----------------------------------------------------------------------------
 def measure_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, tensors: list[str],
                     samples: Sequence[Mapping], threads: int | None = None) -> dict[str, float]:
@@ -459,11 +489,19 @@ class Calibrator:
         self._time("error curves", t0)
         return out
 
-    def fit(self, chosen: list) -> dict[str, tuple]:
+    def fit(self, chosen: list, kept: Sequence = ()) -> dict[str, tuple]:
         """``chosen``: [(candidate, orientation, rank)] in topological order. Returns
         {name: (first, second, bias, predicted relative output error)}; with ``sequential``
-        each layer is fitted on the inputs the already-rewritten model feeds it."""
+        each layer is fitted on the inputs the already-rewritten model feeds it.
+
+        ``kept``: Convs left dense (:class:`~sepify.rewrite.plan.Kept`, any order). With
+        ``sequential``, each one downstream of a rewritten layer is refitted, in topological
+        order among the others, to its original output on the inputs the rewritten model feeds it
+        (``factorize.refit_dense``), and the refit is used by the layers after it; kept only when
+        it lowers the predicted error by at least :data:`REFIT_GAIN` (relative). Its entry in
+        ``self.refits``: {name: (weight, bias, error after, error before)}."""
         out: dict[str, tuple] = {}
+        self.refits: dict[str, tuple] = {}
         if not chosen:
             return out
         working = None
@@ -472,12 +510,22 @@ class Calibrator:
         for c, _, _ in chosen:  # the rewritten layers each one depends on
             upstream[c.node.name] = (_ancestors(self.model, c.node.input[0]) & done) if self.sequential else set()
             done.add(c.node.name)
+        rewritten = set(done)
+        steps = [(c.index, 0, c, o, r) for c, o, r in chosen]
+        if self.sequential:
+            for k in kept:
+                if k.node.name in rewritten:
+                    continue
+                if _ancestors(self.model, k.node.input[0]) & rewritten:
+                    steps.append((k.index, 1, k, None, None))
+        steps.sort(key=lambda t: (t[0], t[1]))
         self.phase1([c for c, _, _ in chosen if not upstream[c.node.name]])  # one pass for all of them
         done = set()
-        for i, (c, o, r) in enumerate(chosen):
+        for i, (_, kind, c, o, r) in enumerate(steps):
             layer = self.layer(c)
-            self.progress(f"calibration: fitting {c.node.name} ({i + 1}/{len(chosen)}, {o} rank {r})")
-            if not upstream[c.node.name]:
+            what = f"{o} rank {r}" if kind == 0 else "kept: refit"
+            self.progress(f"calibration: fitting {c.node.name} ({i + 1}/{len(steps)}, {what})")
+            if kind == 0 and not upstream[c.node.name]:
                 stats = self.phase1([c])[c.node.name]
             else:
                 t0 = time.perf_counter()
@@ -487,6 +535,17 @@ class Calibrator:
                 self.passes["phase2"] += 1
                 self._time("statistics", t0)
             t0 = time.perf_counter()
+            drop = [c.bn.name] if c.bn is not None else []
+            if kind == 1:
+                from .factorize import refit_dense
+
+                weight, bias, err, err_before = refit_dense(c.weight, c.bias, c.group, stats)
+                self._time("fits", t0)
+                if not err < (1.0 - REFIT_GAIN) * err_before:
+                    continue
+                self.refits[c.node.name] = (weight, bias, float(err), float(err_before))
+                replace_dense(working, layer, weight, bias, drop=drop)
+                continue
             first, second, bias, pred = layer_fit(c, o, r, stats, self.method)
             self._time("fits", t0)
             out[c.node.name] = (first, second, bias, float(pred))
@@ -495,7 +554,7 @@ class Calibrator:
                 if working is None:
                     working = onnx.ModelProto()
                     working.CopyFrom(self.model)
-                splice(working, layer, o, first, second, bias, drop=[c.bn.name] if c.bn is not None else [])
+                splice(working, layer, o, first, second, bias, drop=drop)
             done.add(c.node.name)
         self.same.clear()
         return out

@@ -268,6 +268,26 @@ def build(c: Candidate, orientation: str, rank: int, names: _Names, form: str = 
     return Replacement(c.node.name, c.bn.name if c.bn is not None else None, pair, c.node.output[0])
 
 
+def refitted(k, weight: np.ndarray, bias: np.ndarray | None, names: _Names) -> Replacement:
+    """A kept Conv ``k`` (:class:`~sepify.rewrite.plan.Kept`, with its folded BN) with refitted
+    weights: one Conv of the same name and attributes reading new initializers and writing the
+    tensor the Conv (or the BN) wrote."""
+    node = onnx.NodeProto()
+    node.CopyFrom(k.node)
+    base = k.node.name or f"conv{k.index}"
+    w = numpy_helper.from_array(np.ascontiguousarray(weight), names.make(f"{base}/refit/weight"))
+    inits = [w]
+    del node.input[:]
+    node.input.extend([k.node.input[0], w.name])
+    if bias is not None:
+        b = numpy_helper.from_array(np.ascontiguousarray(bias.astype(weight.dtype)), names.make(f"{base}/refit/bias"))
+        inits.append(b)
+        node.input.append(b.name)
+    del node.output[:]
+    node.output.append(k.bn.output[0] if k.bn is not None else k.node.output[0])
+    return Replacement(k.node.name, k.bn.name if k.bn is not None else None, Pair([node], inits), k.node.output[0])
+
+
 # --- the edit of the graph -----------------------------------------------------------------------
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Every name read anywhere inside the subgraphs of the graph's nodes (an over-approximation

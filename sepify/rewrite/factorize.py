@@ -1256,3 +1256,23 @@ def output_error_curve(weight, group: int, orientation: str, stats: LayerStats, 
             + quad.reshape(g, ng).sum(1)
         out[pos] = _rel(err, prob.tt)
     return out
+
+
+# =========================================================================== kept layers: downstream refit
+def refit_dense(weight, bias, group: int, stats: LayerStats, *, lam: float | None = None):
+    """Refit a Conv that is KEPT (not factorized) to its original output on the inputs the
+    rewritten model feeds it: the dense kernel minimising
+
+        err(A) + lam_j ||A_j - W_j||^2,   err(A) = E|| A x~ + bhat - (W x + b) ||^2
+
+    per group (the ridge of :func:`fit`, toward the original weight), in closed form
+    ``A_j = W_j (Cov(x, x~) + lam_j I) (Cov(x~) + lam_j I)^-1`` and the bias of :func:`fit`.
+    With x~ == x the solution is W itself. Returns (weight, bias, predicted relative output
+    error of the refit, the same error of the original weight on x~), weight and bias in the
+    weight's dtype."""
+    prob, dtype, _ = _problem(weight, group, stats, lam)
+    a = np.swapaxes(_solve_spd(prob.cp, np.swapaxes(prob.wcp, 1, 2)), 1, 2)  # (g, Ng, d)
+    b = np.zeros(prob.n) if bias is None else _f64(bias, "bias").reshape(-1)
+    new_b = prob.new_bias(a, b)
+    return (a.reshape(prob.shape).astype(dtype), new_b.astype(dtype), _rel(prob.data_error(a), prob.tt),
+            _rel(prob.data_error(prob.w), prob.tt))

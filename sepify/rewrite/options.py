@@ -14,6 +14,8 @@ OBJECTIVES = ("macs", "latency")
 FORM_CHOICES = ("fast", "native", "split", "tiled", "auto")  # emit's FORMS + "fast" and "auto" (resolved by the pipeline)
 # "fast" (the default without --objective latency): the form measured fastest in
 # bench/bench_latency.py for each orientation at rank > 1 (docs/rewrite.md, "Graph forms")
+SENSITIVITIES = ("measured", "none")
+DISTORTIONS = ("auto", "kl", "rel")
 FAST_FORM = {"dw-first": "split", "pw-first": "tiled"}
 CALIB_METHODS = ("als", "refit")
 
@@ -47,6 +49,17 @@ class RewriteOptions:
     calib_method: str = "als"  # "als" (alternating least squares) or "refit" (pointwise refit only)
     sequential: bool = True  # fit each layer on the inputs the already-rewritten layers produce
     calib_seed: int = 0  # the holdout split and the sampled positions
+    # budgets with calibration data (sepify.rewrite.sensitivity): "measured" weighs each layer's
+    # error by what it measurably does to the model's outputs; "none": every layer's relative
+    # output error counts alike (the allocation before sensitivity)
+    sensitivity: str = "measured"
+    sensitivity_samples: int = 32  # held-out samples the sensitivities are measured on
+    distortion: str = "auto"  # how outputs are compared: auto | kl | rel
+    cache_dir: str | None = None  # the per-model tables' cache (None: $SEPIFY_CACHE_DIR or ~/.cache/sepify)
+    cache: bool = True
+    # with calibration data and sequential: refit the Convs left dense after rewritten layers
+    # to their original outputs (calibrate.Calibrator.fit, factorize.refit_dense)
+    refit_kept: bool = True
 
     def __post_init__(self):
         if self.objective is None:
@@ -89,6 +102,13 @@ class RewriteOptions:
             raise UsageError(f"--calib-rows must be a positive integer, not {self.calib_rows!r}")
         if self.calib_method not in CALIB_METHODS:
             raise UsageError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}")
+        if self.sensitivity not in SENSITIVITIES:
+            raise UsageError(f"--sensitivity must be one of {', '.join(SENSITIVITIES)}, not {self.sensitivity!r}")
+        if (isinstance(self.sensitivity_samples, bool) or not isinstance(self.sensitivity_samples, int)
+                or self.sensitivity_samples < 1):
+            raise UsageError(f"--sensitivity-samples must be a positive integer, not {self.sensitivity_samples!r}")
+        if self.distortion not in DISTORTIONS:
+            raise UsageError(f"--distortion must be one of {', '.join(DISTORTIONS)}, not {self.distortion!r}")
         for p in list(self.include) + list(self.exclude):
             try:
                 re.compile(p)

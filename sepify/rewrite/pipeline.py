@@ -259,6 +259,7 @@ def rewrite(
 
     _refuse_guessed_budget(opts, candidates, before)
     calibrator = None
+    sensitivity_info = None
     if calib is not None:
         from threadpoolctl import threadpool_limits
 
@@ -268,12 +269,13 @@ def rewrite(
                                 method=opts.calib_method, sequential=opts.sequential, threads=opts.threads,
                                 progress=progress)
         with threadpool_limits(limits=1, user_api="blas"):  # see README (dependencies)
-            _set_output_curves(candidates, opts, calibrator, before.totals.macs)
+            sensitivity_info = _set_output_curves(candidates, opts, calibrator, before.totals.macs)
     choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
     latency = None
     if opts.objective == "latency" or opts.form == "auto":  # the measure stage
         latency = _Latency(opts, timer, raw, path, external, loaded, values)
         choices = latency.plan(candidates, view, choices)
+    kept: list = []
     if calibrator is not None:
         chosen = []
         for c in candidates:
@@ -282,8 +284,11 @@ def rewrite(
                 o, r = ch[0], ch[1]
                 if c.saves(o, r) or opts.allow_increase:
                     chosen.append((c, o, r))
+        if opts.refit_kept and opts.sequential and chosen:
+            kept = _kept_convs(loaded.model, view, candidates, {c.node.name for c, _, _ in chosen}, live, opts,
+                               base_dir)
         with threadpool_limits(limits=1, user_api="blas"):
-            fitted = calibrator.fit(chosen)
+            fitted = calibrator.fit(chosen, kept)
 
     # build: the edit is made on our private copy of the model as read (no bound input shapes,
     # no inferred value_info). Weights in external data stay there (the rewritten convs' were
@@ -325,8 +330,20 @@ def rewrite(
             form=form, latency=latency.layer(c.node.name) if latency else None,
             output_error_predicted=fit[3] if fit is not None else None,
             **_macs_formulas(c, sp, rank)))
+    refits: list[dict] = []
+    if calibrator is not None and calibrator.refits:
+        from .emit import refitted
+
+        by_name = {k.node.name: k for k in kept}
+        for name, (w, b, err, err0) in calibrator.refits.items():
+            k = by_name[name]
+            rep = refitted(k, w, b, names)
+            replacements.append(rep)
+            refits.append({"name": name, "output_error_before": err0, "output_error_predicted": err,
+                           "output_error_measured": None, "folded_batchnorm": (k.bn.name or "BatchNormalization")
+                           if k.bn is not None else None, "tensor": rep.pair.nodes[0].output[0]})
     new = edit_base
-    if results and edit_base is not raw and not _top_level(edit_base, replacements):
+    if (results or refits) and edit_base is not raw and not _top_level(edit_base, replacements):
         # a rewritten Conv is inside a model-local function: edit the inlined model
         new = raw
         if old_ir:
@@ -356,15 +373,21 @@ def rewrite(
 
         by_layer = {r.name: (c.bn.output[0] if c.bn is not None else c.node.output[0])
                     for r in results for c in candidates if c.node.name == r.name}
-        measured = calibrator.measure(materialize(new, base_dir), list(by_layer.values()))
+        measured = calibrator.measure(materialize(new, base_dir), list(by_layer.values()) + [f["tensor"] for f in refits])
         for r in results:
             r.output_error_measured = measured.get(by_layer[r.name])
+        for f in refits:
+            f["output_error_measured"] = measured.get(f.pop("tensor"))
         calib_info = {**calib.to_dict(), "rows_per_layer": opts.calib_rows, "method": opts.calib_method,
                       "sequential": opts.sequential, "seconds": {k: round(v, 3) for k, v in calibrator.seconds.items()},
-                      "passes": dict(calibrator.passes), "notes": calib.notes}
+                      "passes": dict(calibrator.passes), "notes": calib.notes, "sensitivity": sensitivity_info}
     order = {n.name: i for i, n in enumerate(view.nodes)}
     skipped.sort(key=lambda s: order.get(s.name, len(order)))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped, calibration=calib_info)
+    report["refitted"] = refits
+    if refits:
+        report["notes"].append(f"{len(refits)} conv(s) left dense were refitted to their original outputs on the "
+                               f"calibration data (after the rewritten layers before them; MACs unchanged)")
     report["notes"].extend(notes)
     if latency is not None:
         report["latency"] = latency.report(new, external)
@@ -491,6 +514,26 @@ class _Latency:
         return e2e
 
 
+def _kept_convs(model, view, candidates: list[Candidate], rewritten: set[str], live: set[int], opts, base_dir) -> list:
+    """The live top-level float Convs that stay dense (:class:`~sepify.rewrite.plan.Kept`):
+    candidates not chosen, and Convs that are not candidates (1x1, depthwise, ...)."""
+    from .plan import Kept, kept_conv
+
+    by_name = {c.node.name: c for c in candidates}
+    out = []
+    for idx, node in enumerate(view.nodes):
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or idx not in live or node.name in rewritten:
+            continue
+        c = by_name.get(node.name)
+        if c is not None:
+            out.append(Kept(c.node, c.index, c.weight, c.bias, c.group, c.bn))
+            continue
+        k = kept_conv(model, view, idx, node, opts, base_dir)
+        if k is not None:
+            out.append(k)
+    return out
+
+
 def _name_function_nodes(model: onnx.ModelProto) -> None:
     """Name the unnamed nodes of model-local function bodies ``<function>/<op>_<index>``: the
     inliner then names their copies ``<that>__<call number>``, the same before and after the
@@ -596,18 +639,76 @@ def _refuse_guessed_budget(opts: RewriteOptions, candidates: list[Candidate], be
                          + " (the written model keeps them symbolic)")
 
 
-def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibrator, total_macs: int) -> None:
+def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibrator, total_macs: int,
+                       base_model=None) -> dict | None:
     """With calibration data every rank policy reads PREDICTED relative OUTPUT errors
     (``Candidate.curves``, from the phase-1 statistics) instead of weight errors; the phase-1
-    pass is skipped when the policy needs no curve (``--rank`` in one fixed orientation)."""
+    pass is skipped when the policy needs no curve (``--rank`` in one fixed orientation).
+
+    Under a budget (``--target-macs/--target-ratio/--target-speedup``) with ``sensitivity ==
+    "measured"`` the additive errors the allocator sums are the measured distortions of the
+    model's outputs (:mod:`.sensitivity`). The curves and sensitivities are cached per model,
+    data and settings (``opts.cache_dir``). Returns the report's ``sensitivity`` section (None
+    when not measured)."""
     if (opts.target_macs is None and opts.target_ratio is None and opts.energy is None and opts.max_error is None
             and opts.orientation != "auto" and opts.target_speedup is None):
-        return
+        return None
+    from . import sensitivity as sens
     from .allocate import ErrorCurves
 
     if opts.target_macs is not None or opts.target_ratio is not None:
         plan_ranks(candidates, opts, total_macs)  # an unreachable budget fails before the onnxruntime passes
-    for name, per in calibrator.curves(candidates).items():
-        c = next(c for c in candidates if c.node.name == name)
-        c.curves = ErrorCurves("output", {o: np.asarray(v, dtype=np.float64) for o, v in per.items()},
-                               {o: np.square(np.asarray(v, dtype=np.float64)) for o, v in per.items()})
+    budget = opts.target_macs is not None or opts.target_ratio is not None or opts.target_speedup is not None
+    measured = budget and opts.sensitivity == "measured"
+    cache = None
+    if opts.cache:
+        key = sens.cache_key(calibrator.model, calibrator.data, {
+            "rows": opts.calib_rows, "seed": opts.calib_seed, "sensitivity_samples": opts.sensitivity_samples,
+            "distortion": opts.distortion, "ranks": list(sens.DEFAULT_RANKS),
+            "candidates": sorted((c.node.name, sorted(c.spectra)) for c in candidates)})
+        cache = sens.TableCache(sens.cache_dir(opts.cache_dir), key)
+    tables = cache.load() if cache is not None else None
+    names = {c.node.name for c in candidates}
+    if tables is not None and set(tables.get("curves", {})) >= names and (
+            not measured or set(tables.get("sensitivity", {})) >= names):
+        curves = {n: {o: np.asarray(v, dtype=np.float64) for o, v in tables["curves"][n].items()} for n in names}
+        layers = {n: sens.LayerSensitivity.from_dict(n, tables["sensitivity"][n]) for n in names} if measured else {}
+        kinds = tables.get("kinds", {})
+        calibrator.progress("calibration: error curves and sensitivities from the cache")
+    else:
+        tables = None
+        curves = calibrator.curves(candidates)
+        layers, kinds = {}, {}
+        if measured:
+            import time as _time
+
+            t0 = _time.perf_counter()
+            samples = calibrator.data.holdout if len(calibrator.data.holdout) >= 4 else calibrator.data.fit
+            samples = list(samples)[:opts.sensitivity_samples]
+            got = sens.measure(calibrator.model, candidates, calibrator.phase1(candidates), curves, samples,
+                               distortion=opts.distortion, threads=opts.threads, progress=calibrator.progress)
+            kinds = got.pop("__kinds__", {})
+            layers = got
+            calibrator._time("sensitivity", t0)
+        if cache is not None:
+            cache.save({"curves": {n: {o: [float(x) for x in v] for o, v in per.items()} for n, per in curves.items()},
+                        "sensitivity": {n: s.to_dict() for n, s in layers.items()}, "kinds": kinds})
+    for c in candidates:
+        per = curves[c.node.name]
+        rel = {o: np.asarray(v, dtype=np.float64) for o, v in per.items()}
+        if measured:
+            c.curves = ErrorCurves("model", rel, sens.additive(layers[c.node.name], rel))
+        else:
+            c.curves = ErrorCurves("output", rel, {o: np.square(v) for o, v in rel.items()})
+    if not measured and cache is None:
+        return None
+    info = {"mode": opts.sensitivity if budget else "none", "cache": None}
+    if cache is not None:
+        info["cache"] = {"path": str(cache.path) if cache.path else None, "hit": cache.hit, "notes": cache.notes}
+    if measured:
+        samples_used = min(opts.sensitivity_samples, len(calibrator.data.holdout) if len(calibrator.data.holdout) >= 4
+                           else len(calibrator.data.fit))
+        info.update({"samples": samples_used,
+                     "from": "holdout" if len(calibrator.data.holdout) >= 4 else "fit",
+                     "outputs": kinds, "layers": {n: s.to_dict() for n, s in layers.items()}})
+    return info

@@ -225,6 +225,54 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
                      p_in_sym if is_symbolic(p_in_sym) else None, p_out_sym if is_symbolic(p_out_sym) else None)
 
 
+@dataclass
+class Kept:
+    """A Conv the rewrite leaves dense, whose weights a calibrated rewrite may refit to undo the
+    drift of the rewritten layers before it (``factorize.refit_dense``); ``weight``/``bias``
+    have a following BatchNormalization ``bn`` folded in, as a :class:`Candidate`'s."""
+
+    node: onnx.NodeProto
+    index: int
+    weight: np.ndarray
+    bias: np.ndarray | None
+    group: int
+    bn: onnx.NodeProto | None = None
+
+
+def kept_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
+              base_dir: str | None) -> Kept | None:
+    """The Conv at ``idx`` as a :class:`Kept` when its weights can be refitted (float constant
+    weight and bias, allowed by --include/--exclude), else None."""
+    if opts.include and not _matches(node.name, opts.include):
+        return None
+    if opts.exclude and _matches(node.name, opts.exclude):
+        return None
+    if len(node.input) < 2 or not view.is_const(node.input[1]) or not is_float(view.dtype(node.input[1])):
+        return None
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if has_bias and not view.is_const(node.input[2]):
+        return None
+    try:
+        weight = _const_array(model, view, node.input[1], base_dir)
+        bias = _const_array(model, view, node.input[2], base_dir) if has_bias else None
+    except Exception:  # noqa: BLE001 - not refittable, left as it is
+        return None
+    if not 3 <= weight.ndim <= 5:
+        return None
+    bn = _foldable_bn(view, node) if opts.fold_batchnorm else None
+    if bn is not None:
+        try:
+            folded = _fold_bn(model, view, bn, weight, bias, base_dir)
+            if not all(np.all(np.isfinite(a)) for a in folded):
+                raise ValueError
+            weight, bias = folded
+        except Exception:  # noqa: BLE001
+            bn = None
+    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
+        return None
+    return Kept(node, idx, weight, bias, int(_attrs(node).get("group", 1)), bn)
+
+
 def _foldable_bn(view: GraphView, node: onnx.NodeProto) -> onnx.NodeProto | None:
     out = node.output[0]
     users = view.consumers.get(out, [])
