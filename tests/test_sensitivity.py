@@ -314,3 +314,18 @@ def test_cli_flags(tmp_path):
     assert rep["refitted"] == []
     r = CliRunner().invoke(main, ["rewrite", str(m), "-o", str(out), "--sensitivity", "none"])
     assert r.exit_code == 2 and "need --calibration" in r.output
+
+
+def test_a_layer_whose_output_is_a_graph_output_has_amplification_one():
+    """out = conv(x): the model's distortion IS the layer's relative output error (the same
+    normalisation), so a = D / eps^2 = 1 at every measured rank."""
+    rng = np.random.default_rng(5)
+    node, inits = _conv("conv", "x", "out", 3, 8, rng)
+    g = helper.make_graph([node], "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    res = sepify.rewrite(model, target_ratio=0.6, calibration={"x": data(16)}, holdout=0, calib_rows=10**6,
+                         cache=False)
+    amp = res.report["calibration"]["sensitivity"]["layers"]["conv"]["amplification"]
+    assert amp == pytest.approx([1.0] * len(amp), rel=2e-3)

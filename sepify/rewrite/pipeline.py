@@ -674,11 +674,12 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
         curves = {n: {o: np.asarray(v, dtype=np.float64) for o, v in tables["curves"][n].items()} for n in names}
         layers = {n: sens.LayerSensitivity.from_dict(n, tables["sensitivity"][n]) for n in names} if measured else {}
         kinds = tables.get("kinds", {})
+        sens_notes = []
         calibrator.progress("calibration: error curves and sensitivities from the cache")
     else:
         tables = None
         curves = calibrator.curves(candidates)
-        layers, kinds = {}, {}
+        layers, kinds, sens_notes = {}, {}, []
         if measured:
             import time as _time
 
@@ -688,6 +689,7 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
             got = sens.measure(calibrator.model, candidates, calibrator.phase1(candidates), curves, samples,
                                distortion=opts.distortion, threads=opts.threads, progress=calibrator.progress)
             kinds = got.pop("__kinds__", {})
+            sens_notes = got.pop("__notes__", [])
             layers = got
             calibrator._time("sensitivity", t0)
         if cache is not None:
@@ -710,5 +712,5 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
                            else len(calibrator.data.fit))
         info.update({"samples": samples_used,
                      "from": "holdout" if len(calibrator.data.holdout) >= 4 else "fit",
-                     "outputs": kinds, "layers": {n: s.to_dict() for n, s in layers.items()}})
+                     "outputs": kinds, "layers": {n: s.to_dict() for n, s in layers.items()}, "notes": sens_notes})
     return info
