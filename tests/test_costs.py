@@ -497,6 +497,28 @@ def test_model_local_function_is_inlined():
     assert any("inlined" in n for n in a.notes)
 
 
+def test_function_nodes_have_the_same_names_in_analyze_and_rewrite():
+    """A function called twice, its body nodes unnamed: analyze named the inlined copies by
+    position (Conv_0, Relu_1, Conv_2, ...), rewrite ``<function>/<op>_<index>__<call>``; a diff
+    of the two reports or a --exclude written from analyze's table matched nothing."""
+    fn = helper.make_function(
+        "local.fn", "Block", ["X", "W"], ["Y"],
+        [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["Y"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Block", ["x", "W1"], ["a"], name="block1", domain="local.fn"),
+             helper.make_node("Block", ["a", "W2"], ["y"], name="block2", domain="local.fn")]
+    m = make_model(nodes, [vi("x", [1, 4, 6, 6])], ["y"], [init("W1", rand(4, 4, 3, 3)), init("W2", rand(4, 4, 3, 3))],
+                   extra_opsets={"local.fn": 1}, functions=[fn], default_rank=4)
+    names = [layer.name for layer in sepify.analyze(m).layers]
+    # the body's nodes named <function>/<op>_<index in the body>, each copy __<call number>
+    assert names == ["Block/Conv_0__1", "Block/Relu_1__1", "Block/Conv_0__2", "Block/Relu_1__2"]
+    r = sepify.rewrite(m, rank=1)
+    assert [layer["name"] for layer in r.report["before"]["layers"]] == names
+    assert [x.name for x in r.layers] == ["Block/Conv_0__1", "Block/Conv_0__2"]
+    # and what analyze names is what rewrite's --exclude matches
+    assert [x.name for x in sepify.rewrite(m, rank=1, exclude=[f"^{names[0]}$"]).layers] == ["Block/Conv_0__2"]
+
+
 # --- symbolic dimensions ----------------------------------------------------------------------
 def test_symbolic_batch_formula_and_numbers_at_1():
     m = single_node_model("Conv", [("batch", 3, 8, 8), rand(4, 3, 3, 3)], pads=[1, 1, 1, 1])
