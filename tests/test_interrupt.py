@@ -33,8 +33,8 @@ def test_children_get_sigint_even_when_the_suite_ignores_it():
     of the signal test still get Python's KeyboardInterrupt handler."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        proc = _spawn([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
-                      stdout=subprocess.PIPE)
+        probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+        proc = _spawn([sys.executable, "-c", probe], stdout=subprocess.PIPE)
         out, _ = proc.communicate(timeout=60)
     finally:
         signal.signal(signal.SIGINT, previous)
