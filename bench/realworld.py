@@ -73,7 +73,7 @@ def main() -> None:
             leaves = walkers[-1].leaves if walkers else "?"  # (the numeric walk, when there is one, has the sizes)
             # with unbound symbolic dims: are the totals an exact formula, or numbers at the stand-in 1?
             unbound = any(not s["bound"] for s in a.symbols.values())
-            form = ("exact" if tot.macs_formula else "at 1") if unbound else "-"
+            form = ("exact" if tot.macs_formula or tot.flops_formula else "at 1") if unbound else "-"
             row = f"{tot.unknown:>8} {leaves:>7} {tot.macs:>15,} {tot.params:>12,} {dt:>7.2f} {form:>8}"
         except sepify.SepifyError as e:
             row = f"error: {str(e).split(': ', 1)[-1][:70]}"

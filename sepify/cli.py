@@ -607,9 +607,14 @@ def check_cmd(models, config, no_config, max_macs, max_flops, max_params, max_la
 @click.option("--no-position-match", is_flag=True,
               help="Match layers by name (and the X -> X/... split rule) only, not by position and op type.")
 @_input_shape_opt
+@click.option("--old-input-shape", "old_input_shape", multiple=True, metavar="NAME=1x3x224x224",
+              help="Override the shape of an input of OLD only (repeatable; wins over --input-shape).")
+@click.option("--new-input-shape", "new_input_shape", multiple=True, metavar="NAME=1x3x224x224",
+              help="Override the shape of an input of NEW only (repeatable; wins over --input-shape).")
 @_dim_opt
 @_handle_errors
-def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match, input_shape, dim):
+def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match, input_shape, old_input_shape,
+             new_input_shape, dim):
     """Layer-by-layer cost comparison of OLD and NEW (models or `sepify analyze --format json` files)."""
     from .diff import compare, parse_mapping
     from .render.diff import render_diff
@@ -621,8 +626,12 @@ def diff_cmd(old, new, fmt, output, show_all, sort, top, maps, no_position_match
     if fmt not in ("table", "markdown"):
         _warn_table_options(fmt, {"--all": show_all, "--top": top, "--sort": sort != "graph"}, "the table and Markdown")
     shapes, dims = _shapes_and_dims(input_shape, dim)
+    from .units import parse_input_shape
+
+    old_shapes = dict(parse_input_shape(s, "--old-input-shape") for s in old_input_shape)
+    new_shapes = dict(parse_input_shape(s, "--new-input-shape") for s in new_input_shape)
     result = compare(old, new, mapping=parse_mapping(maps), positional=not no_position_match,
-                     input_shapes=shapes, dims=dims)
+                     input_shapes=shapes, dims=dims, old_input_shapes=old_shapes, new_input_shapes=new_shapes)
     for w in result.warnings:
         click.echo(f"sepify: warning: {w}", err=True)
     data = result.to_dict()

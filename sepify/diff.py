@@ -60,7 +60,7 @@ STATUSES = ("changed", "added", "removed", "unchanged")
 
 # --- loading ----------------------------------------------------------------------------------
 def load_report(source, *, input_shapes: Mapping[str, Sequence[int | str]] | None = None,
-                dims: Mapping[str, int] | None = None) -> dict:
+                dims: Mapping[str, int] | None = None, shape_words: Mapping[str, str] | None = None) -> dict:
     """An analyze report (dict, schema ``sepify.analysis/1``) from any of:
 
     * such a dict (validated, returned as is);
@@ -89,18 +89,95 @@ def load_report(source, *, input_shapes: Mapping[str, Sequence[int | str]] | Non
             except OSError as e:
                 raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
             return _validate(data, str(path))
-    return analyze(source, input_shapes=input_shapes, dims=dims).to_dict()
+    return analyze(source, input_shapes=input_shapes, dims=dims, shape_words=shape_words).to_dict()
 
 
-def _load_side(source, role: str, input_shapes, dims, warnings: list[str]) -> dict:
+def _label(source, role: str) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else role
+
+
+def _is_saved(source) -> bool:
+    """A saved analyze report (a dict, an Analysis, a JSON file), not a model to analyze."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(os.fspath(source))
+        return path.is_file() and _looks_like_json(path)
+    return not hasattr(source, "graph")
+
+
+def _graph_inputs(source) -> list[tuple[str, int | None]] | None:
+    """The graph inputs of a model side (initializers listed as inputs excluded), as
+    (name, declared rank or None); None for a saved report or a source that does not read
+    (its analysis then gives the error)."""
+    if _is_saved(source):
+        return None
+    from .model.reading import read_model
+
+    try:
+        model, _ = read_model(source, load_external_data=False, copy=False)
+    except Exception:  # noqa: BLE001 - the analysis of this side reports it, in its words
+        return None
+    inits = {t.name for t in model.graph.initializer}
+    return [(vi.name, len(vi.type.tensor_type.shape.dim) if vi.type.tensor_type.HasField("shape") else None)
+            for vi in model.graph.input if vi.name not in inits]
+
+
+def side_input_shapes(old, new, shared: Mapping[str, Sequence[int | str]] | None,
+                      old_own: Mapping[str, Sequence[int | str]] | None = None,
+                      new_own: Mapping[str, Sequence[int | str]] | None = None,
+                      warnings: list[str] | None = None) -> tuple[dict, dict, dict, dict]:
+    """The input shapes of each side of a diff: (old shapes, new shapes, and for each side how
+    errors name each override). ``shared`` (``--input-shape NAME=SHAPE``) binds input ``NAME``
+    of every model side that has it. A name only one model has binds, in the other, the input
+    at the same position (graph input order), when both have as many inputs, that input is not
+    bound by name already and its declared rank is the shape's: a warning says so. A name no
+    model side can take is an error (exit 2). ``old_own``/``new_own`` (``--old-input-shape`` /
+    ``--new-input-shape``) bind one side only and win over ``shared`` for their input."""
+    warnings = [] if warnings is None else warnings
+    sides = [(old, "the old model", "--old-input-shape"), (new, "the new model", "--new-input-shape")]
+    own = [dict(old_own or {}), dict(new_own or {})]
+    words = [{name: f"{opt} {name}" for name in own[i]} for i, (_, _, opt) in enumerate(sides)]
+    out = [{}, {}]
+    shared = dict(shared or {})
+    if shared:
+        inputs = [_graph_inputs(src) for src, _, _ in sides]
+        names = [None if ins is None else [n for n, _ in ins] for ins in inputs]
+        for name, shape in shared.items():
+            has = [ns is not None and name in ns for ns in names]
+            for i in (0, 1):
+                if has[i] or names[i] is None:  # (a saved report: it warns that shapes do not apply;
+                    out[i][name] = shape        # an unreadable model: its analysis gives the error)
+            if all(ns is None or has[i] for i, ns in enumerate(names)):
+                continue
+            if not any(has):
+                listed = "; ".join(f"{role}: {', '.join(ns) or 'none'}" for (_, role, _), ns in zip(sides, names)
+                                   if ns is not None)
+                raise UsageError(f"--input-shape {name}: no model has an input {name!r} ({listed})")
+            i = has.index(False)  # the side without it; the other has it
+            src, role, opt = sides[i]
+            pos = names[1 - i].index(name)
+            candidate = names[i][pos] if len(names[i]) == len(names[1 - i]) else None
+            rank = inputs[i][pos][1] if candidate is not None else None
+            if candidate is not None and candidate in own[i]:
+                continue  # (bound on that side by --old/--new-input-shape)
+            if candidate is None or candidate in shared or (rank is not None and rank != len(shape)):
+                raise UsageError(f"--input-shape {name}: {_label(src, role)} has no input {name!r} (its inputs: "
+                                 f"{', '.join(names[i]) or 'none'}); bind its input with {opt} NAME=SHAPE")
+            out[i][candidate] = shape
+            words[i].setdefault(candidate, f"--input-shape {name} (bound to {candidate!r})")
+            warnings.append(f"--input-shape {name}: {_label(src, role)} has no input {name!r}: bound to its input "
+                            f"{candidate!r}, at the same position ({opt} {candidate}=SHAPE to choose)")
+    for i in (0, 1):
+        out[i].update(own[i])
+    return out[0], out[1], words[0], words[1]
+
+
+def _load_side(source, role: str, input_shapes, dims, warnings: list[str], shape_words=None) -> dict:
     """:func:`load_report` of one side of a diff, adding to ``warnings`` what of ``dims`` /
     ``input_shapes`` it ignored: a ``--dim`` the model has no dimension for (as ``sepify
     analyze`` warns), or both when the side is a saved report (its numbers are as saved)."""
-    report = load_report(source, input_shapes=input_shapes, dims=dims)
-    label = os.fspath(source) if isinstance(source, (str, os.PathLike)) else role
-    saved = not isinstance(source, (str, os.PathLike)) and not hasattr(source, "graph")  # a dict, an Analysis
-    saved = saved or (isinstance(source, (str, os.PathLike)) and Path(os.fspath(source)).is_file()
-                      and _looks_like_json(Path(os.fspath(source))))
+    report = load_report(source, input_shapes=input_shapes, dims=dims, shape_words=shape_words)
+    label = _label(source, role)
+    saved = _is_saved(source)
     if saved:
         given = [opt for opt, v in (("--dim", dims), ("--input-shape", input_shapes)) if v]
         if given:
@@ -314,17 +391,23 @@ def _ops(layers: list[dict]) -> str | None:
 def compare(old, new, mapping: Mapping[str, str | Sequence[str]] | None = None, *,
             extra: Mapping[str, Mapping[str, Any]] | None = None, positional: bool = True,
             input_shapes: Mapping[str, Sequence[int | str]] | None = None,
-            dims: Mapping[str, int] | None = None) -> Diff:
+            dims: Mapping[str, int] | None = None,
+            old_input_shapes: Mapping[str, Sequence[int | str]] | None = None,
+            new_input_shapes: Mapping[str, Sequence[int | str]] | None = None) -> Diff:
     """Compare two models layer by layer (see the module docstring for the matching rules).
 
     ``old``/``new``: anything :func:`load_report` accepts (``input_shapes``/``dims`` apply to
-    models that need analyzing). ``mapping``: ``{old_name: [new_names]}`` matched first.
+    models that need analyzing; ``input_shapes`` by input name in each model, or by position in
+    the model without that name, and ``old_input_shapes``/``new_input_shapes`` to one side:
+    :func:`side_input_shapes`). ``mapping``: ``{old_name: [new_names]}`` matched first.
     ``extra``: ``{layer_name: {column: value}}`` attached to the row holding that layer (old or
     new name). Unknown names in ``mapping`` or ``extra`` raise :class:`UsageError`.
     """
     warnings: list[str] = []
-    old_r = _load_side(old, "the old model", input_shapes, dims, warnings)
-    new_r = _load_side(new, "the new model", input_shapes, dims, warnings)
+    old_shapes, new_shapes, old_words, new_words = side_input_shapes(old, new, input_shapes, old_input_shapes,
+                                                                     new_input_shapes, warnings)
+    old_r = _load_side(old, "the old model", old_shapes, dims, warnings, old_words)
+    new_r = _load_side(new, "the new model", new_shapes, dims, warnings, new_words)
     olds: list[dict] = list(old_r["layers"])
     news: list[dict] = list(new_r["layers"])
     used_old: set[int] = set()

@@ -303,3 +303,30 @@ def test_scan_body_folds_shape_arithmetic_of_its_slice():
     a = sepify.analyze(m)
     assert a.totals.unknown == 0, [x.unknown for x in a.layers if x.unknown]
     assert a.totals.macs == 4 * (2 * 3 * 5)
+
+
+def test_symbolic_dims_derived_inside_if_branches():
+    """silero-vad's op18_ifless export: the whole model is an If on the sample rate (an input
+    value: both branches are walked, the costlier counted), each branch a Conv over the free
+    length. The branches' Conv outputs had no shape (derived dims were written only in the main
+    graph): the If was unknown. Now they are formulas: then 4·3·L (k 3, pad 1), else
+    4·5·⌈L/2⌉ (k 5, pad 2, stride 2)."""
+    then_g = helper.make_graph([_w("w3", 4, 1, 3), helper.make_node("Conv", ["x", "w3"], ["t"], pads=[1, 1]),
+                                helper.make_node("Relu", ["t"], ["yt"])], "then", [], [_vi("yt", None)])
+    else_g = helper.make_graph([_w("w5", 4, 1, 5), helper.make_node("Conv", ["x", "w5"], ["e"], pads=[2, 2],
+                                                                     strides=[2]),
+                                helper.make_node("Relu", ["e"], ["ye"])], "else", [], [_vi("ye", None)])
+    node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)
+    m = _model([node], [_vi("x", [1, 1, "L"]), _vi("cond", [], TensorProto.BOOL)], [_vi("y", [1, 4, None])])
+    a = sepify.analyze(m)
+    layer = a.layer("if")
+    assert a.totals.unknown == 0 and layer.unknown is None
+    # at the stand-in L = 1: then 12, else 20 MACs: else counted
+    assert layer.macs == 20 and a.totals.macs_formula == "20·⌈L/2⌉"
+    assert "else_branch is costlier" in layer.note
+    b = sepify.analyze(m, dims={"L": 64})  # then 768, else 640: then counted
+    assert b.layer("if").macs == 4 * 3 * 64 == 768
+    # the branches' output lengths are onnxruntime's
+    xs = np.ones((1, 1, 64), np.float32)
+    assert _run(m, {"x": xs, "cond": np.array(True)}) == [(1, 4, 64)]
+    assert _run(m, {"x": xs, "cond": np.array(False)}) == [(1, 4, 32)]

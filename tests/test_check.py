@@ -306,6 +306,28 @@ def test_config_values_parsed():
 
 
 # --------------------------------------------------------------------------- baseline growth
+def test_growth_row_limit_uses_the_number_format(work):
+    """A baseline and a value that look alike at one decimal need two; the limit beside them does
+    not (it printed 19.41M, as in the 711.40M of a real check)."""
+    onnx.save(net(1003), work / "models" / "base.onnx")
+    onnx.save(net(1004), work / "models" / "new.onnx")
+    base, value = macs(1003), macs(1004)
+    assert (base, value) == (18_487_296, 18_505_728)  # both 18.5M at one decimal
+    limit = base * 1.05  # 19,411,660.8: 19.4M
+    r = run("models/new.onnx", "--baseline", "models/base.onnx", "--max-growth", "macs=5%", "--format", "json")
+    assert r.exit_code == 0, r.output
+    growth = next(b for b in json.loads(r.stdout)["models"][0]["budgets"] if b["name"] == "max-growth:macs")
+    assert growth["limit"] == pytest.approx(limit)
+    from sepify.render.check import budget_cells
+
+    label, lim, val, margin, result = budget_cells(growth)
+    assert lim == "19.4M (+5.0% of 18.49M)"  # the baseline with the digits that tell it from the value
+    assert val == "18.51M (+0.1%)"
+    assert margin == "+905.9K (+4.7%)"  # 19,411,660.8 - 18,505,728 = 905,932.8; / limit
+    table = run("models/new.onnx", "--baseline", "models/base.onnx", "--max-growth", "macs=5%").stdout
+    assert "19.4M (+5.0% of 18.49M)" in table and "19.41M" not in table
+
+
 def test_baseline_growth(work):
     r = CliRunner().invoke(main, ["analyze", "models/small.onnx", "--format", "json", "-o", "base.json"])
     assert r.exit_code == 0

@@ -203,6 +203,68 @@ def test_diff_warns_unknown_dim(tiny_model, tmp_path):
     assert f"> warning: --dim typo: {batched} has no dimension named 'typo' (ignored)" in md.stdout
 
 
+def _conv_model(path, inputs, extra_rank=1) -> str:
+    """A 3->4 3x3 Conv (pad 1) on the first input, H x W free; further inputs are extras of
+    rank ``extra_rank`` that no node reads (inputs the model only declares)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    first = inputs[0]
+    node = helper.make_node("Conv", [first, "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    ins = [helper.make_tensor_value_info(first, TensorProto.FLOAT, [1, 3, "h", "w_"])]
+    ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2] * extra_rank) for n in inputs[1:]]
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "h", "w_"])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return str(path)
+
+
+def test_diff_input_shape_across_input_names(tmp_path):
+    """The two models name their image input differently (a re-export): --input-shape NAME
+    binds the input of the same position in the model without NAME (a warning says so);
+    --old-input-shape / --new-input-shape bind one side each."""
+    old = _conv_model(tmp_path / "old.onnx", ["images"])
+    new = _conv_model(tmp_path / "new.onnx", ["input"])
+    r = run("diff", old, new, "--input-shape", "images=1x3x8x8", "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert r.stderr.splitlines() == [f"sepify: warning: --input-shape images: {new} has no input 'images': bound to "
+                                     "its input 'input', at the same position (--new-input-shape input=SHAPE to choose)"]
+    macs = json.loads(r.stdout)["totals"]["macs"]
+    assert macs["old"] == macs["new"] == 8 * 8 * 4 * 3 * 3 * 3 == 6912  # out positions x C_out x C_in x k x k
+    r = run("diff", old, new, "--old-input-shape", "images=1x3x8x8", "--new-input-shape", "input=1x3x16x16",
+            "--format", "json")
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    macs = json.loads(r.stdout)["totals"]["macs"]
+    assert (macs["old"], macs["new"]) == (6912, 16 * 16 * 4 * 27)
+    # a shared binding and the other side's own: no guess, no warning
+    r = run("diff", old, new, "--input-shape", "images=1x3x8x8", "--new-input-shape", "input=1x3x4x4", "--format", "json")
+    assert r.exit_code == 0 and r.stderr == "", r.output
+    assert json.loads(r.stdout)["totals"]["macs"]["new"] == 4 * 4 * 4 * 27
+    # a name in both models binds both, as before
+    r = run("diff", old, old, "--input-shape", "images=1x3x8x8", "--format", "json")
+    assert r.exit_code == 0 and r.stderr == "" and json.loads(r.stdout)["totals"]["macs"]["new"] == 6912
+
+
+def test_diff_input_shape_errors(tmp_path):
+    old = _conv_model(tmp_path / "old.onnx", ["images"])
+    new = _conv_model(tmp_path / "new.onnx", ["input"])
+    two = _conv_model(tmp_path / "two.onnx", ["input", "extra"])
+    one_error_line(run("diff", old, new, "--input-shape", "typo=1x3x8x8"),
+                   "--input-shape typo: no model has an input 'typo' (the old model: images; the new model: input)")
+    # no position to match: a different number of inputs
+    one_error_line(run("diff", old, two, "--input-shape", "images=1x3x8x8"),
+                   f"--input-shape images: {two} has no input 'images' (its inputs: input, extra); "
+                   "bind its input with --new-input-shape NAME=SHAPE")
+    # the input at that position has another rank
+    big = _conv_model(tmp_path / "big.onnx", ["input", "big"], extra_rank=4)
+    one_error_line(run("diff", two, big, "--input-shape", "extra=5"),
+                   f"--input-shape extra: {big} has no input 'extra' (its inputs: input, big)")
+    one_error_line(run("diff", old, new, "--new-input-shape", "images=1x3x8x8"),
+                   "--new-input-shape images: 'images' is not a graph input (inputs: input)")
+    one_error_line(run("diff", old, new, "--old-input-shape", "images"), "invalid --old-input-shape 'images'")
+
+
 def test_diff_bindings_do_not_apply_to_saved_json(tiny_model, tmp_path):
     saved = tmp_path / "tiny.json"
     saved.write_text(run("analyze", tiny_model, "--format", "json").stdout)

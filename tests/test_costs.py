@@ -415,6 +415,47 @@ def test_custom_domain_op_is_unknown_not_zero_and_no_crash():
     assert next(r for r in d["layers"] if r["name"] == "custom")["unknown"]
 
 
+def test_data_dependent_sizes_are_unknown_with_the_reason_and_the_totals_say_which_part():
+    """NonZero's output length and TopK's with a k given at run time depend on the input
+    values: the nodes after them are unknown with that reason (naming the op), and the totals'
+    note and ``unknown_causes`` say how many nodes are unknown for which cause."""
+    nodes = [
+        helper.make_node("NonZero", ["x"], ["nz"], name="nz"),
+        helper.make_node("Cast", ["nz"], ["nzf"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["W", "nzf"], ["a"], name="after_nonzero"),          # (5, 2) x (2, ?)
+        helper.make_node("TopK", ["x", "k"], ["v", "i"], name="topk", axis=1),
+        helper.make_node("MatMul", ["v", "V"], ["b"], name="after_topk"),               # (3, k) x (4, 2): runs with k = 4
+        helper.make_node("MyOp", ["x"], ["c"], name="custom", domain="com.example"),
+        helper.make_node("MatMul", ["x", "U"], ["d"], name="known"),                    # (3, 4) x (4, 6)
+    ]
+    m = make_model(nodes, [vi("x", [3, 4]), vi("k", [1], TensorProto.INT64)], ["a", "b", "c", "d", "i"],
+                   [init("W", rand(5, 2)), init("V", rand(4, 2)), init("U", rand(4, 6))],
+                   extra_opsets={"com.example": 1}, default_rank=2)
+    a = sepify.analyze(m)
+    rows = {layer.name: layer for layer in a.layers}
+    assert "its size depends on the input values (NonZero 'nz')" in rows["after_nonzero"].unknown
+    assert "its size depends on the input values (TopK 'topk')" in rows["after_topk"].unknown
+    assert rows["topk"].flops == 3 * 4  # TopK itself: one op per input element, known
+    assert rows["custom"].unknown == "no cost rule for com.example.MyOp"
+    assert rows["known"].macs == 3 * 4 * 6 and a.totals.macs == 72  # the known part only
+    assert a.totals.unknown == 3
+    assert a.totals.unknown_causes == {"data-dependent size": 2, "no cost rule": 1}
+    assert a.to_dict()["totals"]["unknown_causes"] == a.totals.unknown_causes
+    assert ("3 node(s) of unknown cost are not included in the totals: 2 with a size that depends on the input "
+            "values (after NonZero 'nz', TopK 'topk'); 1 of an op with no cost rule (com.example.MyOp)") in a.notes
+
+
+def test_a_second_cost_rule_for_an_op_is_refused(monkeypatch):
+    from sepify.cost import costs
+
+    monkeypatch.setattr(costs, "RULES", dict(costs.RULES))  # (a rule that did get in goes with the test)
+    cost_rule = costs.cost_rule
+    with pytest.raises(ValueError, match="duplicate cost rule for Conv"):
+        cost_rule("Conv")(lambda ctx: None)
+    with pytest.raises(ValueError, match="duplicate cost rule for ai.onnx.ml.Scaler"):
+        cost_rule("Scaler", domain="ai.onnx.ml")(lambda ctx: None)
+
+
 # --- control flow -----------------------------------------------------------------------------
 def _if_model():
     then_g = helper.make_graph([helper.make_node("Conv", ["x", "W"], ["t_out"], name="then_conv", pads=[1, 1, 1, 1])],
@@ -495,6 +536,28 @@ def test_model_local_function_is_inlined():
     assert a.totals.flops == 2 * 1_800 + 4 * 25
     assert a.totals.params == 72
     assert any("inlined" in n for n in a.notes)
+
+
+def test_function_nodes_have_the_same_names_in_analyze_and_rewrite():
+    """A function called twice, its body nodes unnamed: analyze named the inlined copies by
+    position (Conv_0, Relu_1, Conv_2, ...), rewrite ``<function>/<op>_<index>__<call>``; a diff
+    of the two reports or a --exclude written from analyze's table matched nothing."""
+    fn = helper.make_function(
+        "local.fn", "Block", ["X", "W"], ["Y"],
+        [helper.make_node("Conv", ["X", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["Y"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Block", ["x", "W1"], ["a"], name="block1", domain="local.fn"),
+             helper.make_node("Block", ["a", "W2"], ["y"], name="block2", domain="local.fn")]
+    m = make_model(nodes, [vi("x", [1, 4, 6, 6])], ["y"], [init("W1", rand(4, 4, 3, 3)), init("W2", rand(4, 4, 3, 3))],
+                   extra_opsets={"local.fn": 1}, functions=[fn], default_rank=4)
+    names = [layer.name for layer in sepify.analyze(m).layers]
+    # the body's nodes named <function>/<op>_<index in the body>, each copy __<call number>
+    assert names == ["Block/Conv_0__1", "Block/Relu_1__1", "Block/Conv_0__2", "Block/Relu_1__2"]
+    r = sepify.rewrite(m, rank=1)
+    assert [layer["name"] for layer in r.report["before"]["layers"]] == names
+    assert [x.name for x in r.layers] == ["Block/Conv_0__1", "Block/Conv_0__2"]
+    # and what analyze names is what rewrite's --exclude matches
+    assert [x.name for x in sepify.rewrite(m, rank=1, exclude=[f"^{names[0]}$"]).layers] == ["Block/Conv_0__2"]
 
 
 # --- symbolic dimensions ----------------------------------------------------------------------

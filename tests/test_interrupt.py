@@ -15,6 +15,32 @@ from click.testing import CliRunner
 from sepify.cli import main
 
 
+def _restore_sigint():
+    """In the child, before exec: SIGINT back to its default disposition. A process started in
+    the background by a non-interactive shell (``nohup bash .ci/run &``) has SIGINT ignored,
+    and a child inherits that: Python then installs no KeyboardInterrupt handler and a Ctrl-C
+    never reaches it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _spawn(args, **kwargs) -> subprocess.Popen:
+    """Start a child that receives SIGINT as from a terminal, however the suite was started."""
+    return subprocess.Popen(args, preexec_fn=_restore_sigint, **kwargs)
+
+
+def test_children_get_sigint_even_when_the_suite_ignores_it():
+    """The suite started with SIGINT ignored (as from ``nohup bash .ci/run &``): the children
+    of the signal test still get Python's KeyboardInterrupt handler."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+        proc = _spawn([sys.executable, "-c", probe], stdout=subprocess.PIPE)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert out.strip() == b"True"
+
+
 def _temp_files(folder):
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or p.name.startswith("."))
 
@@ -53,8 +79,8 @@ def test_real_signals_at_many_moments(tmp_path, make_samples, sig):
     # from 0.6 s: earlier, the interpreter may still be starting (site-packages), before sepify runs
     for delay in (0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.9):
         out.write_bytes(previous)
-        proc = subprocess.Popen([sys.executable, "-m", "sepify", "rewrite", str(src), "-o", str(out), "--format", "json"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = _spawn([sys.executable, "-m", "sepify", "rewrite", str(src), "-o", str(out), "--format", "json"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(delay)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)

@@ -5,8 +5,10 @@ reference no network resource. (The pages in a real browser: tests/test_browser.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -197,8 +199,26 @@ def test_html_needs_plotly_one_line_exit_2(model_path, monkeypatch, tmp_path):
     out = tmp_path / "r.html"
     r = CliRunner().invoke(main, ["analyze", str(model_path), "--format", "html", "-o", str(out)])
     assert r.exit_code == 2
-    assert r.stderr.strip() == "sepify: error: --format html needs plotly: pip install 'sepify[html]'"
+    assert r.stderr.strip() == ("sepify: error: --format html needs plotly, a dependency of sepify that is missing "
+                                "here: pip install plotly")
     assert not out.exists()
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+
+
+def test_plotly_is_a_default_dependency_and_the_html_extra_still_exists():
+    """``pip install sepify`` is enough for the README's ``--format html`` example; the ``html``
+    extra is kept (empty) so ``pip install 'sepify[html]'`` still resolves."""
+    project = _pyproject()["project"]
+    names = [re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]]
+    assert "plotly" in names
+    assert "html" in project["optional-dependencies"]
 
 
 def test_large_model_is_aggregated_and_says_so(monkeypatch):

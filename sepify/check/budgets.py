@@ -77,8 +77,18 @@ def fmt_value(q: str, v: float | int | None, digits: int = 1, style: str = "bina
     return human(v if not isinstance(v, float) or not v.is_integer() else int(v), digits)
 
 
-def fmt_many(q: str, *values, digits: int = 1, style: str = "binary") -> tuple[str, ...]:
-    """Format values with enough digits (up to 4) that different values look different."""
+def fmt_against(q: str, value, *others, digits: int = 1, style: str = "binary") -> tuple[str, ...]:
+    """``value`` and each of ``others``: each other value with the digits it needs to look
+    different from ``value`` alone, ``value`` with the most of those. A growth row shows the
+    value against its limit and its baseline: a baseline close to the value needs decimals, the
+    limit beside them does not (it printed ``711.40M``)."""
+    need = [_digits(q, (o, value), digits, style) for o in others]
+    return (fmt_value(q, value, max(need, default=digits), style),
+            *(fmt_value(q, o, d, style) for o, d in zip(others, need)))
+
+
+def _digits(q: str, values, digits: int, style: str) -> int:
+    """The fewest digits (``digits`` .. 4) at which different values look different."""
     known = [v for v in values if v is not None]
     while digits < 4:
         texts = {}
@@ -90,6 +100,12 @@ def fmt_many(q: str, *values, digits: int = 1, style: str = "binary") -> tuple[s
         if not clash:
             break
         digits += 1
+    return digits
+
+
+def fmt_many(q: str, *values, digits: int = 1, style: str = "binary") -> tuple[str, ...]:
+    """Format values with enough digits (up to 4) that different values look different."""
+    digits = _digits(q, values, digits, style)
     return tuple(fmt_value(q, v, digits, style) for v in values)
 
 

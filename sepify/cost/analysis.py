@@ -88,6 +88,8 @@ class Totals:
     param_bytes: int
     macs_formula: str | None = None
     flops_formula: str | None = None
+    # the unknown nodes by cause (UNKNOWN_CAUSES), only the causes that occur
+    unknown_causes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -606,7 +608,8 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         if not formula_exact:
             notes.append("some costs are not polynomial in the symbols (shape inference lost them); totals formula omitted")
     if totals.unknown:
-        notes.append(f"{totals.unknown} node(s) of unknown cost are not included in the totals")
+        totals.unknown_causes, why = unknown_causes(layers)
+        notes.append(f"{totals.unknown} node(s) of unknown cost are not included in the totals: " + "; ".join(why))
     opsets = {(o.domain or "ai.onnx"): o.version for o in model.opset_import}
     affects = _affects(unbound, sym_macs, sym_flops, formula_exact and numeric is None, input_shapes.values(), layers,
                        set(loaded.symbols))
@@ -624,6 +627,49 @@ def analyze_loaded(loaded: LoadedModel, numeric: LoadedModel | None = None, view
         layers=layers, totals=totals, notes=notes, unused_dims=list(loaded.unused_dims),
         activation_peak=_peak_tensors(*peak_at, peak, names, layers),
     )
+
+
+#: why a node's cost is unknown, as ``totals.unknown_causes`` counts them
+UNKNOWN_CAUSES = ("data-dependent size", "no cost rule", "shape not inferred", "malformed node")
+_DATA_DEPENDENT = "its size depends on the input values ("
+
+
+def unknown_causes(layers: Sequence[Layer]) -> tuple[dict[str, int], list[str]]:
+    """The unknown layers by cause — a size that depends on the input values (after NonZero,
+    Unique, TopK with a computed k...: no static analysis can give it), an op with no cost rule,
+    a shape inference could not resolve, a malformed node — and a phrase for each cause that
+    occurs, naming where (the op that makes the size data-dependent, the ops without a rule). An
+    If/Loop/Scan whose body holds unknown nodes goes by the first reason inside it."""
+    counts: dict[str, int] = {}
+    where: dict[str, dict[str, None]] = {}
+    for layer in layers:
+        reason = layer.unknown
+        if not reason:
+            continue
+        if _DATA_DEPENDENT in reason:
+            cause = "data-dependent size"
+            at = reason.split(_DATA_DEPENDENT, 1)[1].split(")", 1)[0]
+        elif "no cost rule for " in reason:
+            cause = "no cost rule"
+            at = reason.split("no cost rule for ", 1)[1].split(";", 1)[0].split(" ", 1)[0]
+        elif reason.startswith("malformed node"):
+            cause, at = "malformed node", layer.name
+        else:
+            cause, at = "shape not inferred", ""
+        counts[cause] = counts.get(cause, 0) + 1
+        if at:
+            where.setdefault(cause, {})[at] = None
+    words = {"data-dependent size": "with a size that depends on the input values (after {})",
+             "no cost rule": "of an op with no cost rule ({})",
+             "shape not inferred": "with a shape shape inference could not resolve",
+             "malformed node": "malformed ({})"}
+    phrases = []
+    for cause in UNKNOWN_CAUSES:
+        if cause in counts:
+            names = list(where.get(cause, {}))
+            listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            phrases.append(f"{counts[cause]} " + words[cause].format(listed))
+    return {c: counts[c] for c in UNKNOWN_CAUSES if c in counts}, phrases
 
 
 UNUSED_DIMS_NOTE = "dims not in the model, ignored: "

@@ -131,10 +131,13 @@ RULES: dict[tuple[str, str], Rule] = {}
 
 
 def cost_rule(*op_types: str, domain: str = "") -> Callable[[Rule], Rule]:
-    """Register ``fn`` as the cost rule of ``op_types`` in ``domain``."""
+    """Register ``fn`` as the cost rule of ``op_types`` in ``domain``; a second rule for an op
+    is refused (ValueError at import)."""
 
     def register(fn: Rule) -> Rule:
         for op in op_types:
+            if (domain, op) in RULES:
+                raise ValueError(f"duplicate cost rule for {domain + '.' if domain else ''}{op}")
             RULES[(domain, op)] = fn
         return fn
 
@@ -646,6 +649,295 @@ def ms_group_query_attention(ctx: OpContext) -> Cost:
     head = present[3]
     # K and V may have fewer heads (kv_num_heads), but every query head attends over all T positions
     return _attention_core(batch, heads, seq, present[2], head, head)
+
+
+# --- ai.onnx.ml (scikit-learn and other classical models converted to ONNX) ----------------
+# Their weights are attributes (not tensors): not counted as parameters. A tree node test is a
+# comparison: 1 FLOP, as Less/Greater, never a MAC; the linear models and SVM kernels are
+# multiply-accumulates (a Gemm). N = the samples (X is [N, C], or [C]: one sample).
+ML = "ai.onnx.ml"
+_POST_TRANSFORM = {"NONE": 0, "SOFTMAX": 5, "LOGISTIC": 4, "SOFTMAX_ZERO": 5, "PROBIT": 8}
+_POST_TRANSFORM_IDS = ("NONE", "SOFTMAX", "LOGISTIC", "SOFTMAX_ZERO", "PROBIT")  # TreeEnsemble's ints
+
+
+def _text(v, default: str = "") -> str:
+    if v is None:
+        return default
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _samples(ctx: OpContext) -> Num:
+    """Rows of X: every axis but the features (the last)."""
+    x = ctx.in_shape(0)
+    return prod(x[:-1]) if len(x) > 1 else 1
+
+
+def _post_transform(ctx: OpContext) -> int:
+    """FLOPs per output score of ``post_transform``: softmax 5, logistic 4 (as Sigmoid), probit 8
+    (an inverse-erf polynomial, as Gelu's erf)."""
+    v = ctx.attr("post_transform", "NONE")
+    name = _POST_TRANSFORM_IDS[v] if isinstance(v, int) and 0 <= v < len(_POST_TRANSFORM_IDS) else _text(v, "NONE")
+    if name not in _POST_TRANSFORM:
+        raise Unknown(f"post_transform {name!r}")
+    return _POST_TRANSFORM[name]
+
+
+@cost_rule("ArrayFeatureExtractor", "CastMap", "CategoryMapper", "DictVectorizer", "FeatureVectorizer",
+           "LabelEncoder", "OneHotEncoder", "ZipMap", domain=ML)
+def _ml_data_movement(ctx: OpContext) -> Cost:
+    """Selections, lookups and re-packings (a Gather, a table lookup, a Concat, a map): 0."""
+    return Cost(0, 0)
+
+
+@cost_rule("Scaler", domain=ML)
+def ml_scaler(ctx: OpContext) -> Cost:
+    """(x - offset) x scale: 2 per element, as BatchNormalization."""
+    return Cost(0, 2 * ctx.in_numel(0))
+
+
+@cost_rule("Binarizer", "Imputer", domain=ML)
+def ml_compare(ctx: OpContext) -> Cost:
+    """One comparison per element (the replacement is a select)."""
+    return Cost(0, ctx.in_numel(0))
+
+
+@cost_rule("Normalizer", domain=ML)
+def ml_normalizer(ctx: OpContext) -> Cost:
+    """Per element: MAX 2 (max, divide), L1 3 (abs, add, divide), L2 3 (square-accumulate 2,
+    divide) + 1 square root per row."""
+    norm = _text(ctx.attr("norm"), "MAX")
+    if norm not in ("MAX", "L1", "L2"):
+        raise Unknown(f"Normalizer norm {norm!r}")
+    n = ctx.in_numel(0)
+    if norm == "MAX":
+        return Cost(0, 2 * n)
+    return Cost(0, 3 * n + (_samples(ctx) if norm == "L2" else 0))
+
+
+def _linear(ctx: OpContext, n_scores: int) -> tuple[Num, Num]:
+    """(MACs, FLOPs) of the scores of a linear model: N x len(coefficients) MACs (the
+    coefficients are n_scores x C), + 1 per score for the intercepts, + the post-transform."""
+    coefficients = ctx.attr("coefficients") or []
+    n = _samples(ctx)
+    macs = n * len(coefficients)
+    flops = 2 * macs + (n * n_scores if ctx.attr("intercepts") else 0) + _post_transform(ctx) * n * n_scores
+    return macs, flops
+
+
+@cost_rule("LinearRegressor", domain=ML)
+def ml_linear_regressor(ctx: OpContext) -> Cost:
+    """MACs = N x len(coefficients) (targets x C); FLOPs 2 x MACs, + N x targets with intercepts,
+    + the post-transform per target."""
+    macs, flops = _linear(ctx, int(ctx.attr("targets", 1)))
+    return Cost(macs, flops)
+
+
+@cost_rule("LinearClassifier", domain=ML)
+def ml_linear_classifier(ctx: OpContext) -> Cost:
+    """As LinearRegressor over the class scores (len(intercepts), else the class labels), + 1
+    comparison per score for the label (the arg max)."""
+    labels = ctx.attr("classlabels_ints") or ctx.attr("classlabels_strings") or []
+    n_scores = len(ctx.attr("intercepts") or []) or len(labels)
+    macs, flops = _linear(ctx, n_scores)
+    return Cost(macs, flops + _samples(ctx) * n_scores)
+
+
+# SVM kernels, per (sample, support vector) on top of the C multiply-accumulates of the dot
+# product (RBF: of the squared distance, + C subtractions): gamma, coef0, pow / exp / tanh
+_KERNEL_EXTRA = {"LINEAR": 0, "POLY": 3, "RBF": 2, "SIGMOID": 7}
+
+
+def _kernel(ctx: OpContext, n_sv: int) -> tuple[Num, Num]:
+    """(MACs, FLOPs) of the kernel values of every sample against every support vector."""
+    kernel = _text(ctx.attr("kernel_type"), "LINEAR")
+    if kernel not in _KERNEL_EXTRA:
+        raise Unknown(f"SVM kernel_type {kernel!r}")
+    n = _samples(ctx)
+    macs = n * len(ctx.attr("support_vectors") or [])  # n_sv x C
+    flops = 2 * macs + n * n_sv * _KERNEL_EXTRA[kernel] + (macs if kernel == "RBF" else 0)
+    return macs, flops
+
+
+@cost_rule("SVMRegressor", domain=ML)
+def ml_svm_regressor(ctx: OpContext) -> Cost:
+    """With support vectors: the kernel values (N x n_supports x C MACs, see ``_KERNEL_EXTRA``),
+    then their dot product with the coefficients (N x n_supports MACs) and rho (1 per sample);
+    without (a linear SVM): N x len(coefficients) MACs and rho. + the post-transform."""
+    n = _samples(ctx)
+    n_sv = int(ctx.attr("n_supports", 0))
+    if n_sv > 0:
+        macs, flops = _kernel(ctx, n_sv)
+        macs, flops = macs + n * n_sv, flops + 2 * n * n_sv
+    else:
+        macs = n * len(ctx.attr("coefficients") or [])
+        flops = 2 * macs
+    return Cost(macs, flops + n + _post_transform(ctx) * n)
+
+
+@cost_rule("SVMClassifier", domain=ML)
+def ml_svm_classifier(ctx: OpContext) -> Cost:
+    """K classes. With support vectors (``vectors_per_class``, n_sv in all): the kernel values
+    (N x n_sv x C MACs), then one-vs-one, a decision per pair of classes over the support vectors
+    of both: (K-1) x n_sv MACs per sample, + rho and a vote per pair (2 FLOPs). Without (a linear
+    SVM): N x len(coefficients) MACs, + rho and 1 comparison per class (the arg max). Platt
+    probabilities (``prob_a``): 6 per pair (A·f + B, a sigmoid); their pairwise coupling iterates
+    until it converges (a count that depends on the values): not counted, the row says so."""
+    n = _samples(ctx)
+    per_class = [int(v) for v in ctx.attr("vectors_per_class") or []]
+    labels = ctx.attr("classlabels_ints") or ctx.attr("classlabels_strings") or []
+    k = len(per_class) or len(labels)
+    n_sv = sum(per_class)
+    note = ""
+    if n_sv > 0:
+        pairs = k * (k - 1) // 2
+        macs, flops = _kernel(ctx, n_sv)
+        macs, flops = macs + n * (k - 1) * n_sv, flops + 2 * n * (k - 1) * n_sv + 2 * n * pairs
+        if ctx.attr("prob_a"):
+            flops = flops + 6 * n * pairs
+            if k > 2:
+                note = "SVM probability coupling (iterative) not counted: FLOPs are a lower bound"
+    else:
+        macs = n * len(ctx.attr("coefficients") or [])
+        flops = 2 * macs + 2 * n * k
+    return Cost(macs, flops + _post_transform(ctx) * n * k, note)
+
+
+def _deepest(children: dict, costs: dict, roots) -> list[Num]:
+    """For each root, the largest sum of node costs on a path from it to a leaf (a node absent
+    from ``children`` is a leaf, cost 0). Iterative (trees can be deep); a cycle is malformed."""
+    best: dict = {}
+    out = []
+    for root in roots:
+        stack = [(root, False)]
+        on_path: set = set()
+        while stack:
+            node, done = stack.pop()
+            if node in best:
+                continue
+            kids = children.get(node)
+            if kids is None:
+                best[node] = 0
+                continue
+            if done:
+                on_path.discard(node)
+                best[node] = costs[node] + max(best[c] for c in kids)
+                continue
+            if node in on_path:
+                raise Unknown("tree ensemble with a cycle")
+            on_path.add(node)
+            stack.append((node, True))
+            stack.extend((c, False) for c in kids if c not in best)
+        out.append(best[root])
+    if any(node not in best for node in children):
+        raise Unknown("tree ensemble with a node no root reaches (a cycle)")
+    return out
+
+
+def _legacy_trees(ctx: OpContext, weight_prefix: str) -> tuple[int, int]:
+    """TreeEnsembleRegressor/Classifier: (comparisons on the deepest path of each tree, summed;
+    weights of the largest leaf of each tree, summed)."""
+    a = ctx.attrs
+    trees, ids, modes = a.get("nodes_treeids") or [], a.get("nodes_nodeids") or [], a.get("nodes_modes") or []
+    true_ids, false_ids = a.get("nodes_truenodeids") or [], a.get("nodes_falsenodeids") or []
+    if not (len(trees) == len(ids) == len(modes)) or len(true_ids) < len(ids) or len(false_ids) < len(ids):
+        raise Unknown("tree ensemble attributes of different lengths")
+    children: dict = {}
+    known = set(zip(trees, ids))
+    referenced = set()
+    for t, i, m, yes, no in zip(trees, ids, modes, true_ids, false_ids):
+        if _text(m) == "LEAF":
+            continue
+        kids = ((t, yes), (t, no))
+        if not all(c in known for c in kids):
+            raise Unknown("tree ensemble node with a missing child")
+        children[(t, i)] = kids
+        referenced.update(kids)
+    roots = sorted(known - referenced)
+    if len({t for t, _ in roots}) != len(roots) or {t for t, _ in roots} != {t for t, _ in known}:
+        raise Unknown("tree ensemble with a tree that has no single root (a cycle or a shared node)")
+    comparisons = sum(_deepest(children, dict.fromkeys(children, 1), roots))
+    leaf_weights: dict = {}
+    for t, i in zip(a.get(weight_prefix + "treeids") or [], a.get(weight_prefix + "nodeids") or []):
+        leaf_weights[(t, i)] = leaf_weights.get((t, i), 0) + 1
+    largest: dict = {}
+    for (t, _), c in leaf_weights.items():
+        largest[t] = max(largest.get(t, 0), c)
+    return comparisons, sum(largest.values())
+
+
+def _tree_cost(ctx: OpContext, comparisons: int, adds: int, n_outputs: int, average: bool, label: bool) -> Cost:
+    """N x (comparisons + adds) + base values, averaging, post-transform (per output) and the
+    label's arg max (1 per class)."""
+    n = _samples(ctx)
+    per_sample = comparisons + adds + n_outputs * (
+        (1 if ctx.attr("base_values") or ctx.attr("base_values_as_tensor") else 0) + (1 if average else 0)
+        + _post_transform(ctx) + (1 if label else 0))
+    return Cost(0, n * per_sample, "tree ensemble: comparisons on each tree's deepest path (an upper bound: "
+                                   "the path a sample takes depends on its values)")
+
+
+@cost_rule("TreeEnsembleRegressor", domain=ML)
+def ml_tree_regressor(ctx: OpContext) -> Cost:
+    """Per sample: 1 FLOP per node comparison on the deepest root-to-leaf path of each tree (an
+    upper bound; the path taken depends on the values), 1 per weight of the largest leaf of each
+    tree (the aggregation), + per target: base value 1, AVERAGE 1, post-transform."""
+    comparisons, adds = _legacy_trees(ctx, "target_")
+    average = _text(ctx.attr("aggregate_function"), "SUM") == "AVERAGE"
+    return _tree_cost(ctx, comparisons, adds, int(ctx.attr("n_targets", 1)), average, False)
+
+
+@cost_rule("TreeEnsembleClassifier", domain=ML)
+def ml_tree_classifier(ctx: OpContext) -> Cost:
+    """As TreeEnsembleRegressor over the class scores, + 1 comparison per class for the label."""
+    comparisons, adds = _legacy_trees(ctx, "class_")
+    labels = ctx.attr("classlabels_int64s") or ctx.attr("classlabels_strings") or []
+    return _tree_cost(ctx, comparisons, adds, len(labels), False, True)
+
+
+@cost_rule("TreeEnsemble", domain=ML)
+def ml_tree_ensemble(ctx: OpContext) -> Cost:
+    """ai.onnx.ml 5 ``TreeEnsemble``: as TreeEnsembleRegressor; a leaf holds one weight (1 add
+    per tree); a set-membership node (mode 6) costs one comparison per member of its set."""
+    from onnx import numpy_helper
+
+    a = ctx.attrs
+    roots = [int(r) for r in a.get("tree_roots") or []]
+    modes_t, true_ids, false_ids = a.get("nodes_modes"), a.get("nodes_truenodeids") or [], a.get("nodes_falsenodeids") or []
+    if modes_t is None:
+        raise Unknown("TreeEnsemble without nodes_modes")
+    modes = [int(m) for m in numpy_helper.to_array(modes_t).reshape(-1)]
+    true_leaf = a.get("nodes_trueleafs") or [0] * len(modes)
+    false_leaf = a.get("nodes_falseleafs") or [0] * len(modes)
+    if not (len(modes) == len(true_ids) == len(false_ids) == len(true_leaf) == len(false_leaf)):
+        raise Unknown("tree ensemble attributes of different lengths")
+    members = a.get("membership_values")
+    sets = []
+    if members is not None:  # one set per membership node, in node order, NaN between sets
+        count = 0
+        for v in numpy_helper.to_array(members).reshape(-1):
+            if v != v:
+                sets.append(count)
+                count = 0
+            else:
+                count += 1
+        if count:
+            sets.append(count)
+    costs, children, k = {}, {}, 0
+    for i, m in enumerate(modes):
+        if m == 6:
+            costs[i] = max(1, sets[k] if k < len(sets) else 1)
+            k += 1
+        else:
+            costs[i] = 1
+        kids = tuple(("leaf", c) if leaf else c for c, leaf in ((true_ids[i], true_leaf[i]), (false_ids[i], false_leaf[i])))
+        if any(not isinstance(c, tuple) and not 0 <= c < len(modes) for c in kids):
+            raise Unknown("tree ensemble node with a missing child")
+        children[i] = kids
+    if any(not 0 <= r < len(modes) for r in roots):
+        raise Unknown("tree ensemble root out of range")
+    comparisons = sum(_deepest(children, costs, roots))
+    agg = a.get("aggregate_function", 1)
+    return _tree_cost(ctx, comparisons, len(roots), int(a.get("n_targets", 1)), agg == 0, False)
 
 
 # --- parameter roles ------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Preparation steps, in order:
 
 1. read the protobuf without the external weight bytes (``load_external_data=False``);
 2. reject what is not a model (empty, truncated, random bytes, a protobuf of another kind);
-3. inline model-local functions;
+3. inline model-local functions (their unnamed nodes named first: :func:`name_function_nodes`);
 4. ``onnx.checker`` (structure, not shapes); when it reports nodes out of topological order,
    sort them (networkx) and check again (a cycle or an undefined tensor is an error);
 5. old models (IR < 4) list initializers among the graph inputs: drop them from the inputs so
@@ -52,6 +52,18 @@ class LoadedModel:
     @property
     def base_dir(self) -> Path | None:
         return self.path.parent if self.path else None
+
+
+def name_function_nodes(model: onnx.ModelProto) -> None:
+    """Name the unnamed nodes of model-local function bodies ``<function>/<op>_<index>``, in
+    place: the inliner then names their copies ``<that>__<call number>``. Every command inlines
+    after this (``analyze`` here, ``rewrite`` before its edit), so a node of a function has one
+    name in every report, the same before and after a rewrite (names derived from node
+    positions would shift with the new nodes)."""
+    for f in model.functions:
+        for i, n in enumerate(f.node):
+            if not n.name:
+                n.name = f"{f.name}/{n.op_type}_{i}"
 
 
 def _forget_derived_dims(graph: onnx.GraphProto) -> None:
@@ -279,6 +291,7 @@ def load(
         try:
             import onnx.inliner
 
+            name_function_nodes(model)  # (``model`` is a private copy)
             model = onnx.inliner.inline_local_functions(model)
             init_names = [t.name for t in model.graph.initializer]
         except Exception as e:  # noqa: BLE001 - a broken function body is a model error

@@ -44,6 +44,10 @@ DynamicQuantizeLSTM, ...; see ``_SURROGATES``) have no ONNX schema: inference gi
 outputs no shape. In the scratch copy each is replaced by a standard op with the same output
 shapes (a surrogate; int8 weights by float stand-ins without data), retried each round for those
 that need a shape found in an earlier one (the rank of a transposed FusedMatMul operand).
+Some ``ai.onnx.ml`` ops have a schema but no shape inference (Scaler, Normalizer, Imputer,
+LinearRegressor, SVMRegressor, FeatureVectorizer: scikit-learn models converted by skl2onnx
+start with a Scaler, and every tensor after it lost its shape): surrogates as well (a Cast, a
+MatMul by a stub of the coefficients' shape, a Concat).
 
 The shapes found are written into the model's ``value_info`` (bodies' too; a dead branch keeps
 what it had); the nodes of the model are not changed (the analysis still has one row per node). Why this and not onnxruntime's
@@ -383,8 +387,8 @@ def resolve_shapes(model: onnx.ModelProto, infer, taken: dict | None = None,
             scratch = lenient
         if not lost_tensors(scratch) and not (has_bodies and _lost_in_bodies(scratch.graph, symbols)):
             break
-    if lost_tensors(scratch):  # symbolic dims through Conv/pool/Resize arithmetic, as formulas
-        derive(scratch, symbols)
+    if lost_tensors(scratch) or (has_bodies and _lost_in_bodies(scratch.graph, symbols)):
+        derive(scratch, symbols)  # symbolic dims through Conv/pool/Resize arithmetic, as formulas (bodies too)
     _write_back(model, scratch, folder, bodies, taken)
     return model, rounds
 
@@ -465,6 +469,45 @@ def _surrogate_fused_matmul(node, graph, shapes):
     return pre + [onnx.helper.make_node("MatMul", ins, [node.output[0]], name=node.name)]
 
 
+def _surrogate_cast_float(node, graph, shapes):
+    """An ai.onnx.ml op whose output is X's shape as float (Scaler, Normalizer) -> Cast."""
+    return onnx.helper.make_node("Cast", [node.input[0]], [node.output[0]], name=node.name, to=TensorProto.FLOAT)
+
+
+def _surrogate_ml_linear(count):
+    """An ai.onnx.ml op with an [N, k] float output from X [N, C] (LinearRegressor: k targets;
+    SVMRegressor: 1) -> Cast to float, MatMul by a (C, k) stub; ``count(attrs, C)`` gives k. X must
+    be 2-D with C known."""
+    def make(node, graph, shapes):
+        x = shapes.get(node.input[0]) if node.input else None
+        if x is None or len(x) != 2 or x[1].__class__ is not int:
+            return None
+        k = count(_attrs(node), x[1])
+        if not k:
+            return None
+        cast = f"sepify_surrogate__{node.output[0]}_cast"
+        return [onnx.helper.make_node("Cast", [node.input[0]], [cast], to=TensorProto.FLOAT),
+                onnx.helper.make_node("MatMul", [cast, _stub(graph, node.output[0], (x[1], k))], [node.output[0]],
+                                      name=node.name)]
+    return make
+
+
+def _surrogate_feature_vectorizer(node, graph, shapes):
+    """FeatureVectorizer -> Concat on axis 1 of the inputs cast to float, when each is [N, d]
+    with d its ``inputdimensions`` entry (onnxruntime pads or cuts an input to that width)."""
+    dims = list(_attrs(node).get("inputdimensions") or [])
+    ins = list(node.input)
+    if len(dims) != len(ins):
+        return None
+    out = []
+    for i, (x, d) in enumerate(zip(ins, dims)):
+        s = shapes.get(x)
+        if s is None or len(s) != 2 or s[1] != d:
+            return None
+        out.append(onnx.helper.make_node("Cast", [x], [f"sepify_surrogate__{node.output[0]}_{i}"], to=TensorProto.FLOAT))
+    return out + [onnx.helper.make_node("Concat", [n.output[0] for n in out], [node.output[0]], name=node.name, axis=1)]
+
+
 _CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
 _SURROGATES = {
     ("com.microsoft", "DynamicQuantizeLSTM"): _surrogate_dq_lstm,
@@ -477,6 +520,14 @@ _SURROGATES = {
     ("com.microsoft", "FastGelu"): _surrogate_as("Add", 2, keep=()),  # (X + bias; X alone: Identity below)
     ("com.microsoft", "BiasGelu"): _surrogate_as("Add", 2, keep=()),
     ("com.microsoft", "BiasAdd"): _surrogate_as("Add", 2, keep=()),
+    # ai.onnx.ml ops that ONNX has a schema for but no shape inference (skl2onnx's Scaler: every
+    # tensor after it lost its shape)
+    ("ai.onnx.ml", "Scaler"): _surrogate_cast_float,
+    ("ai.onnx.ml", "Normalizer"): _surrogate_cast_float,
+    ("ai.onnx.ml", "Imputer"): _surrogate_as("Identity", 1, keep=()),
+    ("ai.onnx.ml", "LinearRegressor"): _surrogate_ml_linear(lambda a, c: int(a.get("targets", 1))),
+    ("ai.onnx.ml", "SVMRegressor"): _surrogate_ml_linear(lambda a, c: 1),
+    ("ai.onnx.ml", "FeatureVectorizer"): _surrogate_feature_vectorizer,
 }
 # ops of the model that shape resolution replaces by surrogates in its scratch copy (the loader
 # runs the stage when one is present)
@@ -484,11 +535,11 @@ SURROGATE_OPS = frozenset(op for _, op in _SURROGATES)
 
 
 def _add_surrogates(graph: onnx.GraphProto) -> int:
-    """Replace, in the scratch copy (bodies included), the contrib ops of :data:`_SURROGATES`
+    """Replace, in the scratch copy (bodies included), the ops of :data:`_SURROGATES`
     that can be now (a FusedMatMul with transA needs the rank of A: known in a later round);
     return how many were (-1: the graph has none of them)."""
     every = list(all_graphs(graph))
-    graphs = [g for g in every if any(n.domain == "com.microsoft" and n.op_type in SURROGATE_OPS for n in g.node)]
+    graphs = [g for g in every if any((n.domain, n.op_type) in _SURROGATES for n in g.node)]
     if not graphs:
         return -1
     shapes: dict = {}
@@ -686,7 +737,7 @@ def _renamed_copy(graph: onnx.GraphProto, prefix: str) -> onnx.GraphProto:
 
 def _lost_in_bodies(graph: onnx.GraphProto, symbols: set[str]) -> bool:
     """Does a node output inside some body have no shape, or a dimension that is neither a
-    number nor a symbol of the graph inputs?"""
+    number, a symbol of the graph inputs nor a formula of them (``⌈H/2⌉``)?"""
     for body in all_graphs(graph):
         if body is graph:
             continue
@@ -697,7 +748,8 @@ def _lost_in_bodies(graph: onnx.GraphProto, symbols: set[str]) -> bool:
             for o in n.output:
                 if o:
                     s = shapes.get(o)
-                    if s is None or any(d is None or (d.__class__ is str and d not in symbols) for d in s):
+                    if s is None or any(d is None or (d.__class__ is str and d not in symbols and dim_poly(d) is None)
+                                        for d in s):
                         return True
     return False
 

@@ -45,6 +45,7 @@ broadcasting ops          numpy broadcasting; two different formulas on one axis
 
 from __future__ import annotations
 
+from collections import ChainMap
 from fractions import Fraction
 
 import numpy as np
@@ -52,7 +53,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper, shape_inference
 
 from ..cost.symbolic import Num, Poly, dim_name, dim_poly, floordiv
-from .graph import node_attrs, static_numel
+from .graph import has_subgraph, node_attrs, static_numel, subgraphs
 
 _BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal", "Less",
               "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "PRelu", "Mod", "BitShift"}
@@ -60,24 +61,49 @@ _MAX_CONST = 1 << 16
 
 
 def derive(model: onnx.ModelProto, symbols: set[str]) -> int:
-    """Fill the lost dimensions of the main graph of ``model`` (in place, in its value_info)
-    with formulas of the input symbols. Returns the number of tensors given a full shape."""
+    """Fill the lost dimensions of ``model`` (in place, in its value_info) with formulas of the
+    input symbols: the main graph, and the If/Loop/Scan bodies (nested ones too), each walked
+    when its node is reached, seeing the types and constants of the enclosing scopes (ONNX
+    scoping; a body's inputs hide outer names). Returns the number of tensors given a full shape."""
     g = model.graph
     if not symbols:
         return 0
     opset = {(o.domain or ""): o.version for o in model.opset_import}
     types: dict[str, onnx.TypeProto] = {}
+    consts: dict[str, np.ndarray] = {}
+    _scope(g, types, consts)
+    return _derive_graph(g, types, consts, {}, _Ctx(symbols), opset, model.ir_version)
+
+
+def _scope(g: onnx.GraphProto, types, consts) -> None:
+    """The types (inputs, value_info, outputs, initializers) and small constants of ``g``."""
     for vi in (*g.input, *g.value_info, *g.output):
         if vi.type.WhichOneof("value") == "tensor_type":
             types[vi.name] = vi.type
-    consts: dict[str, np.ndarray] = {}
     for t in g.initializer:
         if t.data_type in (TensorProto.INT64, TensorProto.INT32, TensorProto.FLOAT, TensorProto.DOUBLE) \
                 and static_numel(t.dims) <= _MAX_CONST and t.data_location != TensorProto.EXTERNAL:
             consts[t.name] = numpy_helper.to_array(t)
         types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)))
-    ctx = _Ctx(symbols)
-    svals: dict[str, np.ndarray] = {}  # shape values with symbolic entries (Shape of x, and arithmetic on it)
+
+
+def _body_scope(body: onnx.GraphProto, types, consts, svals):
+    """The scope of a body: its own entries first, then the enclosing ones (by lookup, not
+    copied), without the outer names its inputs hide."""
+    hidden = {i.name for i in body.input}
+    b_types, b_consts = ChainMap({}, types), ChainMap({}, consts)
+    b_svals = ChainMap({}, svals)
+    if hidden & set(consts) or hidden & set(svals):  # (rare: a body input named as an outer constant)
+        b_consts = {k: v for k, v in consts.items() if k not in hidden}
+        b_svals = {k: v for k, v in svals.items() if k not in hidden}
+    for name in hidden:
+        b_types.maps[0][name] = None  # (replaced by the input's type below when it has one)
+    _scope(body, b_types, b_consts)
+    return b_types, b_consts, b_svals
+
+
+def _derive_graph(g: onnx.GraphProto, types, consts, svals, ctx: "_Ctx", opset: dict, ir_version: int) -> int:
+    """:func:`derive` on one graph, whose scope is ``types``/``consts``/``svals``."""
     value_info = {vi.name: vi for vi in g.value_info}
     outputs = {vi.name: vi for vi in g.output}
     found = 0
@@ -87,6 +113,9 @@ def derive(model: onnx.ModelProto, symbols: set[str]) -> int:
             if v is not None:
                 consts[node.output[0]] = v
             continue
+        if has_subgraph(node):
+            for _, body in subgraphs(node):
+                found += _derive_graph(body, *_body_scope(body, types, consts, svals), ctx, opset, ir_version)
         if node.domain not in ("", "ai.onnx"):
             continue
         ins = [ctx.dims(types.get(x)) if x else None for x in node.input]
@@ -112,7 +141,7 @@ def derive(model: onnx.ModelProto, symbols: set[str]) -> int:
                 new = rule(node, ins, vals, _attrs(node), opset.get("", 1))
             except (ValueError, ZeroDivisionError, IndexError, KeyError, TypeError):
                 new = None
-        inferred = _infer(node, types, consts, opset, model.ir_version)
+        inferred = _infer(node, types, consts, opset, ir_version)
         for i, o in enumerate(node.output):
             if not o or not ctx.lost(types.get(o)):
                 continue

@@ -19,7 +19,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-from ..check.budgets import QUANTITIES, fmt_many, fmt_value
+from ..check.budgets import QUANTITIES, fmt_against, fmt_many, fmt_value
 from ..fileio import write_bytes
 from .common import md_escape
 
@@ -35,7 +35,7 @@ def budget_cells(b: dict) -> tuple[str, str, str, str, str]:
     st = b.get("style") or "binary"
     if b["kind"] == "growth":
         label += " growth"
-        lim, val, base = fmt_many(q, b["limit"], b["value"], b["baseline"], style=st)
+        val, lim, base = fmt_against(q, b["value"], b["limit"], b["baseline"], style=st)
         limit = f"{lim} (+{b['growth_limit'] * 100:.1f}% of {base})"
         if b["growth"] is not None:
             val = f"{val} ({b['growth'] * 100:+.1f}%)"

@@ -12,7 +12,7 @@ hover names the heaviest layer of each run), above :data:`MAX_POINTS` the memory
 the largest value of each run (so the peak stays visible); the page says so where it does.
 Tables list the heaviest rows, not all of them; every row is in the embedded JSON.
 
-plotly is an optional dependency: ``pip install 'sepify[html]'``.
+plotly is a dependency of sepify (imported only when an HTML report is written).
 """
 
 from __future__ import annotations
@@ -34,13 +34,16 @@ _QUANTITIES = [("macs", "MACs", human), ("flops", "FLOPs", human), ("params", "p
                ("output_bytes", "output bytes", human_bytes)]
 
 
+PLOTLY_MISSING = "--format html needs plotly, a dependency of sepify that is missing here: pip install plotly"
+
+
 def _plotly():
     try:
         import plotly.graph_objects as go
         import plotly.io as pio
         import plotly.offline
     except ImportError:
-        raise UsageError("--format html needs plotly: pip install 'sepify[html]'") from None
+        raise UsageError(PLOTLY_MISSING) from None
     return go, pio, plotly.offline
 
 

@@ -20,7 +20,7 @@ from ..cost.symbolic import formula
 from ..errors import ModelError, UsageError
 from ..model.graph import GraphView, all_graphs, subgraphs
 from ..model.external import file_bytes, weightless_copy
-from ..model.loading import load
+from ..model.loading import load, name_function_nodes as _name_function_nodes
 from ..model.reading import drop_initializer_inputs, read_model, topological_sort
 from ..units import human3
 from .allocate import plan_ranks
@@ -532,16 +532,6 @@ def _kept_convs(model, view, candidates: list[Candidate], rewritten: set[str], l
         if k is not None:
             out.append(k)
     return out
-
-
-def _name_function_nodes(model: onnx.ModelProto) -> None:
-    """Name the unnamed nodes of model-local function bodies ``<function>/<op>_<index>``: the
-    inliner then names their copies ``<that>__<call number>``, the same before and after the
-    edit (names derived from node positions would shift with the new nodes)."""
-    for f in model.functions:
-        for i, n in enumerate(f.node):
-            if not n.name:
-                n.name = f"{f.name}/{n.op_type}_{i}"
 
 
 def _top_level(model: onnx.ModelProto, replacements) -> bool:
