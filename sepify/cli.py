@@ -342,7 +342,7 @@ def _holdout_value(text: str) -> float:
               help="With --calibration and a budget (--target-macs/--target-ratio/--target-speedup): weigh each "
                    "layer's error by what it measurably does to the model's outputs (measured), or count every "
                    "layer's relative output error alike (none). docs/rewrite.md.")
-@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=32, show_default=True, metavar="N",
+@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               help="With --sensitivity measured: held-out samples the sensitivities are measured on.")
 @click.option("--distortion", type=click.Choice(["auto", "kl", "rel"]), default="auto", show_default=True,
               help="How --sensitivity measured compares the model's outputs: KL divergence of probabilities or "
@@ -429,7 +429,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         refit_kept=not no_refit_kept)
     if calibration is None and any(v != d for v, d in ((holdout, "0.2"), (calib_rows, 16384), (calib_method, "als"),
                                                         (no_sequential, False), (sensitivity, "measured"),
-                                                        (sensitivity_samples, 32), (distortion, "auto"),
+                                                        (sensitivity_samples, 16), (distortion, "auto"),
                                                         (cache_dir, None), (no_cache, False), (no_refit_kept, False))):
         raise UsageError("--holdout, --calib-rows, --calib-method, --no-sequential, --sensitivity, "
                          "--sensitivity-samples, --distortion, --cache-dir, --no-cache and --no-refit-kept need "

@@ -53,7 +53,7 @@ class RewriteOptions:
     # error by what it measurably does to the model's outputs; "none": every layer's relative
     # output error counts alike (the allocation before sensitivity)
     sensitivity: str = "measured"
-    sensitivity_samples: int = 32  # held-out samples the sensitivities are measured on
+    sensitivity_samples: int = 16  # held-out samples the sensitivities are measured on
     distortion: str = "auto"  # how outputs are compared: auto | kl | rel
     cache_dir: str | None = None  # the per-model tables' cache (None: $SEPIFY_CACHE_DIR or ~/.cache/sepify)
     cache: bool = True

@@ -53,6 +53,10 @@ class LayerResult:
     # MACs as formulas of the unbound symbolic dims (``576·N·⌈H/4⌉·⌈W/4⌉``), None when static
     macs_before_formula: str | None = None
     macs_after_formula: str | None = None
+    # with measured sensitivities (sepify.rewrite.sensitivity): the distortion of the model's
+    # outputs this layer's option is predicted to cause alone, a_l(r) * eps_l(o, r)^2 (what the
+    # budget allocator summed)
+    distortion_predicted: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -329,6 +333,7 @@ def rewrite(
             folded_batchnorm=(c.bn.name or "BatchNormalization") if c.bn is not None else None, new_nodes=new_nodes,
             form=form, latency=latency.layer(c.node.name) if latency else None,
             output_error_predicted=fit[3] if fit is not None else None,
+            distortion_predicted=_distortion(c, orientation, rank),
             **_macs_formulas(c, sp, rank)))
     refits: list[dict] = []
     if calibrator is not None and calibrator.refits:
@@ -512,6 +517,13 @@ class _Latency:
                                   f"{self.opts.target_speedup:g}: the budget is on the sum of one-layer timings, which "
                                   f"do not add up exactly to the whole model's; ask for a little more")
         return e2e
+
+
+def _distortion(c: Candidate, orientation: str, rank: int) -> float | None:
+    curves = getattr(c, "curves", None)
+    if curves is None or curves.kind != "model" or orientation not in curves.additive:
+        return None
+    return float(curves.additive[orientation][rank - 1])
 
 
 def _kept_convs(model, view, candidates: list[Candidate], rewritten: set[str], live: set[int], opts, base_dir) -> list:
