@@ -526,6 +526,9 @@ def run_task(task, args, cache: Cache) -> dict:
             print(f"  {method} {target} {form}: {row.error}", flush=True)
         results.append(entry)
 
+    # the least the conv MACs can be: every eligible conv at rank 1 (1x1 and depthwise convs are
+    # not rewritten); a ratio below it is run at that floor (rank 1 everywhere) and labelled so
+    floor = conv_macs(sepify.rewrite(str(model), sepify.RewriteOptions(rank=1), dims=task.dims).report["after"]) / conv
     for method in methods:
         if method == "calibrated" and not has_calib:
             results.append({"method": method, "target": "all", "form": "-", "error": "sepify has no calibration option yet"})
@@ -533,7 +536,10 @@ def run_task(task, args, cache: Cache) -> dict:
         for ratio in args.ratios:
             target = int(round(total - (1 - ratio) * conv))
             for form in (forms if method == "weight" else forms[:1]):
-                add(method, f"{ratio:g}", form, target_macs=target)
+                if ratio < floor:
+                    add(method, f"{ratio:g} (floor {floor:.3f}: rank 1)", form, rank=1)
+                else:
+                    add(method, f"{ratio:g}", form, target_macs=target)
     if args.latency_ratios or args.speedups:
         if measured_latency():
             method = "calibrated" if has_calib and "calibrated" in methods else "weight"
@@ -567,9 +573,210 @@ def run_task(task, args, cache: Cache) -> dict:
             "total_macs": total, "conv_macs": conv, "original": {"scores": score0, "latency": lat.get("original")},
             "rows": results}
 
+# --- task: click-captcha character detection (ddddocr common_det.onnx) -----------------------
+DET_FONTS = ("dejavu/DejaVuSans-Bold.ttf", "dejavu/DejaVuSerif-Bold.ttf",
+             "liberation/LiberationSans-Bold.ttf", "liberation/LiberationSerif-Bold.ttf")
+DET_FONT_DIR = "/usr/share/fonts/truetype"
+DET_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZabdefghkmnpqrstuy2345678"
+DET_W, DET_H, DET_SIZE = 416, 320, 416
+
+
+def det_input(image) -> np.ndarray:
+    """ddddocr's detector preprocessing (DetectionEngine.preproc): BGR (as cv2.imdecode gives it),
+    resized by r = min(416 / h, 416 / w) (r = 1 here: the images are 416 wide and at most 416 high,
+    so cv2's resize is the identity), pasted top-left on a 416x416 canvas of 114, HWC -> CHW,
+    float32 0..255 (no normalization)."""
+    a = np.asarray(image.convert("RGB"))[:, :, ::-1]
+    if a.shape[1] != DET_SIZE or a.shape[0] > DET_SIZE:
+        raise ValueError("det images must be 416 wide and at most 416 high (no resize)")
+    pad = np.full((DET_SIZE, DET_SIZE, 3), 114, np.uint8)
+    pad[:a.shape[0], :a.shape[1]] = a
+    return np.ascontiguousarray(pad.transpose(2, 0, 1), dtype=np.float32)[None]
+
+
+def det_decode(out: np.ndarray, width: int, height: int, ratio: float = 1.0) -> list[list[int]]:
+    """ddddocr's decoding of common_det.onnx's [1, 3549, 6] output (demo_postprocess, scores
+    objectness x class, class-agnostic NMS at IoU 0.45 with score > 0.1, then the boxes
+    truncated to ints and clipped to the image), the boxes in NMS order (best first)."""
+    out = np.array(out, dtype=np.float32, copy=True)
+    grids, strides = [], []
+    for st in (8, 16, 32):
+        hs = ws = DET_SIZE // st
+        xv, yv = np.meshgrid(np.arange(ws), np.arange(hs))
+        g = np.stack((xv, yv), 2).reshape(1, -1, 2)
+        grids.append(g)
+        strides.append(np.full((*g.shape[:2], 1), st))
+    grids, strides = np.concatenate(grids, 1), np.concatenate(strides, 1)
+    out[..., :2] = (out[..., :2] + grids) * strides
+    out[..., 2:4] = np.exp(out[..., 2:4]) * strides
+    p = out[0]
+    boxes, scores = p[:, :4], p[:, 4:5] * p[:, 5:]
+    xy = np.ones_like(boxes)
+    xy[:, 0] = boxes[:, 0] - boxes[:, 2] / 2.0
+    xy[:, 1] = boxes[:, 1] - boxes[:, 3] / 2.0
+    xy[:, 2] = boxes[:, 0] + boxes[:, 2] / 2.0
+    xy[:, 3] = boxes[:, 1] + boxes[:, 3] / 2.0
+    xy /= ratio
+    cls_scores = scores[np.arange(len(scores)), scores.argmax(1)]
+    mask = cls_scores > 0.1
+    if not mask.any():
+        return []
+    b, v = xy[mask], cls_scores[mask]
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order, keep = v.argsort()[::-1], []
+    while order.size > 0:
+        i = order[0]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[order[1:]]) - np.maximum(x1[i], x1[order[1:]]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
+        inter = w * h
+        ovr = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[np.where(ovr <= 0.45)[0] + 1]
+    return [[0 if q[0] < 0 else int(q[0]), 0 if q[1] < 0 else int(q[1]),
+             width if q[2] > width else int(q[2]), height if q[3] > height else int(q[3])] for q in b[keep].tolist()]
+
+
+def box_iou(a, b) -> float:
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_counts(pred, gt, thr: float = 0.5) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of one image: each predicted box in
+    order (best first) takes the unmatched ground-truth box of largest IoU if that IoU >= thr."""
+    used, tp = set(), 0
+    for p in pred:
+        best, bj = 0.0, -1
+        for j, g in enumerate(gt):
+            if j not in used:
+                v = box_iou(p, g)
+                if v > best:
+                    best, bj = v, j
+        if best >= thr:
+            used.add(bj)
+            tp += 1
+    return tp, len(pred) - tp, len(gt) - tp
+
+
+def prf(counts: np.ndarray) -> tuple[float, float, float]:
+    tp, fp, fn = counts.sum(0) if counts.ndim == 2 else counts
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
 class DetTask(Task):
-    def __init__(self, model, args):
-        fail("--task det: not built yet")
+    """Characters pasted at known boxes on generated backgrounds, detected by ddddocr's
+    click-captcha detector and scored by precision / recall / F1 at IoU 0.5, micro-averaged
+    over all boxes; 95% intervals by a seeded bootstrap over images (paired for the change)."""
+
+    input_name = "images"
+    metric_names = ("F1", "recall", "precision")
+    BOOT = 2000
+
+    def __init__(self, model: Path, args):
+        self.name, self.model = "det", model
+        self.fonts = [str(Path(DET_FONT_DIR) / f) for f in DET_FONTS if (Path(DET_FONT_DIR) / f).is_file()]
+        if not self.fonts:
+            fail(f"--task det needs the DejaVu or Liberation fonts under {DET_FONT_DIR} "
+                 "(apt-get install fonts-dejavu-core fonts-liberation)")
+        self.dims = {}
+
+    def key(self) -> dict:
+        import PIL
+
+        return {"task": "det", "alphabet": DET_ALPHABET, "size": [DET_W, DET_H], "fonts": [Path(f).name for f in self.fonts],
+                "chars": [3, 6], "px": [28, 48], "pillow": PIL.__version__, "v": 1}
+
+    def describe(self) -> str:
+        return (f"ddddocr common_det.onnx, generated click captchas ({DET_W}x{DET_H}, 3-6 characters of "
+                f"{len(DET_ALPHABET)} letters and digits, 28-48 px, rotated up to 35 degrees, on blurred random shapes; "
+                f"{len(self.fonts)} fonts), precision / recall / F1 at IoU 0.5")
+
+    def _background(self, rng: random.Random):
+        from PIL import Image, ImageDraw, ImageFilter
+
+        c0, c1 = (np.array([rng.randrange(256) for _ in range(3)], np.float32) for _ in range(2))
+        t = np.linspace(0, 1, DET_W, dtype=np.float32)[None, :, None]
+        img = Image.fromarray(np.broadcast_to(c0 * (1 - t) + c1 * t, (DET_H, DET_W, 3)).astype(np.uint8))
+        d = ImageDraw.Draw(img)
+        for _ in range(rng.randrange(4, 12)):
+            x0, y0 = rng.randrange(DET_W), rng.randrange(DET_H)
+            box = (x0 - rng.randrange(20, 150), y0 - rng.randrange(20, 150), x0 + rng.randrange(20, 150), y0 + rng.randrange(20, 150))
+            fill = tuple(rng.randrange(256) for _ in range(3))
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=fill)
+        return img.filter(ImageFilter.GaussianBlur(rng.uniform(2, 6)))
+
+    def image(self, rng: random.Random):
+        """One image and its ground-truth boxes [x1, y1, x2, y2] (the rotated glyph's ink)."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        img, boxes = self._background(rng), []
+        for _ in range(rng.randint(3, 6)):
+            for _attempt in range(30):
+                px = rng.randint(28, 48)
+                font = ImageFont.truetype(rng.choice(self.fonts), px)
+                ch = rng.choice(DET_ALPHABET)
+                col = tuple(rng.randrange(256) for _ in range(3))
+                tile = Image.new("RGBA", (px * 2, px * 2), (0, 0, 0, 0))
+                ImageDraw.Draw(tile).text((px // 2, px // 2), ch, font=font, fill=col + (255,),
+                                          stroke_width=rng.choice([0, 1, 2]),
+                                          stroke_fill=(255 - col[0], 255 - col[1], 255 - col[2], 255))
+                tile = tile.rotate(rng.uniform(-35, 35), Image.BILINEAR, expand=True)
+                tile = tile.crop(tile.getbbox())
+                tw, th = tile.size
+                x, y = rng.randrange(0, DET_W - tw), rng.randrange(0, DET_H - th)
+                b = [x, y, x + tw, y + th]
+                if all(b[2] < o[0] - 4 or b[0] > o[2] + 4 or b[3] < o[1] - 4 or b[1] > o[3] + 4 for o in boxes):
+                    img.paste(tile, (x, y), tile)
+                    boxes.append(b)
+                    break
+        return img, boxes
+
+    def generate(self, n: int, seed: int):
+        rng = random.Random(seed)
+        xs, labels = [], []
+        for _ in range(n):
+            img, boxes = self.image(rng)
+            xs.append(det_input(img))
+            labels.append(boxes)
+        return np.stack(xs), labels
+
+    def predict(self, sess, xs) -> list:
+        return [det_decode(sess.run(None, {self.input_name: x})[0], DET_W, DET_H) for x in xs]
+
+    def counts(self, preds, labels) -> np.ndarray:
+        return np.array([match_counts(p, g) for p, g in zip(preds, labels)], np.float64).reshape(-1, 3)
+
+    def _boot(self, n: int) -> np.ndarray:
+        return np.random.default_rng(12345).integers(0, n, size=(self.BOOT, n))
+
+    def score(self, preds, labels) -> dict:
+        c = self.counts(preds, labels)
+        p, r, f = prf(c)
+        sums = c[self._boot(len(c))].sum(1)  # [B, 3]
+        boot = np.array([prf(s) for s in sums])  # [B, 3]: p, r, f
+        out = {}
+        for name, val, col in (("F1", f, 2), ("recall", r, 1), ("precision", p, 0)):
+            lo, hi = np.percentile(boot[:, col], [2.5, 97.5])
+            out[name] = {"value": float(val), "lo": float(lo), "hi": float(hi), "ci": "bootstrap"}
+        return out
+
+    def paired_delta(self, preds, ref_preds, labels, metric: str) -> dict:
+        col = {"precision": 0, "recall": 1, "F1": 2}[metric]
+        a, b = self.counts(preds, labels), self.counts(ref_preds, labels)
+        idx = self._boot(len(a))
+        d = np.array([prf(x)[col] for x in a[idx].sum(1)]) - np.array([prf(x)[col] for x in b[idx].sum(1)])
+        lo, hi = np.percentile(d, [2.5, 97.5])
+        return {"value": float(prf(a)[col] - prf(b)[col]), "lo": float(lo), "hi": float(hi)}
+
+    def same(self, a, b) -> bool:
+        """The same detections: as many boxes, matched one to one at IoU >= 0.5."""
+        return len(a) == len(b) and match_counts(a, b)[0] == len(b)
 
 def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
     """``n`` generated images ([n, 1, H, W, 3], ``shape`` NHWC or NCHW) in open_nsfw's input form (BGR 0..255 minus the
