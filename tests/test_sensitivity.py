@@ -329,3 +329,11 @@ def test_a_layer_whose_output_is_a_graph_output_has_amplification_one():
                          cache=False)
     amp = res.report["calibration"]["sensitivity"]["layers"]["conv"]["amplification"]
     assert amp == pytest.approx([1.0] * len(amp), rel=2e-3)
+
+
+def test_full_rank_upstream_leaves_the_kept_convs_as_they_were():
+    model = chain_with_head()
+    res = sepify.rewrite(model, rank="full", allow_increase=True, calibration={"x": data(24)}, calib_rows=4096,
+                         cache=False)
+    assert len(res.layers) == 2 and res.report["refitted"] == []
+    assert "conv3.w" in {t.name for t in res.model.graph.initializer}

@@ -53,6 +53,10 @@ REFIT_GAIN = 0.01
 """A kept Conv's refit is used only when it lowers its predicted relative output error by at
 least this fraction (otherwise the Conv stays exactly as it was)."""
 
+REFIT_MIN_ERROR = 1e-3
+"""...and only when the drift of its inputs makes its predicted relative output error at least
+this large (a full-rank rewrite upstream is exact: its kept Convs stay as they were)."""
+
 
 
 # --- onnxruntime -----------------------------------------------------------------------------
@@ -541,7 +545,7 @@ class Calibrator:
 
                 weight, bias, err, err_before = refit_dense(c.weight, c.bias, c.group, stats)
                 self._time("fits", t0)
-                if not err < (1.0 - REFIT_GAIN) * err_before:
+                if err_before < REFIT_MIN_ERROR or not err < (1.0 - REFIT_GAIN) * err_before:
                     continue
                 self.refits[c.node.name] = (weight, bias, float(err), float(err_before))
                 replace_dense(working, layer, weight, bias, drop=drop)
