@@ -435,8 +435,8 @@ def layer_context(view, x: str, y: str, values: dict) -> Context:
                 ext.append(t)
         if ext:  # one other tensor, for an Add / Sum of the layer's own output (a residual)
             ok = ok and not externals and len(ext) == 1 and node.op_type in _BINARY_FUSED and y in node.input
-            sh = shape_of(ext[0]) if ok else None
-            ok = ok and sh is not None and view.dtype(ext[0]) in _ONNX_FLOATS
+            sh = shape_of(ext[0]) if ok else None  # (a full-size operand: a broadcast one is not a residual)
+            ok = ok and sh == y_shape and view.dtype(ext[0]) in _ONNX_FLOATS
         if not ok:
             continue
         for t, v in const:
@@ -563,7 +563,11 @@ def feeds_for(model: onnx.ModelProto, shapes: dict[str, Sequence[int]], seed: in
     return feeds
 
 
-def end_to_end(timer: Timer, original, rewritten, feeds: dict, rounds: int = 11, choice: dict | None = None) -> dict:
+E2E_ROUNDS = 21  # interleaved rounds of a whole-model comparison
+
+
+def end_to_end(timer: Timer, original, rewritten, feeds: dict, rounds: int = E2E_ROUNDS,
+               choice: dict | None = None) -> dict:
     """Whole-model runs of the original and the rewritten model, interleaved (``choice``: the
     rewritten model's layers, for a timer that wants to know)."""
     t0 = time.perf_counter()
