@@ -307,7 +307,7 @@ def _holdout_value(text: str) -> float:
 @click.option("--form", type=click.Choice(["fast", "native", "split", "tiled", "auto"]), default=None,
               help="Graph form of rank > 1 pairs: native (one depthwise conv with channel multiplier r), split (r "
                    "multiplier-1 depthwise convs + Concat), tiled (input repeated r times, one multiplier-1 "
-                   "depthwise conv), fast (split for dw-first, tiled for pw-first: the forms measured fastest in "
+                   "depthwise conv), fast (split: the form measured fastest in "
                    "onnxruntime, docs/rewrite.md) or auto (each layer's fastest, measured now); all compute the same "
                    "function. Default: auto with --objective latency, else fast.")
 @click.option("--objective", type=click.Choice(["macs", "latency"]), default=None,

@@ -14,7 +14,7 @@ OBJECTIVES = ("macs", "latency")
 FORM_CHOICES = ("fast", "native", "split", "tiled", "auto")  # emit's FORMS + "fast" and "auto" (resolved by the pipeline)
 # "fast" (the default without --objective latency): the form measured fastest in
 # bench/bench_latency.py for each orientation at rank > 1 (docs/rewrite.md, "Graph forms")
-FAST_FORM = {"dw-first": "split", "pw-first": "tiled"}
+FAST_FORM = {"dw-first": "split", "pw-first": "split"}
 CALIB_METHODS = ("als", "refit")
 
 
