@@ -550,7 +550,8 @@ class _Latency:
         return out
 
     def end_to_end(self, new) -> dict:
-        return self._judge(self.m.end_to_end(self.timer, self.original, new, self.feeds))
+        choice = {n: r.chosen for n, r in self.layers.items() if r.chosen is not None}
+        return self._judge(self.m.end_to_end(self.timer, self.original, new, self.feeds, choice=choice))
 
     def _judge(self, e2e: dict) -> dict:
         """``target_met`` from the measured end-to-end speed-up of the model written, and the notes."""
