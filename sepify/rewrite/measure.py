@@ -1,12 +1,15 @@
-"""Measure: latency of candidate rewrites in onnxruntime, at each layer's real input shape.
+"""Measure: latency of candidate rewrites in onnxruntime, each layer in its context.
 
 What is timed
     For a layer (input shape, weight shape, bias, attributes, dtype, opset: a :class:`LayerSpec`)
-    a one-layer model of the original Conv and one of each candidate pair (orientation, rank,
-    graph form, :mod:`sepify.rewrite.emit`), with random weights of the right shapes (timing does
-    not depend on the values), in onnxruntime's CPU provider with the default optimization level
-    a user deploys with (``ORT_ENABLE_ALL``, so the NCHWc transforms apply), the requested intra-op
-    threads (``--threads``; default: onnxruntime's own choice) and ``log_severity_level = 3``.
+    a small model of the original Conv and one of each candidate pair (orientation, rank, graph
+    form, :mod:`sepify.rewrite.emit`), with random weights of the right shapes (timing does not
+    depend on the values), in the layer's :class:`Context`: the element-wise chain its output
+    feeds (activation, residual Add, ...) and stand-ins for an NCHWc producer / consumer, so that
+    the fusions and layout reorders of the whole model are in the timing (:func:`layer_context`).
+    onnxruntime's CPU provider with the optimization level a user deploys with (``ORT_ENABLE_ALL``,
+    so the NCHWc transforms and fusions apply), the requested intra-op threads (``--threads``;
+    default: onnxruntime's own choice) and ``log_severity_level = 3``.
 
 How (:class:`OrtTimer`)
     Every variant is warmed up (2 runs after the session is built), then timed in interleaved
@@ -23,10 +26,16 @@ Which candidates (the bound)
     - ``--target-speedup``: ranks 1, 2, ... of each orientation while the pair has fewer MACs
       than the original Conv, at most :data:`MAX_RANKS` ranks, stopping after the first rank at
       which no form is faster than the original (latency grows with the rank);
-    - timings are cached per (spec, orientation, rank, form): layers of the same shape are timed
-      once. The report gives the number of variants timed, cache hits and the seconds spent.
+    - timings are cached per (spec, context, orientation, rank, form): layers of the same shape
+      in the same surroundings are timed once. The report gives the number of variants timed,
+      cache hits and the seconds spent.
 
 A pair is kept only when it is measured faster: per-round ratio median below ``1 - MIN_GAIN``.
+
+``--target-speedup`` (:func:`speedup_table`, :func:`reallocate`): an exact knapsack over the
+measured seconds, then the whole rewritten model timed against the original; a missed target
+re-allocates with the per-layer savings scaled by the fraction that showed up end to end, at
+most ``--latency-passes`` times (docs/rewrite.md).
 """
 
 from __future__ import annotations

@@ -385,9 +385,12 @@ def _timing_model(edit_base: onnx.ModelProto, raw: onnx.ModelProto, old_ir: bool
     """The rewritten model of ``choice`` ({layer: (orientation, rank, form)}) with the weight-SVD
     factors, built as the final model is (a copy: the sources are not touched), for timing."""
     names = _Names(raw)
-    reps = [build(c, *choice[c.node.name][:2], names, form=choice[c.node.name][2] if choice[c.node.name][1] > 1
-                  else "native", opset=_opset(raw))
-            for c in candidates if isinstance(choice.get(c.node.name), tuple)]
+    reps = []
+    for c in candidates:
+        pick = choice.get(c.node.name)
+        if isinstance(pick, tuple):
+            o, r, form = pick
+            reps.append(build(c, o, r, names, form=form if r > 1 else "native", opset=_opset(raw)))
     base = edit_base
     if reps and edit_base is not raw and not _top_level(edit_base, reps):
         base = raw
