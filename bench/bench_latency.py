@@ -8,7 +8,11 @@ warm-up, interleaved rounds, medians, ORT_ENABLE_ALL). Printed: milliseconds per
 and the speed-up over the dense conv (median of per-round ratios), the fastest form marked.
 Nothing is asserted.
 
-    python bench/bench_latency.py [--threads 1] [--rounds 9] [--orientation dw-first] [--ranks 1-6]
+    python bench/bench_latency.py [--threads 1] [--rounds 9] [--orientation dw-first] [--ranks 1-6] [--context relu]
+
+``--context relu`` times every variant as ``--objective latency`` does (sepify.rewrite.measure.Context):
+a 1x1 depthwise conv before and after it (an NCHWc producer and consumer) and a Relu after it, so
+that a form that leaves onnxruntime's NCHWc layout or loses the Conv + Relu fusion pays for it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def main() -> None:
     ap.add_argument("--orientation", default="dw-first", choices=["dw-first", "pw-first"])
     ap.add_argument("--ranks", default="1-6")
     ap.add_argument("--shapes", default=None, help="e.g. 64x56,128x28 (channels x spatial)")
+    ap.add_argument("--context", default="none", choices=["none", "relu"],
+                    help="relu: each variant between NCHWc stand-ins, followed by a Relu (as --objective latency times)")
     ap.add_argument("--clock", default="wall", choices=["wall", "process"],
                     help="wall: elapsed time; process: CPU time of this process (with --threads 1, the latency "
                          "without the time a shared machine gave to other processes)")
@@ -43,7 +49,7 @@ def main() -> None:
     info = measure.runtime_info(args.threads or None, args.clock)
     print(f"# {info['runtime']}, {info['provider']}, {info['graph_optimization']}, {info['threads_note']}, "
           f"CPU {info['cpu']}, load average {os.getloadavg()[0]:.2f}")
-    print(f"# clock: {args.clock}; {args.orientation}, 3x3 pad 1, batch 1; ms = median per run; (x) = speed-up vs dense "
+    print(f"# clock: {args.clock}; context: {args.context}; {args.orientation}, 3x3 pad 1, batch 1; ms = median per run; (x) = speed-up vs dense "
           f"(median of per-round ratios); * = fastest form at that rank")
     header = ["layer", "dense ms"] + [f"r={r}" for r in ranks]
     print("| " + " | ".join(header) + " |")
@@ -55,11 +61,15 @@ def main() -> None:
         attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
         spec = measure.layer_spec([1, c, hw, hw], np.zeros((c, c, 3, 3), np.float32), True, attrs, 17)
         cands = [(args.orientation, r, f) for r in ranks for f in measure.forms_for("auto", r)]
-        variants = [measure.Variant("layer", "original", measure.original_model(spec), None, spec)]
-        rng = np.random.default_rng(0)
-        feeds = {"x": rng.standard_normal(spec.x_shape).astype(np.float32)}
-        variants = [measure.Variant("layer", "original", measure.original_model(spec), feeds, spec)]
-        variants += [measure.Variant("layer", k, measure.pair_model(spec, *k), feeds, spec) for k in cands]
+        ctx = None
+        if args.context == "relu":
+            from onnx import helper
+
+            relu = helper.make_node("Relu", ["y"], ["t0"], name="chain0").SerializeToString()
+            ctx = measure.Context((relu,), (), (), (("t0", True),), True, "Relu")
+        feeds = measure.layer_feeds(spec, ctx)
+        variants = [measure.Variant("layer", "original", measure.original_model(spec, ctx=ctx), feeds, spec, ctx)]
+        variants += [measure.Variant("layer", k, measure.pair_model(spec, *k, ctx=ctx), feeds, spec, ctx) for k in cands]
         timings = timer(variants)
         dense = timings[0]
         by = {k: t for k, t in zip(cands, timings[1:])}

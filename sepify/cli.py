@@ -307,7 +307,7 @@ def _holdout_value(text: str) -> float:
 @click.option("--form", type=click.Choice(["fast", "native", "split", "tiled", "auto"]), default=None,
               help="Graph form of rank > 1 pairs: native (one depthwise conv with channel multiplier r), split (r "
                    "multiplier-1 depthwise convs + Concat), tiled (input repeated r times, one multiplier-1 "
-                   "depthwise conv), fast (split for dw-first, tiled for pw-first: the forms measured fastest in "
+                   "depthwise conv), fast (split: the form measured fastest in "
                    "onnxruntime, docs/rewrite.md) or auto (each layer's fastest, measured now); all compute the same "
                    "function. Default: auto with --objective latency, else fast.")
 @click.option("--objective", type=click.Choice(["macs", "latency"]), default=None,
@@ -316,6 +316,9 @@ def _holdout_value(text: str) -> float:
 @click.option("--target-speedup", type=float, metavar="X",
               help="Latency budget: the whole model X times faster (measured), with the least error; implies "
                    "--objective latency.")
+@click.option("--latency-passes", type=click.IntRange(min=1), default=3, show_default=True, metavar="N",
+              help="--target-speedup: at most N allocations, each checked by timing the whole rewritten model; a "
+                   "missed target re-allocates with the per-layer savings corrected by the measured ones.")
 @click.option("--threads", type=click.IntRange(min=1), metavar="N",
               help="onnxruntime intra-op threads for the latency measurements (default: onnxruntime's default).")
 @click.option("--clock", type=click.Choice(["wall", "process"]), default="wall", show_default=True,
@@ -421,7 +424,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         target_macs=parse_quantity(target_macs, "--target-macs") if target_macs is not None else None,
         target_ratio=parse_fraction(target_ratio, "--target-ratio") if target_ratio is not None else None,
         orientation=orientation, form=form, objective=latency["objective"], target_speedup=latency["target_speedup"], threads=latency["threads"],
-        clock=latency["clock"],
+        clock=latency["clock"], latency_passes=latency["latency_passes"],
         include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
         calib_method=calib_method, sequential=not no_sequential, calib_seed=seed, sensitivity=sensitivity,

@@ -40,13 +40,16 @@ def _check_structure(model, case, orientation: str, form: str, rank: int) -> Non
     else:
         expected = rank if form == "split" else 1
         channels = n if form == "split" else n * rank
-    assert len(spatial) == expected and len(convs) == expected + 1
+    pointwise = rank if (orientation, form) == ("pw-first", "split") else 1
+    assert len(spatial) == expected and len(convs) == expected + pointwise
     for c in spatial:  # multiplier 1: one input and one output channel per group
         w = inits[c.input[1]]
         assert _group(c) == channels and w[0] == channels and w[1] == 1
     ops = [nd.op_type for nd in model.graph.node]
     if orientation == "dw-first":
         assert ops.count("Concat") == 1 and ops.count("Split") == (rank if form == "split" else 1) * (g > 1)
+    elif form == "split":  # no Split (onnxruntime's NCHWc layout has none): r - 1 binary Adds
+        assert ops.count("Add") == rank - 1 and "Split" not in ops and "Sum" not in ops
     else:
         assert "Sum" in ops
 

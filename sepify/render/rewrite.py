@@ -96,6 +96,46 @@ def _ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3g} ms"
 
 
+def _speedup(e2e: dict) -> str:
+    spread = (f" [{e2e['speedup_q1']:.3f}–{e2e['speedup_q3']:.3f}]" if e2e.get("speedup_q1") is not None else "")
+    return f"{e2e['speedup']:.3f}x{spread}"
+
+
+def _changes(changes: list[dict], limit: int = 6) -> str:
+    parts = [f"{c['layer']} {c['from']} → {c['to']}" for c in changes[:limit]]
+    if len(changes) > limit:
+        parts.append(f"… {len(changes) - limit} more")
+    return "; ".join(parts) if parts else "none"
+
+
+def _pass_lines(lat: dict) -> list[str]:
+    passes = lat.get("passes") or []
+    if not passes:
+        return []
+    out = [f"  passes (at most --latency-passes {lat.get('latency_passes')}; each: allocate, then the whole rewritten "
+           f"model with weight-SVD factors timed against the original, speed-up quartiles over rounds in brackets):"]
+    for p in passes:
+        asked = ("the fastest options" if p.get("fastest_options") else
+                 f"save {_ms(p.get('saving_asked_s'))}")
+        line = (f"    pass {p['pass']}: {asked}; predicted {p['predicted_speedup']:.3f}x, {p['rewritten']} rewritten; "
+                f"measured {_speedup(p['end_to_end']) if p.get('end_to_end') else 'not timed'}")
+        if "target_met" in p:
+            line += " (target met)" if p["target_met"] else " (missed)"
+        if p.get("realized_fraction") is not None:
+            line += f"; {p['realized_fraction']:.2f} of the predicted saving measured"
+        out.append(line)
+        if p["pass"] > 1:
+            out.append(f"      changes: {_changes(p.get('changes') or [])}")
+        if p.get("stopped"):
+            out.append(f"      stopped: {p['stopped']}")
+    return out
+
+
+def _graph_line(g: dict) -> str:
+    return (f"{g['nchwc_convs']} NCHWc convs ({g['fused_activation']} with the activation fused, {g['fused_sum']} with "
+            f"an Add fused), {g['plain_convs']} NCHW convs, {g['reorders']} layout reorders")
+
+
 def _latency_lines(report: dict) -> list[str]:
     lat = report.get("latency")
     if not lat:
@@ -107,23 +147,30 @@ def _latency_lines(report: dict) -> list[str]:
         out.append(f"  clock: {lat['clock']}")
     tot = lat.get("layers_total") or {}
     if tot:
-        out.append(f"  measured layers (one-layer models, sum of medians): {_ms(tot['before_s'])} → {_ms(tot['after_s'])}"
+        out.append(f"  measured layers (each in its context, sum of medians): {_ms(tot['before_s'])} → {_ms(tot['after_s'])}"
                    f" ({tot['rewritten']} rewritten)")
     if lat.get("target_speedup") is not None:
         out.append(f"  target speed-up {lat['target_speedup']:g}: whole model {_ms(lat.get('model_before_s'))}, "
                    f"predicted {_ms(lat.get('predicted_s'))}")
+    out += _pass_lines(lat)
     e2e = lat.get("end_to_end")
     if e2e:
         b, a = e2e["before"], e2e["after"]
+        src = f"; pass {e2e['pass']}'s timing: the model written" if e2e.get("pass") else ""
         out.append(f"  end-to-end: {_ms(b['median_s'])} [{_ms(b['q1_s'])}–{_ms(b['q3_s'])}] → {_ms(a['median_s'])} "
-                   f"[{_ms(a['q1_s'])}–{_ms(a['q3_s'])}]: {e2e['speedup']:.3f}x speed-up (median of {b['rounds']} "
-                   f"interleaved rounds, quartiles in brackets; {e2e['inputs']})")
+                   f"[{_ms(a['q1_s'])}–{_ms(a['q3_s'])}]: {_speedup(e2e)} speed-up (median of {b['rounds']} "
+                   f"interleaved rounds, quartiles in brackets; {e2e['inputs']}{src})")
     else:
         out.append("  end-to-end: not measured")
+    if lat.get("target_met") is not None:
+        out.append(f"  target {lat['target_speedup']:g}x: {'met' if lat['target_met'] else 'NOT MET'} (measured end to end)")
+    g = lat.get("optimized_graph") or {}
+    if g.get("before") and g.get("after"):
+        out.append(f"  onnxruntime's optimized graph: {_graph_line(g['before'])} → {_graph_line(g['after'])}")
     m = lat.get("measuring") or {}
     if m:
         out.append(f"  measuring: {m['variants_timed']} variants timed, {m['cache_hits']} cache hits, "
-                   f"{m['distinct_layer_shapes']} layer shapes, {m['seconds']:.1f} s ({m['bound']})")
+                   f"{m['distinct_layer_contexts']} layer shapes in context, {m['seconds']:.1f} s ({m['bound']})")
     return out
 
 

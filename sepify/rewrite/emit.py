@@ -34,14 +34,17 @@ channel m; ``P[n, ml*r+i]`` its pointwise weight):
 pw-first, Q (N*r, Mg, 1..1) group=g, S (N, r, *k) group=N (``Q[n*r+i]`` feeds filter ``S[n, i]``):
 
 - ``native``: ``Conv1x1(Q, group=g)`` -> ``Conv(S, group=N)`` (r input channels per group).
-- ``split``:  ``Conv1x1(Q', group=g)`` with the rows ordered (j, i, nl) -> Split into g*r parts
-  -> for each i, the N channels of filter i (Concat over the groups when g > 1) -> r
-  multiplier-1 convs ``Conv(S[:, i:i+1], group=N)`` -> Sum.
+- ``split``:  for each i, ``Conv1x1(Q[i::r], group=g)`` (the N rows of filter i) ->
+  ``Conv(S[:, i:i+1], group=N)`` (multiplier 1), the r results summed by a chain of binary Adds
+  (``((s_0 + s_1) + s_2) + ...``). No Split: onnxruntime's NCHWc layout has no Split (a Split
+  costs a reorder to NCHW and back); each Add is fused into the conv before it and the
+  activation after the pair into the last conv (checked in bench/bench_speedup.py).
 - ``tiled``:  ``Conv1x1(Q', group=g)`` -> one multiplier-1 conv ``Conv(S', group=N*r)`` ->
   Split into g*r parts -> Sum over i (then Concat over the groups when g > 1),
   ``Q'[(j, i, nl)] = Q[(j*Ng + nl)*r + i]``, ``S'[(j, i, nl)] = S[j*Ng + nl, i]``.
 
-  The bias goes to the convs of filter i = 0 only (zeros elsewhere in ``tiled``).
+  The bias goes to the convs of filter i = 0 only (zeros elsewhere in ``tiled``). ``tiled`` ends
+  with a Split, which onnxruntime runs in NCHW (reorders around it): measure it in context.
 
 At rank 1 the three forms are the same graph; it is emitted (and reported) as ``native``.
 """
@@ -194,21 +197,30 @@ def emit_pair(x: str, y: str, first_w: np.ndarray, second_w: np.ndarray, bias: n
         node("Conv", "pointwise", [x, const("pointwise.weight", first_w)], [mid], dict(point_attrs, group=group))
         node("Conv", "spatial", [mid, const("spatial.weight", second_w)] + b, [y], dict(spatial_attrs, group=n))
         return out
+    if form == "split":
+        # r pointwise convs Q_i = Q[i::r] (the rows of filter i, in output-channel order, so the
+        # groups need no reordering), r multiplier-1 spatial convs S[:, i], and a chain of binary
+        # Adds: no Split (onnxruntime keeps no Split in its NCHWc layout), and every Add follows
+        # the conv that produced one of its inputs, so the NCHWc transformer fuses it into that
+        # conv (its "Sum" input) and the activation after the pair into the last one
+        acc = None
+        for i in range(rank):
+            pi = var(f"pointwise_{i}_out")
+            node("Conv", f"pointwise_{i}", [x, const(f"pointwise_{i}.weight", first_w[i::rank])], [pi],
+                 dict(point_attrs, group=group))
+            o = var(f"spatial_{i}_out")
+            node("Conv", f"spatial_{i}", [pi, const(f"spatial_{i}.weight", second_w[:, i:i + 1])] + (b if i == 0 else []),
+                 [o], dict(spatial_attrs, group=n))
+            if acc is None:
+                acc = o
+                continue
+            acc_out = y if i == rank - 1 else var(f"add_{i}_out")
+            node("Add", f"add_{i}", [acc, o], [acc_out])
+            acc = acc_out
+        return out
     q2, s2 = pw_permuted(first_w, second_w, group, rank)
     mid = var("pointwise_out")
     node("Conv", "pointwise", [x, const("pointwise.weight", q2)], [mid], dict(point_attrs, group=group))
-    if form == "split":
-        parts = split(mid, group * rank, "split")  # part j*r + i: filter i of group j
-        outs = []
-        for i in range(rank):
-            xi = concat([parts[j * rank + i] for j in range(group)], f"concat_{i}")
-            o = var(f"spatial_{i}_out")
-            bi = b if i == 0 else []
-            node("Conv", f"spatial_{i}", [xi, const(f"spatial_{i}.weight", second_w[:, i:i + 1])] + bi, [o],
-                 dict(spatial_attrs, group=n))
-            outs.append(o)
-        node("Sum", "sum", outs, [y])
-        return out
     # tiled: one multiplier-1 conv over the N*r mid channels, then the sums over i
     bt = []
     if bias is not None:

@@ -16,7 +16,7 @@ FORM_CHOICES = ("fast", "native", "split", "tiled", "auto")  # emit's FORMS + "f
 # bench/bench_latency.py for each orientation at rank > 1 (docs/rewrite.md, "Graph forms")
 SENSITIVITIES = ("measured", "none")
 DISTORTIONS = ("auto", "kl", "rel")
-FAST_FORM = {"dw-first": "split", "pw-first": "tiled"}
+FAST_FORM = {"dw-first": "split", "pw-first": "split"}
 CALIB_METHODS = ("als", "refit")
 
 
@@ -43,6 +43,8 @@ class RewriteOptions:
     form: str | None = None
     threads: int | None = None
     clock: str = "wall"  # "process": CPU time of the process (needs threads=1; for shared machines)
+    # --target-speedup: at most this many allocations, each timed end to end (measure.reallocate)
+    latency_passes: int = 3
     # with calibration data (rewrite(..., calibration=...) / --calibration): see calibrate.py
     holdout: float = 0.2  # fraction in [0, 1) or a sample count >= 1 (data.py)
     calib_rows: int = 16384  # patch rows per layer
@@ -92,6 +94,8 @@ class RewriteOptions:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise UsageError(f"--threads must be a positive integer, not {self.threads!r}")
+        if isinstance(self.latency_passes, bool) or not isinstance(self.latency_passes, int) or self.latency_passes < 1:
+            raise UsageError(f"--latency-passes must be a positive integer, not {self.latency_passes!r}")
         if self.clock not in ("wall", "process"):
             raise UsageError(f"--clock must be wall or process, not {self.clock!r}")
         if self.clock == "process" and self.threads != 1:
