@@ -461,9 +461,9 @@ def test_with_calibration_the_passes_time_svd_models_and_the_fit_runs_once(monke
     fits, timed = [], []
     real_fit = calibrate.Calibrator.fit
 
-    def fit(self, chosen):
+    def fit(self, chosen, kept=()):
         fits.append(sorted((c.node.name, o, r) for c, o, r in chosen))
-        return real_fit(self, chosen)
+        return real_fit(self, chosen, kept)
 
     monkeypatch.setattr(calibrate.Calibrator, "fit", fit)
 

@@ -302,21 +302,67 @@ def collect_same(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[
 
 
 def collect_paired(original_sess, working: onnx.ModelProto, layer: Layer, samples: Sequence[Mapping], *,
-                   rows: int = DEFAULT_ROWS, seed: int = 0, threads: int | None = None, known=None):
+                   rows: int = DEFAULT_ROWS, seed: int = 0, threads: int | None = None, known=None,
+                   t_rows: Sequence[np.ndarray] | None = None):
     """Phase 2 for one layer: x from ``original_sess`` (a session computing ``layer.input``
     on the original model), x~ from the working model's prefix; same positions per sample.
-    ``known``: the layer's phase-1 statistics, when computed (see :class:`_Rows`)."""
+    ``known``: the layer's phase-1 statistics, when computed (see :class:`_Rows`).
+    ``t_rows``: the original input's patch rows per sample at the same positions, when cached
+    (:func:`collect_rows`): ``original_sess`` is then not run."""
     sess = session(prefix(working, [layer.input]), threads)
     acc = None
     per = _rows_per_sample(rows, len(samples))
     for s, feed in enumerate(samples):
-        (t,) = run(original_sess, [layer.input], feed)
         (x,) = run(sess, [layer.input], feed)
-        flat, geo = _sample_rows(layer, t, seed, s, per)
+        if t_rows is not None:
+            flat, geo = _sample_rows(layer, x, seed, s, per)
+            t_patch = t_rows[s]
+        else:
+            (t,) = run(original_sess, [layer.input], feed)
+            flat, geo = _sample_rows(layer, t, seed, s, per)
+            t_patch = gather_patches(t, geo, flat)
         if acc is None:
-            acc = _Rows(geo, t.shape[1], paired=True, known=known)
-        acc.add(gather_patches(x, geo, flat), gather_patches(t, geo, flat))
+            acc = _Rows(geo, x.shape[1], paired=True, known=known)
+        acc.add(gather_patches(x, geo, flat), t_patch)
     return acc.result()
+
+
+ROWS_CACHE_BYTES = 2 * 1024 ** 3
+"""At most this many bytes of the original model's patch rows kept for the sequential fit
+(:func:`collect_rows`); layers past it run the original prefix again in their phase-2 pass."""
+
+
+def collect_rows(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[Mapping], *, rows: int = DEFAULT_ROWS,
+                 seed: int = 0, threads: int | None = None, budget: int = ROWS_CACHE_BYTES) -> dict[str, list]:
+    """The ORIGINAL model's patch rows of ``layers``' inputs, per sample at the positions the
+    phase-2 pass samples (the same RNG keys), from ONE pass over ``samples``: each phase-2 pass
+    then runs only the working model. Layers are taken in order while the rows fit ``budget``
+    bytes (the first sample's size times the samples); the others are not in the result."""
+    out: dict[str, list] = {}
+    if not layers or not samples:
+        return out
+    per = _rows_per_sample(rows, len(samples))
+    names = list(dict.fromkeys(layer.input for layer in layers))
+    sess = session(prefix(model, names), threads)
+    keep: list[Layer] | None = None
+    for s, feed in enumerate(samples):
+        got = dict(zip(names, run(sess, names, feed)))
+        if keep is None:
+            keep, used = [], 0
+            for layer in layers:
+                x = got[layer.input]
+                flat, geo = _sample_rows(layer, x, seed, 0, per)
+                size = len(flat) * (x.shape[1] // geo.group) * math.prod(geo.kernel) * geo.group * x.itemsize
+                if used + size * len(samples) > budget:
+                    continue
+                used += size * len(samples)
+                keep.append(layer)
+                out[layer.name] = []
+        for layer in keep:
+            x = got[layer.input]
+            flat, geo = _sample_rows(layer, x, seed, s, per)
+            out[layer.name].append(gather_patches(x, geo, flat))
+    return out
 
 
 # --- the working model -----------------------------------------------------------------------
@@ -524,6 +570,13 @@ class Calibrator:
                     steps.append((k.index, 1, k, None, None))
         steps.sort(key=lambda t: (t[0], t[1]))
         self.phase1([c for c, _, _ in chosen if not upstream[c.node.name]])  # one pass for all of them
+        paired = [self.layer(c) for _, kind, c, _, _ in steps if kind == 1 or upstream[c.node.name]]
+        t0 = time.perf_counter()
+        cached = collect_rows(self.model, paired, self.data.fit, rows=self.rows, seed=self.seed, threads=self.threads)
+        if paired:
+            self.passes["rows"] = self.passes.get("rows", 0) + 1
+            self._time("statistics", t0)
+        self.rows_cached = {"layers": len(cached), "of": len(paired)}
         done = set()
         for i, (_, kind, c, o, r) in enumerate(steps):
             layer = self.layer(c)
@@ -533,9 +586,10 @@ class Calibrator:
                 stats = self.phase1([c])[c.node.name]
             else:
                 t0 = time.perf_counter()
-                orig = session(prefix(self.model, [layer.input]), self.threads)
+                t_rows = cached.pop(c.node.name, None)
+                orig = None if t_rows is not None else session(prefix(self.model, [layer.input]), self.threads)
                 stats = collect_paired(orig, working, layer, self.data.fit, rows=self.rows, seed=self.seed,
-                                       threads=self.threads, known=self.same.get(c.node.name))
+                                       threads=self.threads, known=self.same.get(c.node.name), t_rows=t_rows)
                 self.passes["phase2"] += 1
                 self._time("statistics", t0)
             t0 = time.perf_counter()

@@ -388,7 +388,8 @@ def rewrite(
             f["output_error_measured"] = measured.get(f.pop("tensor"))
         calib_info = {**calib.to_dict(), "rows_per_layer": opts.calib_rows, "method": opts.calib_method,
                       "sequential": opts.sequential, "seconds": {k: round(v, 3) for k, v in calibrator.seconds.items()},
-                      "passes": dict(calibrator.passes), "notes": calib.notes, "sensitivity": sensitivity_info}
+                      "passes": dict(calibrator.passes), "notes": calib.notes, "sensitivity": sensitivity_info,
+                      "original_rows_cached": getattr(calibrator, "rows_cached", None)}
     order = {n.name: i for i, n in enumerate(view.nodes)}
     skipped.sort(key=lambda s: order.get(s.name, len(order)))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped, calibration=calib_info)

@@ -114,11 +114,13 @@ class _Acc:
         self.num = 0.0
         self.den = 0.0  # rel: sum ||y - mean||^2 (filled from the reference); kl: positions
 
-    def add(self, ref: np.ndarray, new: np.ndarray, ref_stats: "_Ref") -> None:
+    def add(self, ref: np.ndarray, new: np.ndarray, ref_stats: "_Ref", lp: np.ndarray | None = None) -> None:
+        """``lp``: the reference's log-probabilities when already computed (one per sample)."""
         if self.kind == "rel":
             self.num += float(np.sum((new.astype(np.float64) - ref.astype(np.float64)) ** 2))
             return
-        lp, lq = _log_probs(ref, self.kind), _log_probs(new, self.kind)
+        lp = _log_probs(ref, self.kind) if lp is None else lp
+        lq = _log_probs(new, self.kind)
         kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
         self.num += float(np.sum(np.maximum(kl, 0.0)))
         self.den += kl.size
@@ -331,6 +333,7 @@ def measure(model: onnx.ModelProto, cands: list, stats: Mapping[str, object], cu
             kinds = {o: output_kind(values[o], _logits_producer(model, o), distortion) for o in graph_outputs}
         for o in graph_outputs:
             refs[o].add(values[o])
+        ref_lp = {o: _log_probs(values[o], kinds[o]) for o in graph_outputs if kinds[o] != "rel"}
         for c, o, rs, kernels, errs, y_name, sx in plans:
             name = c.node.name
             if name in failed:
@@ -354,7 +357,7 @@ def measure(model: onnx.ModelProto, cands: list, stats: Mapping[str, object], cu
                     if sx.reads[0] in sx.outputs:  # the layer's output is itself a graph output
                         got[sx.reads[0]] = y
                     for out in sx.outputs:
-                        accs[name][j][out].add(values[out], got[out], refs[out])
+                        accs[name][j][out].add(values[out], got[out], refs[out], ref_lp.get(out))
             except Exception as e:  # noqa: BLE001 - a suffix onnxruntime cannot run: unweighted, with a note
                 failed[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 notes.append(f"sensitivity of {name} not measured (its error counts unweighted): {failed[name]}")
