@@ -303,17 +303,18 @@ def collect_same(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[
 
 def collect_paired(original_sess, working: onnx.ModelProto, layer: Layer, samples: Sequence[Mapping], *,
                    rows: int = DEFAULT_ROWS, seed: int = 0, threads: int | None = None, known=None,
-                   t_rows: Sequence[np.ndarray] | None = None):
+                   t_rows: Sequence[np.ndarray] | None = None, x_values: Sequence[np.ndarray] | None = None):
     """Phase 2 for one layer: x from ``original_sess`` (a session computing ``layer.input``
     on the original model), x~ from the working model's prefix; same positions per sample.
     ``known``: the layer's phase-1 statistics, when computed (see :class:`_Rows`).
     ``t_rows``: the original input's patch rows per sample at the same positions, when cached
-    (:func:`collect_rows`): ``original_sess`` is then not run."""
-    sess = session(prefix(working, [layer.input]), threads)
+    (:func:`collect_rows`): ``original_sess`` is then not run. ``x_values``: the working
+    model's ``layer.input`` per sample, when computed already (:class:`Frontier`)."""
+    sess = session(prefix(working, [layer.input]), threads) if x_values is None else None
     acc = None
     per = _rows_per_sample(rows, len(samples))
     for s, feed in enumerate(samples):
-        (x,) = run(sess, [layer.input], feed)
+        (x,) = run(sess, [layer.input], feed) if x_values is None else (x_values[s],)
         if t_rows is not None:
             flat, geo = _sample_rows(layer, x, seed, s, per)
             t_patch = t_rows[s]
@@ -325,6 +326,90 @@ def collect_paired(original_sess, working: onnx.ModelProto, layer: Layer, sample
             acc = _Rows(geo, x.shape[1], paired=True, known=known)
         acc.add(gather_patches(x, geo, flat), t_patch)
     return acc.result()
+
+
+class Frontier:
+    """The working model's values, per sample, at a cut through the graph: each phase-2 pass
+    computes only the nodes between the previous layer's input and this layer's input
+    (about one whole-model pass over the fit samples in all, instead of one prefix per layer).
+
+    Valid because the layers are visited in topological order and the working model only changes
+    at (or after) the layer just visited: every value kept is upstream of every later change.
+    After each step only the tensors that a node not yet computed reads are kept; past
+    ``budget`` bytes the frontier gives up (``compute`` returns None; the caller runs the prefix)."""
+
+    def __init__(self, samples: Sequence[Mapping], threads: int | None = None, budget: int | None = None):
+        self.values = [dict(feed) for feed in samples]
+        self.threads, self.budget = threads, ROWS_CACHE_BYTES if budget is None else budget
+        self.computed: set[str] = set()  # tensors whose values are in (or were dropped from) self.values
+        self.alive = True
+
+    def compute(self, model: onnx.ModelProto, tensor: str) -> list[np.ndarray] | None:
+        if not self.alive or not self.values:
+            return None
+        g = model.graph
+        inits = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+        have = set(self.values[0])
+        producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+        need: set[int] = set()
+        stack = [tensor]
+        while stack:
+            t = stack.pop()
+            if not t or t in have or t in inits or t not in producer:
+                continue
+            i = producer[t]
+            if i in need:
+                continue
+            need.add(i)
+            n = g.node[i]
+            stack.extend(list(n.input) + outer_inputs(n))
+        if any(t in self.computed and t not in have for i in need for t in g.node[i].input):
+            self.alive = False  # a value dropped earlier is needed again: not a valid cut
+            return None
+        made = {o for i in need for o in g.node[i].output if o}
+        reads = sorted({t for i in need for t in list(g.node[i].input) + outer_inputs(g.node[i])
+                        if t and t in have})
+        rest = [n for i, n in enumerate(g.node) if i not in need and not all(
+            o in self.computed or o in made or not o for o in n.output)]
+        later = {t for n in rest for t in list(n.input) + outer_inputs(n)} | {o.name for o in g.output}
+        keep_made = sorted(t for t in made if t in later or t == tensor)
+        outputs = list(dict.fromkeys([tensor] + keep_made))
+        if need:
+            m = onnx.ModelProto()
+            for f in ("ir_version", "producer_name", "domain"):
+                setattr(m, f, getattr(model, f))
+            m.opset_import.extend(model.opset_import)
+            m.functions.extend(model.functions)
+            m.graph.name = "frontier"
+            first = self.values[0]
+            for t in reads:
+                a = np.asarray(first[t])
+                m.graph.input.append(onnx.helper.make_tensor_value_info(
+                    t, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim))
+            m.graph.node.extend(g.node[i] for i in sorted(need))
+            used = {t for i in need for t in list(g.node[i].input) + outer_inputs(g.node[i])}
+            m.graph.initializer.extend(t for t in g.initializer if t.name in used)
+            m.graph.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in used)
+            for t in outputs:
+                m.graph.output.append(onnx.ValueInfoProto(name=t))
+            sess = session(m, self.threads)
+            for vals in self.values:
+                vals.update(zip(outputs, run(sess, outputs, {t: vals[t] for t in reads})))
+        self.computed |= made
+        out = [vals[tensor] for vals in self.values]
+        # keep what a node not yet computed (or a graph output) reads; graph inputs stay
+        inputs = {i.name for i in g.input}
+        keep = (later | inputs) - {""}
+        size = 0
+        for vals in self.values:
+            for t in list(vals):
+                if t not in keep:
+                    del vals[t]
+            size += sum(np.asarray(v).nbytes for v in vals.values())
+        if size > self.budget:
+            self.alive = False
+            self.values = []
+        return out
 
 
 ROWS_CACHE_BYTES = 2 * 1024 ** 3
@@ -577,6 +662,7 @@ class Calibrator:
             self.passes["rows"] = self.passes.get("rows", 0) + 1
             self._time("statistics", t0)
         self.rows_cached = {"layers": len(cached), "of": len(paired)}
+        frontier = Frontier(self.data.fit, self.threads) if paired else None
         done = set()
         for i, (_, kind, c, o, r) in enumerate(steps):
             layer = self.layer(c)
@@ -588,8 +674,10 @@ class Calibrator:
                 t0 = time.perf_counter()
                 t_rows = cached.pop(c.node.name, None)
                 orig = None if t_rows is not None else session(prefix(self.model, [layer.input]), self.threads)
+                xv = frontier.compute(working, layer.input) if frontier is not None else None
                 stats = collect_paired(orig, working, layer, self.data.fit, rows=self.rows, seed=self.seed,
-                                       threads=self.threads, known=self.same.get(c.node.name), t_rows=t_rows)
+                                       threads=self.threads, known=self.same.get(c.node.name), t_rows=t_rows,
+                                       x_values=xv)
                 self.passes["phase2"] += 1
                 self._time("statistics", t0)
             t0 = time.perf_counter()
