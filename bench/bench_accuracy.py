@@ -533,13 +533,14 @@ def run_task(task, args, cache: Cache) -> dict:
         if method == "calibrated" and not has_calib:
             results.append({"method": method, "target": "all", "form": "-", "error": "sepify has no calibration option yet"})
             continue
+        below = [r for r in args.ratios if r < floor]
         for ratio in args.ratios:
             target = int(round(total - (1 - ratio) * conv))
             for form in (forms if method == "weight" else forms[:1]):
-                if ratio < floor:
-                    add(method, f"{ratio:g} (floor {floor:.3f}: rank 1)", form, rank=1)
-                else:
+                if ratio >= floor:
                     add(method, f"{ratio:g}", form, target_macs=target)
+                elif ratio == below[0]:  # once for all the ratios below the floor
+                    add(method, f"{'/'.join(f'{r:g}' for r in below)} (floor {floor:.3f}: rank 1)", form, rank=1)
     if args.latency_ratios or args.speedups:
         if measured_latency():
             method = "calibrated" if has_calib and "calibrated" in methods else "weight"
