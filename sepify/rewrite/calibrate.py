@@ -35,6 +35,7 @@ Passes (``F`` = fit samples, ``L`` = rewritten layers):
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -675,9 +676,15 @@ class Calibrator:
                 t_rows = cached.pop(c.node.name, None)
                 orig = None if t_rows is not None else session(prefix(self.model, [layer.input]), self.threads)
                 xv = frontier.compute(working, layer.input) if frontier is not None else None
-                stats = collect_paired(orig, working, layer, self.data.fit, rows=self.rows, seed=self.seed,
-                                       threads=self.threads, known=self.same.get(c.node.name), t_rows=t_rows,
-                                       x_values=xv)
+                # with both inputs in memory no onnxruntime session runs while the moments are
+                # accumulated: numpy may use every core then (BLAS threads are otherwise kept at one)
+                from threadpoolctl import threadpool_limits
+
+                with threadpool_limits(limits=(os.cpu_count() or 1) if (xv is not None and t_rows is not None) else 1,
+                                       user_api="blas"):
+                    stats = collect_paired(orig, working, layer, self.data.fit, rows=self.rows, seed=self.seed,
+                                           threads=self.threads, known=self.same.get(c.node.name), t_rows=t_rows,
+                                           x_values=xv)
                 self.passes["phase2"] += 1
                 self._time("statistics", t0)
             t0 = time.perf_counter()
