@@ -986,6 +986,16 @@ def markdown(res: dict, args) -> str:
     return "\n".join(lines)
 
 
+def broad_captcha(model: str | None, cache_dir: str | None, n_calib: int, n_test: int):
+    """The default broad captcha task with its calibration (seed 1) and test (seed 2) sets, for
+    the other benchmarks: (task, x_cal, x_test, y_test)."""
+    task = CaptchaTask(find_ddddocr_file(model, "common.onnx"), BROAD_ALPHABET, [4, 5, 6], 320, "upper", "captcha")
+    cache = Cache(Path(cache_dir) if cache_dir else None)
+    x_cal, _, _ = dataset(task, cache, n_calib, 1)
+    x_test, y_test, _ = dataset(task, cache, n_test, 2)
+    return task, x_cal, x_test, y_test
+
+
 def make_task(name: str, args):
     if name == "captcha":
         return CaptchaTask(find_ddddocr_file(args.model, "common.onnx"), args.alphabet or BROAD_ALPHABET,

@@ -49,11 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    task = B.CaptchaTask(B.find_ddddocr_file(args.model, "common.onnx"), B.BROAD_ALPHABET, [4, 5, 6], 320, "upper",
-                         "captcha")
-    cache = B.Cache(Path(args.cache_dir) if args.cache_dir else None)
-    x_cal, _, _ = B.dataset(task, cache, args.n_calib, 1)
-    x_test, y_test, _ = B.dataset(task, cache, args.n_test, 2)
+    task, x_cal, x_test, y_test = B.broad_captcha(args.model, args.cache_dir, args.n_calib, args.n_test)
     before = sepify.analyze(str(task.model), dims=task.dims).to_dict()
     total, conv = before["totals"]["macs"], B.conv_macs(before)
     ref = task.predict(B.session(task.model, 1), x_test)
