@@ -784,6 +784,7 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
             samples = calibrator.data.holdout if len(calibrator.data.holdout) >= 4 else calibrator.data.fit
             samples = list(samples)[:opts.sensitivity_samples]
             got = sens.measure(calibrator.model, candidates, calibrator.phase1(candidates), curves, samples,
+                               ranks=sens.DEFAULT_RANKS,
                                distortion=opts.distortion, threads=opts.threads, progress=calibrator.progress)
             kinds = got.pop("__kinds__", {})
             sens_notes = got.pop("__notes__", [])
