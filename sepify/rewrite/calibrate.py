@@ -42,7 +42,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from ..errors import ModelError
+from ..errors import ModelError, UsageError
 from ..model.graph import outer_inputs
 from ..model.symdims import window
 
@@ -52,7 +52,36 @@ DEFAULT_ROWS = 16384
 
 
 # --- onnxruntime -----------------------------------------------------------------------------
-def session(model: onnx.ModelProto, threads: int | None = None):
+DEFAULT_CACHE_MB = 2048
+"""Memory for cached activations, MiB (``--calib-cache-mb``; see :class:`Budget`)."""
+
+
+def providers_for(names: Sequence[str] | None) -> list[str]:
+    """onnxruntime execution providers from ``--providers`` names (``CUDA``, ``CPU``, or the full
+    ``CUDAExecutionProvider``; case-insensitive), in the given order; None or empty: CPU.
+    A provider this onnxruntime build lacks is a :class:`~sepify.errors.UsageError` (one line,
+    naming the available ones)."""
+    if not names:
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    by_key = {p.lower(): p for p in available}
+    by_key.update({p[:-len("ExecutionProvider")].lower(): p for p in available if p.endswith("ExecutionProvider")})
+    out = []
+    for name in names:
+        key = str(name).strip().lower()
+        if key not in by_key:
+            raise UsageError(f"--providers: {str(name).strip()!r} is not available in this onnxruntime "
+                             f"({ort.__version__}); available: {', '.join(available)}")
+        if by_key[key] not in out:
+            out.append(by_key[key])
+    return out
+
+
+def session(model: onnx.ModelProto, threads: int | None = None, providers: Sequence[str] | None = None):
+    """An onnxruntime session of ``model`` for calibration (log silenced, no spinning;
+    ``providers``: full onnxruntime names, default CPU)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -62,7 +91,7 @@ def session(model: onnx.ModelProto, threads: int | None = None):
     if threads:
         so.intra_op_num_threads = int(threads)
     try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ModelError(f"onnxruntime cannot load the model for calibration: {str(e).splitlines()[0][:300]}") from None
 
@@ -74,20 +103,31 @@ def run(sess, names: list[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarr
         raise ModelError(f"onnxruntime failed on a calibration sample: {str(e).splitlines()[0][:300]}") from None
 
 
-def prefix(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` computing only ``outputs``: the nodes they need (subgraph reads
-    included), their initializers, every graph input kept (feeds stay valid)."""
-    g = model.graph
-    producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+def needed_nodes(graph: onnx.GraphProto, outputs: Iterable[str], given: Iterable[str] = ()) -> set[int]:
+    """Indices of the nodes computing ``outputs`` (subgraph reads included), not looking past
+    the tensors in ``given`` (fed instead)."""
+    given = set(given)
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     need: set[int] = set()
-    stack = [producer[o] for o in outputs if o in producer]
+    stack = [producer[o] for o in outputs if o in producer and o not in given]
     while stack:
         i = stack.pop()
         if i in need:
             continue
         need.add(i)
-        n = g.node[i]
-        stack.extend(producer[t] for t in list(n.input) + outer_inputs(n) if t in producer)
+        n = graph.node[i]
+        stack.extend(producer[t] for t in list(n.input) + outer_inputs(n) if t in producer and t not in given)
+    return need
+
+
+def prefix(model: onnx.ModelProto, outputs: Sequence[str], given: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` computing only ``outputs``: the nodes they need (subgraph reads
+    included), their initializers, every graph input kept (feeds stay valid). ``given``:
+    tensors fed instead of computed ({name: an example value}, for its type): the cut stops
+    there and the ones it reads become extra graph inputs (the incremental runs of phase 2)."""
+    given = dict(given or {})
+    g = model.graph
+    need = needed_nodes(g, outputs, given)
     used = {t for i in need for t in list(g.node[i].input) + outer_inputs(g.node[i])} | set(outputs)
     out = onnx.ModelProto()
     for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
@@ -97,6 +137,10 @@ def prefix(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
     ng = out.graph
     ng.name = g.name
     ng.input.extend(g.input)
+    for name, value in given.items():
+        if name in used:
+            ng.input.append(onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(np.asarray(value).dtype), list(np.shape(value))))
     ng.node.extend(g.node[i] for i in sorted(need))
     ng.initializer.extend(t for t in g.initializer if t.name in used)
     ng.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in used)
@@ -275,22 +319,99 @@ class _Rows:
         return LayerStats(self.n, self.sum_x, k.sum_x, self.xx, self.tx, k.xx)
 
 
-def collect_same(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[Mapping], *, rows: int = DEFAULT_ROWS,
-                 seed: int = 0, threads: int | None = None) -> dict[str, object]:
-    """Phase 1: per layer, LayerStats of its input on the ORIGINAL model (x~ == x), one pass."""
+class Budget:
+    """Bytes of activations calibration may hold between passes (``--calib-cache-mb``): the
+    original model's inputs of the layers phase 2 will fit, and the working model's tensors at
+    the frontier of what phase 2 has computed (:class:`Frontier`). ``take`` reserves or refuses,
+    ``give`` returns; ``peak`` is the most ever held."""
+
+    def __init__(self, mb: float = DEFAULT_CACHE_MB):
+        self.limit = max(0, int(float(mb) * (1 << 20)))
+        self.used = 0
+        self.peak = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def give(self, nbytes: int) -> None:
+        self.used = max(0, self.used - nbytes)
+
+
+@dataclass
+class Kept:
+    """The original model's input of one layer on every fit sample, held for phase 2: the
+    sampled patch rows (``kind="rows"``), or the whole input tensor when that is smaller
+    (``"map"``: a deep layer's small map read at many positions); the patches gathered from
+    either are the same."""
+
+    kind: str
+    items: list
+    nbytes: int
+
+    def rows(self, layer: Layer, sample: int, seed: int, per: int) -> np.ndarray:
+        item = self.items[sample]
+        if self.kind == "rows":
+            return item
+        flat, geo = _sample_rows(layer, item, seed, sample, per)
+        return gather_patches(item, geo, flat)
+
+
+def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[Mapping], *, rows: int = DEFAULT_ROWS,
+                  seed: int = 0, threads: int | None = None, providers=None, stats=True,
+                  keep: dict | None = None, budget: Budget | None = None, hold=None) -> dict[str, object]:
+    """One pass of the ORIGINAL model over ``samples`` for ``layers``: the LayerStats of those
+    named in ``stats`` (True: all; x~ == x) and, into ``keep``, the inputs of those named in
+    ``hold`` (None: all) for phase 2 (:class:`Kept`) as far as ``budget`` allows, deepest layers
+    first (the longest prefixes to re-run otherwise); sizes are those of the first sample. A
+    pass with no statistics to collect stops after one sample when nothing fits."""
+    stats = {layer.name for layer in layers} if stats is True else set(stats or ())
+    hold = {layer.name for layer in layers} if hold is None else set(hold)
     names = list(dict.fromkeys(layer.input for layer in layers))
-    sess = session(prefix(model, names), threads)
+    sess = session(prefix(model, names), threads, providers)
     acc: dict[str, _Rows] = {}
     per = _rows_per_sample(rows, len(samples))
+    keeping: dict[str, Kept] = {}
     for s, feed in enumerate(samples):
         got = dict(zip(names, run(sess, names, feed)))
+        gathered = {}
         for layer in layers:
             x = got[layer.input]
             flat, geo = _sample_rows(layer, x, seed, s, per)
-            if layer.name not in acc:
-                acc[layer.name] = _Rows(geo, x.shape[1], paired=False)
-            acc[layer.name].add(gather_patches(x, geo, flat))
+            p = gather_patches(x, geo, flat)
+            gathered[layer.name] = (x, p)
+            if layer.name in stats:
+                if layer.name not in acc:
+                    acc[layer.name] = _Rows(geo, x.shape[1], paired=False)
+                acc[layer.name].add(p)
+        if s == 0 and keep is not None and budget is not None:
+            for layer in reversed(layers):
+                if layer.name in keep or layer.name not in hold:
+                    continue
+                x, p = gathered[layer.name]
+                kind, size = ("rows", p.nbytes) if p.nbytes <= x.nbytes else ("map", x.nbytes)
+                if budget.take(size * len(samples)):
+                    keeping[layer.name] = Kept(kind, [], size * len(samples))
+            if not stats and not keeping:
+                break
+        for name, k in keeping.items():
+            x, p = gathered[name]
+            k.items.append(p if k.kind == "rows" else x)
+    if keep is not None:
+        keep.update(keeping)
     return {k: a.result() for k, a in acc.items()}
+
+
+def collect_same(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[Mapping], *, rows: int = DEFAULT_ROWS,
+                 seed: int = 0, threads: int | None = None, providers=None, keep: dict | None = None,
+                 budget: Budget | None = None) -> dict[str, object]:
+    """Phase 1: per layer, LayerStats of its input on the ORIGINAL model (x~ == x), one pass
+    (and, with ``keep`` / ``budget``, the inputs phase 2 will need: :func:`original_pass`)."""
+    return original_pass(model, layers, samples, rows=rows, seed=seed, threads=threads, providers=providers,
+                         keep=keep, budget=budget)
 
 
 def collect_paired(original_sess, working: onnx.ModelProto, layer: Layer, samples: Sequence[Mapping], *,
@@ -309,6 +430,92 @@ def collect_paired(original_sess, working: onnx.ModelProto, layer: Layer, sample
             acc = _Rows(geo, t.shape[1], paired=True, known=known)
         acc.add(gather_patches(x, geo, flat), gather_patches(t, geo, flat))
     return acc.result()
+
+
+class Frontier:
+    """Phase 2's incremental runs of the WORKING model (module docstring, "Phase 2").
+
+    Wave ``w`` needs the working model's inputs of its layers. Every tensor held here was
+    computed, in an earlier wave, by the working model of that wave; being an ancestor of that
+    wave's layers, no layer rewritten since is upstream of it (the layers go in topological
+    order), so it is still what the current working model computes. A wave therefore runs only
+    the nodes between the held tensors (fed as inputs) and its layers' inputs. After it, the
+    tensors worth holding are the *cut* ``L_w``: produced by an ancestor of waves <= w's layers
+    and read by a node that later waves need and that is not such an ancestor; they are kept as
+    far as the :class:`Budget` allows (first sample's sizes), the rest dropped. Anything not held
+    is recomputed from what is (at worst from the graph inputs: the full prefix), so the bound
+    changes the time, never the result."""
+
+    def __init__(self, budget: Budget, n_samples: int, threads=None, providers=None):
+        self.budget, self.n, self.threads, self.providers = budget, n_samples, threads, providers
+        self.values: dict[str, list] = {}
+        self.sizes: dict[str, int] = {}
+        self.nodes_run = 0  # nodes run over all waves (per sample)
+        self.nodes_full = 0  # ... what full prefixes would have run
+        self.waves_incremental = 0
+
+    def _drop(self, name: str) -> None:
+        self.values.pop(name, None)
+        self.budget.give(self.sizes.pop(name, 0))
+
+    def begin(self, working: onnx.ModelProto, targets: list[str], done_targets: list[str], later_targets: list[str]):
+        """Prepare wave runs of ``working`` for ``targets``; ``done_targets``: the layer inputs of
+        this and earlier waves, ``later_targets``: those of later waves."""
+        g = working.graph
+        graph_inputs = {i.name for i in g.input} | {t.name for t in g.initializer}
+        anc = needed_nodes(g, done_targets)
+        fut = needed_nodes(g, later_targets) - anc
+        produced = {o for i in anc for o in g.node[i].output if o}
+        cut = set()
+        for i in fut:
+            n = g.node[i]
+            cut.update(t for t in list(n.input) + outer_inputs(n) if t in produced and t not in graph_inputs)
+        cut.update(t for t in later_targets if t in produced)
+        self.cut = cut
+        self.targets = list(dict.fromkeys(targets))
+        fetch = [t for t in self.targets if t not in self.values and t not in graph_inputs]
+        sub = needed_nodes(g, fetch, self.values)
+        reads = {x for i in sub for x in list(g.node[i].input) + outer_inputs(g.node[i])}
+        self.given = [t for t in self.values if t in reads]
+        for name in [t for t in self.values if t not in cut and t not in self.given and t not in self.targets]:
+            self._drop(name)
+        outs = {o for i in sub for o in g.node[i].output if o}
+        self.new = [t for t in sorted(cut) if t in outs and t not in self.values]
+        self.fetch = fetch + [t for t in self.new if t not in fetch]
+        full = len(needed_nodes(g, self.targets))
+        self.nodes_run += len(sub)
+        self.nodes_full += full
+        if len(sub) < full:
+            self.waves_incremental += 1
+        self.sess = None
+        if self.fetch:
+            model = prefix(working, self.fetch, {t: self.values[t][0] for t in self.given})
+            self.sess = session(model, self.threads, self.providers)
+            self.feed_names = {i.name for i in model.graph.input}
+        self.keeping: list[str] = []
+
+    def run(self, sample: int, feed: Mapping) -> dict[str, np.ndarray]:
+        """The working model's ``targets`` on one fit sample (in order: sample 0 first)."""
+        got = {}
+        if self.sess is not None:
+            inputs = {k: v for k, v in feed.items() if k in self.feed_names}
+            inputs.update((t, self.values[t][sample]) for t in self.given)
+            got = dict(zip(self.fetch, run(self.sess, self.fetch, inputs)))
+        if sample == 0:
+            for t in self.new:
+                size = int(got[t].nbytes) * self.n
+                if self.budget.take(size):
+                    self.keeping.append(t)
+                    self.sizes[t] = size
+                    self.values[t] = []
+        for t in self.keeping:
+            self.values[t].append(got[t])
+        return {t: got[t] if t in got else (feed[t] if t in feed else self.values[t][sample]) for t in self.targets}
+
+    def end(self) -> None:
+        """After the wave's last sample: drop what later waves do not read."""
+        for name in [t for t in self.values if t not in self.cut]:
+            self._drop(name)
 
 
 # --- the working model -----------------------------------------------------------------------
@@ -352,14 +559,15 @@ def splice(model: onnx.ModelProto, layer: Layer, orientation: str, first: np.nda
 
 # --- measurement -----------------------------------------------------------------------------
 def measure_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, tensors: list[str],
-                    samples: Sequence[Mapping], threads: int | None = None) -> dict[str, float]:
+                    samples: Sequence[Mapping], threads: int | None = None, providers=None) -> dict[str, float]:
     """Relative output error per tensor on ``samples``:
     ``sqrt(sum ||y~ - y||^2 / sum ||y - mean_c(y)||^2)`` with the per-channel mean over all
     samples and positions (the same normalisation as the predicted error: the fraction of the
     original output's variance that the rewrite gets wrong)."""
     if not samples or not tensors:
         return {}
-    s1, s2 = session(prefix(original, tensors), threads), session(prefix(rewritten, tensors), threads)
+    s1, s2 = (session(prefix(original, tensors), threads, providers),
+              session(prefix(rewritten, tensors), threads, providers))
     num = dict.fromkeys(tensors, 0.0)
     sy: dict[str, np.ndarray] = {}
     syy = dict.fromkeys(tensors, 0.0)
@@ -420,16 +628,23 @@ class Calibrator:
     """Statistics, fits and measurements of one calibrated rewrite (see the module docstring).
 
     ``model``: the prepared model with its weights in memory (a private copy: it is never
-    written); ``data``: the validated :class:`~sepify.rewrite.data.CalibrationSet`."""
+    written); ``data``: the validated :class:`~sepify.rewrite.data.CalibrationSet`;
+    ``cache_mb``: the :class:`Budget` of held activations; ``providers``: onnxruntime
+    execution providers of every calibration session (full names, :func:`providers_for`)."""
 
     def __init__(self, model: onnx.ModelProto, data, *, rows: int = DEFAULT_ROWS, seed: int = 0,
-                 method: str = "als", sequential: bool = True, threads: int | None = None, progress=None):
+                 method: str = "als", sequential: bool = True, threads: int | None = None, progress=None,
+                 cache_mb: float = DEFAULT_CACHE_MB, providers: Sequence[str] | None = None):
         self.model, self.data = model, data
         self.progress = progress or (lambda message: None)  # one line per step, e.g. to stderr
         self.rows, self.seed, self.method, self.sequential, self.threads = rows, seed, method, sequential, threads
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.budget = Budget(cache_mb)
         self.seconds: dict[str, float] = {}
         self.passes: dict[str, int] = {"phase1": 0, "phase2": 0, "holdout": 0}
         self.same: dict[str, object] = {}
+        self.kept: dict[str, Kept] = {}  # original inputs held for phase 2
+        self.cache: dict[str, object] = {}
 
     def _time(self, key: str, t0: float) -> None:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
@@ -439,21 +654,28 @@ class Calibrator:
         out = c.bn.output[0] if c.bn is not None else c.node.output[0]
         return Layer(c.node.name, c.node.input[0], out, c.node, tuple(c.weight.shape), int(c.index))
 
-    def phase1(self, cands: list) -> dict[str, object]:
-        """LayerStats (x~ == x) of ``cands`` from one pass over the fit samples."""
+    def _free(self, name: str) -> None:
+        k = self.kept.pop(name, None)
+        if k is not None:
+            self.budget.give(k.nbytes)
+
+    def phase1(self, cands: list, keep: bool = False) -> dict[str, object]:
+        """LayerStats (x~ == x) of ``cands`` from one pass over the fit samples; ``keep``: also
+        hold their original inputs for phase 2 (within the budget)."""
         todo = [c for c in cands if c.node.name not in self.same]
         if todo:
             t0 = time.perf_counter()
             self.progress(f"calibration: input statistics of {len(todo)} conv(s) on {len(self.data.fit)} samples")
             self.same.update(collect_same(self.model, [self.layer(c) for c in todo], self.data.fit, rows=self.rows,
-                                          seed=self.seed, threads=self.threads))
+                                          seed=self.seed, threads=self.threads, providers=self.providers,
+                                          keep=self.kept if keep and self.sequential else None, budget=self.budget))
             self.passes["phase1"] += 1
-            self._time("statistics", t0)
+            self._time("phase 1 statistics", t0)
         return {c.node.name: self.same[c.node.name] for c in cands}
 
     def curves(self, cands: list) -> dict[str, dict[str, np.ndarray]]:
         """Per candidate and orientation: predicted relative output error at ranks 1..max."""
-        stats = self.phase1(cands)
+        stats = self.phase1(cands, keep=True)
         t0 = time.perf_counter()
         out = {c.node.name: {o: layer_curve(c, o, stats[c.node.name]) for o in c.spectra} for c in cands}
         self._time("error curves", t0)
@@ -462,43 +684,108 @@ class Calibrator:
     def fit(self, chosen: list) -> dict[str, tuple]:
         """``chosen``: [(candidate, orientation, rank)] in topological order. Returns
         {name: (first, second, bias, predicted relative output error)}; with ``sequential``
-        each layer is fitted on the inputs the already-rewritten model feeds it."""
+        each layer is fitted on the inputs the already-rewritten model feeds it.
+
+        The layers go in *waves*: a layer with no rewritten layer upstream is wave 0 (its
+        phase-1 statistics are all it needs), any other one wave 1 + the largest wave upstream
+        of it. A wave's layers do not depend on each other's rewrite, so one pass of the working
+        model (with every earlier wave spliced in) collects all their statistics; the result is
+        the same as fitting them one by one in topological order."""
         out: dict[str, tuple] = {}
         if not chosen:
             return out
-        working = None
+        index = {c.node.name: i for i, (c, _, _) in enumerate(chosen)}
         done: set[str] = set()
         upstream: dict[str, set[str]] = {}
         for c, _, _ in chosen:  # the rewritten layers each one depends on
             upstream[c.node.name] = (_ancestors(self.model, c.node.input[0]) & done) if self.sequential else set()
             done.add(c.node.name)
-        self.phase1([c for c, _, _ in chosen if not upstream[c.node.name]])  # one pass for all of them
-        done = set()
-        for i, (c, o, r) in enumerate(chosen):
-            layer = self.layer(c)
-            self.progress(f"calibration: fitting {c.node.name} ({i + 1}/{len(chosen)}, {o} rank {r})")
-            if not upstream[c.node.name]:
-                stats = self.phase1([c])[c.node.name]
+        wave: dict[str, int] = {}
+        for c, _, _ in chosen:
+            wave[c.node.name] = 1 + max((wave[u] for u in upstream[c.node.name]), default=-1)
+        waves = [[x for x in chosen if wave[x[0].node.name] == w] for w in range(max(wave.values()) + 1)]
+        paired = {c.node.name for group in waves[1:] for c, _, _ in group}
+        for name in [n for n in self.kept if n not in paired]:
+            self._free(name)
+        todo = [self.layer(c) for c, _, _ in waves[0] if c.node.name not in self.same]
+        missing = [self.layer(c) for group in waves[1:] for c, _, _ in group if c.node.name not in self.kept]
+        if todo or missing:  # one pass of the original model: wave 0's statistics, phase 2's original inputs
+            t0 = time.perf_counter()
+            if todo:
+                self.progress(f"calibration: input statistics of {len(todo)} conv(s) on {len(self.data.fit)} samples")
+            self.same.update(original_pass(self.model, todo + missing, self.data.fit, rows=self.rows, seed=self.seed,
+                                           threads=self.threads, providers=self.providers, stats=[x.name for x in todo],
+                                           keep=self.kept, budget=self.budget, hold=[x.name for x in missing]))
+            self.passes["phase1" if todo else "original"] = self.passes.get("phase1" if todo else "original", 0) + 1
+            self._time("phase 1 statistics", t0)
+        kept = sorted(self.kept)
+        working = None
+        if len(waves) > 1:
+            working = onnx.ModelProto()
+            working.CopyFrom(self.model)
+        frontier = Frontier(self.budget, len(self.data.fit), self.threads, self.providers)
+        reruns = 0
+        for w, group in enumerate(waves):
+            stats = {}
+            if w == 0:
+                stats = {c.node.name: self.phase1([c])[c.node.name] for c, _, _ in group}
             else:
                 t0 = time.perf_counter()
-                orig = session(prefix(self.model, [layer.input]), self.threads)
-                stats = collect_paired(orig, working, layer, self.data.fit, rows=self.rows, seed=self.seed,
-                                       threads=self.threads, known=self.same.get(c.node.name))
+                self.progress(f"calibration: statistics of {len(group)} conv(s) on the rewritten model "
+                              f"(wave {w}/{len(waves) - 1})")
+                layers = [self.layer(c) for c, _, _ in group]
+                reruns += sum(1 for layer in layers if layer.name not in self.kept)
+                later = [x[0].node.input[0] for g in waves[w + 1:] for x in g]
+                upto = [x[0].node.input[0] for g in waves[1:w + 1] for x in g]
+                stats = self._paired(working, layers, frontier, upto, later)
                 self.passes["phase2"] += 1
-                self._time("statistics", t0)
-            t0 = time.perf_counter()
-            first, second, bias, pred = layer_fit(c, o, r, stats, self.method)
-            self._time("fits", t0)
-            out[c.node.name] = (first, second, bias, float(pred))
-            self.same.pop(c.node.name, None)  # its statistics are not needed again: free them
-            if self.sequential:
-                if working is None:
-                    working = onnx.ModelProto()
-                    working.CopyFrom(self.model)
-                splice(working, layer, o, first, second, bias, drop=[c.bn.name] if c.bn is not None else [])
-            done.add(c.node.name)
+                self._time("phase 2 statistics", t0)
+            for c, o, r in group:
+                layer = self.layer(c)
+                self.progress(f"calibration: fitting {c.node.name} ({index[c.node.name] + 1}/{len(chosen)}, {o} rank {r})")
+                t0 = time.perf_counter()
+                first, second, bias, pred = layer_fit(c, o, r, stats.pop(c.node.name), self.method)
+                self._time("fits", t0)
+                out[c.node.name] = (first, second, bias, float(pred))
+                self.same.pop(c.node.name, None)  # its statistics are not needed again: free them
+                if working is not None:
+                    splice(working, layer, o, first, second, bias, drop=[c.bn.name] if c.bn is not None else [])
+        for name in list(self.kept):
+            self._free(name)
+        for name in list(frontier.values):
+            frontier._drop(name)
         self.same.clear()
+        self.cache = {"limit_mb": round(self.budget.limit / (1 << 20), 1), "peak_mb": round(self.budget.peak / (1 << 20), 1),
+                      "waves": len(waves) - 1, "original_inputs_held": len(kept), "original_inputs_rerun": reruns,
+                      "incremental_waves": frontier.waves_incremental,
+                      "working_nodes_run": frontier.nodes_run, "working_nodes_full_prefix": frontier.nodes_full}
         return out
+
+    def _paired(self, working, layers: list[Layer], frontier: Frontier, upto: list[str], later: list[str]) -> dict:
+        """Phase-2 statistics of one wave's ``layers``: x~ from the working model's incremental
+        run, x from the held original inputs (or one original prefix for those not held)."""
+        targets = list(dict.fromkeys(layer.input for layer in layers))
+        frontier.begin(working, targets, upto, later)
+        rerun = [layer for layer in layers if layer.name not in self.kept]
+        names = list(dict.fromkeys(layer.input for layer in rerun))
+        orig = session(prefix(self.model, names), self.threads, self.providers) if rerun else None
+        per = _rows_per_sample(self.rows, len(self.data.fit))
+        acc: dict[str, _Rows] = {}
+        for s, feed in enumerate(self.data.fit):
+            xs = frontier.run(s, feed)
+            ts = dict(zip(names, run(orig, names, feed))) if orig is not None else {}
+            for layer in layers:
+                x = xs[layer.input]
+                flat, geo = _sample_rows(layer, x, self.seed, s, per)
+                k = self.kept.get(layer.name)
+                t_rows = k.rows(layer, s, self.seed, per) if k is not None else gather_patches(ts[layer.input], geo, flat)
+                if layer.name not in acc:
+                    acc[layer.name] = _Rows(geo, x.shape[1], paired=True, known=self.same.get(layer.name))
+                acc[layer.name].add(gather_patches(x, geo, flat), t_rows)
+        frontier.end()
+        for layer in layers:
+            self._free(layer.name)
+        return {name: a.result() for name, a in acc.items()}
 
     def measure(self, rewritten: onnx.ModelProto, tensors: list[str]) -> dict[str, float]:
         """Measured relative output error per tensor on the holdout samples."""
@@ -506,7 +793,7 @@ class Calibrator:
             return {}
         t0 = time.perf_counter()
         self.progress(f"calibration: measuring the rewritten layers on {len(self.data.holdout)} held-out samples")
-        got = measure_outputs(self.model, rewritten, tensors, self.data.holdout, self.threads)
+        got = measure_outputs(self.model, rewritten, tensors, self.data.holdout, self.threads, self.providers)
         self.passes["holdout"] += 1
         self._time("holdout measurement", t0)
         return got
