@@ -103,6 +103,52 @@ def run(sess, names: list[str], feed: Mapping[str, np.ndarray]) -> list[np.ndarr
         raise ModelError(f"onnxruntime failed on a calibration sample: {str(e).splitlines()[0][:300]}") from None
 
 
+def ahead(fn, n: int, depth: int = 2):
+    """``fn(0) .. fn(n - 1)`` in order, computed by a background thread up to ``depth`` ahead of
+    the consumer: onnxruntime releases the GIL while it runs, so a sample's pass overlaps the
+    numpy work (patches, moment GEMMs, single-threaded) on the previous one. An exception in
+    ``fn`` is re-raised here; leaving the loop early stops the thread."""
+    import queue
+    import threading
+
+    if n <= 0:
+        return
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def work():
+        try:
+            for i in range(n):
+                if stop.is_set():
+                    return
+                item = (True, fn(i))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=work, name="sepify-calibration-pass", daemon=True)
+    thread.start()
+    try:
+        for _ in range(n):
+            ok, value = q.get()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
 def needed_nodes(graph: onnx.GraphProto, outputs: Iterable[str], given: Iterable[str] = ()) -> set[int]:
     """Indices of the nodes computing ``outputs`` (subgraph reads included), not looking past
     the tensors in ``given`` (fed instead)."""
@@ -226,12 +272,6 @@ def positions(rng_key: tuple, total: int, count: int) -> np.ndarray:
 
 
 # --- accumulation ----------------------------------------------------------------------------
-def _empty_stats(geo: ConvGeometry, channels: int, paired: bool):
-    from .factorize import LayerStats
-
-    return LayerStats.zeros(geo.group, (channels // geo.group) * math.prod(geo.kernel), same=not paired)
-
-
 @dataclass
 class Layer:
     """What calibration needs of a candidate Conv."""
@@ -257,11 +297,30 @@ def _sample_rows(layer: Layer, arr: np.ndarray, seed: int, sample: int, per_samp
 _BATCH_ROWS = 2048
 
 
+def _gram(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``a^T a`` (float32 SYRK, numpy's ``a.T @ a`` of one buffer) or ``b^T a`` per group of
+    (g, rows, d) float32 arrays, returned in float64."""
+    out = np.empty((a.shape[0], a.shape[2], a.shape[2]))
+    for j in range(a.shape[0]):
+        out[j] = (a[j].T @ a[j]) if b is None else (b[j].T @ a[j])
+    return out
+
+
 class _Rows:
-    """Patch rows of one layer, buffered and folded into its LayerStats ``_BATCH_ROWS`` at a
-    time: one GEMM per batch instead of one per sample (a sample gives ~100 rows, and
-    accumulating them alone rewrites the whole d x d moment matrices every sample: measured,
-    the statistics took most of a calibrated ResNet-50 rewrite that way).
+    """Patch rows of one layer, buffered and folded into its moments ``_BATCH_ROWS`` at a time:
+    one GEMM per batch instead of one per sample (a sample gives ~100 rows, and accumulating
+    them alone rewrites the whole d x d moment matrices every sample: measured, the statistics
+    took most of a calibrated ResNet-50 rewrite that way).
+
+    The products are float32 GEMMs of *shifted* rows ``c = x - r`` (``r``: the first batch's
+    mean, rounded to float32; the shift is computed in float64), summed over batches in float64,
+    and the raw moments restored exactly at the end:
+    ``sum x x^T = sum c c^T + (sum c) r^T + r (sum c)^T + n r r^T``. The shift keeps the float32
+    products at the scale of the spread, not of the mean (no cancellation for inputs far from
+    zero), so each batch's product has float32 rounding relative to the covariance; measured
+    on a trained ResNet-50 layer (d = 1152, 16,400 rows): covariance within 3e-7 (relative,
+    Frobenius) of the float64 products, the fitted output error within 4e-8, at 2.7x their
+    speed.
 
     ``known``: the layer's phase-1 statistics (the original model's input at the same samples
     and positions), whose ``sum_x`` / ``xx`` ARE the paired statistics' ``sum_t`` / ``tt``: only
@@ -274,11 +333,13 @@ class _Rows:
         self.xs: list[np.ndarray] = []
         self.ts: list[np.ndarray] = []
         self.count = 0
-        if paired and known is not None:
-            g, d = self.group, self.size
-            self.n, self.sum_x, self.xx, self.tx = 0, np.zeros((g, d)), np.zeros((g, d, d)), np.zeros((g, d, d))
-        else:
-            self.stats = _empty_stats(geo, channels, paired)
+        self.n = 0
+        g, d = self.group, self.size
+        self.ref_x = self.ref_t = None
+        self.cx, self.cxx = np.zeros((g, d)), np.zeros((g, d, d))  # shifted sums of x~
+        if paired:
+            self.ct, self.ctx = np.zeros((g, d)), np.zeros((g, d, d))
+            self.ctt = np.zeros((g, d, d)) if known is None else None
 
     def add(self, x_rows: np.ndarray, t_rows: np.ndarray | None = None) -> None:
         self.xs.append(x_rows)
@@ -288,35 +349,55 @@ class _Rows:
         if self.count >= _BATCH_ROWS:
             self.flush()
 
+    @staticmethod
+    def _shifted(rows: list[np.ndarray], ref):
+        a = np.concatenate(rows).astype(np.float64).transpose(1, 0, 2)  # (g, rows, d)
+        if not np.all(np.isfinite(a)):
+            raise ModelError("a calibration sample makes a layer input NaN or infinite")
+        if ref is None:
+            ref = a.mean(axis=1).astype(np.float32).astype(np.float64)
+        c = a - ref[:, None, :]
+        return np.ascontiguousarray(c, dtype=np.float32), c.sum(axis=1), ref
+
     def flush(self) -> None:
         if not self.xs:
             return
-        x = np.concatenate(self.xs)
-        t = np.concatenate(self.ts) if self.ts else None
+        xc, sx, self.ref_x = self._shifted(self.xs, self.ref_x)
+        self.n += xc.shape[1]
+        self.cx += sx
+        self.cxx += _gram(xc)
+        if self.paired:
+            tc, st, self.ref_t = self._shifted(self.ts, self.ref_t)
+            self.ct += st
+            self.ctx += _gram(xc, tc)
+            if self.ctt is not None:
+                self.ctt += _gram(tc)
         self.xs, self.ts, self.count = [], [], 0
-        if not (self.paired and self.known is not None):
-            self.stats.accumulate(x, t)
-            return
-        for a in (x, t):
-            if not np.all(np.isfinite(a)):
-                raise ModelError("a calibration sample makes a layer input NaN or infinite")
-        xc = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=np.float64)  # (g, rows, d)
-        tc = np.ascontiguousarray(t.transpose(1, 0, 2), dtype=np.float64)
-        self.n += x.shape[0]
-        self.sum_x += xc.sum(axis=1)
-        self.xx += np.matmul(xc.transpose(0, 2, 1), xc)
-        self.tx += np.matmul(tc.transpose(0, 2, 1), xc)
 
     def result(self):
         self.flush()
-        if not (self.paired and self.known is not None):
-            return self.stats
         from .factorize import LayerStats
 
+        n = self.n
+
+        def raw(sa, ra, m, sb=None, rb=None):  # sum a b^T from the shifted sums (b = a: sb None)
+            sb, rb = (sa, ra) if sb is None else (sb, rb)
+            return (m + sb[:, :, None] * ra[:, None, :] + rb[:, :, None] * sa[:, None, :]
+                    + n * rb[:, :, None] * ra[:, None, :])
+
+        if n == 0:  # pragma: no cover - every layer gets rows
+            raise RuntimeError("no calibration rows")
+        sum_x = self.cx + n * self.ref_x
+        xx = raw(self.cx, self.ref_x, self.cxx)
+        if not self.paired:
+            return LayerStats.from_same(n, sum_x, xx)
+        tx = raw(self.cx, self.ref_x, self.ctx, self.ct, self.ref_t)
         k = self.known
-        if k.n != self.n:  # pragma: no cover - the same samples and positions by construction
-            raise RuntimeError(f"phase-1 and phase-2 row counts differ ({k.n} != {self.n})")
-        return LayerStats(self.n, self.sum_x, k.sum_x, self.xx, self.tx, k.xx)
+        if k is None:
+            return LayerStats(n, sum_x, self.ct + n * self.ref_t, xx, tx, raw(self.ct, self.ref_t, self.ctt))
+        if k.n != n:  # pragma: no cover - the same samples and positions by construction
+            raise RuntimeError(f"phase-1 and phase-2 row counts differ ({k.n} != {n})")
+        return LayerStats(n, sum_x, k.sum_x, xx, tx, k.xx)
 
 
 class Budget:
@@ -375,8 +456,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
     acc: dict[str, _Rows] = {}
     per = _rows_per_sample(rows, len(samples))
     keeping: dict[str, Kept] = {}
-    for s, feed in enumerate(samples):
-        got = dict(zip(names, run(sess, names, feed)))
+    for s, got in enumerate(ahead(lambda i: dict(zip(names, run(sess, names, samples[i]))), len(samples))):
         gathered = {}
         for layer in layers:
             x = got[layer.input]
@@ -771,9 +851,13 @@ class Calibrator:
         orig = session(prefix(self.model, names), self.threads, self.providers) if rerun else None
         per = _rows_per_sample(self.rows, len(self.data.fit))
         acc: dict[str, _Rows] = {}
-        for s, feed in enumerate(self.data.fit):
-            xs = frontier.run(s, feed)
-            ts = dict(zip(names, run(orig, names, feed))) if orig is not None else {}
+        fit = self.data.fit
+
+        def both(i):
+            xs = frontier.run(i, fit[i])
+            return xs, (dict(zip(names, run(orig, names, fit[i]))) if orig is not None else {})
+
+        for s, (xs, ts) in enumerate(ahead(both, len(fit))):
             for layer in layers:
                 x = xs[layer.input]
                 flat, geo = _sample_rows(layer, x, self.seed, s, per)

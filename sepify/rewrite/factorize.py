@@ -692,13 +692,15 @@ def patches(x, kernel_shape, strides=None, pads=None, dilations=None, group: int
             raise ValueError("positions must be a 1-D integer array")
         if pos.size and (pos.min() < 0 or pos.max() >= total):
             raise ValueError(f"positions must be in [0, {total}) (B * output positions)")
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)]) if any(pads) else x
+    # every (dilated) window as a strided view, then the selected positions' windows copied out:
+    # the same entries as indexing each tap, ~3x faster (one contiguous K-block per channel)
+    span = tuple(dil[i] * (kernel[i] - 1) + 1 for i in range(d))
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)
+              + tuple(slice(None, None, dl) for dl in dil)]  # (B, M, o1..od, k1..kd)
     coords = np.unravel_index(pos, (batch, *out))  # b, o1..od, each (rows,)
-    taps = np.unravel_index(np.arange(math.prod(kernel)), kernel)  # t1..td, each (K,)
-    index = [coords[0][:, None, None], np.arange(m)[None, :, None]]
-    for i in range(d):
-        index.append((coords[i + 1] * strides[i])[:, None, None] + (taps[i] * dil[i])[None, None, :])
-    cols = xp[tuple(index)]  # (rows, M, K)
+    cols = win[(coords[0], slice(None)) + tuple(coords[1:])]  # (rows, M, k1..kd)
     return cols.reshape(pos.size, group, (m // group) * math.prod(kernel))
 
 
