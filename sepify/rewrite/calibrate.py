@@ -835,7 +835,7 @@ class Calibrator:
         for name in list(frontier.values):
             frontier._drop(name)
         self.same.clear()
-        self.cache = {"limit_mb": round(self.budget.limit / (1 << 20), 1), "peak_mb": round(self.budget.peak / (1 << 20), 1),
+        self.cache = {"limit_mb": round(self.budget.limit / (1 << 20), 1), "peak_mb": round(self.budget.peak / (1 << 20), 3),
                       "waves": len(waves) - 1, "original_inputs_held": len(kept), "original_inputs_rerun": reruns,
                       "incremental_waves": frontier.waves_incremental,
                       "working_nodes_run": frontier.nodes_run, "working_nodes_full_prefix": frontier.nodes_full}
