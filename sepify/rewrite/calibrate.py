@@ -22,14 +22,28 @@ not, measured: so the prefix is cut out before the session is made).
 Passes (``F`` = fit samples, ``L`` = rewritten layers):
 
 - phase 1: one pass over the fit samples on the original model, all candidates at once
-  (``x~ == x``);
-- phase 2 (sequential / asymmetric, Zhang et al. 1505.06798): per chosen layer in topological
-  order, the original model's input ``x`` of that layer and the input ``x~`` the working model
-  (earlier layers already rewritten) feeds it, both as prefixes: about ``L`` whole-model passes
-  over the fit samples in total;
+  (``x~ == x``). The same pass keeps, as far as the :class:`Budget` (``--calib-cache-mb``)
+  allows, each candidate's original input for phase 2 (:class:`Kept`: the sampled patch rows,
+  or the input map when smaller), deepest layers first;
+- phase 2 (sequential / asymmetric, Zhang et al. 1505.06798), in *waves*: a chosen layer with no
+  rewritten layer upstream is wave 0 (its phase-1 statistics suffice), any other one wave
+  1 + the largest wave upstream of it. The layers of a wave do not depend on each other's
+  rewrite, so one pass collects all their statistics, with every earlier wave spliced into the
+  working model: the same statistics as one layer at a time in topological order. ``x`` comes
+  from the kept original inputs (an original prefix re-runs only for layers the budget could
+  not keep); ``x~`` from an *incremental* run of the working model (:class:`Frontier`): only
+  the nodes between the tensors held from earlier waves and the wave's layer inputs. A chain
+  like a ResNet thus costs about one working-model pass over the fit samples in total instead
+  of ``L`` prefixes of both models; with a zero budget every pass runs its full prefix, as
+  before (same result);
 - measurement: one pass of the original and one of the rewritten model over the holdout
   samples, comparing every rewritten layer's output tensor (the pair's second Conv keeps the
   original output's name).
+
+Each pass's onnxruntime runs go one sample ahead in a background thread (:func:`ahead`;
+onnxruntime releases the GIL) while numpy gathers the previous sample's patches and folds them
+into the moments (float32 products of shifted rows, summed in float64: :class:`_Rows`).
+Sessions use ``providers`` (``--providers``; default CPU).
 """
 
 from __future__ import annotations
