@@ -876,7 +876,16 @@ def _dw_dstep(prob: _Problem, p: np.ndarray, d: np.ndarray) -> np.ndarray:
         sol = _solve_spd(hessian(0, mg), rhs.reshape(g, mg * r * k, 1))
         return sol.reshape(g, mg, r, k)
     d = d.copy()
-    ac = np.matmul(_dw_kernel(p, d), prob.cp).reshape(g, ng, mg, k)  # A Cp, kept current
+    dd = mg * k
+    # A Cp, kept current. A = P D is block-sparse in D, so for r < K it is cheaper as
+    # P (Ng x Mg r) @ (D Cp) (Mg r x d) than as A (Ng x d) @ Cp (d x d), with
+    # (D Cp)[(m,i), :] = sum_k D[m,i,k] Cp[(m,k), :] (the same sums, in another order)
+    low = r < k
+    cp4 = prob.cp.reshape(g, mg, k, dd)
+    if low:
+        ac = np.matmul(p2, np.matmul(d, cp4).reshape(g, mg * r, dd)).reshape(g, ng, mg, k)
+    else:
+        ac = np.matmul(_dw_kernel(p, d), prob.cp).reshape(g, ng, mg, k)
     for a in range(0, mg, chunk):
         b = min(mg, a + chunk)
         ds = d[:, a:b]
@@ -884,8 +893,12 @@ def _dw_dstep(prob: _Problem, p: np.ndarray, d: np.ndarray) -> np.ndarray:
         grad = np.einsum("jnmi,jnmk->jmik", p[:, :, a:b], ac[:, :, a:b])  # (H D)_S, all channels
         inner = np.matmul(h, ds.reshape(g, -1, 1)).reshape(ds.shape)  # (H_SS D_S)
         new = _solve_spd(h, (rhs[:, a:b] - grad + inner).reshape(g, -1, 1)).reshape(ds.shape)
-        delta = np.einsum("jnmi,jmik->jnmk", p[:, :, a:b], new - ds).reshape(g, ng, -1)
-        ac += np.matmul(delta, prob.cp[:, a * k:b * k, :]).reshape(g, ng, mg, k)
+        if low:  # ac += P_S (Ng x c r) @ ((new - old) Cp rows of S) (c r x d)
+            u = np.matmul(new - ds, cp4[:, a:b]).reshape(g, (b - a) * r, dd)
+            ac += np.matmul(p[:, :, a:b].reshape(g, ng, (b - a) * r), u).reshape(g, ng, mg, k)
+        else:
+            delta = np.einsum("jnmi,jmik->jnmk", p[:, :, a:b], new - ds).reshape(g, ng, -1)
+            ac += np.matmul(delta, prob.cp[:, a * k:b * k, :]).reshape(g, ng, mg, k)
         d[:, a:b] = new
     return d
 
