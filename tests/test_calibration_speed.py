@@ -105,6 +105,20 @@ def assert_stats_close(a: LayerStats, b: LayerStats, rtol=1e-5):
         assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), (f, np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
+def assert_fit_inputs_close(weight, fast, ref: LayerStats, rtol=1e-5):
+    """What the fit reads of two statistics (the moments of x~, W Cov(x, x~), tr(W Cov(x) W^T),
+    W E[x]) agree: ``fast`` may be an OutputStats, ``ref`` the full LayerStats."""
+    from sepify.rewrite.factorize import _problem
+
+    assert fast.n == ref.n
+    pa, _, _ = _problem(weight, 1, fast, None)
+    pb, _, _ = _problem(weight, 1, ref, None)
+    for f in ("cp", "w_ctx", "tt", "wmean"):
+        x, y = getattr(pa, f), getattr(pb, f)
+        assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), (f, np.linalg.norm(x - y) / np.linalg.norm(y))
+    np.testing.assert_allclose(pa.mom.mean_x, pb.mom.mean_x, rtol=rtol, atol=1e-6)
+
+
 # --- the fast path against the straightforward one --------------------------------------------
 @pytest.mark.parametrize("cache_mb", [2048, 0])
 def test_phase_2_statistics_equal_the_straightforward_computation(monkeypatch, cache_mb):
@@ -117,7 +131,7 @@ def test_phase_2_statistics_equal_the_straightforward_computation(monkeypatch, c
     assert [c.node.name for c, *_ in fits] == ["conv_a", "conv_b", "conv_c", "conv_d", "conv_e"]
     ref = straightforward_stats(model, fits, feeds, ROWS, 0)
     for c, _, stats, _ in fits:
-        assert_stats_close(stats, ref[c.node.name])
+        assert_fit_inputs_close(c.weight, stats, ref[c.node.name])
     cal_report = r.report["calibration"]
     assert cal_report["passes"]["phase2"] == 3  # waves {b, c}, {d}, {e}: b and c in one pass
     cache = cal_report["cache"]
@@ -167,12 +181,11 @@ def test_moments_equal_float64_moments_even_far_from_zero(offset):
     mix = rng.standard_normal((36, 36))
     rows = [(rng.standard_normal((97, 1, 36)) @ mix + offset).astype(np.float32) for _ in range(60)]
     trows = [(r + 0.1 * rng.standard_normal(r.shape)).astype(np.float32) for r in rows]
-    acc = cal._Rows(geo, 4, paired=True)
+    w = rng.standard_normal((5, 4, 3, 3))
+    acc = cal._Rows(geo, 4, paired=True, weight=w)
     for a, b in zip(rows, trows):
-        acc.add(a, b)
-    fast = acc.result()
-    ref = LayerStats.from_rows(np.concatenate(rows), np.concatenate(trows))
-    assert_stats_close(fast, ref, rtol=1e-5)
+        acc.add(a, (b[:, 0] @ w.reshape(5, 36).T)[:, None])
+    assert_fit_inputs_close(w, acc.result(), LayerStats.from_rows(np.concatenate(rows), np.concatenate(trows)))
     same = cal._Rows(geo, 4, paired=False)
     for a in rows:
         same.add(a)

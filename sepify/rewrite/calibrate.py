@@ -296,6 +296,16 @@ class Layer:
     node: onnx.NodeProto
     weight_shape: tuple[int, ...]
     key: int  # stable index for the position RNG
+    weight: np.ndarray | None = None  # the weight the fit uses (a folded BN included): phase 2 projects on it
+
+    def project(self, rows: np.ndarray) -> np.ndarray:
+        """The original layer's output (no bias) at patch rows (R, g, d): (R, g, Ng), float32."""
+        w3 = self.__dict__.get("_w3")
+        if w3 is None:
+            g = int(rows.shape[1])
+            w3 = self.__dict__["_w3"] = np.ascontiguousarray(
+                np.asarray(self.weight, np.float32).reshape(g, -1, rows.shape[2]).transpose(0, 2, 1))
+        return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), w3).transpose(1, 0, 2)
 
 
 def _rows_per_sample(rows: int, n_samples: int) -> int:
@@ -314,7 +324,7 @@ _BATCH_ROWS = 2048
 def _gram(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """``a^T a`` (float32 SYRK, numpy's ``a.T @ a`` of one buffer) or ``b^T a`` per group of
     (g, rows, d) float32 arrays, returned in float64."""
-    out = np.empty((a.shape[0], a.shape[2], a.shape[2]))
+    out = np.empty((a.shape[0], (a if b is None else b).shape[2], a.shape[2]))
     for j in range(a.shape[0]):
         out[j] = (a[j].T @ a[j]) if b is None else (b[j].T @ a[j])
     return out
@@ -336,65 +346,66 @@ class _Rows:
     Frobenius) of the float64 products, the fitted output error within 4e-8, at 2.7x their
     speed.
 
-    ``known``: the layer's phase-1 statistics (the original model's input at the same samples
-    and positions), whose ``sum_x`` / ``xx`` ARE the paired statistics' ``sum_t`` / ``tt``: only
-    ``x~ x~^T`` and ``x x~^T`` are accumulated then."""
+    ``paired``: rows of x~ with the original layer's outputs ``y = W x`` at the same positions
+    (``add(x_rows, y_rows)``); the result is an :class:`~sepify.rewrite.factorize.OutputStats`
+    (``sum y x~^T``: ``Ng/d`` of the ``x x~^T`` GEMM). Unpaired: a same-input LayerStats."""
 
-    def __init__(self, geo: ConvGeometry, channels: int, paired: bool, known=None):
-        self.paired, self.known = paired, known
+    def __init__(self, geo: ConvGeometry, channels: int, paired: bool, weight=None):
+        self.paired, self.weight = paired, weight
         self.size = (channels // geo.group) * math.prod(geo.kernel)
         self.group = geo.group
         self.xs: list[np.ndarray] = []
-        self.ts: list[np.ndarray] = []
+        self.ys: list[np.ndarray] = []
         self.count = 0
         self.n = 0
         g, d = self.group, self.size
-        self.ref_x = self.ref_t = None
+        self.ref_x = self.ref_y = None
         self.cx, self.cxx = np.zeros((g, d)), np.zeros((g, d, d))  # shifted sums of x~
-        if paired:
-            self.ct, self.ctx = np.zeros((g, d)), np.zeros((g, d, d))
-            self.ctt = np.zeros((g, d, d)) if known is None else None
+        self.cy = self.cyx = self.cyy = None
 
-    def add(self, x_rows: np.ndarray, t_rows: np.ndarray | None = None) -> None:
+    def add(self, x_rows: np.ndarray, y_rows: np.ndarray | None = None) -> None:
         self.xs.append(x_rows)
-        if t_rows is not None:
-            self.ts.append(t_rows)
+        if y_rows is not None:
+            self.ys.append(y_rows)
         self.count += len(x_rows)
         if self.count >= _BATCH_ROWS:
             self.flush()
 
     @staticmethod
     def _shifted(rows: list[np.ndarray], ref):
+        """(float32 shifted rows (g, R, d), their float64 sum and sum of squares per group, shift)."""
         a = np.concatenate(rows).astype(np.float64).transpose(1, 0, 2)  # (g, rows, d)
         if not np.all(np.isfinite(a)):
             raise ModelError("a calibration sample makes a layer input NaN or infinite")
         if ref is None:
             ref = a.mean(axis=1).astype(np.float32).astype(np.float64)
         c = a - ref[:, None, :]
-        return np.ascontiguousarray(c, dtype=np.float32), c.sum(axis=1), ref
+        return np.ascontiguousarray(c, dtype=np.float32), c.sum(axis=1), np.einsum("jrd,jrd->j", c, c), ref
 
     def flush(self) -> None:
         if not self.xs:
             return
-        xc, sx, self.ref_x = self._shifted(self.xs, self.ref_x)
+        xc, sx, _, self.ref_x = self._shifted(self.xs, self.ref_x)
         self.n += xc.shape[1]
         self.cx += sx
         self.cxx += _gram(xc)
         if self.paired:
-            tc, st, self.ref_t = self._shifted(self.ts, self.ref_t)
-            self.ct += st
-            self.ctx += _gram(xc, tc)
-            if self.ctt is not None:
-                self.ctt += _gram(tc)
-        self.xs, self.ts, self.count = [], [], 0
+            yc, sy, syy, self.ref_y = self._shifted(self.ys, self.ref_y)
+            if self.cy is None:
+                self.cy, self.cyy = np.zeros_like(sy), np.zeros_like(syy)
+                self.cyx = np.zeros((self.group, yc.shape[2], self.size))
+            self.cy += sy
+            self.cyy += syy
+            self.cyx += _gram(xc, yc)
+        self.xs, self.ys, self.count = [], [], 0
 
     def result(self):
         self.flush()
-        from .factorize import LayerStats
+        from .factorize import LayerStats, OutputStats
 
         n = self.n
 
-        def raw(sa, ra, m, sb=None, rb=None):  # sum a b^T from the shifted sums (b = a: sb None)
+        def raw(sa, ra, m, sb=None, rb=None):  # sum b a^T from the shifted sums (b = a: sb None)
             sb, rb = (sa, ra) if sb is None else (sb, rb)
             return (m + sb[:, :, None] * ra[:, None, :] + rb[:, :, None] * sa[:, None, :]
                     + n * rb[:, :, None] * ra[:, None, :])
@@ -405,13 +416,9 @@ class _Rows:
         xx = raw(self.cx, self.ref_x, self.cxx)
         if not self.paired:
             return LayerStats.from_same(n, sum_x, xx)
-        tx = raw(self.cx, self.ref_x, self.ctx, self.ct, self.ref_t)
-        k = self.known
-        if k is None:
-            return LayerStats(n, sum_x, self.ct + n * self.ref_t, xx, tx, raw(self.ct, self.ref_t, self.ctt))
-        if k.n != n:  # pragma: no cover - the same samples and positions by construction
-            raise RuntimeError(f"phase-1 and phase-2 row counts differ ({k.n} != {n})")
-        return LayerStats(n, sum_x, k.sum_x, xx, tx, k.xx)
+        ry = self.ref_y
+        yy = self.cyy + 2.0 * np.einsum("jn,jn->j", ry, self.cy) + n * np.einsum("jn,jn->j", ry, ry)
+        return OutputStats(n, sum_x, xx, self.weight, self.cy + n * ry, raw(self.cx, self.ref_x, self.cyx, self.cy, ry), yy)
 
 
 class Budget:
@@ -438,21 +445,21 @@ class Budget:
 
 @dataclass
 class Kept:
-    """The original model's input of one layer on every fit sample, held for phase 2: the
-    sampled patch rows (``kind="rows"``), or the whole input tensor when that is smaller
-    (``"map"``: a deep layer's small map read at many positions); the patches gathered from
-    either are the same."""
+    """The original model's side of one layer on every fit sample, held for phase 2: the
+    original layer's outputs ``y = W x`` at the sampled positions (``kind="out"``: what phase 2
+    reads of x, :class:`~sepify.rewrite.factorize.OutputStats`), or the whole input tensor when
+    that is smaller (``"map"``); both give the same ``y``."""
 
     kind: str
     items: list
     nbytes: int
 
-    def rows(self, layer: Layer, sample: int, seed: int, per: int) -> np.ndarray:
+    def outputs(self, layer: Layer, sample: int, seed: int, per: int) -> np.ndarray:
         item = self.items[sample]
-        if self.kind == "rows":
+        if self.kind == "out":
             return item
         flat, geo = _sample_rows(layer, item, seed, sample, per)
-        return gather_patches(item, geo, flat)
+        return layer.project(gather_patches(item, geo, flat))
 
 
 def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[Mapping], *, rows: int = DEFAULT_ROWS,
@@ -470,6 +477,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
     acc: dict[str, _Rows] = {}
     per = _rows_per_sample(rows, len(samples))
     keeping: dict[str, Kept] = {}
+    by_name = {layer.name: layer for layer in layers}
     for s, got in enumerate(ahead(lambda i: dict(zip(names, run(sess, names, samples[i]))), len(samples))):
         gathered = {}
         for layer in layers:
@@ -486,14 +494,15 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
                 if layer.name in keep or layer.name not in hold:
                     continue
                 x, p = gathered[layer.name]
-                kind, size = ("rows", p.nbytes) if p.nbytes <= x.nbytes else ("map", x.nbytes)
+                out = p.shape[0] * p.shape[1] * (layer.weight_shape[0] // p.shape[1]) * 4  # y rows, float32
+                kind, size = ("out", out) if out <= x.nbytes else ("map", x.nbytes)
                 if budget.take(size * len(samples)):
                     keeping[layer.name] = Kept(kind, [], size * len(samples))
             if not stats and not keeping:
                 break
         for name, k in keeping.items():
             x, p = gathered[name]
-            k.items.append(p if k.kind == "rows" else x)
+            k.items.append(by_name[name].project(p) if k.kind == "out" else x)
     if keep is not None:
         keep.update(keeping)
     return {k: a.result() for k, a in acc.items()}
@@ -510,20 +519,27 @@ def collect_same(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[
 
 def collect_paired(original_sess, working: onnx.ModelProto, layer: Layer, samples: Sequence[Mapping], *,
                    rows: int = DEFAULT_ROWS, seed: int = 0, threads: int | None = None, known=None):
-    """Phase 2 for one layer: x from ``original_sess`` (a session computing ``layer.input``
-    on the original model), x~ from the working model's prefix; same positions per sample.
-    ``known``: the layer's phase-1 statistics, when computed (see :class:`_Rows`)."""
+    """Phase 2 for one layer, the plain way (full prefixes, float64 :class:`LayerStats`): x from
+    ``original_sess`` (a session computing ``layer.input`` on the original model), x~ from the
+    working model's prefix; same positions per sample. ``known``: the layer's phase-1
+    statistics, whose ``sum_x`` / ``xx`` are this one's ``sum_t`` / ``tt``. (The calibrated
+    rewrite's phase 2 is :meth:`Calibrator.fit`.)"""
+    from .factorize import LayerStats
+
     sess = session(prefix(working, [layer.input]), threads)
-    acc = None
+    stats = None
     per = _rows_per_sample(rows, len(samples))
     for s, feed in enumerate(samples):
         (t,) = run(original_sess, [layer.input], feed)
         (x,) = run(sess, [layer.input], feed)
         flat, geo = _sample_rows(layer, t, seed, s, per)
-        if acc is None:
-            acc = _Rows(geo, t.shape[1], paired=True, known=known)
-        acc.add(gather_patches(x, geo, flat), gather_patches(t, geo, flat))
-    return acc.result()
+        xr, tr = gather_patches(x, geo, flat), gather_patches(t, geo, flat)
+        if stats is None:
+            stats = LayerStats.zeros(xr.shape[1], xr.shape[2], same=False)
+        stats.accumulate(xr, tr)
+    if known is not None:
+        return LayerStats(stats.n, stats.sum_x, known.sum_x, stats.xx, stats.tx, known.xx)
+    return stats
 
 
 class Frontier:
@@ -746,7 +762,7 @@ class Calibrator:
     @staticmethod
     def layer(c) -> Layer:
         out = c.bn.output[0] if c.bn is not None else c.node.output[0]
-        return Layer(c.node.name, c.node.input[0], out, c.node, tuple(c.weight.shape), int(c.index))
+        return Layer(c.node.name, c.node.input[0], out, c.node, tuple(c.weight.shape), int(c.index), c.weight)
 
     def _free(self, name: str) -> None:
         k = self.kept.pop(name, None)
@@ -876,10 +892,11 @@ class Calibrator:
                 x = xs[layer.input]
                 flat, geo = _sample_rows(layer, x, self.seed, s, per)
                 k = self.kept.get(layer.name)
-                t_rows = k.rows(layer, s, self.seed, per) if k is not None else gather_patches(ts[layer.input], geo, flat)
+                y_rows = (k.outputs(layer, s, self.seed, per) if k is not None
+                          else layer.project(gather_patches(ts[layer.input], geo, flat)))
                 if layer.name not in acc:
-                    acc[layer.name] = _Rows(geo, x.shape[1], paired=True, known=self.same.get(layer.name))
-                acc[layer.name].add(gather_patches(x, geo, flat), t_rows)
+                    acc[layer.name] = _Rows(geo, x.shape[1], paired=True, weight=layer.weight)
+                acc[layer.name].add(gather_patches(x, geo, flat), y_rows)
         frontier.end()
         for layer in layers:
             self._free(layer.name)

@@ -100,6 +100,7 @@ __all__ = [
     "Fit",
     "LayerStats",
     "METHODS",
+    "OutputStats",
     "Moments",
     "conv_output_spatial",
     "fit",
@@ -434,7 +435,8 @@ class Moments:
     """Means and centred (1/n-normalised) covariances of one layer's patches, float64, per group.
 
     ``cxx`` = Cov(x~), ``ctx`` = Cov(x, x~) (rows: original input, columns: rewritten input),
-    ``ctt`` = Cov(x). For statistics of the non-sequential case the three are the same array.
+    ``ctt`` = Cov(x). For statistics of the non-sequential case the three are the same array;
+    for :class:`OutputStats` ``mean_t``, ``ctx`` and ``ctt`` are None (not known).
     """
 
     n: int
@@ -623,6 +625,62 @@ class LayerStats:
         return Moments(self.n, mx, mt, cxx, ctx, ctt)
 
 
+@dataclass(eq=False)
+class OutputStats:
+    """Paired statistics with the ORIGINAL side projected on the layer's weight, float64.
+
+    The fit reads the original input x only through the original layer's output ``y = W_j x``:
+    ``W Cov(x, x~) = Cov(y, x~)``, ``tr(W Cov(x) W^T) = tr Cov(y)`` and ``W E[x] = E[y]``. So
+    instead of ``sum_t`` (g, d), ``tx`` and ``tt`` (g, d, d) these hold, for the ``weight`` they
+    were computed with (``fit`` refuses another one):
+
+    - ``n``, ``sum_x`` (g, d), ``xx`` (g, d, d): as :class:`LayerStats` (x~, the rewritten
+      model's input);
+    - ``sum_y`` (g, Ng) = sum of y; ``yx`` (g, Ng, d) = sum y x~^T; ``yy`` (g,) = sum ||y||^2.
+
+    Accumulating ``y x~^T`` costs ``Ng/d`` (1/K for a layer with as many outputs as inputs) of
+    ``x x~^T``'s GEMM, and the fit skips its ``W Cov(x, x~)`` product. Same fits as the
+    LayerStats of the same rows (tested).
+    """
+
+    n: int
+    sum_x: np.ndarray
+    xx: np.ndarray
+    weight: np.ndarray
+    sum_y: np.ndarray
+    yx: np.ndarray
+    yy: np.ndarray
+
+    def __post_init__(self):
+        self.n = _check_count(self.n, "n")
+        self.sum_x, self.xx = _f64(self.sum_x, "sum_x"), _f64(self.xx, "xx")
+        self.weight = _f64(self.weight, "weight")
+        self.sum_y, self.yx, self.yy = _f64(self.sum_y, "sum_y"), _f64(self.yx, "yx"), _f64(self.yy, "yy")
+        g, d = self.sum_x.shape
+        ng = self.weight.shape[0] // g
+        for name, shape in (("xx", (g, d, d)), ("sum_y", (g, ng)), ("yx", (g, ng, d)), ("yy", (g,))):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} must be {shape}, got {getattr(self, name).shape}")
+
+    @property
+    def group(self) -> int:
+        return self.sum_x.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.sum_x.shape[1]
+
+    @classmethod
+    def from_rows(cls, x_rows, t_rows, weight) -> "OutputStats":
+        """Statistics of (rows, g, Mg*K) patch arrays of x~ and x for Conv ``weight`` (float64)."""
+        x, t = _f64(x_rows, "x_rows"), _f64(t_rows, "t_rows")
+        g = x.shape[1]
+        w = _f64(weight, "weight").reshape(g, -1, x.shape[2])
+        y = np.einsum("pjd,jnd->pjn", t, w)
+        return cls(x.shape[0], x.sum(0), np.einsum("pjd,pje->jde", x, x), weight, y.sum(0),
+                   np.einsum("pjn,pjd->jnd", y, x), np.einsum("pjn,pjn->j", y, y))
+
+
 # --------------------------------------------------------------------------- patches (im2col)
 
 
@@ -770,6 +828,7 @@ class _Problem:
     wcp: np.ndarray  # (g, Ng, d) W (Cov(x, x~) + lam I)
     w_ctx: np.ndarray  # (g, Ng, d) W Cov(x, x~)
     tt: np.ndarray  # (g,) tr(W Ctt W^T)
+    wmean: np.ndarray  # (g, Ng) W E[x]
 
     @property
     def ng(self) -> int:
@@ -778,7 +837,7 @@ class _Problem:
     def data_error(self, a: np.ndarray) -> np.ndarray:
         """err(A) per group for a structured kernel A (g, Ng, d) (stable form when x~ == x)."""
         mom = self.mom
-        if mom.cxx is mom.ctx and mom.ctx is mom.ctt:
+        if mom.ctx is not None and mom.cxx is mom.ctx and mom.ctx is mom.ctt:
             e = self.w - a
             return np.einsum("jnd,jnd->j", np.matmul(e, mom.cxx), e)
         quad = np.einsum("jnd,jnd->j", np.matmul(a, mom.cxx), a)
@@ -786,9 +845,8 @@ class _Problem:
 
     def new_bias(self, a: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """bhat_j = W_j mean(x) + b_j - A_j mean(x~), as (N,) float64."""
-        wm = np.einsum("jnd,jd->jn", self.w, self.mom.mean_t)
         am = np.einsum("jnd,jd->jn", a, self.mom.mean_x)
-        return (wm - am).reshape(-1) + bias
+        return (self.wmean - am).reshape(-1) + bias
 
 
 def default_lam(size: int, rows: int) -> float:
@@ -796,10 +854,10 @@ def default_lam(size: int, rows: int) -> float:
     return max(DEFAULT_LAM, LAM_PER_DIM * size / max(rows, 1))
 
 
-def _problem(weight, group, stats: LayerStats, lam) -> tuple[_Problem, np.dtype, float]:
+def _problem(weight, group, stats, lam) -> tuple[_Problem, np.dtype, float]:
     w64, shape, group, dtype = _weight64(weight, group)
-    if not isinstance(stats, LayerStats):
-        raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
+    if not isinstance(stats, (LayerStats, OutputStats)):
+        raise TypeError(f"stats must be a LayerStats or OutputStats, got {type(stats).__name__}")
     n, mg, _, k = _dims(shape, group)
     d = mg * k
     if (stats.group, stats.size) != (group, d):
@@ -807,20 +865,34 @@ def _problem(weight, group, stats: LayerStats, lam) -> tuple[_Problem, np.dtype,
             f"statistics are for {stats.group} group(s) of {stats.size} patch entries, but weight "
             f"{shape} with group={group} needs {group} of {d}"
         )
+    if isinstance(stats, OutputStats) and (stats.weight.shape != w64.shape or not np.array_equal(stats.weight, w64)):
+        raise ValueError("these OutputStats were projected on another weight than the one being fitted")
     alpha = default_lam(d, stats.n) if lam is None else float(lam)
     if not alpha >= 0.0 or not math.isfinite(alpha):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    mom = stats.centered()
     w3 = w64.reshape(group, n // group, d)
+    if isinstance(stats, OutputStats):
+        if stats.n < 1:
+            raise ValueError("no rows accumulated: cannot compute moments")
+        cnt = float(stats.n)
+        mx, my = stats.sum_x / cnt, stats.sum_y / cnt
+        cxx = stats.xx / cnt - mx[:, :, None] * mx[:, None, :]
+        mom = Moments(stats.n, mx, None, 0.5 * (cxx + cxx.transpose(0, 2, 1)), None, None)
+        w_ctx = stats.yx / cnt - my[:, :, None] * mx[:, None, :]
+        tt = stats.yy / cnt - np.einsum("jn,jn->j", my, my)
+        wmean = my
+    else:
+        mom = stats.centered()
+        w_ctx = np.matmul(w3, mom.ctx)
+        w_ctt = w_ctx if mom.ctt is mom.ctx else np.matmul(w3, mom.ctt)
+        tt = np.einsum("jnd,jnd->j", w_ctt, w3)
+        wmean = np.einsum("jnd,jd->jn", w3, mom.mean_t)
     mean_eig = np.einsum("jii->j", mom.cxx) / d
     lam_abs = alpha * np.where(mean_eig > 0.0, mean_eig, 1.0)
     eye = np.eye(d)
     cp = mom.cxx + lam_abs[:, None, None] * eye
-    w_ctx = np.matmul(w3, mom.ctx)
     wcp = w_ctx + lam_abs[:, None, None] * w3
-    w_ctt = w_ctx if mom.ctt is mom.ctx else np.matmul(w3, mom.ctt)
-    tt = np.einsum("jnd,jnd->j", w_ctt, w3)
-    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt)
+    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt, wmean)
     return prob, dtype, alpha
 
 
@@ -1218,7 +1290,7 @@ def _balance(x: np.ndarray, x_axis: int, y: np.ndarray, y_axis: int) -> tuple[np
     return x * np.expand_dims(scale, x_axis), y / np.expand_dims(scale, y_axis)
 
 
-def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats, *,
+def fit(weight, bias, group: int, orientation: str, rank: int, stats: "LayerStats | OutputStats", *,
         method: str = "als", sweeps: int = 10, lam: float | None = None, init: str = "auto",
         tol: float = 1e-9) -> Fit:
     """Fit the rank-``rank`` factors of Conv ``weight`` to the layer's output on ``stats``.
@@ -1371,7 +1443,7 @@ def _dw_refit_curve(prob: _Problem, dfac: np.ndarray, svals: np.ndarray, top: in
     return errs
 
 
-def output_error_curve(weight, group: int, orientation: str, stats: LayerStats, ranks=None,
+def output_error_curve(weight, group: int, orientation: str, stats: "LayerStats | OutputStats", ranks=None,
                        method: str = "refit", *, lam: float | None = None, init: str = "auto",
                        sweeps: int = 10) -> np.ndarray:
     """Predicted relative output error (as :attr:`Fit.error`) at each rank, float64.
