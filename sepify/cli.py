@@ -357,6 +357,14 @@ def _holdout_value(text: str) -> float:
 @click.option("--no-refit-kept", is_flag=True,
               help="With --calibration: do not refit the Convs left dense after rewritten layers to their "
                    "original outputs (they are refitted by default; MACs unchanged).")
+@click.option("--calib-cache-mb", type=click.FloatRange(min=0), default=2048, show_default=True, metavar="MB",
+              help="With --calibration: memory for activations held between calibration passes (the original "
+                   "model's inputs of the layers, the rewritten model's tensors where phase 2 left off); what does "
+                   "not fit is recomputed (0: every pass runs its whole prefix). Changes the time, not the result.")
+@click.option("--providers", metavar="LIST",
+              help="onnxruntime execution providers of the calibration and verification sessions, in order, "
+                   "e.g. CUDA,CPU (default CPU). A provider this onnxruntime lacks: exit 2. The latency "
+                   "measurements keep their own CPU sessions.")
 @click.option("--verify", "do_verify", is_flag=True,
               help="Run both models in onnxruntime on every verification sample and compare outputs.")
 @click.option("--inputs", "inputs_file", type=click.Path(dir_okay=True),
@@ -379,7 +387,7 @@ def _holdout_value(text: str) -> float:
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
             allow_increase, no_fold_bn, calibration, holdout, calib_rows, calib_method, no_sequential, sensitivity,
-            sensitivity_samples, distortion, cache_dir, no_cache, no_refit_kept, do_verify,
+            sensitivity_samples, distortion, cache_dir, no_cache, no_refit_kept, calib_cache_mb, providers, do_verify,
             inputs_file, seed, tolerance, verify_layers, dry_run, fmt, report_file, metric, input_shape, dim,
             **latency):  # --objective, --target-speedup, --threads (sepify.rewrite.measure)
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
@@ -429,14 +437,18 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
         calib_method=calib_method, sequential=not no_sequential, calib_seed=seed, sensitivity=sensitivity,
         sensitivity_samples=sensitivity_samples, distortion=distortion, cache_dir=cache_dir, cache=not no_cache,
-        refit_kept=not no_refit_kept)
+        refit_kept=not no_refit_kept, calib_cache_mb=calib_cache_mb,
+        providers=tuple(p for p in (providers or "").split(",") if p.strip()))
+    if providers is not None and not opts.providers:
+        raise UsageError("--providers: give a comma-separated list, e.g. CUDA,CPU")
     if calibration is None and any(v != d for v, d in ((holdout, "0.2"), (calib_rows, 16384), (calib_method, "als"),
                                                         (no_sequential, False), (sensitivity, "measured"),
                                                         (sensitivity_samples, 16), (distortion, "auto"),
-                                                        (cache_dir, None), (no_cache, False), (no_refit_kept, False))):
+                                                        (cache_dir, None), (no_cache, False), (no_refit_kept, False),
+                                                        (calib_cache_mb, 2048))):
         raise UsageError("--holdout, --calib-rows, --calib-method, --no-sequential, --sensitivity, "
-                         "--sensitivity-samples, --distortion, --cache-dir, --no-cache and --no-refit-kept need "
-                         "--calibration")
+                         "--sensitivity-samples, --distortion, --cache-dir, --no-cache, --no-refit-kept and "
+                         "--calib-cache-mb need --calibration")
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None
     if do_verify:  # read and check the data before the work: a bad file is one line, exit 2
@@ -473,7 +485,8 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
             saved = True
         rewritten = output if result.external_data else result.model
         ver = verify(model, rewritten, samples, source=source, dims=dims, input_shapes=shapes, seed=seed,
-                     layers=result.report["layers"] if verify_layers else None, tolerance=tolerance)
+                     layers=result.report["layers"] if verify_layers else None, tolerance=tolerance,
+                     providers=opts.providers)
         if samples is None and calibration is not None:
             ver["notes"].append("no held-out calibration samples (--holdout 0): a random smoke test instead; "
                                 "raise --holdout or give --inputs to measure")

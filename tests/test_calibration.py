@@ -349,16 +349,12 @@ def test_paired_statistics_reusing_phase_1_equal_the_direct_ones():
     reused = cal.collect_paired(orig, working, layer, feeds, rows=300, seed=1, known=same)
     direct = cal.collect_paired(orig, working, layer, feeds, rows=300, seed=1)
     assert reused.n == direct.n == 12 * 25  # ceil(300 / 12) positions of each sample's 5x5 output
-    for f in ("sum_x", "sum_t", "xx", "tx", "tt"):
+    for f in ("sum_x", "xx", "tx"):  # both float64 products of the same patches
         np.testing.assert_allclose(getattr(reused, f), getattr(direct, f), rtol=1e-10, atol=1e-8)
+    for f in ("sum_t", "tt"):  # phase 1's moments: float32 products of shifted rows (calibrate._Rows)
+        a, b = getattr(reused, f), getattr(direct, f)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
     assert not np.allclose(direct.xx, direct.tt)  # x~ really differs from x
-    # the original's rows cached from one pass (collect_rows) give the same statistics
-    rows = cal.collect_rows(model, [layer], feeds, rows=300, seed=1)["conv1"]
-    cached = cal.collect_paired(None, working, layer, feeds, rows=300, seed=1, known=same, t_rows=rows)
-    for f in ("sum_x", "sum_t", "xx", "tx", "tt"):
-        np.testing.assert_allclose(getattr(cached, f), getattr(direct, f), rtol=1e-10, atol=1e-8)
-    # a budget too small for the layer leaves it out (its pass runs the original prefix again)
-    assert cal.collect_rows(model, [layer], feeds, rows=300, seed=1, budget=10) == {}
 
 
 def test_sequential_and_als_each_lower_the_held_out_error():
@@ -374,7 +370,6 @@ def test_sequential_and_als_each_lower_the_held_out_error():
         passes[seq, method] = r.report["calibration"]["passes"]
     assert err[True, "als"] < err[False, "als"] and err[True, "als"] < err[True, "refit"], err
     assert passes[False, "als"] == {"phase1": 1, "phase2": 0, "holdout": 1}  # one statistics pass only
-    # conv1, conv2 on rewritten inputs; one pass of the original model for the rows both need
-    assert passes[True, "als"] == {"phase1": 1, "phase2": 2, "holdout": 1, "rows": 1}
+    assert passes[True, "als"] == {"phase1": 1, "phase2": 2, "holdout": 1}  # conv1, conv2 on rewritten inputs
     assert lines[:2] == ["calibration: input statistics of 1 conv(s) on 26 samples",
                          "calibration: fitting conv0 (1/3, dw-first rank 1)"]

@@ -624,3 +624,36 @@ def test_dw_first_gauss_seidel_d_step_converges_to_joint_solve(monkeypatch):
         assert now <= last + 1e-9 * abs(last)
         last = now
     np.testing.assert_allclose(d, joint, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+@pytest.mark.parametrize("method", ["refit", "als"])
+def test_output_stats_give_the_fits_of_the_full_paired_stats(orientation, method):
+    """OutputStats keep of the original side only y = W x (sum y, sum y x~^T, sum ||y||^2): the
+    same refit/ALS factors, bias and errors as the full LayerStats of the same rows; another
+    weight than the one projected on is refused."""
+    from sepify.rewrite.factorize import OutputStats, output_error_curve
+
+    rng = np.random.default_rng(31)
+    w = rng.standard_normal((8, 3, 3, 3))  # group 1 and group... see below
+    b = rng.standard_normal(8)
+    t = correlated_rows(rng, 500, 1, 27, decay=0.85)
+    x = t + 0.3 * correlated_rows(rng, 500, 1, 27, decay=0.9)  # the rewritten model's input differs
+    full, proj = LayerStats.from_rows(x, t), OutputStats.from_rows(x, t, w)
+    f1 = fit(w, b, 1, orientation, 2, full, method=method)
+    f2 = fit(w, b, 1, orientation, 2, proj, method=method)
+    for a, c in ((f1.first, f2.first), (f1.second, f2.second), (f1.bias, f2.bias)):
+        np.testing.assert_allclose(c, a, rtol=1e-7, atol=1e-9)
+    assert f2.error == pytest.approx(f1.error, rel=1e-9) and f2.weight_error == pytest.approx(f1.weight_error, rel=1e-9)
+    np.testing.assert_allclose(output_error_curve(w, 1, orientation, proj), output_error_curve(w, 1, orientation, full),
+                               rtol=1e-9)
+    with pytest.raises(ValueError, match="another weight"):
+        fit(w + 1e-3, b, 1, orientation, 2, proj)
+    # grouped: 2 groups of 4 output / 3 input channels
+    wg = rng.standard_normal((8, 3, 3, 3))
+    tg = correlated_rows(rng, 400, 2, 27, decay=0.85)
+    xg = tg + 0.2 * correlated_rows(rng, 400, 2, 27, decay=0.9)
+    g1 = fit(wg, None, 2, orientation, 2, LayerStats.from_rows(xg, tg), method=method)
+    g2 = fit(wg, None, 2, orientation, 2, OutputStats.from_rows(xg, tg, wg), method=method)
+    assert g2.error == pytest.approx(g1.error, rel=1e-9)
+    np.testing.assert_allclose(g2.bias, g1.bias, rtol=1e-7, atol=1e-9)

@@ -338,34 +338,3 @@ def test_full_rank_upstream_leaves_the_kept_convs_as_they_were():
     assert len(res.layers) == 2 and res.report["refitted"] == []
     assert "conv3.w" in {t.name for t in res.model.graph.initializer}
 
-
-def test_frontier_gives_the_rewrite_the_prefix_passes_give(monkeypatch):
-    """The sequential fit computing each layer's input from the previous cut (calibrate.Frontier)
-    writes the same weights as running every layer's whole prefix (compute() -> None), here on a
-    graph with a skip connection and a kept conv between rewritten ones."""
-    from onnx import numpy_helper as nh
-
-    from sepify.rewrite import calibrate
-
-    model = chain_with_head()
-    kw = dict(rank=1, calibration={"x": data(24)}, calib_rows=2048, cache=False)
-    monkeypatch.setattr(calibrate, "REFIT_GAIN", 0.0)
-    calls = []
-    real = calibrate.Frontier.compute
-
-    def spy(self, m, t):
-        got = real(self, m, t)
-        calls.append(got is not None)
-        return got
-
-    monkeypatch.setattr(calibrate.Frontier, "compute", spy)
-    fast = sepify.rewrite(model, **kw)
-    assert calls and all(calls)
-    monkeypatch.setattr(calibrate.Frontier, "compute", lambda self, m, t: None)
-    slow = sepify.rewrite(model, **kw)
-    a = {t.name: nh.to_array(t) for t in fast.model.graph.initializer}
-    b = {t.name: nh.to_array(t) for t in slow.model.graph.initializer}
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6)
-    assert fast.report["refitted"] and [f["name"] for f in fast.report["refitted"]] == [f["name"] for f in slow.report["refitted"]]

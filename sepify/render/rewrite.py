@@ -184,6 +184,14 @@ def _calibration_lines(report: dict) -> list[str]:
            f"{cal['method']}{', sequential' if cal.get('sequential') else ''}; {secs:.1f} s"]
     if cal.get("dims_bound_from_data"):
         out.append("  dims bound from the data: " + ", ".join(f"{k}={v}" for k, v in cal["dims_bound_from_data"].items()))
+    if cal.get("seconds"):
+        out.append("  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in cal["seconds"].items()))
+    cache = cal.get("cache") or {}
+    if cache.get("waves"):
+        out.append(f"  phase 2: {cache['waves']} wave(s), {cache['working_nodes_run']:,} of "
+                   f"{cache['working_nodes_full_prefix']:,} working-model nodes run per sample (incremental), "
+                   f"{cache['original_inputs_held']} original input(s) held, {cache['original_inputs_rerun']} re-run; "
+                   f"cache peak {cache['peak_mb']:,.1f} of {cache['limit_mb']:,.0f} MiB")
     rows = [r for r in report["layers"] if r.get("output_error_predicted") is not None]
     if rows:
         out.append("  relative output error per layer (predicted on the fit set / measured on the holdout):")

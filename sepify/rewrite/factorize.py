@@ -100,6 +100,7 @@ __all__ = [
     "Fit",
     "LayerStats",
     "METHODS",
+    "OutputStats",
     "Moments",
     "conv_output_spatial",
     "fit",
@@ -434,7 +435,8 @@ class Moments:
     """Means and centred (1/n-normalised) covariances of one layer's patches, float64, per group.
 
     ``cxx`` = Cov(x~), ``ctx`` = Cov(x, x~) (rows: original input, columns: rewritten input),
-    ``ctt`` = Cov(x). For statistics of the non-sequential case the three are the same array.
+    ``ctt`` = Cov(x). For statistics of the non-sequential case the three are the same array;
+    for :class:`OutputStats` ``mean_t``, ``ctx`` and ``ctt`` are None (not known).
     """
 
     n: int
@@ -623,6 +625,62 @@ class LayerStats:
         return Moments(self.n, mx, mt, cxx, ctx, ctt)
 
 
+@dataclass(eq=False)
+class OutputStats:
+    """Paired statistics with the ORIGINAL side projected on the layer's weight, float64.
+
+    The fit reads the original input x only through the original layer's output ``y = W_j x``:
+    ``W Cov(x, x~) = Cov(y, x~)``, ``tr(W Cov(x) W^T) = tr Cov(y)`` and ``W E[x] = E[y]``. So
+    instead of ``sum_t`` (g, d), ``tx`` and ``tt`` (g, d, d) these hold, for the ``weight`` they
+    were computed with (``fit`` refuses another one):
+
+    - ``n``, ``sum_x`` (g, d), ``xx`` (g, d, d): as :class:`LayerStats` (x~, the rewritten
+      model's input);
+    - ``sum_y`` (g, Ng) = sum of y; ``yx`` (g, Ng, d) = sum y x~^T; ``yy`` (g,) = sum ||y||^2.
+
+    Accumulating ``y x~^T`` costs ``Ng/d`` (1/K for a layer with as many outputs as inputs) of
+    ``x x~^T``'s GEMM, and the fit skips its ``W Cov(x, x~)`` product. Same fits as the
+    LayerStats of the same rows (tested).
+    """
+
+    n: int
+    sum_x: np.ndarray
+    xx: np.ndarray
+    weight: np.ndarray
+    sum_y: np.ndarray
+    yx: np.ndarray
+    yy: np.ndarray
+
+    def __post_init__(self):
+        self.n = _check_count(self.n, "n")
+        self.sum_x, self.xx = _f64(self.sum_x, "sum_x"), _f64(self.xx, "xx")
+        self.weight = _f64(self.weight, "weight")
+        self.sum_y, self.yx, self.yy = _f64(self.sum_y, "sum_y"), _f64(self.yx, "yx"), _f64(self.yy, "yy")
+        g, d = self.sum_x.shape
+        ng = self.weight.shape[0] // g
+        for name, shape in (("xx", (g, d, d)), ("sum_y", (g, ng)), ("yx", (g, ng, d)), ("yy", (g,))):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"{name} must be {shape}, got {getattr(self, name).shape}")
+
+    @property
+    def group(self) -> int:
+        return self.sum_x.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.sum_x.shape[1]
+
+    @classmethod
+    def from_rows(cls, x_rows, t_rows, weight) -> "OutputStats":
+        """Statistics of (rows, g, Mg*K) patch arrays of x~ and x for Conv ``weight`` (float64)."""
+        x, t = _f64(x_rows, "x_rows"), _f64(t_rows, "t_rows")
+        g = x.shape[1]
+        w = _f64(weight, "weight").reshape(g, -1, x.shape[2])
+        y = np.einsum("pjd,jnd->pjn", t, w)
+        return cls(x.shape[0], x.sum(0), np.einsum("pjd,pje->jde", x, x), weight, y.sum(0),
+                   np.einsum("pjn,pjd->jnd", y, x), np.einsum("pjn,pjn->j", y, y))
+
+
 # --------------------------------------------------------------------------- patches (im2col)
 
 
@@ -692,13 +750,15 @@ def patches(x, kernel_shape, strides=None, pads=None, dilations=None, group: int
             raise ValueError("positions must be a 1-D integer array")
         if pos.size and (pos.min() < 0 or pos.max() >= total):
             raise ValueError(f"positions must be in [0, {total}) (B * output positions)")
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)])
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + d]) for i in range(d)]) if any(pads) else x
+    # every (dilated) window as a strided view, then the selected positions' windows copied out:
+    # the same entries as indexing each tap, ~3x faster (one contiguous K-block per channel)
+    span = tuple(dil[i] * (kernel[i] - 1) + 1 for i in range(d))
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + d)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)
+              + tuple(slice(None, None, dl) for dl in dil)]  # (B, M, o1..od, k1..kd)
     coords = np.unravel_index(pos, (batch, *out))  # b, o1..od, each (rows,)
-    taps = np.unravel_index(np.arange(math.prod(kernel)), kernel)  # t1..td, each (K,)
-    index = [coords[0][:, None, None], np.arange(m)[None, :, None]]
-    for i in range(d):
-        index.append((coords[i + 1] * strides[i])[:, None, None] + (taps[i] * dil[i])[None, None, :])
-    cols = xp[tuple(index)]  # (rows, M, K)
+    cols = win[(coords[0], slice(None)) + tuple(coords[1:])]  # (rows, M, k1..kd)
     return cols.reshape(pos.size, group, (m // group) * math.prod(kernel))
 
 
@@ -768,6 +828,7 @@ class _Problem:
     wcp: np.ndarray  # (g, Ng, d) W (Cov(x, x~) + lam I)
     w_ctx: np.ndarray  # (g, Ng, d) W Cov(x, x~)
     tt: np.ndarray  # (g,) tr(W Ctt W^T)
+    wmean: np.ndarray  # (g, Ng) W E[x]
 
     @property
     def ng(self) -> int:
@@ -776,7 +837,7 @@ class _Problem:
     def data_error(self, a: np.ndarray) -> np.ndarray:
         """err(A) per group for a structured kernel A (g, Ng, d) (stable form when x~ == x)."""
         mom = self.mom
-        if mom.cxx is mom.ctx and mom.ctx is mom.ctt:
+        if mom.ctx is not None and mom.cxx is mom.ctx and mom.ctx is mom.ctt:
             e = self.w - a
             return np.einsum("jnd,jnd->j", np.matmul(e, mom.cxx), e)
         quad = np.einsum("jnd,jnd->j", np.matmul(a, mom.cxx), a)
@@ -784,9 +845,8 @@ class _Problem:
 
     def new_bias(self, a: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """bhat_j = W_j mean(x) + b_j - A_j mean(x~), as (N,) float64."""
-        wm = np.einsum("jnd,jd->jn", self.w, self.mom.mean_t)
         am = np.einsum("jnd,jd->jn", a, self.mom.mean_x)
-        return (wm - am).reshape(-1) + bias
+        return (self.wmean - am).reshape(-1) + bias
 
 
 def default_lam(size: int, rows: int) -> float:
@@ -794,10 +854,10 @@ def default_lam(size: int, rows: int) -> float:
     return max(DEFAULT_LAM, LAM_PER_DIM * size / max(rows, 1))
 
 
-def _problem(weight, group, stats: LayerStats, lam) -> tuple[_Problem, np.dtype, float]:
+def _problem(weight, group, stats, lam) -> tuple[_Problem, np.dtype, float]:
     w64, shape, group, dtype = _weight64(weight, group)
-    if not isinstance(stats, LayerStats):
-        raise TypeError(f"stats must be a LayerStats, got {type(stats).__name__}")
+    if not isinstance(stats, (LayerStats, OutputStats)):
+        raise TypeError(f"stats must be a LayerStats or OutputStats, got {type(stats).__name__}")
     n, mg, _, k = _dims(shape, group)
     d = mg * k
     if (stats.group, stats.size) != (group, d):
@@ -805,20 +865,34 @@ def _problem(weight, group, stats: LayerStats, lam) -> tuple[_Problem, np.dtype,
             f"statistics are for {stats.group} group(s) of {stats.size} patch entries, but weight "
             f"{shape} with group={group} needs {group} of {d}"
         )
+    if isinstance(stats, OutputStats) and (stats.weight.shape != w64.shape or not np.array_equal(stats.weight, w64)):
+        raise ValueError("these OutputStats were projected on another weight than the one being fitted")
     alpha = default_lam(d, stats.n) if lam is None else float(lam)
     if not alpha >= 0.0 or not math.isfinite(alpha):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    mom = stats.centered()
     w3 = w64.reshape(group, n // group, d)
+    if isinstance(stats, OutputStats):
+        if stats.n < 1:
+            raise ValueError("no rows accumulated: cannot compute moments")
+        cnt = float(stats.n)
+        mx, my = stats.sum_x / cnt, stats.sum_y / cnt
+        cxx = stats.xx / cnt - mx[:, :, None] * mx[:, None, :]
+        mom = Moments(stats.n, mx, None, 0.5 * (cxx + cxx.transpose(0, 2, 1)), None, None)
+        w_ctx = stats.yx / cnt - my[:, :, None] * mx[:, None, :]
+        tt = stats.yy / cnt - np.einsum("jn,jn->j", my, my)
+        wmean = my
+    else:
+        mom = stats.centered()
+        w_ctx = np.matmul(w3, mom.ctx)
+        w_ctt = w_ctx if mom.ctt is mom.ctx else np.matmul(w3, mom.ctt)
+        tt = np.einsum("jnd,jnd->j", w_ctt, w3)
+        wmean = np.einsum("jnd,jd->jn", w3, mom.mean_t)
     mean_eig = np.einsum("jii->j", mom.cxx) / d
     lam_abs = alpha * np.where(mean_eig > 0.0, mean_eig, 1.0)
     eye = np.eye(d)
     cp = mom.cxx + lam_abs[:, None, None] * eye
-    w_ctx = np.matmul(w3, mom.ctx)
     wcp = w_ctx + lam_abs[:, None, None] * w3
-    w_ctt = w_ctx if mom.ctt is mom.ctx else np.matmul(w3, mom.ctt)
-    tt = np.einsum("jnd,jnd->j", w_ctt, w3)
-    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt)
+    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt, wmean)
     return prob, dtype, alpha
 
 
@@ -874,7 +948,16 @@ def _dw_dstep(prob: _Problem, p: np.ndarray, d: np.ndarray) -> np.ndarray:
         sol = _solve_spd(hessian(0, mg), rhs.reshape(g, mg * r * k, 1))
         return sol.reshape(g, mg, r, k)
     d = d.copy()
-    ac = np.matmul(_dw_kernel(p, d), prob.cp).reshape(g, ng, mg, k)  # A Cp, kept current
+    dd = mg * k
+    # A Cp, kept current. A = P D is block-sparse in D, so for r < K it is cheaper as
+    # P (Ng x Mg r) @ (D Cp) (Mg r x d) than as A (Ng x d) @ Cp (d x d), with
+    # (D Cp)[(m,i), :] = sum_k D[m,i,k] Cp[(m,k), :] (the same sums, in another order)
+    low = r < k
+    cp4 = prob.cp.reshape(g, mg, k, dd)
+    if low:
+        ac = np.matmul(p2, np.matmul(d, cp4).reshape(g, mg * r, dd)).reshape(g, ng, mg, k)
+    else:
+        ac = np.matmul(_dw_kernel(p, d), prob.cp).reshape(g, ng, mg, k)
     for a in range(0, mg, chunk):
         b = min(mg, a + chunk)
         ds = d[:, a:b]
@@ -882,8 +965,12 @@ def _dw_dstep(prob: _Problem, p: np.ndarray, d: np.ndarray) -> np.ndarray:
         grad = np.einsum("jnmi,jnmk->jmik", p[:, :, a:b], ac[:, :, a:b])  # (H D)_S, all channels
         inner = np.matmul(h, ds.reshape(g, -1, 1)).reshape(ds.shape)  # (H_SS D_S)
         new = _solve_spd(h, (rhs[:, a:b] - grad + inner).reshape(g, -1, 1)).reshape(ds.shape)
-        delta = np.einsum("jnmi,jmik->jnmk", p[:, :, a:b], new - ds).reshape(g, ng, -1)
-        ac += np.matmul(delta, prob.cp[:, a * k:b * k, :]).reshape(g, ng, mg, k)
+        if low:  # ac += P_S (Ng x c r) @ ((new - old) Cp rows of S) (c r x d)
+            u = np.matmul(new - ds, cp4[:, a:b]).reshape(g, (b - a) * r, dd)
+            ac += np.matmul(p[:, :, a:b].reshape(g, ng, (b - a) * r), u).reshape(g, ng, mg, k)
+        else:
+            delta = np.einsum("jnmi,jmik->jnmk", p[:, :, a:b], new - ds).reshape(g, ng, -1)
+            ac += np.matmul(delta, prob.cp[:, a * k:b * k, :]).reshape(g, ng, mg, k)
         d[:, a:b] = new
     return d
 
@@ -1203,7 +1290,7 @@ def _balance(x: np.ndarray, x_axis: int, y: np.ndarray, y_axis: int) -> tuple[np
     return x * np.expand_dims(scale, x_axis), y / np.expand_dims(scale, y_axis)
 
 
-def fit(weight, bias, group: int, orientation: str, rank: int, stats: LayerStats, *,
+def fit(weight, bias, group: int, orientation: str, rank: int, stats: "LayerStats | OutputStats", *,
         method: str = "als", sweeps: int = 10, lam: float | None = None, init: str = "auto",
         tol: float = 1e-9) -> Fit:
     """Fit the rank-``rank`` factors of Conv ``weight`` to the layer's output on ``stats``.
@@ -1356,7 +1443,7 @@ def _dw_refit_curve(prob: _Problem, dfac: np.ndarray, svals: np.ndarray, top: in
     return errs
 
 
-def output_error_curve(weight, group: int, orientation: str, stats: LayerStats, ranks=None,
+def output_error_curve(weight, group: int, orientation: str, stats: "LayerStats | OutputStats", ranks=None,
                        method: str = "refit", *, lam: float | None = None, init: str = "auto",
                        sweeps: int = 10) -> np.ndarray:
     """Predicted relative output error (as :attr:`Fit.error`) at each rank, float64.

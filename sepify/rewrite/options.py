@@ -62,6 +62,10 @@ class RewriteOptions:
     # with calibration data and sequential: refit the Convs left dense after rewritten layers
     # to their original outputs (calibrate.Calibrator.fit, factorize.refit_dense)
     refit_kept: bool = True
+    calib_cache_mb: float = 2048  # MiB of activations held between calibration passes (calibrate.Budget)
+    # onnxruntime execution providers of the calibration and verification sessions, e.g.
+    # ("CUDA", "CPU"); empty: CPU. The latency measurements always use their own CPU sessions.
+    providers: Sequence[str] = ()
 
     def __post_init__(self):
         if self.objective is None:
@@ -104,6 +108,13 @@ class RewriteOptions:
             raise UsageError(f"--orientation must be one of {', '.join(ORIENTATION_CHOICES)}")
         if isinstance(self.calib_rows, bool) or not isinstance(self.calib_rows, int) or self.calib_rows < 1:
             raise UsageError(f"--calib-rows must be a positive integer, not {self.calib_rows!r}")
+        if (isinstance(self.calib_cache_mb, bool) or not isinstance(self.calib_cache_mb, (int, float))
+                or not self.calib_cache_mb >= 0 or self.calib_cache_mb == float("inf")):
+            raise UsageError(f"--calib-cache-mb must be a number >= 0, not {self.calib_cache_mb!r}")
+        if self.providers:
+            from .calibrate import providers_for
+
+            providers_for(self.providers)  # a provider this onnxruntime lacks: one line, exit 2
         if self.calib_method not in CALIB_METHODS:
             raise UsageError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}")
         if self.sensitivity not in SENSITIVITIES:

@@ -267,11 +267,12 @@ def rewrite(
     if calib is not None:
         from threadpoolctl import threadpool_limits
 
-        from .calibrate import Calibrator, materialize
+        from .calibrate import Calibrator, materialize, providers_for
 
         calibrator = Calibrator(materialize(raw, base_dir), calib, rows=opts.calib_rows, seed=opts.calib_seed,
                                 method=opts.calib_method, sequential=opts.sequential, threads=opts.threads,
-                                progress=progress)
+                                progress=progress, cache_mb=opts.calib_cache_mb,
+                                providers=providers_for(opts.providers))
         with threadpool_limits(limits=1, user_api="blas"):  # see README (dependencies)
             sensitivity_info = _set_output_curves(candidates, opts, calibrator, before.totals.macs)
     choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
@@ -388,8 +389,8 @@ def rewrite(
             f["output_error_measured"] = measured.get(f.pop("tensor"))
         calib_info = {**calib.to_dict(), "rows_per_layer": opts.calib_rows, "method": opts.calib_method,
                       "sequential": opts.sequential, "seconds": {k: round(v, 3) for k, v in calibrator.seconds.items()},
-                      "passes": dict(calibrator.passes), "notes": calib.notes, "sensitivity": sensitivity_info,
-                      "original_rows_cached": getattr(calibrator, "rows_cached", None)}
+                      "passes": dict(calibrator.passes), "providers": calibrator.providers,
+                      "cache": calibrator.cache, "notes": calib.notes, "sensitivity": sensitivity_info}
     order = {n.name: i for i, n in enumerate(view.nodes)}
     skipped.sort(key=lambda s: order.get(s.name, len(order)))
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped, calibration=calib_info)

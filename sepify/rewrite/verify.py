@@ -404,7 +404,8 @@ def _read(model) -> tuple[onnx.ModelProto, Path | None]:
     return read_model(model, load_external_data=False, copy=False)
 
 
-def _session(model: onnx.ModelProto, folder: Path | None, extra_outputs: Sequence[str] = (), threads: int | None = None):
+def _session(model: onnx.ModelProto, folder: Path | None, extra_outputs: Sequence[str] = (), threads: int | None = None,
+             providers: Sequence[str] = ()):
     """An onnxruntime session of ``model`` (a proto, external data read from ``folder``) with
     ``extra_outputs`` added as graph outputs on a copy; C++ log silenced."""
     import onnxruntime as ort
@@ -423,8 +424,12 @@ def _session(model: onnx.ModelProto, folder: Path | None, extra_outputs: Sequenc
     if folder is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     try:
-        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        from .calibrate import providers_for
+
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers_for(providers))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        if isinstance(e, UsageError):
+            raise
         raise ModelError(f"onnxruntime cannot load the model: {str(e).splitlines()[0][:300]}") from None
 
 
@@ -439,13 +444,14 @@ def verify(original, rewritten, samples: Iterable[Mapping[str, np.ndarray]] | No
            source: str | None = None, dims: Mapping[str, int] | None = None,
            input_shapes: Mapping[str, Sequence[int | str]] | None = None, seed: int = 0,
            layers: Sequence[Mapping] | None = None, tolerance: float | None = None,
-           threads: int | None = None) -> dict:
+           threads: int | None = None, providers: Sequence[str] = ()) -> dict:
     """Run both models (paths or ModelProtos) on every sample and compare (module docstring).
 
     ``samples``: an iterable of ``{input name: array}`` (one sample each, arrays of the input's
     rank), e.g. ``CalibrationSet.holdout`` or :func:`load_samples`; None: one seeded random
     sample, a smoke test. ``source`` describes the samples in the report. ``layers``: the
-    report's ``layers`` rows (``name``, ``new_nodes``) for the per-layer errors. Returns the
+    report's ``layers`` rows (``name``, ``new_nodes``) for the per-layer errors. ``providers``:
+    onnxruntime execution providers of both sessions (``--providers`` names; default CPU). Returns the
     report's ``verification`` dict; ``passed`` is None without ``tolerance``.
     """
     p1, path1 = _read(original)
@@ -469,8 +475,8 @@ def verify(original, rewritten, samples: Iterable[Mapping[str, np.ndarray]] | No
     lt = layer_tensors(p2, layers) if layers else []
     outputs = [o.name for o in p1.graph.output]
     extra = [s.tensor for s in pre.values()] + [t for _, t in lt]
-    s1 = _session(p1, path1.parent if path1 else None, extra, threads)
-    s2 = _session(p2, path2.parent if path2 else None, extra, threads)
+    s1 = _session(p1, path1.parent if path1 else None, extra, threads, providers)
+    s2 = _session(p2, path2.parent if path2 else None, extra, threads, providers)
     names = list(dict.fromkeys(outputs + extra))
     accs = {n: _Acc(None) for n in names}
     for n in outputs:
