@@ -238,3 +238,9 @@ def test_single_byte_mutations_of_tiny_cnn_python_api(tmp_path):
         except Exception as e:  # noqa: BLE001 - the failure message names the mutation
             raise AssertionError(f"byte {i} set to {value:#04x}: {type(e).__name__}: {e}") from e
     assert outcomes["ok"] > 100 and outcomes["error"] > 100, outcomes  # both paths exercised
+
+
+def test_a_free_dim_whose_derived_size_is_negative_at_the_stand_in_is_not_an_internal_error():
+    """Found by the field fuzzer: tiny_cnn with its width written -1 and a pool made larger than
+    the map: rewrite crashed (exit 3, 'p_out must be >= 0') on a negative derived size."""
+    run_commands(field_mutated(("tiny_cnn", [("int", 339, 1108), ("int", 708, 1608)])))
