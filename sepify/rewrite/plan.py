@@ -197,8 +197,8 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
     (p_in, p_in_sym), (p_out, p_out_sym) = positions(xs), positions(ys)
     if p_in is None or p_out is None:
         return SHAPE_UNKNOWN
-    if p_in <= 0 or p_out <= 0:  # a size derived from a free dim is empty or negative at its stand-in
-        return ("input or output size not positive at the stand-in values of the free dimensions "
+    if p_in < 0 or p_out < 0:  # a size derived from a free dim is negative at its stand-in
+        return ("input or output size negative at the stand-in values of the free dimensions "
                 "(bind them with --dim NAME=VALUE)")
     try:
         weight = _const_array(model, view, node.input[1], base_dir)
