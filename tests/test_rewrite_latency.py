@@ -432,20 +432,22 @@ def test_rewritten_forms_keep_onnxruntime_s_fusions(orientation, form):
     # what onnxruntime's optimizer makes of the block (ORT_ENABLE_ALL, optimized_model_filepath):
     # the original's convs are NCHWc with Relu fused into a and Add + Relu into b; the rewritten
     # block must keep the layout (no reorder more) and the fused activations
-    if not _nchwc_available():
-        pytest.skip("onnxruntime has no NCHWc kernels on this CPU")
+    # (on a CPU without NCHWc kernels the layout counts do not apply; the reorders, the fused
+    # activation after the pair and the outputs are checked everywhere)
+    nchwc = _nchwc_available()
     model = block_model()
     before = measure.graph_summary(model)
-    assert before["fused_activation"] == 2 and before["fused_sum"] == 1 and before["plain_convs"] == 0
     result = rewrite(model, rank=2, orientation=orientation, form=form)
     assert [l.form for l in result.layers] == [form, form]
     after = measure.graph_summary(result.model)
-    assert after["reorders"] == before["reorders"] and after["plain_convs"] == 0
-    if orientation == "dw-first":  # the activation (and the residual Add) after the pointwise conv
-        assert after["fused_activation"] == 2 and after["fused_sum"] == 1
-    else:  # each pair's Adds fuse into its spatial convs, a's Relu into the last; b's residual Add
+    assert after["reorders"] == before["reorders"] and after["fused_activation"] >= 1
+    if nchwc and orientation == "dw-first":  # the activation (and the residual Add) after the pointwise conv
+        assert before["fused_activation"] == 2 and before["fused_sum"] == 1 and before["plain_convs"] == 0
+        assert after["plain_convs"] == 0 and after["fused_activation"] == 2 and after["fused_sum"] == 1
+    elif nchwc:  # each pair's Adds fuse into its spatial convs, a's Relu into the last; b's residual Add
         # (its last conv has a Sum already) stays a separate NCHWc Add + Relu
-        assert after["fused_activation"] == 1 and after["fused_sum"] == 2
+        assert before["fused_activation"] == 2 and before["fused_sum"] == 1 and before["plain_convs"] == 0
+        assert after["plain_convs"] == 0 and after["fused_activation"] == 1 and after["fused_sum"] == 2
         assert after["ops"].get("Add") == 1 and after["ops"].get("Relu") == 1
     x = np.random.default_rng(0).standard_normal((1, 16, 10, 10)).astype(np.float32)
     native = rewrite(model, rank=2, orientation=orientation, form="native").model
