@@ -810,13 +810,17 @@ def generated_photos(n: int, seed: int, shape: list[int]) -> np.ndarray:
     return out
 
 
-def build_resnet50(path: Path, seed: int = 0) -> None:
-    """A full-width ResNet-50 (torchvision layout: 53 convs, 4.1 G MACs, 25.5 M parameters,
-    NCHW 1x3x224x224) with random He-initialised weights and BN folded into the convs: a
-    stand-in of the right size for timing (its accuracy means nothing)."""
+def build_resnet(path: Path, depth: int = 50, seed: int = 0) -> None:
+    """A full-width ResNet-18 or ResNet-50 (torchvision layout, NCHW 1x3x224x224: 7x7/2 stem, max
+    pool, 4 stages of basic blocks of two 3x3 convs (18: 2 per stage; 20 convs, 1.8 G MACs, 11.7 M
+    parameters) or bottlenecks 1x1-3x3-1x1 (50: 3/4/6/3; 53 convs, 4.1 G MACs, 25.5 M parameters),
+    1x1 projection shortcuts, global pool, FC 1000) with random He-initialised weights and BN
+    folded into the convs: a stand-in of the right size for timing (its accuracy means nothing)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    if depth not in (18, 50):
+        raise ValueError(f"depth must be 18 or 50, not {depth}")
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     count = [0]
@@ -837,25 +841,34 @@ def build_resnet50(path: Path, seed: int = 0) -> None:
     x = conv("input", 3, 64, 7, 2)
     nodes.append(helper.make_node("MaxPool", [x], ["pool"], name="pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4))
     x, cin = "pool", 64
-    for stage, (width, blocks, stride) in enumerate([(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]):
-        for b in range(blocks):
+    blocks = (2, 2, 2, 2) if depth == 18 else (3, 4, 6, 3)
+    expand = 1 if depth == 18 else 4
+    for stage, (width, count_b, stride) in enumerate(zip((64, 128, 256, 512), blocks, (1, 2, 2, 2))):
+        for b in range(count_b):
             s = stride if b == 0 else 1
-            y = conv(x, cin, width, 1)
-            y = conv(y, width, width, 3, s)
-            y = conv(y, width, 4 * width, 1, relu=False)
-            short = conv(x, cin, 4 * width, 1, s, relu=False) if b == 0 else x
+            if depth == 18:
+                y = conv(conv(x, cin, width, 3, s), width, width, 3, 1, relu=False)
+            else:
+                y = conv(conv(conv(x, cin, width, 1), width, width, 3, s), width, 4 * width, 1, relu=False)
+            out = expand * width
+            short = conv(x, cin, out, 1, s, relu=False) if (s != 1 or cin != out) else x
             add = f"add{stage}_{b}"
             nodes.append(helper.make_node("Add", [y, short], [add], name=add))
             nodes.append(helper.make_node("Relu", [add], [add + ".relu"], name=add + "_relu"))
-            x, cin = add + ".relu", 4 * width
+            x, cin = add + ".relu", out
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
-    fc = (rng.standard_normal((1000, 2048), dtype=np.float32) * np.sqrt(1 / 2048)).astype(np.float32)
+    fc = (rng.standard_normal((1000, cin), dtype=np.float32) * np.sqrt(1 / cin)).astype(np.float32)
     inits.extend([numpy_helper.from_array(fc, "fc.w"), numpy_helper.from_array(np.zeros(1000, np.float32), "fc.b")])
     nodes.append(helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="fc", transB=1))
-    g = helper.make_graph(nodes, "resnet50", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
+    g = helper.make_graph(nodes, f"resnet{depth}",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 224, 224])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])], inits)
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def build_resnet50(path: Path, seed: int = 0) -> None:
+    build_resnet(path, 50, seed)
 
 
 def resnet_part(args, which: str) -> dict:
