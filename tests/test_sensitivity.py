@@ -146,10 +146,7 @@ def test_measured_distortion_equals_an_independent_whole_model_run():
     """D of conv2 at rank 1 (KL of the Gemm logits, behind a skip connection the suffix reads
     from outside) equals the KL between the original model and a model with conv2 replaced by
     the same rank-1 pair, both run whole in onnxruntime."""
-    from sepify.rewrite.calibrate import Calibrator, materialize
-    from sepify.rewrite.data import load_calibration
     from sepify.rewrite.factorize import fit, reconstruct
-    from sepify.rewrite.options import RewriteOptions
 
     model = chain_with_head()
     xs = data(16)

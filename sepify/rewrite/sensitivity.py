@@ -201,28 +201,6 @@ def _elem_type(a: np.ndarray) -> int:
     return helper.np_dtype_to_tensor_dtype(a.dtype)
 
 
-def _suffix_model(model: onnx.ModelProto, sx: _Suffix, values: Mapping[str, np.ndarray],
-                  outputs: Sequence[str]) -> onnx.ModelProto:
-    g = model.graph
-    out = onnx.ModelProto()
-    out.ir_version = model.ir_version
-    out.opset_import.extend(model.opset_import)
-    out.functions.extend(model.functions)
-    ng = out.graph
-    ng.name = "sensitivity_suffix"
-    for t in sx.reads:
-        a = values[t]
-        ng.input.append(helper.make_tensor_value_info(t, _elem_type(a), [None] * a.ndim))
-    ng.node.extend(g.node[i] for i in sx.nodes)
-    used = {t for i in sx.nodes for t in list(g.node[i].input) + outer_inputs(g.node[i])}
-    ng.initializer.extend(t for t in g.initializer if t.name in used)
-    ng.sparse_initializer.extend(t for t in g.sparse_initializer if t.values.name in used)
-    for o in outputs:
-        a = values[o]
-        ng.output.append(helper.make_tensor_value_info(o, _elem_type(a), [None] * a.ndim))
-    return out
-
-
 def _options_model(node: onnx.NodeProto, x: np.ndarray, kernels: list[tuple[np.ndarray, np.ndarray]],
                    opset: list) -> onnx.ModelProto:
     """One Conv per option with the option's dense equivalent kernel and bias (the Conv's own
@@ -344,13 +322,16 @@ def measure(model: onnx.ModelProto, cands: list, stats: Mapping[str, object], cu
                 if name not in opts_sess:
                     opts_sess[name] = session(_options_model(c.node, x, kernels, list(model.opset_import)), threads)
                     inner = [t for t in sx.outputs if t != sx.reads[0]]
-                    sx.session = session(_suffix_model(model, sx, values, inner), threads) if inner else None
+                    # the suffix: the graph from the layer's output and the tensors read from outside
+                    given = {t: values[t] for t in sx.reads if t not in graph_inputs}
+                    sx.session = session(prefix(model, inner, given), threads) if inner else None
                     accs[name] = [{out: _Acc(kinds[out]) for out in sx.outputs} for _ in rs]
                 ys = run(opts_sess[name], [f"opt{j}" for j in range(len(rs))], {"x": x})
                 for j, y in enumerate(ys):
                     got = {}
                     if sx.session is not None:
-                        feed_s = {t: values[t] for t in sx.reads[1:]}
+                        feed_s = {t: values[t] for t in list(sx.reads[1:]) + [i.name for i in g.input]
+                                  if t in values}
                         feed_s[sx.reads[0]] = y
                         inner = [t for t in sx.outputs if t != sx.reads[0]]
                         got = dict(zip(inner, run(sx.session, inner, feed_s)))
