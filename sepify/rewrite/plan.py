@@ -200,26 +200,12 @@ def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
     if p_in < 0 or p_out < 0:  # a size derived from a free dim is negative at its stand-in
         return ("input or output size negative at the stand-in values of the free dimensions "
                 "(bind them with --dim NAME=VALUE)")
-    try:
-        weight = _const_array(model, view, node.input[1], base_dir)
-        bias = _const_array(model, view, node.input[2], base_dir) if has_bias else None
-    except Exception as e:  # noqa: BLE001 - an unreadable constant is a reason, not a crash
-        return f"cannot read weight ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
+    got = _weights(model, view, node, opts, base_dir)
+    if isinstance(got, str):
+        return got
+    weight, bias, bn = got
     if tuple(weight.shape) != tuple(wshape):
         return f"weight shape {tuple(weight.shape)} disagrees with inferred {tuple(wshape)}"
-    bn = None
-    if opts.fold_batchnorm:
-        bn = _foldable_bn(view, node)
-        if bn is not None:
-            try:
-                folded = _fold_bn(model, view, bn, weight, bias, base_dir)
-                if not all(np.all(np.isfinite(a)) for a in folded):
-                    raise ValueError("folding gives NaN or infinite values")
-                weight, bias = folded
-            except Exception:  # noqa: BLE001 - leave unfoldable BN alone
-                bn = None
-    if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
-        return "weight or bias contains NaN or infinite values"
     orientations = ORIENTATIONS if opts.orientation == "auto" else (opts.orientation,)
     spectra = {o: spectrum(weight, group, o) for o in orientations}
     original = original_macs(wshape, group, p_out)
@@ -252,28 +238,39 @@ def kept_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: Rewr
         return None
     if len(node.input) < 2 or not view.is_const(node.input[1]) or not is_float(view.dtype(node.input[1])):
         return None
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    if has_bias and not view.is_const(node.input[2]):
+    if len(node.input) > 2 and node.input[2] and not view.is_const(node.input[2]):
         return None
+    got = _weights(model, view, node, opts, base_dir)
+    if isinstance(got, str):
+        return None
+    weight, bias, bn = got
+    if not 3 <= weight.ndim <= 5:
+        return None
+    return Kept(node, idx, weight, bias, int(_attrs(node).get("group", 1)), bn)
+
+
+def _weights(model, view: GraphView, node: onnx.NodeProto, opts: RewriteOptions, base_dir: str | None):
+    """(weight, bias or None, folded BN or None) of a Conv with constant weight (and bias), the
+    following BatchNormalization folded in when ``opts.fold_batchnorm`` allows and it folds to
+    finite values; or the reason (a string) they cannot be used."""
+    has_bias = len(node.input) > 2 and bool(node.input[2])
     try:
         weight = _const_array(model, view, node.input[1], base_dir)
         bias = _const_array(model, view, node.input[2], base_dir) if has_bias else None
-    except Exception:  # noqa: BLE001 - not refittable, left as it is
-        return None
-    if not 3 <= weight.ndim <= 5:
-        return None
+    except Exception as e:  # noqa: BLE001 - an unreadable constant is a reason, not a crash
+        return f"cannot read weight ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})"
     bn = _foldable_bn(view, node) if opts.fold_batchnorm else None
     if bn is not None:
         try:
             folded = _fold_bn(model, view, bn, weight, bias, base_dir)
             if not all(np.all(np.isfinite(a)) for a in folded):
-                raise ValueError
+                raise ValueError("folding gives NaN or infinite values")
             weight, bias = folded
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - leave unfoldable BN alone
             bn = None
     if not np.all(np.isfinite(weight)) or (bias is not None and not np.all(np.isfinite(bias))):
-        return None
-    return Kept(node, idx, weight, bias, int(_attrs(node).get("group", 1)), bn)
+        return "weight or bias contains NaN or infinite values"
+    return weight, bias, bn
 
 
 def _foldable_bn(view: GraphView, node: onnx.NodeProto) -> onnx.NodeProto | None:
