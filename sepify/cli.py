@@ -357,6 +357,10 @@ def _holdout_value(text: str) -> float:
 @click.option("--no-refit-kept", is_flag=True,
               help="With --calibration: do not refit the Convs left dense after rewritten layers to their "
                    "original outputs (they are refitted by default; MACs unchanged).")
+@click.option("--no-residual-target", is_flag=True,
+              help="With --calibration: fit a conv that feeds a residual Add to its own original output, not "
+                   "to the original sum minus the drifted other branch (the default, which also undoes the "
+                   "skip path's drift).")
 @click.option("--calib-cache-mb", type=click.FloatRange(min=0), default=2048, show_default=True, metavar="MB",
               help="With --calibration: memory for activations held between calibration passes (the original "
                    "model's inputs of the layers, the rewritten model's tensors where phase 2 left off); what does "
@@ -387,7 +391,7 @@ def _holdout_value(text: str) -> float:
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
             allow_increase, no_fold_bn, calibration, holdout, calib_rows, calib_method, no_sequential, sensitivity,
-            sensitivity_samples, distortion, cache_dir, no_cache, no_refit_kept, calib_cache_mb, providers, do_verify,
+            sensitivity_samples, distortion, cache_dir, no_cache, no_refit_kept, no_residual_target, calib_cache_mb, providers, do_verify,
             inputs_file, seed, tolerance, verify_layers, dry_run, fmt, report_file, metric, input_shape, dim,
             **latency):  # --objective, --target-speedup, --threads (sepify.rewrite.measure)
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
@@ -437,7 +441,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
         calib_method=calib_method, sequential=not no_sequential, calib_seed=seed, sensitivity=sensitivity,
         sensitivity_samples=sensitivity_samples, distortion=distortion, cache_dir=cache_dir, cache=not no_cache,
-        refit_kept=not no_refit_kept, calib_cache_mb=calib_cache_mb,
+        refit_kept=not no_refit_kept, residual_target=not no_residual_target, calib_cache_mb=calib_cache_mb,
         providers=tuple(p for p in (providers or "").split(",") if p.strip()))
     if providers is not None and not opts.providers:
         raise UsageError("--providers: give a comma-separated list, e.g. CUDA,CPU")
@@ -445,10 +449,10 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
                                                         (no_sequential, False), (sensitivity, "measured"),
                                                         (sensitivity_samples, 16), (distortion, "auto"),
                                                         (cache_dir, None), (no_cache, False), (no_refit_kept, False),
-                                                        (calib_cache_mb, 2048))):
+                                                        (no_residual_target, False), (calib_cache_mb, 2048))):
         raise UsageError("--holdout, --calib-rows, --calib-method, --no-sequential, --sensitivity, "
-                         "--sensitivity-samples, --distortion, --cache-dir, --no-cache, --no-refit-kept and "
-                         "--calib-cache-mb need --calibration")
+                         "--sensitivity-samples, --distortion, --cache-dir, --no-cache, --no-refit-kept, "
+                         "--no-residual-target and --calib-cache-mb need --calibration")
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None
     if do_verify:  # read and check the data before the work: a bad file is one line, exit 2

@@ -306,6 +306,8 @@ class Layer:
     weight_shape: tuple[int, ...]
     key: int  # stable index for the position RNG
     weight: np.ndarray | None = None  # the weight the fit uses (a folded BN included): phase 2 projects on it
+    skip: str | None = None  # residual target: the other input of the Add the output feeds ("Residual targets")
+    sum_out: str | None = None  # ... and that Add's output
 
     def project(self, rows: np.ndarray) -> np.ndarray:
         """The original layer's output (no bias) at patch rows (R, g, d): (R, g, Ng), float32."""
@@ -317,8 +319,25 @@ class Layer:
         return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), w3).transpose(1, 0, 2)
 
 
+def output_rows(t: np.ndarray, flat: np.ndarray, group: int, rows: int) -> np.ndarray | None:
+    """The values of ``t`` (B, N, *out_spatial) at output positions ``flat`` as (R, g, Ng)
+    float32 (the layout of :meth:`Layer.project`), or None when ``t`` is not one value per
+    output position and channel (a broadcasting Add)."""
+    if t.ndim < 2 or t.shape[1] % group or t.size != rows * t.shape[1]:
+        return None
+    b, n = t.shape[:2]
+    r = np.asarray(t, np.float32).reshape(b, n, -1).transpose(0, 2, 1).reshape(-1, n)[flat]
+    return r.reshape(len(flat), group, n // group)
+
+
 def _rows_per_sample(rows: int, n_samples: int) -> int:
     return max(1, -(-int(rows) // max(1, n_samples)))
+
+
+def _out_count(layer: Layer, x: np.ndarray) -> int:
+    """Output positions (batch included) of ``layer`` on input ``x``."""
+    geo = geometry(layer.node, layer.weight_shape, x.shape[2:])
+    return x.shape[0] * math.prod(out_spatial(geo, x.shape[2:]))
 
 
 def _sample_rows(layer: Layer, arr: np.ndarray, seed: int, sample: int, per_sample: int) -> np.ndarray:
@@ -357,7 +376,16 @@ class _Rows:
 
     ``paired``: rows of x~ with the original layer's outputs ``y = W x`` at the same positions
     (``add(x_rows, y_rows)``); the result is an :class:`~sepify.rewrite.factorize.OutputStats`
-    (``sum y x~^T``: ``Ng/d`` of the ``x x~^T`` GEMM). Unpaired: a same-input LayerStats."""
+    (``sum y x~^T``: ``Ng/d`` of the ``x x~^T`` GEMM). Unpaired: a same-input LayerStats.
+
+    Paired moments are accumulated of the *output drift* ``r = y - W x~`` (float32 per row), not
+    of y, and y's moments restored in float64 from r's and x~'s: ``sum y x~^T = sum r x~^T +
+    W sum x~ x~^T``, ``sum ||y||^2 = sum ||r||^2 + 2 tr(W sum x~ r^T) + tr(W xx W^T)``. The fit's
+    error ``tt - 2 tr(W_ctx A^T) + tr(A Cxx A^T)`` is a difference of terms of the size of y's
+    variance; from float32 moments of y it would carry their ~1e-7 relative rounding, i.e. a
+    relative output error of ~3e-4 where the drift is nil (a full-rank rewrite upstream). With
+    r's moments the same algebra holds exactly for the rounded ``xx``, so the error is as exact
+    as r's own moments, down to an exact rewrite."""
 
     def __init__(self, geo: ConvGeometry, channels: int, paired: bool, weight=None):
         self.paired, self.weight = paired, weight
@@ -371,14 +399,28 @@ class _Rows:
         self.ref_x = self.ref_y = None
         self.cx, self.cxx = np.zeros((g, d)), np.zeros((g, d, d))  # shifted sums of x~
         self.cy = self.cyx = self.cyy = None
+        self.ref_sum = self.ref_sq = None  # a residual target's reference (OutputStats.ref_sum / ref_sq)
 
-    def add(self, x_rows: np.ndarray, y_rows: np.ndarray | None = None) -> None:
+    def add(self, x_rows: np.ndarray, y_rows: np.ndarray | None = None, ref_rows: np.ndarray | None = None) -> None:
         self.xs.append(x_rows)
-        if y_rows is not None:
-            self.ys.append(y_rows)
+        if y_rows is not None:  # the drift r = y - W x~ (class docstring)
+            self.ys.append(np.asarray(y_rows, np.float32) - self._project(x_rows))
+        if ref_rows is not None:
+            r = np.asarray(ref_rows, np.float64)
+            if self.ref_sum is None:
+                self.ref_sum, self.ref_sq = np.zeros(r.shape[1:]), np.zeros(r.shape[1])
+            self.ref_sum += r.sum(axis=0)
+            self.ref_sq += np.einsum("rjn,rjn->j", r, r)
         self.count += len(x_rows)
         if self.count >= _BATCH_ROWS:
             self.flush()
+
+    def _project(self, rows: np.ndarray) -> np.ndarray:
+        """``W x`` at patch rows (R, g, d): (R, g, Ng) float32 (:meth:`Layer.project`)."""
+        if getattr(self, "_w3", None) is None:
+            g = int(rows.shape[1])
+            self._w3 = np.ascontiguousarray(np.asarray(self.weight, np.float32).reshape(g, -1, rows.shape[2]).transpose(0, 2, 1))
+        return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), self._w3).transpose(1, 0, 2)
 
     @staticmethod
     def _shifted(rows: list[np.ndarray], ref):
@@ -425,9 +467,14 @@ class _Rows:
         xx = raw(self.cx, self.ref_x, self.cxx)
         if not self.paired:
             return LayerStats.from_same(n, sum_x, xx)
-        ry = self.ref_y
-        yy = self.cyy + 2.0 * np.einsum("jn,jn->j", ry, self.cy) + n * np.einsum("jn,jn->j", ry, ry)
-        return OutputStats(n, sum_x, xx, self.weight, self.cy + n * ry, raw(self.cx, self.ref_x, self.cyx, self.cy, ry), yy)
+        ry = self.ref_y  # of r = y - W x~
+        rr = self.cyy + 2.0 * np.einsum("jn,jn->j", ry, self.cy) + n * np.einsum("jn,jn->j", ry, ry)
+        rx = raw(self.cx, self.ref_x, self.cyx, self.cy, ry)
+        w3 = np.asarray(self.weight, np.float64).reshape(self.group, -1, self.size)
+        wxx = np.matmul(w3, xx)
+        yy = rr + 2.0 * np.einsum("jnd,jnd->j", w3, rx) + np.einsum("jnd,jnd->j", wxx, w3)
+        sum_y = self.cy + n * ry + np.einsum("jnd,jd->jn", w3, sum_x)
+        return OutputStats(n, sum_x, xx, self.weight, sum_y, rx + wxx, yy, self.ref_sum, self.ref_sq)
 
 
 class Budget:
@@ -462,6 +509,7 @@ class Kept:
     kind: str
     items: list
     nbytes: int
+    skips: list | None = None  # residual target: the original other branch of the Add at the positions (R, g, Ng)
 
     def outputs(self, layer: Layer, sample: int, seed: int, per: int) -> np.ndarray:
         item = self.items[sample]
@@ -481,7 +529,8 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
     pass with no statistics to collect stops after one sample when nothing fits."""
     stats = {layer.name for layer in layers} if stats is True else set(stats or ())
     hold = {layer.name for layer in layers} if hold is None else set(hold)
-    names = list(dict.fromkeys(layer.input for layer in layers))
+    names = list(dict.fromkeys([layer.input for layer in layers]
+                               + [layer.skip for layer in layers if layer.skip and layer.name in hold]))
     sess = session(prefix(model, names), threads, providers)
     acc: dict[str, _Rows] = {}
     per = _rows_per_sample(rows, len(samples))
@@ -493,7 +542,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
             x = got[layer.input]
             flat, geo = _sample_rows(layer, x, seed, s, per)
             p = gather_patches(x, geo, flat)
-            gathered[layer.name] = (x, p)
+            gathered[layer.name] = (x, p, flat)
             if layer.name in stats:
                 if layer.name not in acc:
                     acc[layer.name] = _Rows(geo, x.shape[1], paired=False)
@@ -502,16 +551,19 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
             for layer in reversed(layers):
                 if layer.name in keep or layer.name not in hold:
                     continue
-                x, p = gathered[layer.name]
+                x, p, _ = gathered[layer.name]
                 out = p.shape[0] * p.shape[1] * (layer.weight_shape[0] // p.shape[1]) * 4  # y rows, float32
                 kind, size = ("out", out) if out <= x.nbytes else ("map", x.nbytes)
                 if budget.take(size * len(samples)):
-                    keeping[layer.name] = Kept(kind, [], size * len(samples))
+                    keeping[layer.name] = Kept(kind, [], size * len(samples), [] if layer.skip else None)
             if not stats and not keeping:
                 break
         for name, k in keeping.items():
-            x, p = gathered[name]
-            k.items.append(by_name[name].project(p) if k.kind == "out" else x)
+            x, p, flat = gathered[name]
+            layer = by_name[name]
+            k.items.append(layer.project(p) if k.kind == "out" else x)
+            if k.skips is not None:
+                k.skips.append(output_rows(got[layer.skip], flat, p.shape[1], _out_count(layer, x)))
     if keep is not None:
         keep.update(keeping)
     return {k: a.result() for k, a in acc.items()}
@@ -751,6 +803,35 @@ def layer_fit(c, orientation: str, rank: int, stats, method: str):
     return f.first, f.second, f.bias, float(f.error)
 
 # --- the calibrated flow ---------------------------------------------------------------------
+def _reads(layer: Layer) -> list[str]:
+    """The tensors phase 2 reads for ``layer``: its input, and a residual target's other branch."""
+    return [layer.input] + ([layer.skip] if layer.skip else [])
+
+
+def _residual_adds(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
+    """{tensor: (Add node name, the Add's other input, the Add's output)} for every tensor
+    that is not a graph output and is read by exactly one node, a two-input ``Add`` of it and
+    another tensor that is neither an initializer nor a graph input."""
+    g = model.graph
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for t in set(list(n.input) + outer_inputs(n)):
+            readers.setdefault(t, []).append(n)
+    fixed = {o.name for o in g.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
+    out = {}
+    for t, rs in readers.items():
+        if t in fixed or len(rs) != 1:
+            continue
+        n = rs[0]
+        if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or not n.output[0]:
+            continue
+        other = [x for x in n.input if x != t]
+        if len(other) != 1 or other[0] in fixed or not other[0]:
+            continue
+        out[t] = (n.name, other[0], n.output[0])
+    return out
+
+
 def _ancestors(model: onnx.ModelProto, tensor: str) -> set[str]:
     """Names of the nodes ``tensor`` depends on."""
     g = model.graph
@@ -779,8 +860,12 @@ class Calibrator:
 
     def __init__(self, model: onnx.ModelProto, data, *, rows: int = DEFAULT_ROWS, seed: int = 0,
                  method: str = "als", sequential: bool = True, threads: int | None = None, progress=None,
-                 cache_mb: float = DEFAULT_CACHE_MB, providers: Sequence[str] | None = None):
+                 cache_mb: float = DEFAULT_CACHE_MB, providers: Sequence[str] | None = None,
+                 residual: bool = True):
         self.model, self.data = model, data
+        self.residual = residual
+        self.partners: dict[str, tuple[str, str, str]] = {}  # residual targets: {layer: (Add, other input, Add output)}
+        self.plain: set[str] = set()  # layers whose residual target turned out not to apply (broadcasting)
         self.progress = progress or (lambda message: None)  # one line per step, e.g. to stderr
         self.rows, self.seed, self.method, self.sequential, self.threads = rows, seed, method, sequential, threads
         self.providers = list(providers or ["CPUExecutionProvider"])
@@ -798,6 +883,14 @@ class Calibrator:
     def layer(c) -> Layer:
         out = c.bn.output[0] if c.bn is not None else c.node.output[0]
         return Layer(c.node.name, c.node.input[0], out, c.node, tuple(c.weight.shape), int(c.index), c.weight)
+
+    def _layer(self, c) -> Layer:
+        """:meth:`layer` with the residual target of ``c`` when it has one."""
+        layer = self.layer(c)
+        p = self.partners.get(c.node.name)
+        if p is not None:
+            layer.skip, layer.sum_out = p[1], p[2]
+        return layer
 
     def _free(self, name: str) -> None:
         k = self.kept.pop(name, None)
@@ -851,25 +944,39 @@ class Calibrator:
         index = {c.node.name: i for i, (c, _, _) in enumerate(chosen)}
         rewritten = {c.node.name for c, _, _ in chosen}
         items = [(c, o, r, 0) for c, o, r in chosen]
+        self.partners, self.plain = {}, set()
+        residual = self.sequential and self.residual
+        sums = _residual_adds(self.model) if residual else {}
         if self.sequential:
             for k in dense:
-                if k.node.name not in rewritten and _ancestors(self.model, k.node.input[0]) & rewritten:
+                if k.node.name in rewritten:
+                    continue
+                skip = sums.get(self.layer(k).output, (None, None))[1]
+                if (_ancestors(self.model, k.node.input[0]) & rewritten
+                        or (skip is not None and _ancestors(self.model, skip) & rewritten)):
                     items.append((k, None, None, 1))
         items.sort(key=lambda t: t[0].index)  # topological: the nodes' order in the sorted graph
-        done: set[str] = set()
+        names = {c.node.name for c, _, _, _ in items}
         upstream: dict[str, set[str]] = {}
         for c, _, _, _ in items:  # the rewritten (and refitted) layers each one depends on
-            upstream[c.node.name] = (_ancestors(self.model, c.node.input[0]) & done) if self.sequential else set()
-            done.add(c.node.name)
+            upstream[c.node.name] = ((_ancestors(self.model, c.node.input[0]) & names) - {c.node.name}
+                                     if self.sequential else set())
+        if residual:
+            self._residual_targets(items, names, upstream, sums)
         wave: dict[str, int] = {}
-        for c, _, _, _ in items:
-            wave[c.node.name] = 1 + max((wave[u] for u in upstream[c.node.name]), default=-1)
+        import networkx as nx
+
+        dag = nx.DiGraph()
+        dag.add_nodes_from(names)
+        dag.add_edges_from((u, v) for v, us in upstream.items() for u in us)
+        for name in nx.topological_sort(dag):
+            wave[name] = 1 + max((wave[u] for u in upstream[name]), default=-1)
         waves = [[x for x in items if wave[x[0].node.name] == w] for w in range(max(wave.values()) + 1)]
         paired = {c.node.name for group in waves[1:] for c, _, _, _ in group}
         for name in [n for n in self.kept if n not in paired]:
             self._free(name)
         todo = [self.layer(c) for c, _, _, _ in waves[0] if c.node.name not in self.same]
-        missing = [self.layer(c) for group in waves[1:] for c, _, _, _ in group if c.node.name not in self.kept]
+        missing = [self._layer(c) for group in waves[1:] for c, _, _, _ in group if c.node.name not in self.kept]
         if todo or missing:  # one pass of the original model: wave 0's statistics, phase 2's original inputs
             t0 = time.perf_counter()
             if todo:
@@ -894,10 +1001,10 @@ class Calibrator:
                 t0 = time.perf_counter()
                 self.progress(f"calibration: statistics of {len(group)} conv(s) on the rewritten model "
                               f"(wave {w}/{len(waves) - 1})")
-                layers = [self.layer(c) for c, _, _, _ in group]
+                layers = [self._layer(c) for c, _, _, _ in group]
                 reruns += sum(1 for layer in layers if layer.name not in self.kept)
-                later = [x[0].node.input[0] for g in waves[w + 1:] for x in g]
-                upto = [x[0].node.input[0] for g in waves[1:w + 1] for x in g]
+                later = [t for g in waves[w + 1:] for x in g for t in _reads(self._layer(x[0]))]
+                upto = [t for g in waves[1:w + 1] for x in g for t in _reads(self._layer(x[0]))]
                 stats = self._paired(working, layers, frontier, upto, later)
                 self.passes["phase2"] += 1
                 self._time("phase 2 statistics", t0)
@@ -934,13 +1041,42 @@ class Calibrator:
                       "working_nodes_run": frontier.nodes_run, "working_nodes_full_prefix": frontier.nodes_full}
         return out
 
+    def _residual_targets(self, items, names: set[str], upstream: dict[str, set[str]], sums: dict) -> None:
+        """Give a residual target (module docstring) to every item whose output is read only by a
+        two-input Add whose other branch depends on rewritten or refitted layers: the item then
+        goes in a wave after those (``upstream``, in place), unless that would make a cycle."""
+        import networkx as nx
+
+        dag = nx.DiGraph()
+        dag.add_nodes_from(names)
+        dag.add_edges_from((u, v) for v, us in upstream.items() for u in us)
+        for c, _, _, _ in items:
+            name = c.node.name
+            hit = sums.get(self.layer(c).output)
+            if hit is None:
+                continue
+            add, skip, out = hit
+            anc = _ancestors(self.model, skip)
+            up = (anc & names) - {name}
+            if name in anc or not up or any(nx.has_path(dag, name, u) for u in up):
+                continue
+            dag.add_edges_from((u, name) for u in up)
+            upstream[name] |= up
+            self.partners[name] = (add, skip, out)
+
+    @property
+    def residual_targets(self) -> dict[str, tuple[str, str]]:
+        """{layer: (Add node, Add output)} of the last :meth:`fit`'s residual targets: those
+        layers' predicted errors are of the Add's output."""
+        return {k: (v[0], v[2]) for k, v in self.partners.items() if k not in self.plain}
+
     def _paired(self, working, layers: list[Layer], frontier: Frontier, upto: list[str], later: list[str]) -> dict:
         """Phase-2 statistics of one wave's ``layers``: x~ from the working model's incremental
         run, x from the held original inputs (or one original prefix for those not held)."""
-        targets = list(dict.fromkeys(layer.input for layer in layers))
+        targets = list(dict.fromkeys(t for layer in layers for t in _reads(layer)))
         frontier.begin(working, targets, upto, later)
         rerun = [layer for layer in layers if layer.name not in self.kept]
-        names = list(dict.fromkeys(layer.input for layer in rerun))
+        names = list(dict.fromkeys(t for layer in rerun for t in _reads(layer)))
         orig = session(prefix(self.model, names), self.threads, self.providers) if rerun else None
         per = _rows_per_sample(self.rows, len(self.data.fit))
         acc: dict[str, _Rows] = {}
@@ -957,9 +1093,22 @@ class Calibrator:
                 k = self.kept.get(layer.name)
                 y_rows = (k.outputs(layer, s, self.seed, per) if k is not None
                           else layer.project(gather_patches(ts[layer.input], geo, flat)))
+                ref = None
+                if layer.skip and layer.name not in self.plain:
+                    total = _out_count(layer, x)
+                    s_new = output_rows(xs[layer.skip], flat, geo.group, total)
+                    s_old = (k.skips[s] if k is not None and k.skips is not None
+                             else output_rows(ts[layer.skip], flat, geo.group, total) if layer.skip in ts else None)
+                    if s_new is not None and s_old is not None:
+                        ref = y_rows + s_old
+                        y_rows = ref - s_new
+                    elif s == 0:  # not one value per output position (a broadcasting Add): the plain target
+                        self.plain.add(layer.name)
+                    else:  # pragma: no cover - shapes that broadcast differently per sample
+                        ref = y_rows
                 if layer.name not in acc:
                     acc[layer.name] = _Rows(geo, x.shape[1], paired=True, weight=layer.weight)
-                acc[layer.name].add(gather_patches(x, geo, flat), y_rows)
+                acc[layer.name].add(gather_patches(x, geo, flat), y_rows, ref)
         frontier.end()
         for layer in layers:
             self._free(layer.name)

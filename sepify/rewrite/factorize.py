@@ -636,7 +636,16 @@ class OutputStats:
 
     - ``n``, ``sum_x`` (g, d), ``xx`` (g, d, d): as :class:`LayerStats` (x~, the rewritten
       model's input);
-    - ``sum_y`` (g, Ng) = sum of y; ``yx`` (g, Ng, d) = sum y x~^T; ``yy`` (g,) = sum ||y||^2.
+    - ``sum_y`` (g, Ng) = sum of y; ``yx`` (g, Ng, d) = sum y x~^T; ``yy`` (g,) = sum ||y||^2;
+    - optional ``ref_sum`` (g, Ng), ``ref_sq`` (g,): the sum and sum of squares of a *reference*
+      tensor whose variance normalises the relative errors instead of y's. A residual target
+      (:mod:`sepify.rewrite.calibrate`, "Residual targets") fits the conv to
+      ``y = W x + s - s~`` (the original sum minus the drifted other branch of the Add it feeds):
+      its errors are then those of the Add's output, and are normalised by that output's
+      variance (``W x + s``), as the measurement on the Add's output is.
+
+    ``y`` need not be ``W x`` at all: the fit minimises ``E||A x~ + bhat - y||^2`` (plus the
+    ridge toward W) for whatever rows y were accumulated.
 
     Accumulating ``y x~^T`` costs ``Ng/d`` (1/K for a layer with as many outputs as inputs) of
     ``x x~^T``'s GEMM, and the fit skips its ``W Cov(x, x~)`` product. Same fits as the
@@ -650,15 +659,23 @@ class OutputStats:
     sum_y: np.ndarray
     yx: np.ndarray
     yy: np.ndarray
+    ref_sum: np.ndarray | None = None
+    ref_sq: np.ndarray | None = None
 
     def __post_init__(self):
         self.n = _check_count(self.n, "n")
         self.sum_x, self.xx = _f64(self.sum_x, "sum_x"), _f64(self.xx, "xx")
         self.weight = _f64(self.weight, "weight")
         self.sum_y, self.yx, self.yy = _f64(self.sum_y, "sum_y"), _f64(self.yx, "yx"), _f64(self.yy, "yy")
+        if (self.ref_sum is None) != (self.ref_sq is None):
+            raise ValueError("ref_sum and ref_sq go together")
         g, d = self.sum_x.shape
         ng = self.weight.shape[0] // g
-        for name, shape in (("xx", (g, d, d)), ("sum_y", (g, ng)), ("yx", (g, ng, d)), ("yy", (g,))):
+        checks = [("xx", (g, d, d)), ("sum_y", (g, ng)), ("yx", (g, ng, d)), ("yy", (g,))]
+        if self.ref_sum is not None:
+            self.ref_sum, self.ref_sq = _f64(self.ref_sum, "ref_sum"), _f64(self.ref_sq, "ref_sq")
+            checks += [("ref_sum", (g, ng)), ("ref_sq", (g,))]
+        for name, shape in checks:
             if getattr(self, name).shape != shape:
                 raise ValueError(f"{name} must be {shape}, got {getattr(self, name).shape}")
 
@@ -829,6 +846,7 @@ class _Problem:
     w_ctx: np.ndarray  # (g, Ng, d) W Cov(x, x~)
     tt: np.ndarray  # (g,) tr(W Ctt W^T)
     wmean: np.ndarray  # (g, Ng) W E[x]
+    scale: np.ndarray  # (g,) what relative errors are relative to: tt, or a reference's variance
 
     @property
     def ng(self) -> int:
@@ -881,18 +899,23 @@ def _problem(weight, group, stats, lam) -> tuple[_Problem, np.dtype, float]:
         w_ctx = stats.yx / cnt - my[:, :, None] * mx[:, None, :]
         tt = stats.yy / cnt - np.einsum("jn,jn->j", my, my)
         wmean = my
+        scale = tt
+        if stats.ref_sum is not None:
+            mr = stats.ref_sum / cnt
+            scale = stats.ref_sq / cnt - np.einsum("jn,jn->j", mr, mr)
     else:
         mom = stats.centered()
         w_ctx = np.matmul(w3, mom.ctx)
         w_ctt = w_ctx if mom.ctt is mom.ctx else np.matmul(w3, mom.ctt)
         tt = np.einsum("jnd,jnd->j", w_ctt, w3)
         wmean = np.einsum("jnd,jd->jn", w3, mom.mean_t)
+        scale = tt
     mean_eig = np.einsum("jii->j", mom.cxx) / d
     lam_abs = alpha * np.where(mean_eig > 0.0, mean_eig, 1.0)
     eye = np.eye(d)
     cp = mom.cxx + lam_abs[:, None, None] * eye
     wcp = w_ctx + lam_abs[:, None, None] * w3
-    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt, wmean)
+    prob = _Problem(shape, group, n, mg, k, w3, mom, lam_abs, cp, wcp, w_ctx, tt, wmean, scale)
     return prob, dtype, alpha
 
 
@@ -1325,7 +1348,7 @@ def fit(weight, bias, group: int, orientation: str, rank: int, stats: "LayerStat
         a0 = _dw_kernel(s0.reshape(g, ng, mg, r), f0.reshape(g, mg, r, k))
     else:
         a0 = _pw_kernel(f0.reshape(prob.n, r, mg), s0.reshape(prob.n, r, k), g)
-    weight_error = _rel(prob.data_error(a0), prob.tt)
+    weight_error = _rel(prob.data_error(a0), prob.scale)
     tt_mod = np.einsum("jnd,jnd->j", np.matmul(prob.w, prob.cp), prob.w)  # only for monitoring
     done = 0
     if orientation == "dw-first":
@@ -1372,7 +1395,7 @@ def fit(weight, bias, group: int, orientation: str, rank: int, stats: "LayerStat
         qfac, sfac = _balance(qfac, 2, sfac, 2)  # Q (N, r, Mg) against S (N, r, K)
         a = _pw_kernel(qfac, sfac, g)
         first, second = qfac.reshape(f0.shape), sfac.reshape(s0.shape)
-    error = _rel(prob.data_error(a), prob.tt)
+    error = _rel(prob.data_error(a), prob.scale)
     new_bias = prob.new_bias(a, b)
     return Fit(
         orientation=orientation,
@@ -1480,7 +1503,7 @@ def output_error_curve(weight, group: int, orientation: str, stats: "LayerStats 
     if orientation == "dw-first":
         errs = _dw_refit_curve(prob, f0.reshape(g, mg, top, k), spec.singular_values, top)
         for pos, r in enumerate(ranks):
-            out[pos] = _rel(errs[r - 1], prob.tt)
+            out[pos] = _rel(errs[r - 1], prob.scale)
         return out
     qfac = f0.reshape(prob.n, top, mg)
     gp, rp = _pw_sstep(prob, qfac)
@@ -1491,7 +1514,7 @@ def output_error_curve(weight, group: int, orientation: str, stats: "LayerStats 
         quad = np.einsum("nc,nc->n", np.einsum("ncd,nd->nc", gd[:, :m, :m], sol), sol)
         err = prob.tt - 2.0 * np.einsum("nc,nc->n", rd[:, :m], sol).reshape(g, ng).sum(1) \
             + quad.reshape(g, ng).sum(1)
-        out[pos] = _rel(err, prob.tt)
+        out[pos] = _rel(err, prob.scale)
     return out
 
 
@@ -1511,5 +1534,5 @@ def refit_dense(weight, bias, group: int, stats: LayerStats, *, lam: float | Non
     a = np.swapaxes(_solve_spd(prob.cp, np.swapaxes(prob.wcp, 1, 2)), 1, 2)  # (g, Ng, d)
     b = np.zeros(prob.n) if bias is None else _f64(bias, "bias").reshape(-1)
     new_b = prob.new_bias(a, b)
-    return (a.reshape(prob.shape).astype(dtype), new_b.astype(dtype), _rel(prob.data_error(a), prob.tt),
-            _rel(prob.data_error(prob.w), prob.tt))
+    return (a.reshape(prob.shape).astype(dtype), new_b.astype(dtype), _rel(prob.data_error(a), prob.scale),
+            _rel(prob.data_error(prob.w), prob.scale))

@@ -62,6 +62,10 @@ class RewriteOptions:
     # with calibration data and sequential: refit the Convs left dense after rewritten layers
     # to their original outputs (calibrate.Calibrator.fit, factorize.refit_dense)
     refit_kept: bool = True
+    # with calibration data and sequential: a conv whose output is read only by an Add whose
+    # other branch drifts is fitted to the original sum minus that drifted branch, so the Add's
+    # output is what it undoes (calibrate, "Residual targets")
+    residual_target: bool = True
     calib_cache_mb: float = 2048  # MiB of activations held between calibration passes (calibrate.Budget)
     # onnxruntime execution providers of the calibration and verification sessions, e.g.
     # ("CUDA", "CPU"); empty: CPU. The latency measurements always use their own CPU sessions.

@@ -57,6 +57,9 @@ class LayerResult:
     # outputs this layer's option is predicted to cause alone, a_l(r) * eps_l(o, r)^2 (what the
     # budget allocator summed)
     distortion_predicted: float | None = None
+    # the Add whose output the predicted and measured output errors are of (a residual target,
+    # calibrate "Residual targets"); None: the layer's own output
+    output_error_at: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -272,7 +275,7 @@ def rewrite(
         calibrator = Calibrator(materialize(raw, base_dir), calib, rows=opts.calib_rows, seed=opts.calib_seed,
                                 method=opts.calib_method, sequential=opts.sequential, threads=opts.threads,
                                 progress=progress, cache_mb=opts.calib_cache_mb,
-                                providers=providers_for(opts.providers))
+                                providers=providers_for(opts.providers), residual=opts.residual_target)
         with threadpool_limits(limits=1, user_api="blas"):  # see README (dependencies)
             sensitivity_info = _set_output_curves(candidates, opts, calibrator, before.totals.macs)
     choices = plan_ranks(candidates, opts, before.totals.macs) if opts.target_speedup is None else {}
@@ -348,9 +351,11 @@ def rewrite(
             k = by_name[name]
             rep = refitted(k, w, b, names)
             replacements.append(rep)
+            add = calibrator.residual_targets.get(name)
             refits.append({"name": name, "output_error_before": err0, "output_error_predicted": err,
-                           "output_error_measured": None, "folded_batchnorm": (k.bn.name or "BatchNormalization")
-                           if k.bn is not None else None, "tensor": rep.pair.nodes[0].output[0]})
+                           "output_error_measured": None, "output_error_at": add[0] if add else None,
+                           "folded_batchnorm": (k.bn.name or "BatchNormalization") if k.bn is not None else None,
+                           "tensor": add[1] if add else rep.pair.nodes[0].output[0]})
     new = edit_base
     if (results or refits) and edit_base is not raw and not _top_level(edit_base, replacements):
         # a rewritten Conv is inside a model-local function: edit the inlined model
@@ -380,8 +385,13 @@ def rewrite(
     if calibrator is not None:
         from .calibrate import materialize
 
+        residual = calibrator.residual_targets
         by_layer = {r.name: (c.bn.output[0] if c.bn is not None else c.node.output[0])
                     for r in results for c in candidates if c.node.name == r.name}
+        for r in results:  # a residual target's errors are of the Add's output
+            if r.name in residual:
+                r.output_error_at = residual[r.name][0]
+                by_layer[r.name] = residual[r.name][1]
         measured = calibrator.measure(materialize(new, base_dir), list(by_layer.values()) + [f["tensor"] for f in refits])
         for r in results:
             r.output_error_measured = measured.get(by_layer[r.name])
