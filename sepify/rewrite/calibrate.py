@@ -308,6 +308,14 @@ class Layer:
     weight: np.ndarray | None = None  # the weight the fit uses (a folded BN included): phase 2 projects on it
     skip: str | None = None  # residual target: the other input of the Add the output feeds ("Residual targets")
     sum_out: str | None = None  # ... and that Add's output
+    rows: bool = False  # the input is (..., features): every vector a row (a recurrent node's input projection)
+
+    def as_map(self, arr: np.ndarray) -> np.ndarray:
+        """The layer's input as a conv input (B, C, *spatial): a recurrent node's (T, B, I) or
+        (B, T, I) sequence becomes (1, I, T*B), each time step a position of a 1x1 conv."""
+        if not self.rows:
+            return arr
+        return np.ascontiguousarray(arr.reshape(-1, arr.shape[-1]).T[None])
 
     def project(self, rows: np.ndarray) -> np.ndarray:
         """The original layer's output (no bias) at patch rows (R, g, d): (R, g, Ng), float32."""
@@ -539,7 +547,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
     for s, got in enumerate(ahead(lambda i: dict(zip(names, run(sess, names, samples[i]))), len(samples))):
         gathered = {}
         for layer in layers:
-            x = got[layer.input]
+            x = layer.as_map(got[layer.input])
             flat, geo = _sample_rows(layer, x, seed, s, per)
             p = gather_patches(x, geo, flat)
             gathered[layer.name] = (x, p, flat)
@@ -754,6 +762,66 @@ def replace_dense(model: onnx.ModelProto, layer: Layer, weight: np.ndarray, bias
     g.node.extend(keep)
 
 
+def recurrent_inputs(k, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A recurrent node's new (W, B) from its refitted input projection ``weight``
+    ((D*G*H, I, 1), :func:`~sepify.rewrite.plan.kept_recurrent`) and that projection's bias
+    (the Wb half of B); the Rb half is the node's own (zeros when it had no B)."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in k.node.attribute}
+    direction = a.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    d = 2 if direction == "bidirectional" else 1
+    w = np.ascontiguousarray(weight.reshape(d, -1, weight.shape[1]))
+    gh = w.shape[1]
+    rb = np.zeros((d, gh), w.dtype) if k.recurrent_bias is None else np.asarray(k.recurrent_bias, w.dtype).reshape(d, gh)
+    return w, np.concatenate([np.asarray(bias, w.dtype).reshape(d, gh), rb], axis=1)
+
+
+def replace_recurrent(model: onnx.ModelProto, k, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Give the recurrent node ``k`` (in place) the refitted input projection: new W and B."""
+    from onnx import numpy_helper
+
+    w, b = recurrent_inputs(k, weight, bias)
+    node = next(n for n in model.graph.node if n.name == k.node.name)
+    base = f"__calib__/{k.node.name}"
+    model.graph.initializer.extend([numpy_helper.from_array(w, f"{base}/W"), numpy_helper.from_array(b, f"{base}/B")])
+    while len(node.input) < 4:
+        node.input.append("")
+    node.input[1], node.input[3] = f"{base}/W", f"{base}/B"
+
+
+def measure_projections(original: onnx.ModelProto, rewritten: onnx.ModelProto, specs: Mapping[str, tuple],
+                        samples: Sequence[Mapping], threads: int | None = None, providers=None) -> dict[str, float]:
+    """Relative error (as :func:`measure_outputs`) of linear maps that are no tensor of the graph:
+    ``specs`` {key: (input tensor, W, b, W~, b~)}, the map ``x W^T + b`` of the input's last axis
+    on the original model against ``x~ W~^T + b~`` on the rewritten one (a recurrent node's input
+    projection, every time step a row)."""
+    if not samples or not specs:
+        return {}
+    tensors = list(dict.fromkeys(v[0] for v in specs.values()))
+    s1, s2 = (session(prefix(original, tensors), threads, providers),
+              session(prefix(rewritten, tensors), threads, providers))
+    num = dict.fromkeys(specs, 0.0)
+    syy = dict.fromkeys(specs, 0.0)
+    sy: dict[str, np.ndarray] = {}
+    cnt = dict.fromkeys(specs, 0)
+    for feed in samples:
+        a = dict(zip(tensors, run(s1, tensors, feed)))
+        b = dict(zip(tensors, run(s2, tensors, feed)))
+        for key, (t, w, bias, w2, bias2) in specs.items():
+            x, x2 = a[t].reshape(-1, a[t].shape[-1]).astype(np.float64), b[t].reshape(-1, b[t].shape[-1]).astype(np.float64)
+            y = x @ np.asarray(w, np.float64).T + np.asarray(bias, np.float64)
+            y2 = x2 @ np.asarray(w2, np.float64).T + np.asarray(bias2, np.float64)
+            num[key] += float(np.sum((y2 - y) ** 2))
+            sy[key] = sy.get(key, 0.0) + y.sum(axis=0)
+            syy[key] += float(np.sum(y ** 2))
+            cnt[key] += len(y)
+    out = {}
+    for key in specs:
+        den = syy[key] - float(np.sum(sy[key] ** 2)) / cnt[key]
+        out[key] = math.sqrt(num[key] / den) if den > 0 else (0.0 if num[key] == 0 else math.inf)
+    return out
+
+
 # --- measurement -----------------------------------------------------------------------------
 def measure_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, tensors: list[str],
                     samples: Sequence[Mapping], threads: int | None = None, providers=None) -> dict[str, float]:
@@ -881,6 +949,9 @@ class Calibrator:
 
     @staticmethod
     def layer(c) -> Layer:
+        if getattr(c, "kind", "conv") == "recurrent":  # its linear output is no tensor of the graph
+            return Layer(c.node.name, c.node.input[0], "", c.node, tuple(c.weight.shape), int(c.index), c.weight,
+                         rows=True)
         out = c.bn.output[0] if c.bn is not None else c.node.output[0]
         return Layer(c.node.name, c.node.input[0], out, c.node, tuple(c.weight.shape), int(c.index), c.weight)
 
@@ -1020,7 +1091,10 @@ class Calibrator:
                     self._time("fits", t0)
                     if err_before >= REFIT_MIN_ERROR and err < (1.0 - REFIT_GAIN) * err_before:
                         self.refits[c.node.name] = (weight, bias, float(err), float(err_before))
-                        replace_dense(working, layer, weight, bias, drop=drop)
+                        if getattr(c, "kind", "conv") == "recurrent":
+                            replace_recurrent(working, c, weight, bias)
+                        else:
+                            replace_dense(working, layer, weight, bias, drop=drop)
                     continue
                 self.progress(f"calibration: fitting {c.node.name} ({index[c.node.name] + 1}/{len(chosen)}, {o} rank {r})")
                 t0 = time.perf_counter()
@@ -1088,11 +1162,11 @@ class Calibrator:
 
         for s, (xs, ts) in enumerate(ahead(both, len(fit))):
             for layer in layers:
-                x = xs[layer.input]
+                x = layer.as_map(xs[layer.input])
                 flat, geo = _sample_rows(layer, x, self.seed, s, per)
                 k = self.kept.get(layer.name)
                 y_rows = (k.outputs(layer, s, self.seed, per) if k is not None
-                          else layer.project(gather_patches(ts[layer.input], geo, flat)))
+                          else layer.project(gather_patches(layer.as_map(ts[layer.input]), geo, flat)))
                 ref = None
                 if layer.skip and layer.name not in self.plain:
                     total = _out_count(layer, x)
@@ -1114,13 +1188,18 @@ class Calibrator:
             self._free(layer.name)
         return {name: a.result() for name, a in acc.items()}
 
-    def measure(self, rewritten: onnx.ModelProto, tensors: list[str]) -> dict[str, float]:
-        """Measured relative output error per tensor on the holdout samples."""
+    def measure(self, rewritten: onnx.ModelProto, tensors: list[str], projections: Mapping[str, tuple] | None = None
+                ) -> dict[str, float]:
+        """Measured relative output error per tensor on the holdout samples (and per
+        :func:`measure_projections` spec of ``projections``)."""
         if not len(self.data.holdout):
             return {}
         t0 = time.perf_counter()
         self.progress(f"calibration: measuring the rewritten layers on {len(self.data.holdout)} held-out samples")
         got = measure_outputs(self.model, rewritten, tensors, self.data.holdout, self.threads, self.providers)
+        if projections:
+            got.update(measure_projections(self.model, rewritten, projections, self.data.holdout, self.threads,
+                                           self.providers))
         self.passes["holdout"] += 1
         self._time("holdout measurement", t0)
         return got

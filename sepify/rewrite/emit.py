@@ -283,10 +283,21 @@ def build(c: Candidate, orientation: str, rank: int, names: _Names, form: str = 
 def refitted(k, weight: np.ndarray, bias: np.ndarray | None, names: _Names) -> Replacement:
     """A kept Conv ``k`` (:class:`~sepify.rewrite.plan.Kept`, with its folded BN) with refitted
     weights: one Conv of the same name and attributes reading new initializers and writing the
-    tensor the Conv (or the BN) wrote."""
+    tensor the Conv (or the BN) wrote. A recurrent node's input projection (``k.kind ==
+    "recurrent"``): the node with a new W and B (``calibrate.recurrent_inputs``)."""
     node = onnx.NodeProto()
     node.CopyFrom(k.node)
     base = k.node.name or f"conv{k.index}"
+    if getattr(k, "kind", "conv") == "recurrent":
+        from .calibrate import recurrent_inputs
+
+        w_new, b_new = recurrent_inputs(k, weight, bias)
+        w = numpy_helper.from_array(w_new, names.make(f"{base}/refit/W"))
+        b = numpy_helper.from_array(b_new, names.make(f"{base}/refit/B"))
+        while len(node.input) < 4:
+            node.input.append("")
+        node.input[1], node.input[3] = w.name, b.name
+        return Replacement(k.node.name, None, Pair([node], [w, b]), k.node.output[0] if k.node.output else "")
     w = numpy_helper.from_array(np.ascontiguousarray(weight), names.make(f"{base}/refit/weight"))
     inits = [w]
     del node.input[:]

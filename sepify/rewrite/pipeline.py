@@ -343,6 +343,7 @@ def rewrite(
             distortion_predicted=_distortion(c, orientation, rank),
             **_macs_formulas(c, sp, rank)))
     refits: list[dict] = []
+    projections: dict[str, tuple] = {}  # recurrent input projections: measured in numpy (no tensor of the graph)
     if calibrator is not None and calibrator.refits:
         from .emit import refitted
 
@@ -352,10 +353,17 @@ def rewrite(
             rep = refitted(k, w, b, names)
             replacements.append(rep)
             add = calibrator.residual_targets.get(name)
-            refits.append({"name": name, "output_error_before": err0, "output_error_predicted": err,
+            recurrent = k.kind == "recurrent"
+            refits.append({"name": name, "op_type": k.node.op_type,
+                           "what": "input projection" if recurrent else "weights",
+                           "output_error_before": err0, "output_error_predicted": err,
                            "output_error_measured": None, "output_error_at": add[0] if add else None,
                            "folded_batchnorm": (k.bn.name or "BatchNormalization") if k.bn is not None else None,
-                           "tensor": add[1] if add else rep.pair.nodes[0].output[0]})
+                           "tensor": None if recurrent else add[1] if add else rep.pair.nodes[0].output[0]})
+            if recurrent:
+                projections[f"\0projection/{name}"] = (k.node.input[0], k.weight.reshape(k.weight.shape[0], -1),
+                                     k.bias if k.bias is not None else np.zeros(k.weight.shape[0]),
+                                     w.reshape(w.shape[0], -1), b)
     new = edit_base
     if (results or refits) and edit_base is not raw and not _top_level(edit_base, replacements):
         # a rewritten Conv is inside a model-local function: edit the inlined model
@@ -392,11 +400,13 @@ def rewrite(
             if r.name in residual:
                 r.output_error_at = residual[r.name][0]
                 by_layer[r.name] = residual[r.name][1]
-        measured = calibrator.measure(materialize(new, base_dir), list(by_layer.values()) + [f["tensor"] for f in refits])
+        measured = calibrator.measure(materialize(new, base_dir),
+                                      list(by_layer.values()) + [f["tensor"] for f in refits if f["tensor"]], projections)
         for r in results:
             r.output_error_measured = measured.get(by_layer[r.name])
         for f in refits:
-            f["output_error_measured"] = measured.get(f.pop("tensor"))
+            t = f.pop("tensor")
+            f["output_error_measured"] = measured.get(t if t else f"\0projection/{f['name']}")
         calib_info = {**calib.to_dict(), "rows_per_layer": opts.calib_rows, "method": opts.calib_method,
                       "sequential": opts.sequential, "seconds": {k: round(v, 3) for k, v in calibrator.seconds.items()},
                       "passes": dict(calibrator.passes), "providers": calibrator.providers,
@@ -634,12 +644,18 @@ def _distortion(c: Candidate, orientation: str, rank: int) -> float | None:
 
 def _kept_convs(model, view, candidates: list[Candidate], rewritten: set[str], live: set[int], opts, base_dir) -> list:
     """The live top-level float Convs that stay dense (:class:`~sepify.rewrite.plan.Kept`):
-    candidates not chosen, and Convs that are not candidates (1x1, depthwise, ...)."""
-    from .plan import Kept, kept_conv
+    candidates not chosen, and Convs that are not candidates (1x1, depthwise, ...); and the
+    input projections of the recurrent nodes (LSTM, GRU, RNN: ``plan.kept_recurrent``)."""
+    from .plan import RECURRENT_GATES, Kept, kept_conv, kept_recurrent
 
     by_name = {c.node.name: c for c in candidates}
     out = []
     for idx, node in enumerate(view.nodes):
+        if node.op_type in RECURRENT_GATES and idx in live:
+            r = kept_recurrent(model, view, idx, node, opts, base_dir)
+            if r is not None:
+                out.append(r)
+            continue
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or idx not in live or node.name in rewritten:
             continue
         c = by_name.get(node.name)
@@ -655,7 +671,8 @@ def _kept_convs(model, view, candidates: list[Candidate], rewritten: set[str], l
 def _top_level(model: onnx.ModelProto, replacements) -> bool:
     """Are the replaced nodes all top-level nodes of ``model`` (not inside a model-local function)?"""
     nodes = {n.name: n for n in model.graph.node}
-    return all(r.conv in nodes and nodes[r.conv].op_type == "Conv" and nodes[r.conv].output[:1] == [r.conv_output]
+    return all(r.conv in nodes and nodes[r.conv].op_type in ("Conv", "LSTM", "GRU", "RNN")
+               and nodes[r.conv].output[:1] == [r.conv_output]
                and (r.bn is None or r.bn in nodes) for r in replacements)
 
 

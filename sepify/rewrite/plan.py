@@ -226,6 +226,47 @@ class Kept:
     bias: np.ndarray | None
     group: int
     bn: onnx.NodeProto | None = None
+    # "conv"; or "recurrent": the INPUT projection of an LSTM / GRU / RNN (:func:`kept_recurrent`),
+    # ``weight`` its W as a (D * gates * hidden, input, 1) kernel, ``bias`` the Wb half of B
+    kind: str = "conv"
+    gates: int = 1  # recurrent: gates per direction (LSTM 4, GRU 3, RNN 1)
+    recurrent_bias: np.ndarray | None = None  # recurrent: the Rb half of B (D, G*H), None without B
+
+
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def kept_recurrent(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
+                   base_dir: str | None) -> Kept | None:
+    """The input projection ``W x_t (+ Wb)`` of an LSTM / GRU / RNN node as a :class:`Kept` of
+    kind "recurrent" when its W (and B) are float constants and --include / --exclude allow it,
+    else None: a linear map of every time step's input, refitted as a 1x1 conv over the time
+    steps (``factorize.refit_dense``). The recurrence (R, Rb, the gates) is left as it is."""
+    gates = RECURRENT_GATES.get(node.op_type)
+    if gates is None or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[0]:
+        return None
+    if opts.include and not _matches(node.name, opts.include):
+        return None
+    if opts.exclude and _matches(node.name, opts.exclude):
+        return None
+    has_b = len(node.input) > 3 and bool(node.input[3])
+    if not view.is_const(node.input[1]) or not is_float(view.dtype(node.input[1])):
+        return None
+    if has_b and not view.is_const(node.input[3]):
+        return None
+    try:
+        w = _const_array(model, view, node.input[1], base_dir)
+        b = _const_array(model, view, node.input[3], base_dir) if has_b else None
+    except Exception:  # noqa: BLE001 - unreadable: left alone
+        return None
+    if w.ndim != 3 or w.shape[1] % gates or (b is not None and b.shape != (w.shape[0], 2 * w.shape[1])):
+        return None
+    if not np.all(np.isfinite(w)) or (b is not None and not np.all(np.isfinite(b))):
+        return None
+    d, gh, size = w.shape
+    bias = None if b is None else np.ascontiguousarray(b[:, :gh]).reshape(-1)
+    rb = None if b is None else np.ascontiguousarray(b[:, gh:])
+    return Kept(node, idx, np.ascontiguousarray(w).reshape(d * gh, size, 1), bias, 1, None, "recurrent", gates, rb)
 
 
 def kept_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
