@@ -282,6 +282,19 @@ def _rank_value(ctx, param, value):
     return v
 
 
+def _ranks_list(text: str) -> tuple[int, ...]:
+    """``--sensitivity-ranks 1,2,4``: positive integers (one line, exit 2 otherwise)."""
+    from .errors import UsageError
+
+    try:
+        got = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        got = ()
+    if not got or any(r < 1 for r in got):
+        raise UsageError(f"--sensitivity-ranks: give positive integers separated by commas, e.g. 1,3 (not {text!r})")
+    return got
+
+
 def _holdout_value(text: str) -> float:
     from .errors import UsageError
 
@@ -347,6 +360,9 @@ def _holdout_value(text: str) -> float:
                    "layer's relative output error alike (none). docs/rewrite.md.")
 @click.option("--sensitivity-samples", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               help="With --sensitivity measured: held-out samples the sensitivities are measured on.")
+@click.option("--sensitivity-ranks", default="1,3", show_default=True, metavar="R,R,...",
+              help="With --sensitivity measured: the ranks each layer's sensitivity is measured at (interpolated "
+                   "between them; more ranks cost one suffix run each per sample).")
 @click.option("--distortion", type=click.Choice(["auto", "kl", "rel"]), default="auto", show_default=True,
               help="How --sensitivity measured compares the model's outputs: KL divergence of probabilities or "
                    "logits, relative squared error, or auto (KL for softmax/log-softmax/classifier-logit outputs).")
@@ -391,7 +407,7 @@ def _holdout_value(text: str) -> float:
 @_handle_errors
 def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, orientation, form, include, exclude,
             allow_increase, no_fold_bn, calibration, holdout, calib_rows, calib_method, no_sequential, sensitivity,
-            sensitivity_samples, distortion, cache_dir, no_cache, no_refit_kept, no_residual_target, calib_cache_mb, providers, do_verify,
+            sensitivity_samples, sensitivity_ranks, distortion, cache_dir, no_cache, no_refit_kept, no_residual_target, calib_cache_mb, providers, do_verify,
             inputs_file, seed, tolerance, verify_layers, dry_run, fmt, report_file, metric, input_shape, dim,
             **latency):  # --objective, --target-speedup, --threads (sepify.rewrite.measure)
     """Replace standard Convs of MODEL by depthwise + pointwise pairs (low-rank SVD)."""
@@ -440,18 +456,18 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         include=include, exclude=exclude, allow_increase=allow_increase,
         fold_batchnorm=not no_fold_bn, holdout=_holdout_value(holdout), calib_rows=calib_rows,
         calib_method=calib_method, sequential=not no_sequential, calib_seed=seed, sensitivity=sensitivity,
-        sensitivity_samples=sensitivity_samples, distortion=distortion, cache_dir=cache_dir, cache=not no_cache,
+        sensitivity_samples=sensitivity_samples, sensitivity_ranks=_ranks_list(sensitivity_ranks), distortion=distortion, cache_dir=cache_dir, cache=not no_cache,
         refit_kept=not no_refit_kept, residual_target=not no_residual_target, calib_cache_mb=calib_cache_mb,
         providers=tuple(p for p in (providers or "").split(",") if p.strip()))
     if providers is not None and not opts.providers:
         raise UsageError("--providers: give a comma-separated list, e.g. CUDA,CPU")
     if calibration is None and any(v != d for v, d in ((holdout, "0.2"), (calib_rows, 16384), (calib_method, "als"),
                                                         (no_sequential, False), (sensitivity, "measured"),
-                                                        (sensitivity_samples, 16), (distortion, "auto"),
+                                                        (sensitivity_samples, 16), (sensitivity_ranks, "1,3"), (distortion, "auto"),
                                                         (cache_dir, None), (no_cache, False), (no_refit_kept, False),
                                                         (no_residual_target, False), (calib_cache_mb, 2048))):
         raise UsageError("--holdout, --calib-rows, --calib-method, --no-sequential, --sensitivity, "
-                         "--sensitivity-samples, --distortion, --cache-dir, --no-cache, --no-refit-kept, "
+                         "--sensitivity-samples, --sensitivity-ranks, --distortion, --cache-dir, --no-cache, --no-refit-kept, "
                          "--no-residual-target and --calib-cache-mb need --calibration")
     do_verify = do_verify or tolerance is not None or bool(inputs_file) or verify_layers
     samples = source = None

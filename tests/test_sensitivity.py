@@ -335,3 +335,17 @@ def test_full_rank_upstream_leaves_the_kept_convs_as_they_were():
     assert len(res.layers) == 2 and res.report["refitted"] == []
     assert "conv3.w" in {t.name for t in res.model.graph.initializer}
 
+
+
+def test_sensitivity_ranks_option_sets_the_measured_ranks_and_bad_values_are_one_line(tmp_path):
+    model = chain_with_head()
+    res = sepify.rewrite(model, target_ratio=0.7, calibration={"x": data(24)}, calib_rows=2048, cache=False,
+                         sensitivity_ranks=[2, 1, 2])
+    for layer in res.report["calibration"]["sensitivity"]["layers"].values():
+        assert set(layer["ranks"]) <= {1, 2}
+    m = tmp_path / "m.onnx"
+    onnx.save(model, m)
+    np.savez(tmp_path / "cal.npz", x=data(16))
+    r = CliRunner().invoke(main, ["rewrite", str(m), "-o", str(tmp_path / "o.onnx"), "--calibration",
+                                  str(tmp_path / "cal.npz"), "--target-ratio", "0.7", "--sensitivity-ranks", "1,x"])
+    assert r.exit_code == 2 and "--sensitivity-ranks" in r.output and "Traceback" not in r.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,6 +58,7 @@ class RewriteOptions:
     # output error counts alike (the allocation before sensitivity)
     sensitivity: str = "measured"
     sensitivity_samples: int = 16  # held-out samples the sensitivities are measured on
+    sensitivity_ranks: Sequence[int] = (1, 3)  # ranks the sensitivities are measured at (interpolated between)
     distortion: str = "auto"  # how outputs are compared: auto | kl | rel
     cache_dir: str | None = None  # the per-model tables' cache (None: $SEPIFY_CACHE_DIR or ~/.cache/sepify)
     cache: bool = True
@@ -126,6 +129,11 @@ class RewriteOptions:
         if (isinstance(self.sensitivity_samples, bool) or not isinstance(self.sensitivity_samples, int)
                 or self.sensitivity_samples < 1):
             raise UsageError(f"--sensitivity-samples must be a positive integer, not {self.sensitivity_samples!r}")
+        ranks = self.sensitivity_ranks
+        if (isinstance(ranks, (str, bytes)) or not ranks
+                or any(isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1 for r in ranks)):
+            raise UsageError(f"--sensitivity-ranks must be positive integers, e.g. 1,3, not {ranks!r}")
+        self.sensitivity_ranks = tuple(sorted(set(int(r) for r in ranks)))
         if self.distortion not in DISTORTIONS:
             raise UsageError(f"--distortion must be one of {', '.join(DISTORTIONS)}, not {self.distortion!r}")
         for p in list(self.include) + list(self.exclude):

@@ -789,7 +789,7 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
     if opts.cache:
         key = sens.cache_key(calibrator.model, calibrator.data, {
             "rows": opts.calib_rows, "seed": opts.calib_seed, "sensitivity_samples": opts.sensitivity_samples,
-            "distortion": opts.distortion, "ranks": list(sens.DEFAULT_RANKS),
+            "distortion": opts.distortion, "ranks": list(opts.sensitivity_ranks),
             "candidates": sorted((c.node.name, sorted(c.spectra)) for c in candidates)})
         cache = sens.TableCache(sens.cache_dir(opts.cache_dir), key)
     tables = cache.load() if cache is not None else None
@@ -812,7 +812,7 @@ def _set_output_curves(candidates: list[Candidate], opts: RewriteOptions, calibr
             samples = calibrator.data.holdout if len(calibrator.data.holdout) >= 4 else calibrator.data.fit
             samples = list(samples)[:opts.sensitivity_samples]
             got = sens.measure(calibrator.model, candidates, calibrator.phase1(candidates), curves, samples,
-                               ranks=sens.DEFAULT_RANKS,
+                               ranks=tuple(opts.sensitivity_ranks),
                                distortion=opts.distortion, threads=opts.threads, progress=calibrator.progress)
             kinds = got.pop("__kinds__", {})
             sens_notes = got.pop("__notes__", [])
