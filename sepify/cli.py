@@ -360,7 +360,7 @@ def _holdout_value(text: str) -> float:
                    "layer's relative output error alike (none). docs/rewrite.md.")
 @click.option("--sensitivity-samples", type=click.IntRange(min=1), default=16, show_default=True, metavar="N",
               help="With --sensitivity measured: held-out samples the sensitivities are measured on.")
-@click.option("--sensitivity-ranks", default="1,3", show_default=True, metavar="R,R,...",
+@click.option("--sensitivity-ranks", default="1,2,4", show_default=True, metavar="R,R,...",
               help="With --sensitivity measured: the ranks each layer's sensitivity is measured at (interpolated "
                    "between them; more ranks cost one suffix run each per sample).")
 @click.option("--distortion", type=click.Choice(["auto", "kl", "rel"]), default="auto", show_default=True,
@@ -463,7 +463,7 @@ def rewrite(model, output, rank, energy, max_error, target_macs, target_ratio, o
         raise UsageError("--providers: give a comma-separated list, e.g. CUDA,CPU")
     if calibration is None and any(v != d for v, d in ((holdout, "0.2"), (calib_rows, 16384), (calib_method, "als"),
                                                         (no_sequential, False), (sensitivity, "measured"),
-                                                        (sensitivity_samples, 16), (sensitivity_ranks, "1,3"), (distortion, "auto"),
+                                                        (sensitivity_samples, 16), (sensitivity_ranks, "1,2,4"), (distortion, "auto"),
                                                         (cache_dir, None), (no_cache, False), (no_refit_kept, False),
                                                         (no_residual_target, False), (calib_cache_mb, 2048))):
         raise UsageError("--holdout, --calib-rows, --calib-method, --no-sequential, --sensitivity, "

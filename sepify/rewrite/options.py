@@ -58,7 +58,7 @@ class RewriteOptions:
     # output error counts alike (the allocation before sensitivity)
     sensitivity: str = "measured"
     sensitivity_samples: int = 16  # held-out samples the sensitivities are measured on
-    sensitivity_ranks: Sequence[int] = (1, 3)  # ranks the sensitivities are measured at (interpolated between)
+    sensitivity_ranks: Sequence[int] = (1, 2, 4)  # ranks the sensitivities are measured at (interpolated between)
     distortion: str = "auto"  # how outputs are compared: auto | kl | rel
     cache_dir: str | None = None  # the per-model tables' cache (None: $SEPIFY_CACHE_DIR or ~/.cache/sepify)
     cache: bool = True

@@ -8,7 +8,7 @@ others' (a layer before a wide pooling, a layer whose error a saturating activat
 last layer before a classifier): the relative output error of a layer does not say what its error
 costs in the model's output.
 
-What. For every candidate ``l`` and a few ranks ``R_l`` (default ``{1, 3}`` where they save
+What. For every candidate ``l`` and a few ranks ``R_l`` (default ``{1, 2, 4}`` where they save
 MACs), the layer alone is replaced by its closed-form rank-``r`` pair (the phase-1 "refit" factors
 of :func:`sepify.rewrite.factorize.fit`, on the original model's inputs), and the model's outputs
 are compared with the original's on the *sensitivity samples* (the held-out calibration samples,
@@ -57,7 +57,7 @@ from onnx import helper, numpy_helper
 
 from ..model.graph import outer_inputs
 
-DEFAULT_RANKS = (1, 3)
+DEFAULT_RANKS = (1, 2, 4)
 DEFAULT_SAMPLES = 16
 _SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast"}
 _LOGIT_OPS = {"Gemm", "MatMul", "FusedMatMul", "FusedGemm"}
