@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -17,25 +16,14 @@ import sepify
 from sepify.rewrite import calibrate
 from sepify.rewrite.factorize import default_lam
 
+from test_residual_target import _init, _sess
+
 T, I, H = 16, 8, 6
-
-
-def _sess(model, outputs=()):
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def _tensor(model, name, feeds):
     s = _sess(model, [name])
     return np.concatenate([s.run([name], f)[0].reshape(-1, s.run([name], f)[0].shape[-1]) for f in feeds])
-
-
-def _init(model, name):
-    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
 
 
 def seq_model(op="LSTM", with_bias=True, seed=0) -> onnx.ModelProto:
