@@ -304,3 +304,13 @@ def test_cli_providers_missing_is_exit_2_and_cpu_is_reported(tmp_path):
     assert rep["calibration"]["providers"] == ["CPUExecutionProvider"]
     assert rep["calibration"]["cache"]["limit_mb"] == 1.0 and rep["calibration"]["cache"]["peak_mb"] <= 1.0
     assert rep["verification"]["samples"] == 2
+
+
+def test_positions_are_the_seeded_draw_and_are_remembered():
+    """The sampled positions are numpy's seeded draw without replacement (sorted), all positions
+    when fewer than asked; a second call returns the remembered (read-only) array."""
+    want = np.sort(np.random.default_rng((3, 7, 11)).choice(500, size=40, replace=False))
+    got = cal.positions((3, 7, 11), 500, 40)
+    assert np.array_equal(got, want) and len(set(got.tolist())) == 40
+    assert cal.positions((3, 7, 11), 500, 40) is got and not got.flags.writeable
+    assert np.array_equal(cal.positions((3, 7, 12), 30, 40), np.arange(30))

@@ -49,6 +49,7 @@ Sessions use ``providers`` (``--providers``; default CPU).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -327,10 +328,17 @@ def gather_patches(x: np.ndarray, geo: ConvGeometry, flat: np.ndarray) -> np.nda
 
 
 def positions(rng_key: tuple, total: int, count: int) -> np.ndarray:
-    """``count`` distinct indices of ``range(total)`` (all when fewer), seeded by ``rng_key``."""
-    if count >= total:
-        return np.arange(total)
-    return np.sort(np.random.default_rng(rng_key).choice(total, size=count, replace=False))
+    """``count`` distinct indices of ``range(total)`` (all when fewer), seeded by ``rng_key``
+    (read-only: the draws are remembered, as phase 2 draws a sample's positions again)."""
+    return _positions(tuple(rng_key), int(total), int(count))
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _positions(rng_key: tuple, total: int, count: int) -> np.ndarray:
+    out = np.arange(total) if count >= total else np.sort(
+        np.random.default_rng(rng_key).choice(total, size=count, replace=False))
+    out.flags.writeable = False
+    return out
 
 
 # --- accumulation ----------------------------------------------------------------------------
