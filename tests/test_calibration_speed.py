@@ -192,6 +192,55 @@ def test_moments_equal_float64_moments_even_far_from_zero(offset):
     assert_stats_close(same.result(), LayerStats.from_rows(np.concatenate(rows)), rtol=1e-5)
 
 
+def test_folder_thread_gives_the_same_moments_bit_for_bit():
+    """Batches folded in the Folder's thread: the same sums in the same order as folded inline
+    (bitwise equal), the float64 moments to float32 noise, and the batches really are folded
+    in another thread."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    geo = cal.ConvGeometry((3, 3), (1, 1), (1, 1), (0, 0, 0, 0), 1)
+    w = rng.standard_normal((5, 4, 3, 3))
+    rows = [(rng.standard_normal((300, 1, 36)) + 2.0).astype(np.float32) for _ in range(30)]
+    ys = [(r[:, 0] @ w.reshape(5, 36).T).astype(np.float32)[:, None] for r in rows]
+    inline = cal._Rows(geo, 4, paired=True, weight=w)
+    seen = set()
+    fold = cal._Rows._fold
+
+    def spy(self, xs, ys_):
+        seen.add(threading.get_ident())
+        return fold(self, xs, ys_)
+
+    with cal.Folder(depth=2) as folder:
+        threaded = cal._Rows(geo, 4, paired=True, weight=w, folder=folder)
+        for r, y in zip(rows, ys):
+            inline.add(r, y)
+        cal._Rows._fold = spy
+        try:
+            for r, y in zip(rows, ys):
+                threaded.add(r, y)
+            b = threaded.result()
+        finally:
+            cal._Rows._fold = fold
+    a = inline.result()
+    assert seen and threading.get_ident() not in seen
+    assert len(rows) * 300 // cal._BATCH_ROWS >= 4  # several batches went through the bounded queue
+    for f in ("n", "sum_x", "xx", "sum_y", "yx", "yy"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f
+    assert_fit_inputs_close(w, b, LayerStats.from_rows(np.concatenate(rows)))
+
+
+def test_folder_reraises_a_fold_error_at_the_result():
+    from sepify.errors import ModelError
+
+    geo = cal.ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0), 1)
+    with cal.Folder() as folder:
+        acc = cal._Rows(geo, 3, paired=False, folder=folder)
+        acc.add(np.array([[[1.0, np.inf, 2.0]]], np.float32))
+        with pytest.raises(ModelError, match="NaN or infinite"):
+            acc.result()
+
+
 def test_nonfinite_layer_input_is_a_model_error():
     from sepify.errors import ModelError
 
@@ -255,3 +304,13 @@ def test_cli_providers_missing_is_exit_2_and_cpu_is_reported(tmp_path):
     assert rep["calibration"]["providers"] == ["CPUExecutionProvider"]
     assert rep["calibration"]["cache"]["limit_mb"] == 1.0 and rep["calibration"]["cache"]["peak_mb"] <= 1.0
     assert rep["verification"]["samples"] == 2
+
+
+def test_positions_are_the_seeded_draw_and_are_remembered():
+    """The sampled positions are numpy's seeded draw without replacement (sorted), all positions
+    when fewer than asked; a second call returns the remembered (read-only) array."""
+    want = np.sort(np.random.default_rng((3, 7, 11)).choice(500, size=40, replace=False))
+    got = cal.positions((3, 7, 11), 500, 40)
+    assert np.array_equal(got, want) and len(set(got.tolist())) == 40
+    assert cal.positions((3, 7, 11), 500, 40) is got and not got.flags.writeable
+    assert np.array_equal(cal.positions((3, 7, 12), 30, 40), np.arange(30))

@@ -41,13 +41,15 @@ Passes (``F`` = fit samples, ``L`` = rewritten layers):
   original output's name).
 
 Each pass's onnxruntime runs go one sample ahead in a background thread (:func:`ahead`;
-onnxruntime releases the GIL) while numpy gathers the previous sample's patches and folds them
-into the moments (float32 products of shifted rows, summed in float64: :class:`_Rows`).
+onnxruntime releases the GIL) while numpy gathers the previous sample's patches; a third thread
+(:class:`Folder`) folds them into the moments (float32 products of shifted rows, summed in
+float64: :class:`_Rows`) meanwhile.
 Sessions use ``providers`` (``--providers``; default CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -111,8 +113,11 @@ def session(model: onnx.ModelProto, threads: int | None = None, providers: Seque
     so.log_severity_level = 3
     # numpy works between runs: idle onnxruntime threads must not spin and steal its cores
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = int(threads)
+    # one intra-op thread unless ``threads`` says otherwise: every pass runs onnxruntime beside
+    # numpy's threads (ahead, Folder) or two sessions at once (measure_outputs, sensitivity), and a
+    # second intra-op thread per session only oversubscribes the cores (measured on the 2-core VM:
+    # a calibrated ResNet-50 rewrite took 10 s less CPU, the same wall time)
+    so.intra_op_num_threads = int(threads) if threads else 1
     try:
         return ort.InferenceSession(model.SerializeToString(), so, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -170,6 +175,41 @@ def ahead(fn, n: int, depth: int = 2):
             except queue.Empty:
                 pass
         thread.join()
+
+
+class Folder:
+    """One background thread folding :class:`_Rows` batches into their moments (the float32
+    GEMMs release the GIL), so that they run beside the main thread's patch gathering and
+    projections: with ``ahead``'s onnxruntime thread, a pass keeps two cores busy. Batches are
+    folded in submission order (a layer's sums in the same order as without it: the same
+    result); at most ``depth`` are waiting at a time (``submit`` blocks beyond: bounded memory).
+    A context manager; ``close`` waits for the work submitted."""
+
+    def __init__(self, depth: int = 4):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sepify-calibration-fold")
+        self._slots = threading.BoundedSemaphore(max(1, int(depth)))
+
+    def submit(self, fn, *args):
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(fn, *args)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        return future
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def needed_nodes(graph: onnx.GraphProto, outputs: Iterable[str], given: Iterable[str] = ()) -> set[int]:
@@ -288,10 +328,17 @@ def gather_patches(x: np.ndarray, geo: ConvGeometry, flat: np.ndarray) -> np.nda
 
 
 def positions(rng_key: tuple, total: int, count: int) -> np.ndarray:
-    """``count`` distinct indices of ``range(total)`` (all when fewer), seeded by ``rng_key``."""
-    if count >= total:
-        return np.arange(total)
-    return np.sort(np.random.default_rng(rng_key).choice(total, size=count, replace=False))
+    """``count`` distinct indices of ``range(total)`` (all when fewer), seeded by ``rng_key``
+    (read-only: the draws are remembered, as phase 2 draws a sample's positions again)."""
+    return _positions(tuple(rng_key), int(total), int(count))
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _positions(rng_key: tuple, total: int, count: int) -> np.ndarray:
+    out = np.arange(total) if count >= total else np.sort(
+        np.random.default_rng(rng_key).choice(total, size=count, replace=False))
+    out.flags.writeable = False
+    return out
 
 
 # --- accumulation ----------------------------------------------------------------------------
@@ -373,14 +420,14 @@ class _Rows:
     took most of a calibrated ResNet-50 rewrite that way).
 
     The products are float32 GEMMs of *shifted* rows ``c = x - r`` (``r``: the first batch's
-    mean, rounded to float32; the shift is computed in float64), summed over batches in float64,
-    and the raw moments restored exactly at the end:
+    mean, rounded to float32; ``c``: the exact difference rounded once to float32), summed over
+    batches in float64, and the raw moments restored exactly at the end:
     ``sum x x^T = sum c c^T + (sum c) r^T + r (sum c)^T + n r r^T``. The shift keeps the float32
     products at the scale of the spread, not of the mean (no cancellation for inputs far from
     zero), so each batch's product has float32 rounding relative to the covariance; measured
     on a trained ResNet-50 layer (d = 1152, 16,400 rows): covariance within 3e-7 (relative,
     Frobenius) of the float64 products, the fitted output error within 4e-8, at 2.7x their
-    speed.
+    speed. With a :class:`Folder` the batches are folded in its thread, beside the pass.
 
     ``paired``: rows of x~ with the original layer's outputs ``y = W x`` at the same positions
     (``add(x_rows, y_rows)``); the result is an :class:`~sepify.rewrite.factorize.OutputStats`
@@ -395,8 +442,10 @@ class _Rows:
     r's moments the same algebra holds exactly for the rounded ``xx``, so the error is as exact
     as r's own moments, down to an exact rewrite."""
 
-    def __init__(self, geo: ConvGeometry, channels: int, paired: bool, weight=None):
+    def __init__(self, geo: ConvGeometry, channels: int, paired: bool, weight=None, folder: "Folder | None" = None):
         self.paired, self.weight = paired, weight
+        self.folder = folder  # a Folder: the batches are folded in its thread
+        self.pending: list = []
         self.size = (channels // geo.group) * math.prod(geo.kernel)
         self.group = geo.group
         self.xs: list[np.ndarray] = []
@@ -431,35 +480,55 @@ class _Rows:
         return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), self._w3).transpose(1, 0, 2)
 
     @staticmethod
-    def _shifted(rows: list[np.ndarray], ref):
-        """(float32 shifted rows (g, R, d), their float64 sum and sum of squares per group, shift)."""
-        a = np.concatenate(rows).astype(np.float64).transpose(1, 0, 2)  # (g, rows, d)
-        if not np.all(np.isfinite(a)):
+    def _shifted(rows: list[np.ndarray], ref, squares: bool = False):
+        """(float32 shifted rows (g, R, d), their float64 sum per group, their float64 sum of
+        squares per group when ``squares`` (else None), shift (float64 holding float32 values)).
+
+        The rows are float32 and the shift is rounded to float32, so ``x - r`` computed in float32
+        is the float64 difference rounded once: the same float32 rows as a float64 detour, without
+        its copies. The sum is the exact one, ``sum x - R r`` (float64 sums of float32 values)."""
+        a = np.concatenate(rows, axis=0).transpose(1, 0, 2)  # (g, rows, d), a view
+        if a.dtype != np.float32:
+            a = a.astype(np.float32)
+        total = a.sum(axis=1, dtype=np.float64)
+        if not np.all(np.isfinite(total)):  # a NaN or an infinity anywhere reaches the sum
             raise ModelError("a calibration sample makes a layer input NaN or infinite")
         if ref is None:
-            ref = a.mean(axis=1).astype(np.float32).astype(np.float64)
-        c = a - ref[:, None, :]
-        return np.ascontiguousarray(c, dtype=np.float32), c.sum(axis=1), np.einsum("jrd,jrd->j", c, c), ref
+            ref = (total / a.shape[1]).astype(np.float32).astype(np.float64)
+        c = np.empty(a.shape, np.float32)
+        np.subtract(a, ref.astype(np.float32)[:, None, :], out=c)
+        sq = np.einsum("jrd,jrd->j", c, c, dtype=np.float64) if squares else None
+        return c, total - a.shape[1] * ref, sq, ref
 
     def flush(self) -> None:
         if not self.xs:
             return
-        xc, sx, _, self.ref_x = self._shifted(self.xs, self.ref_x)
+        xs, ys = self.xs, self.ys
+        self.xs, self.ys, self.count = [], [], 0
+        if self.folder is None:
+            self._fold(xs, ys)
+        else:  # in the folder's thread, in submission order (the same sums as here)
+            self.pending.append(self.folder.submit(self._fold, xs, ys))
+
+    def _fold(self, xs: list[np.ndarray], ys: list[np.ndarray]) -> None:
+        xc, sx, _, self.ref_x = self._shifted(xs, self.ref_x)
         self.n += xc.shape[1]
         self.cx += sx
         self.cxx += _gram(xc)
         if self.paired:
-            yc, sy, syy, self.ref_y = self._shifted(self.ys, self.ref_y)
+            yc, sy, syy, self.ref_y = self._shifted(ys, self.ref_y, squares=True)
             if self.cy is None:
                 self.cy, self.cyy = np.zeros_like(sy), np.zeros_like(syy)
                 self.cyx = np.zeros((self.group, yc.shape[2], self.size))
             self.cy += sy
             self.cyy += syy
             self.cyx += _gram(xc, yc)
-        self.xs, self.ys, self.count = [], [], 0
 
     def result(self):
         self.flush()
+        for f in self.pending:
+            f.result()  # (re-raises a fold's error)
+        self.pending = []
         from .factorize import LayerStats, OutputStats
 
         n = self.n
@@ -544,37 +613,42 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
     per = _rows_per_sample(rows, len(samples))
     keeping: dict[str, Kept] = {}
     by_name = {layer.name: layer for layer in layers}
-    for s, got in enumerate(ahead(lambda i: dict(zip(names, run(sess, names, samples[i]))), len(samples))):
-        gathered = {}
-        for layer in layers:
-            x = layer.as_map(got[layer.input])
-            flat, geo = _sample_rows(layer, x, seed, s, per)
-            p = gather_patches(x, geo, flat)
-            gathered[layer.name] = (x, p, flat)
-            if layer.name in stats:
-                if layer.name not in acc:
-                    acc[layer.name] = _Rows(geo, x.shape[1], paired=False)
-                acc[layer.name].add(p)
-        if s == 0 and keep is not None and budget is not None:
-            for layer in reversed(layers):
-                if layer.name in keep or layer.name not in hold:
-                    continue
-                x, p, _ = gathered[layer.name]
-                out = p.shape[0] * p.shape[1] * (layer.weight_shape[0] // p.shape[1]) * 4  # y rows, float32
-                kind, size = ("out", out) if out <= x.nbytes else ("map", x.nbytes)
-                if budget.take(size * len(samples)):
-                    keeping[layer.name] = Kept(kind, [], size * len(samples), [] if layer.skip else None)
-            if not stats and not keeping:
-                break
-        for name, k in keeping.items():
-            x, p, flat = gathered[name]
-            layer = by_name[name]
-            k.items.append(layer.project(p) if k.kind == "out" else x)
-            if k.skips is not None:
-                k.skips.append(output_rows(got[layer.skip], flat, p.shape[1], _out_count(layer, x)))
+    folder = Folder()  # the moments' GEMMs beside this thread's patches
+    try:
+        for s, got in enumerate(ahead(lambda i: dict(zip(names, run(sess, names, samples[i]))), len(samples))):
+            gathered = {}
+            for layer in layers:
+                x = layer.as_map(got[layer.input])
+                flat, geo = _sample_rows(layer, x, seed, s, per)
+                p = gather_patches(x, geo, flat)
+                gathered[layer.name] = (x, p, flat)
+                if layer.name in stats:
+                    if layer.name not in acc:
+                        acc[layer.name] = _Rows(geo, x.shape[1], paired=False, folder=folder)
+                    acc[layer.name].add(p)
+            if s == 0 and keep is not None and budget is not None:
+                for layer in reversed(layers):
+                    if layer.name in keep or layer.name not in hold:
+                        continue
+                    x, p, _ = gathered[layer.name]
+                    out = p.shape[0] * p.shape[1] * (layer.weight_shape[0] // p.shape[1]) * 4  # y rows, float32
+                    kind, size = ("out", out) if out <= x.nbytes else ("map", x.nbytes)
+                    if budget.take(size * len(samples)):
+                        keeping[layer.name] = Kept(kind, [], size * len(samples), [] if layer.skip else None)
+                if not stats and not keeping:
+                    break
+            for name, k in keeping.items():
+                x, p, flat = gathered[name]
+                layer = by_name[name]
+                k.items.append(layer.project(p) if k.kind == "out" else x)
+                if k.skips is not None:
+                    k.skips.append(output_rows(got[layer.skip], flat, p.shape[1], _out_count(layer, x)))
+        result = {k: a.result() for k, a in acc.items()}
+    finally:
+        folder.close()
     if keep is not None:
         keep.update(keeping)
-    return {k: a.result() for k, a in acc.items()}
+    return result
 
 
 def collect_same(model: onnx.ModelProto, layers: list[Layer], samples: Sequence[Mapping], *, rows: int = DEFAULT_ROWS,
@@ -837,8 +911,9 @@ def measure_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, tenso
     sy: dict[str, np.ndarray] = {}
     syy = dict.fromkeys(tensors, 0.0)
     cnt = dict.fromkeys(tensors, 0)
-    for feed in samples:
-        a, b = run(s1, tensors, feed), run(s2, tensors, feed)
+    # the original's runs one sample ahead in a background thread, beside the rewritten model's
+    for feed, a in zip(samples, ahead(lambda i: run(s1, tensors, samples[i]), len(samples))):
+        b = run(s2, tensors, feed)
         for t, ya, yb in zip(tensors, a, b):
             ya64, yb64 = ya.astype(np.float64), yb.astype(np.float64)
             num[t] += float(np.sum((yb64 - ya64) ** 2))
@@ -1160,33 +1235,37 @@ class Calibrator:
             xs = frontier.run(i, fit[i])
             return xs, (dict(zip(names, run(orig, names, fit[i]))) if orig is not None else {})
 
-        for s, (xs, ts) in enumerate(ahead(both, len(fit))):
+        folder = Folder()  # the moments' GEMMs beside this thread's patches
+        try:
+            for s, (xs, ts) in enumerate(ahead(both, len(fit))):
+                for layer in layers:
+                    x = layer.as_map(xs[layer.input])
+                    flat, geo = _sample_rows(layer, x, self.seed, s, per)
+                    k = self.kept.get(layer.name)
+                    y_rows = (k.outputs(layer, s, self.seed, per) if k is not None
+                              else layer.project(gather_patches(layer.as_map(ts[layer.input]), geo, flat)))
+                    ref = None
+                    if layer.skip and layer.name not in self.plain:
+                        total = _out_count(layer, x)
+                        s_new = output_rows(xs[layer.skip], flat, geo.group, total)
+                        s_old = (k.skips[s] if k is not None and k.skips is not None
+                                 else output_rows(ts[layer.skip], flat, geo.group, total) if layer.skip in ts else None)
+                        if s_new is not None and s_old is not None:
+                            ref = y_rows + s_old
+                            y_rows = ref - s_new
+                        elif s == 0:  # not one value per output position (a broadcasting Add): the plain target
+                            self.plain.add(layer.name)
+                        else:  # pragma: no cover - shapes that broadcast differently per sample
+                            ref = y_rows
+                    if layer.name not in acc:
+                        acc[layer.name] = _Rows(geo, x.shape[1], paired=True, weight=layer.weight, folder=folder)
+                    acc[layer.name].add(gather_patches(x, geo, flat), y_rows, ref)
+            frontier.end()
             for layer in layers:
-                x = layer.as_map(xs[layer.input])
-                flat, geo = _sample_rows(layer, x, self.seed, s, per)
-                k = self.kept.get(layer.name)
-                y_rows = (k.outputs(layer, s, self.seed, per) if k is not None
-                          else layer.project(gather_patches(layer.as_map(ts[layer.input]), geo, flat)))
-                ref = None
-                if layer.skip and layer.name not in self.plain:
-                    total = _out_count(layer, x)
-                    s_new = output_rows(xs[layer.skip], flat, geo.group, total)
-                    s_old = (k.skips[s] if k is not None and k.skips is not None
-                             else output_rows(ts[layer.skip], flat, geo.group, total) if layer.skip in ts else None)
-                    if s_new is not None and s_old is not None:
-                        ref = y_rows + s_old
-                        y_rows = ref - s_new
-                    elif s == 0:  # not one value per output position (a broadcasting Add): the plain target
-                        self.plain.add(layer.name)
-                    else:  # pragma: no cover - shapes that broadcast differently per sample
-                        ref = y_rows
-                if layer.name not in acc:
-                    acc[layer.name] = _Rows(geo, x.shape[1], paired=True, weight=layer.weight)
-                acc[layer.name].add(gather_patches(x, geo, flat), y_rows, ref)
-        frontier.end()
-        for layer in layers:
-            self._free(layer.name)
-        return {name: a.result() for name, a in acc.items()}
+                self._free(layer.name)
+            return {name: a.result() for name, a in acc.items()}
+        finally:
+            folder.close()
 
     def measure(self, rewritten: onnx.ModelProto, tensors: list[str], projections: Mapping[str, tuple] | None = None
                 ) -> dict[str, float]:

@@ -304,45 +304,59 @@ def measure(model: onnx.ModelProto, cands: list, stats: Mapping[str, object], cu
     failed: dict[str, str] = {}
     spent = {p[0].node.name: 0.0 for p in plans}
     progress(f"calibration: sensitivity of {len(plans)} conv(s) to the model's outputs on {len(samples)} samples")
-    for s, feed in enumerate(samples):
-        values = dict(zip(fetch, run(orig, fetch, feed)))
-        values.update({k: np.asarray(v) for k, v in feed.items()})
-        if not kinds:
-            kinds = {o: output_kind(values[o], _logits_producer(model, o), distortion) for o in graph_outputs}
-        for o in graph_outputs:
-            refs[o].add(values[o])
-        ref_lp = {o: _log_probs(values[o], kinds[o]) for o in graph_outputs if kinds[o] != "rel"}
-        for c, o, rs, kernels, errs, y_name, sx in plans:
-            name = c.node.name
-            if name in failed:
-                continue
-            t1 = time.perf_counter()
-            x = values[c.node.input[0]]
-            try:
-                if name not in opts_sess:
-                    opts_sess[name] = session(_options_model(c.node, x, kernels, list(model.opset_import)), threads)
-                    inner = [t for t in sx.outputs if t != sx.reads[0]]
-                    # the suffix: the graph from the layer's output and the tensors read from outside
-                    given = {t: values[t] for t in sx.reads if t not in graph_inputs}
-                    sx.session = session(prefix(model, inner, given), threads) if inner else None
-                    accs[name] = [{out: _Acc(kinds[out]) for out in sx.outputs} for _ in rs]
-                ys = run(opts_sess[name], [f"opt{j}" for j in range(len(rs))], {"x": x})
-                for j, y in enumerate(ys):
-                    got = {}
-                    if sx.session is not None:
-                        feed_s = {t: values[t] for t in list(sx.reads[1:]) + [i.name for i in g.input]
-                                  if t in values}
-                        feed_s[sx.reads[0]] = y
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sepify-sensitivity")
+    try:
+        for s, feed in enumerate(samples):
+            values = dict(zip(fetch, run(orig, fetch, feed)))
+            values.update({k: np.asarray(v) for k, v in feed.items()})
+            if not kinds:
+                kinds = {o: output_kind(values[o], _logits_producer(model, o), distortion) for o in graph_outputs}
+            for o in graph_outputs:
+                refs[o].add(values[o])
+            ref_lp = {o: _log_probs(values[o], kinds[o]) for o in graph_outputs if kinds[o] != "rel"}
+
+            def one(plan, values=values, ref_lp=ref_lp):
+                c, o, rs, kernels, errs, y_name, sx = plan
+                name = c.node.name
+                if name in failed:
+                    return
+                t1 = time.perf_counter()
+                x = values[c.node.input[0]]
+                try:
+                    if name not in opts_sess:
+                        opts_sess[name] = session(_options_model(c.node, x, kernels, list(model.opset_import)), threads)
                         inner = [t for t in sx.outputs if t != sx.reads[0]]
-                        got = dict(zip(inner, run(sx.session, inner, feed_s)))
-                    if sx.reads[0] in sx.outputs:  # the layer's output is itself a graph output
-                        got[sx.reads[0]] = y
-                    for out in sx.outputs:
-                        accs[name][j][out].add(values[out], got[out], refs[out], ref_lp.get(out))
-            except Exception as e:  # noqa: BLE001 - a suffix onnxruntime cannot run: unweighted, with a note
-                failed[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                notes.append(f"sensitivity of {name} not measured (its error counts unweighted): {failed[name]}")
-            spent[name] += time.perf_counter() - t1
+                        # the suffix: the graph from the layer's output and the tensors read from outside
+                        given = {t: values[t] for t in sx.reads if t not in graph_inputs}
+                        sx.session = session(prefix(model, inner, given), threads) if inner else None
+                        accs[name] = [{out: _Acc(kinds[out]) for out in sx.outputs} for _ in rs]
+                    ys = run(opts_sess[name], [f"opt{j}" for j in range(len(rs))], {"x": x})
+                    for j, y in enumerate(ys):
+                        got = {}
+                        if sx.session is not None:
+                            feed_s = {t: values[t] for t in list(sx.reads[1:]) + [i.name for i in g.input]
+                                      if t in values}
+                            feed_s[sx.reads[0]] = y
+                            inner = [t for t in sx.outputs if t != sx.reads[0]]
+                            got = dict(zip(inner, run(sx.session, inner, feed_s)))
+                        if sx.reads[0] in sx.outputs:  # the layer's output is itself a graph output
+                            got[sx.reads[0]] = y
+                        for out in sx.outputs:
+                            accs[name][j][out].add(values[out], got[out], refs[out], ref_lp.get(out))
+                except Exception as e:  # noqa: BLE001 - a suffix onnxruntime cannot run: unweighted, with a note
+                    failed[name] = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                spent[name] += time.perf_counter() - t1
+
+            # the layers' option and suffix runs in two threads (onnxruntime releases the GIL; one
+            # intra-op thread each): every layer's sums still go sample by sample, in the same order
+            before = set(failed)
+            list(pool.map(one, plans))
+            notes.extend(f"sensitivity of {p[0].node.name} not measured (its error counts unweighted): "
+                         f"{failed[p[0].node.name]}" for p in plans if p[0].node.name in failed and p[0].node.name not in before)
+    finally:
+        pool.shutdown(wait=True)
     out = {}
     for c, o, rs, kernels, errs, y_name, sx in plans:
         name = c.node.name
