@@ -127,3 +127,19 @@ def test_excluded_or_full_rank_leave_the_lstm_alone():
     assert res.report["refitted"] == []
     full = sepify.rewrite(model, rank="full", allow_increase=True, calibration={"x": xs}, calib_rows=4096, cache=False)
     assert full.report["refitted"] == []
+
+
+def test_the_table_names_the_input_projection_and_the_note_counts_it(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sepify.cli import main
+
+    monkeypatch.setattr(calibrate, "REFIT_GAIN", 0.0)
+    m = tmp_path / "m.onnx"
+    onnx.save(seq_model(), m)
+    np.savez(tmp_path / "cal.npz", x=data(40, 1))
+    r = CliRunner().invoke(main, ["rewrite", str(m), "-o", str(tmp_path / "o.onnx"), "--calibration",
+                                  str(tmp_path / "cal.npz"), "--rank", "1", "--no-cache"])
+    assert r.exit_code == 0, r.output
+    assert "rnn: input projection refitted:" in r.output
+    assert "the input projection of 1 recurrent node(s) were refitted" in r.output

@@ -155,3 +155,18 @@ def test_a_broadcasting_add_keeps_the_plain_target(monkeypatch):
     (f,) = res.report["refitted"]
     assert f["name"] == "conv3" and f["output_error_at"] is None
     onnx.checker.check_model(res.model, full_check=True)
+
+
+def test_the_table_says_which_adds_output_the_errors_are_of(tmp_path):
+    from click.testing import CliRunner
+
+    from sepify.cli import main
+
+    m = tmp_path / "m.onnx"
+    onnx.save(_residual_pair_model(), m)
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(2).standard_normal((40, 1, 6, 8, 8)).astype(np.float32))
+    r = CliRunner().invoke(main, ["rewrite", str(m), "-o", str(tmp_path / "o.onnx"), "--calibration",
+                                  str(tmp_path / "cal.npz"), "--rank", "1", "--no-cache"])
+    assert r.exit_code == 0, r.output
+    line = next(x for x in r.output.splitlines() if x.strip().startswith("conv2: dw-first rank 1:"))
+    assert line.endswith("(of skip's output)")

@@ -197,12 +197,15 @@ def _calibration_lines(report: dict) -> list[str]:
         out.append("  relative output error per layer (predicted on the fit set / measured on the holdout):")
         for r in rows:
             meas = r.get("output_error_measured")
+            at = f" (of {r['output_error_at']}'s output)" if r.get("output_error_at") else ""
             out.append(f"    {r['name']}: {r['orientation']} rank {r['rank']}: {r['output_error_predicted']:.4g} / "
-                       f"{'-' if meas is None else f'{meas:.4g}'}")
+                       f"{'-' if meas is None else f'{meas:.4g}'}{at}")
     for f in report.get("refitted") or []:
         meas = f.get("output_error_measured")
-        out.append(f"    {f['name']}: kept, refitted: {f['output_error_before']:.4g} -> {f['output_error_predicted']:.4g} / "
-                   f"{'-' if meas is None else f'{meas:.4g}'}")
+        what = "input projection refitted" if f.get("what") == "input projection" else "kept, refitted"
+        at = f" (of {f['output_error_at']}'s output)" if f.get("output_error_at") else ""
+        out.append(f"    {f['name']}: {what}: {f['output_error_before']:.4g} -> {f['output_error_predicted']:.4g} / "
+                   f"{'-' if meas is None else f'{meas:.4g}'}{at}")
     sens = cal.get("sensitivity") or {}
     if sens.get("layers"):
         kinds = ", ".join(f"{k}: {'KL' if v != 'rel' else 'rel. error'}" for k, v in sens.get("outputs", {}).items())

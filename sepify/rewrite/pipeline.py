@@ -416,8 +416,11 @@ def rewrite(
     report = build_report(path, opts, before.to_dict(), after.to_dict(), results, skipped, calibration=calib_info)
     report["refitted"] = refits
     if refits:
-        report["notes"].append(f"{len(refits)} conv(s) left dense were refitted to their original outputs on the "
-                               f"calibration data (after the rewritten layers before them; MACs unchanged)")
+        n_rec = sum(1 for f in refits if f["what"] == "input projection")
+        what = " and ".join(x for x in (f"{len(refits) - n_rec} conv(s) left dense" if len(refits) > n_rec else "",
+                                        f"the input projection of {n_rec} recurrent node(s)" if n_rec else "") if x)
+        report["notes"].append(f"{what} were refitted to their original outputs on the calibration data (after the "
+                               f"rewritten layers before them; MACs unchanged)")
     report["notes"].extend(notes)
     if latency is not None:
         report["latency"] = latency.report(new, external)
