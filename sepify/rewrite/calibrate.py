@@ -40,6 +40,13 @@ Passes (``F`` = fit samples, ``L`` = rewritten layers):
   samples, comparing every rewritten layer's output tensor (the pair's second Conv keeps the
   original output's name).
 
+Residual targets: a phase-2 layer whose output is read only by a two-input ``Add`` whose other
+input ``s`` depends on rewritten or refitted layers is fitted to ``t = W x + s - s~`` (the
+original sum minus the drifted branch; ``s`` from the original pass, ``s~`` from the working
+model at the same output positions), so that ``A x~ + b + s~`` restores the Add's output; its
+errors are normalised by that output's variance (``OutputStats.ref_sum`` / ``ref_sq``). It goes
+in a wave after the layers ``s`` depends on (:meth:`Calibrator.fit`); docs/rewrite.md.
+
 Each pass's onnxruntime runs go one sample ahead in a background thread (:func:`ahead`;
 onnxruntime releases the GIL) while numpy gathers the previous sample's patches; a third thread
 (:class:`Folder`) folds them into the moments (float32 products of shifted rows, summed in
