@@ -970,7 +970,7 @@ def _residual_adds(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
     fixed = {o.name for o in g.output} | {i.name for i in g.initializer} | {i.name for i in g.input}
     out = {}
     for t, rs in readers.items():
-        if t in fixed or len(rs) != 1:
+        if not t or t in fixed or len(rs) != 1:
             continue
         n = rs[0]
         if n.op_type != "Add" or n.domain not in ("", "ai.onnx") or len(n.input) != 2 or not n.output[0]:
