@@ -841,17 +841,24 @@ def reallocate(table: SpeedupTable, target: float, passes: int,
     pass would time a choice already timed. Without ``time_choice`` one pass, not timed.
 
     Returns (the picks of the best pass, the pass records, the index of the best pass or None):
-    the first pass that met the target, else the one measured fastest. A first pass that cannot
-    save ``need`` even with the fastest options is a :class:`~sepify.errors.BudgetError`."""
+    the first pass that met the target, else the one measured fastest. When even the fastest
+    options cannot save ``need`` by the per-layer timings, pass 1 times the fastest options end to
+    end all the same (per-layer timings miss what the whole model gains or loses: the target may
+    still be met, else the fastest model is returned with the target missed, said in the first
+    record's ``per_layer_note``); without ``time_choice`` that is a
+    :class:`~sepify.errors.BudgetError`."""
     from ..errors import BudgetError
 
     need = table.total * (1.0 - 1.0 / target)
     fastest = table.fastest()
+    unreachable = None
     if table.solve(need) is None:
         most = table.max_saving()
         best = table.total / max(table.total - most, 1e-12)
-        raise BudgetError(f"--target-speedup {target:g} cannot be reached: measured per layer, the fastest "
-                          f"rewrites save {most * 1e3:.3g} ms of {table.total * 1e3:.3g} ms (at most ~{best:.2f}x)")
+        unreachable = (f"measured per layer, the fastest rewrites save {most * 1e3:.3g} ms of "
+                       f"{table.total * 1e3:.3g} ms (at most ~{best:.2f}x)")
+        if time_choice is None:
+            raise BudgetError(f"--target-speedup {target:g} cannot be reached: {unreachable}")
     records: list[dict] = []
     tried: dict[tuple, int] = {}
     fraction, prev = 1.0, None
@@ -874,6 +881,9 @@ def reallocate(table: SpeedupTable, target: float, passes: int,
                "choice": {n: list(k) for n, k in choice.items()},
                "changes": [{"layer": n, "from": _describe((prev or {}).get(n)), "to": _describe(choice.get(n))}
                            for n in table.names if (prev or {}).get(n) != choice.get(n)]}
+        if unreachable and p == 0:
+            rec["per_layer_note"] = (f"--target-speedup {target:g} looks out of reach per layer ({unreachable}): "
+                                     f"the fastest options were timed end to end")
         records.append(rec)
         prev = choice
         if time_choice is None:

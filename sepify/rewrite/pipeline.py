@@ -617,6 +617,9 @@ class _Latency:
         x = self.opts.target_speedup
         out["target_met"] = e2e["speedup"] >= x
         passes = [p for p in self.passes if "measured_speedup" in p]
+        for p in self.passes[:1]:
+            if p.get("per_layer_note") and p["per_layer_note"] not in self.notes:
+                self.notes.append(p["per_layer_note"])
         if not out["target_met"]:
             if passes:
                 best = max(passes, key=lambda p: p["measured_speedup"])
