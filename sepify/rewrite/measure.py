@@ -827,18 +827,25 @@ def _describe(key) -> str:
     return "kept" if not isinstance(key, tuple) else f"{key[0]} rank {key[1]} {key[2]}"
 
 
+STEP = 0.01
+"""After a missed pass, the next one asks the knapsack for at least this fraction of the original
+model's time more than the missed pass's predicted saving (a pass is met when the lower quartile
+of its per-round speed-ups reaches the target: a median a hair above it is re-timed below it
+half the time)."""
+
+
 def reallocate(table: SpeedupTable, target: float, passes: int,
                time_choice: Callable[[dict], dict] | None) -> tuple[list[int], list[dict], int | None]:
     """Allocate for ``target`` and check it end to end, at most ``passes`` times.
 
     Pass 1 asks the knapsack to save ``need = T (1 - 1/X)`` of the whole model's measured ``T``.
     Each pass's model is timed whole against the original (``time_choice(choice)``: the
-    :func:`end_to_end` dict of the model with that choice); when its measured speed-up ``s`` misses
-    ``X``, the measured saving ``T (1 - 1/s)`` over the predicted one is the fraction of the
-    per-layer savings that shows up end to end, and the next pass asks the knapsack for
-    ``need / fraction`` (the fastest options when that is more than they save; a fraction <= 0
-    asks for them directly). Stops when the target is met, after ``passes`` passes, or when a
-    pass would time a choice already timed. Without ``time_choice`` one pass, not timed.
+    :func:`end_to_end` dict of the model with that choice); it meets ``X`` when the lower quartile
+    of its per-round speed-ups does (and the median). When it misses, with median ``s``, the
+    measured saving ``T (1 - 1/s)`` over the predicted one is the fraction of the per-layer savings that shows up end to end, and the next pass asks the knapsack for
+    ``max(need / fraction, the missed pass's saving + STEP * T)`` (the fastest options when that is
+    more than they save; a fraction <= 0 asks for them directly). Stops when the target is met,
+    after ``passes`` passes, or when a pass would time a choice already timed. Without ``time_choice`` one pass, not timed.
 
     Returns (the picks of the best pass, the pass records, the index of the best pass or None):
     the first pass that met the target, else the one measured fastest. When even the fastest
@@ -862,8 +869,11 @@ def reallocate(table: SpeedupTable, target: float, passes: int,
     records: list[dict] = []
     tried: dict[tuple, int] = {}
     fraction, prev = 1.0, None
+    last_saving = None
     for p in range(max(1, passes)):
         asked = need / fraction if fraction > 0 else math.inf
+        if last_saving is not None and math.isfinite(asked):  # a miss: ask for more than the pass before
+            asked = max(asked, last_saving + STEP * table.total)
         picks = table.solve(asked) if math.isfinite(asked) else None
         capped = picks is None
         if capped:
@@ -890,12 +900,14 @@ def reallocate(table: SpeedupTable, target: float, passes: int,
             break
         e2e = time_choice(choice)
         s = e2e["speedup"]
-        rec.update({"end_to_end": e2e, "measured_speedup": s, "target_met": s >= target})
-        if s >= target:
+        ok = min(s, e2e.get("speedup_q1", s)) >= target  # three rounds in four at least X
+        rec.update({"end_to_end": e2e, "measured_speedup": s, "target_met": ok})
+        if ok:
             break
         measured = table.total * (1.0 - 1.0 / s)
         fraction = measured / saving if saving > 0 else 0.0
         rec["realized_fraction"] = fraction
+        last_saving = saving
     timed = [k for k, r in enumerate(records) if "measured_speedup" in r]
     if not timed:
         return [int(i) for i in (table.solve(need) or fastest)], records, None
