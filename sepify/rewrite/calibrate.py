@@ -870,69 +870,60 @@ def replace_recurrent(model: onnx.ModelProto, k, weight: np.ndarray, bias: np.nd
     node.input[1], node.input[3] = f"{base}/W", f"{base}/B"
 
 
-def measure_projections(original: onnx.ModelProto, rewritten: onnx.ModelProto, specs: Mapping[str, tuple],
-                        samples: Sequence[Mapping], threads: int | None = None, providers=None) -> dict[str, float]:
-    """Relative error (as :func:`measure_outputs`) of linear maps that are no tensor of the graph:
-    ``specs`` {key: (input tensor, W, b, W~, b~)}, the map ``x W^T + b`` of the input's last axis
-    on the original model against ``x~ W~^T + b~`` on the rewritten one (a recurrent node's input
-    projection, every time step a row)."""
-    if not samples or not specs:
-        return {}
-    tensors = list(dict.fromkeys(v[0] for v in specs.values()))
-    s1, s2 = (session(prefix(original, tensors), threads, providers),
-              session(prefix(rewritten, tensors), threads, providers))
-    num = dict.fromkeys(specs, 0.0)
-    syy = dict.fromkeys(specs, 0.0)
-    sy: dict[str, np.ndarray] = {}
-    cnt = dict.fromkeys(specs, 0)
-    for feed in samples:
-        a = dict(zip(tensors, run(s1, tensors, feed)))
-        b = dict(zip(tensors, run(s2, tensors, feed)))
-        for key, (t, w, bias, w2, bias2) in specs.items():
-            x, x2 = a[t].reshape(-1, a[t].shape[-1]).astype(np.float64), b[t].reshape(-1, b[t].shape[-1]).astype(np.float64)
-            y = x @ np.asarray(w, np.float64).T + np.asarray(bias, np.float64)
-            y2 = x2 @ np.asarray(w2, np.float64).T + np.asarray(bias2, np.float64)
-            num[key] += float(np.sum((y2 - y) ** 2))
-            sy[key] = sy.get(key, 0.0) + y.sum(axis=0)
-            syy[key] += float(np.sum(y ** 2))
-            cnt[key] += len(y)
-    out = {}
-    for key in specs:
-        den = syy[key] - float(np.sum(sy[key] ** 2)) / cnt[key]
-        out[key] = math.sqrt(num[key] / den) if den > 0 else (0.0 if num[key] == 0 else math.inf)
-    return out
-
-
 # --- measurement -----------------------------------------------------------------------------
+class _RelError:
+    """``sqrt(sum ||b - a||^2 / sum ||a - mean_c(a)||^2)`` accumulated over samples, the mean per
+    channel (``axis``) over all samples and positions."""
+
+    def __init__(self, axis: int):
+        self.axis, self.num, self.sq, self.cnt = axis, 0.0, 0.0, 0
+        self.sums: np.ndarray | float = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        axis = self.axis % a64.ndim
+        self.num += float(np.sum((b64 - a64) ** 2))
+        self.sums = self.sums + a64.sum(axis=tuple(i for i in range(a64.ndim) if i != axis))
+        self.sq += float(np.sum(a64 ** 2))
+        self.cnt += a64.size // a64.shape[axis]
+
+    def value(self) -> float:
+        den = self.sq - float(np.sum(np.square(self.sums))) / self.cnt if self.cnt else 0.0
+        return math.sqrt(self.num / den) if den > 0 else (0.0 if self.num == 0 else math.inf)
+
+
 def measure_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, tensors: list[str],
-                    samples: Sequence[Mapping], threads: int | None = None, providers=None) -> dict[str, float]:
+                    samples: Sequence[Mapping], threads: int | None = None, providers=None,
+                    projections: Mapping[str, tuple] | None = None) -> dict[str, float]:
     """Relative output error per tensor on ``samples``:
     ``sqrt(sum ||y~ - y||^2 / sum ||y - mean_c(y)||^2)`` with the per-channel mean over all
     samples and positions (the same normalisation as the predicted error: the fraction of the
-    original output's variance that the rewrite gets wrong)."""
-    if not samples or not tensors:
+    original output's variance that the rewrite gets wrong).
+
+    ``projections`` {key: (input tensor, W, b, W~, b~)}: also the same error of linear maps that
+    are no tensor of the graph, ``x W^T + b`` of the input's last axis on the original model
+    against ``x~ W~^T + b~`` on the rewritten one (a recurrent node's input projection, every
+    time step a row; the channels are the map's outputs), keyed by ``key``, from the same runs."""
+    projections = dict(projections or {})
+    fetch = list(dict.fromkeys(list(tensors) + [v[0] for v in projections.values()]))
+    if not samples or not fetch:
         return {}
-    s1, s2 = (session(prefix(original, tensors), threads, providers),
-              session(prefix(rewritten, tensors), threads, providers))
-    num = dict.fromkeys(tensors, 0.0)
-    sy: dict[str, np.ndarray] = {}
-    syy = dict.fromkeys(tensors, 0.0)
-    cnt = dict.fromkeys(tensors, 0)
+    s1, s2 = (session(prefix(original, fetch), threads, providers),
+              session(prefix(rewritten, fetch), threads, providers))
+    acc = {t: _RelError(1) for t in tensors}
+    acc.update((k, _RelError(-1)) for k in projections)
+
+    def linear(x, w, b):
+        return x.reshape(-1, x.shape[-1]).astype(np.float64) @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
+
     # the original's runs one sample ahead in a background thread, beside the rewritten model's
-    for feed, a in zip(samples, ahead(lambda i: run(s1, tensors, samples[i]), len(samples))):
-        b = run(s2, tensors, feed)
-        for t, ya, yb in zip(tensors, a, b):
-            ya64, yb64 = ya.astype(np.float64), yb.astype(np.float64)
-            num[t] += float(np.sum((yb64 - ya64) ** 2))
-            axes = tuple(i for i in range(ya64.ndim) if i != 1)
-            sy[t] = sy.get(t, 0.0) + ya64.sum(axis=axes)
-            syy[t] += float(np.sum(ya64 ** 2))
-            cnt[t] += ya64.size // ya64.shape[1]
-    out = {}
-    for t in tensors:
-        den = syy[t] - float(np.sum(sy[t] ** 2)) / cnt[t]
-        out[t] = math.sqrt(num[t] / den) if den > 0 else (0.0 if num[t] == 0 else math.inf)
-    return out
+    for feed, a in zip(samples, ahead(lambda i: run(s1, fetch, samples[i]), len(samples))):
+        ya, yb = dict(zip(fetch, a)), dict(zip(fetch, run(s2, fetch, feed)))
+        for t in tensors:
+            acc[t].add(ya[t], yb[t])
+        for k, (t, w, b, w2, b2) in projections.items():
+            acc[k].add(linear(ya[t], w, b), linear(yb[t], w2, b2))
+    return {k: a.value() for k, a in acc.items()}
 
 
 # --- the math (sepify.rewrite.factorize) -----------------------------------------------------
@@ -1277,15 +1268,13 @@ class Calibrator:
     def measure(self, rewritten: onnx.ModelProto, tensors: list[str], projections: Mapping[str, tuple] | None = None
                 ) -> dict[str, float]:
         """Measured relative output error per tensor on the holdout samples (and per
-        :func:`measure_projections` spec of ``projections``)."""
+        :func:`measure_outputs` projection spec of ``projections``)."""
         if not len(self.data.holdout):
             return {}
         t0 = time.perf_counter()
         self.progress(f"calibration: measuring the rewritten layers on {len(self.data.holdout)} held-out samples")
-        got = measure_outputs(self.model, rewritten, tensors, self.data.holdout, self.threads, self.providers)
-        if projections:
-            got.update(measure_projections(self.model, rewritten, projections, self.data.holdout, self.threads,
-                                           self.providers))
+        got = measure_outputs(self.model, rewritten, tensors, self.data.holdout, self.threads, self.providers,
+                              projections)
         self.passes["holdout"] += 1
         self._time("holdout measurement", t0)
         return got

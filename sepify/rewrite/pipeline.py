@@ -361,7 +361,7 @@ def rewrite(
                            "folded_batchnorm": (k.bn.name or "BatchNormalization") if k.bn is not None else None,
                            "tensor": None if recurrent else add[1] if add else rep.pair.nodes[0].output[0]})
             if recurrent:
-                projections[f"\0projection/{name}"] = (k.node.input[0], k.weight.reshape(k.weight.shape[0], -1),
+                projections[("projection", name)] = (k.node.input[0], k.weight.reshape(k.weight.shape[0], -1),
                                      k.bias if k.bias is not None else np.zeros(k.weight.shape[0]),
                                      w.reshape(w.shape[0], -1), b)
     new = edit_base
@@ -406,7 +406,7 @@ def rewrite(
             r.output_error_measured = measured.get(by_layer[r.name])
         for f in refits:
             t = f.pop("tensor")
-            f["output_error_measured"] = measured.get(t if t else f"\0projection/{f['name']}")
+            f["output_error_measured"] = measured.get(t if t else ("projection", f["name"]))
         calib_info = {**calib.to_dict(), "rows_per_layer": opts.calib_rows, "method": opts.calib_method,
                       "sequential": opts.sequential, "seconds": {k: round(v, 3) for k, v in calibrator.seconds.items()},
                       "passes": dict(calibrator.passes), "providers": calibrator.providers,
