@@ -373,12 +373,20 @@ class Layer:
 
     def project(self, rows: np.ndarray) -> np.ndarray:
         """The original layer's output (no bias) at patch rows (R, g, d): (R, g, Ng), float32."""
-        w3 = self.__dict__.get("_w3")
-        if w3 is None:
-            g = int(rows.shape[1])
-            w3 = self.__dict__["_w3"] = np.ascontiguousarray(
-                np.asarray(self.weight, np.float32).reshape(g, -1, rows.shape[2]).transpose(0, 2, 1))
-        return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), w3).transpose(1, 0, 2)
+        if self.__dict__.get("_w3") is None:
+            self.__dict__["_w3"] = _kernel3(self.weight, rows)
+        return _apply3(self.__dict__["_w3"], rows)
+
+
+def _kernel3(weight: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A conv weight as (g, d, Ng) float32 for the patch rows (R, g, d) of :func:`_apply3`."""
+    g = int(rows.shape[1])
+    return np.ascontiguousarray(np.asarray(weight, np.float32).reshape(g, -1, rows.shape[2]).transpose(0, 2, 1))
+
+
+def _apply3(w3: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``W x`` at patch rows (R, g, d): (R, g, Ng) float32."""
+    return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), w3).transpose(1, 0, 2)
 
 
 def output_rows(t: np.ndarray, flat: np.ndarray, group: int, rows: int) -> np.ndarray | None:
@@ -396,15 +404,14 @@ def _rows_per_sample(rows: int, n_samples: int) -> int:
     return max(1, -(-int(rows) // max(1, n_samples)))
 
 
-def _out_count(layer: Layer, x: np.ndarray) -> int:
-    """Output positions (batch included) of ``layer`` on input ``x``."""
-    geo = geometry(layer.node, layer.weight_shape, x.shape[2:])
+def _out_count(geo: ConvGeometry, x: np.ndarray) -> int:
+    """Output positions (batch included) of a conv of geometry ``geo`` on input ``x``."""
     return x.shape[0] * math.prod(out_spatial(geo, x.shape[2:]))
 
 
 def _sample_rows(layer: Layer, arr: np.ndarray, seed: int, sample: int, per_sample: int) -> np.ndarray:
     geo = geometry(layer.node, layer.weight_shape, arr.shape[2:])
-    total = arr.shape[0] * math.prod(out_spatial(geo, arr.shape[2:]))
+    total = _out_count(geo, arr)
     return positions((seed, layer.key, sample), total, per_sample), geo
 
 
@@ -480,11 +487,10 @@ class _Rows:
             self.flush()
 
     def _project(self, rows: np.ndarray) -> np.ndarray:
-        """``W x`` at patch rows (R, g, d): (R, g, Ng) float32 (:meth:`Layer.project`)."""
+        """``W x`` at patch rows (R, g, d): (R, g, Ng) float32 (as :meth:`Layer.project`)."""
         if getattr(self, "_w3", None) is None:
-            g = int(rows.shape[1])
-            self._w3 = np.ascontiguousarray(np.asarray(self.weight, np.float32).reshape(g, -1, rows.shape[2]).transpose(0, 2, 1))
-        return np.matmul(np.asarray(rows, np.float32).transpose(1, 0, 2), self._w3).transpose(1, 0, 2)
+            self._w3 = _kernel3(self.weight, rows)
+        return _apply3(self._w3, rows)
 
     @staticmethod
     def _shifted(rows: list[np.ndarray], ref, squares: bool = False):
@@ -620,6 +626,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
     per = _rows_per_sample(rows, len(samples))
     keeping: dict[str, Kept] = {}
     by_name = {layer.name: layer for layer in layers}
+    geo_of: dict[str, ConvGeometry] = {}
     folder = Folder()  # the moments' GEMMs beside this thread's patches
     try:
         for s, got in enumerate(ahead(lambda i: dict(zip(names, run(sess, names, samples[i]))), len(samples))):
@@ -629,6 +636,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
                 flat, geo = _sample_rows(layer, x, seed, s, per)
                 p = gather_patches(x, geo, flat)
                 gathered[layer.name] = (x, p, flat)
+                geo_of[layer.name] = geo
                 if layer.name in stats:
                     if layer.name not in acc:
                         acc[layer.name] = _Rows(geo, x.shape[1], paired=False, folder=folder)
@@ -649,7 +657,7 @@ def original_pass(model: onnx.ModelProto, layers: list[Layer], samples: Sequence
                 layer = by_name[name]
                 k.items.append(layer.project(p) if k.kind == "out" else x)
                 if k.skips is not None:
-                    k.skips.append(output_rows(got[layer.skip], flat, p.shape[1], _out_count(layer, x)))
+                    k.skips.append(output_rows(got[layer.skip], flat, p.shape[1], _out_count(geo_of[name], x)))
         result = {k: a.result() for k, a in acc.items()}
     finally:
         folder.close()
@@ -1244,7 +1252,7 @@ class Calibrator:
                               else layer.project(gather_patches(layer.as_map(ts[layer.input]), geo, flat)))
                     ref = None
                     if layer.skip and layer.name not in self.plain:
-                        total = _out_count(layer, x)
+                        total = _out_count(geo, x)
                         s_new = output_rows(xs[layer.skip], flat, geo.group, total)
                         s_old = (k.skips[s] if k is not None and k.skips is not None
                                  else output_rows(ts[layer.skip], flat, geo.group, total) if layer.skip in ts else None)
