@@ -1113,14 +1113,14 @@ class Calibrator:
         for c, _, _, _ in items:  # the rewritten (and refitted) layers each one depends on
             upstream[c.node.name] = ((_ancestors(self.model, c.node.input[0]) & names) - {c.node.name}
                                      if self.sequential else set())
-        if residual:
-            self._residual_targets(items, names, upstream, sums)
-        wave: dict[str, int] = {}
         import networkx as nx
 
-        dag = nx.DiGraph()
+        dag = nx.DiGraph()  # u -> v: v is fitted after u
         dag.add_nodes_from(names)
         dag.add_edges_from((u, v) for v, us in upstream.items() for u in us)
+        if residual:
+            self._residual_targets(items, names, upstream, sums, dag)
+        wave: dict[str, int] = {}
         for name in nx.topological_sort(dag):
             wave[name] = 1 + max((wave[u] for u in upstream[name]), default=-1)
         waves = [[x for x in items if wave[x[0].node.name] == w] for w in range(max(wave.values()) + 1)]
@@ -1196,15 +1196,13 @@ class Calibrator:
                       "working_nodes_run": frontier.nodes_run, "working_nodes_full_prefix": frontier.nodes_full}
         return out
 
-    def _residual_targets(self, items, names: set[str], upstream: dict[str, set[str]], sums: dict) -> None:
+    def _residual_targets(self, items, names: set[str], upstream: dict[str, set[str]], sums: dict, dag) -> None:
         """Give a residual target (module docstring) to every item whose output is read only by a
         two-input Add whose other branch depends on rewritten or refitted layers: the item then
-        goes in a wave after those (``upstream``, in place), unless that would make a cycle."""
+        goes in a wave after those (``upstream`` and the fit order ``dag``, in place), unless that
+        would make a cycle."""
         import networkx as nx
 
-        dag = nx.DiGraph()
-        dag.add_nodes_from(names)
-        dag.add_edges_from((u, v) for v, us in upstream.items() for u in us)
         for c, _, _, _ in items:
             name = c.node.name
             hit = sums.get(self.layer(c).output)
