@@ -855,10 +855,7 @@ def recurrent_inputs(k, weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarra
     """A recurrent node's new (W, B) from its refitted input projection ``weight``
     ((D*G*H, I, 1), :func:`~sepify.rewrite.plan.kept_recurrent`) and that projection's bias
     (the Wb half of B); the Rb half is the node's own (zeros when it had no B)."""
-    a = {x.name: onnx.helper.get_attribute_value(x) for x in k.node.attribute}
-    direction = a.get("direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
-    d = 2 if direction == "bidirectional" else 1
+    d = k.directions
     w = np.ascontiguousarray(weight.reshape(d, -1, weight.shape[1]))
     gh = w.shape[1]
     rb = np.zeros((d, gh), w.dtype) if k.recurrent_bias is None else np.asarray(k.recurrent_bias, w.dtype).reshape(d, gh)

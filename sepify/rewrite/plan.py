@@ -146,14 +146,22 @@ def _prod(xs) -> int:
 SHAPE_UNKNOWN = "input or output shape unknown"
 
 
-def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
-              base_dir: str | None, values: Mapping[str, int]) -> Candidate | str:
-    """Check one Conv: a :class:`Candidate`, or the reason it is not rewritten."""
-    name = node.name
+def _selection(name: str, opts: RewriteOptions) -> str | None:
+    """Why ``--include`` / ``--exclude`` leave the node ``name`` alone, or None when they allow it."""
     if opts.include and not _matches(name, opts.include):
         return "not matched by --include"
     if opts.exclude and _matches(name, opts.exclude):
         return "excluded by --exclude"
+    return None
+
+
+def plan_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
+              base_dir: str | None, values: Mapping[str, int]) -> Candidate | str:
+    """Check one Conv: a :class:`Candidate`, or the reason it is not rewritten."""
+    name = node.name
+    refused = _selection(name, opts)
+    if refused:
+        return refused
     if len(node.input) < 2 or not view.is_const(node.input[1]):
         return "weight is not a constant"
     has_bias = len(node.input) > 2 and bool(node.input[2])
@@ -231,6 +239,7 @@ class Kept:
     kind: str = "conv"
     gates: int = 1  # recurrent: gates per direction (LSTM 4, GRU 3, RNN 1)
     recurrent_bias: np.ndarray | None = None  # recurrent: the Rb half of B (D, G*H), None without B
+    directions: int = 1  # recurrent: D, W's first axis
 
 
 RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -245,9 +254,7 @@ def kept_recurrent(model, view: GraphView, idx: int, node: onnx.NodeProto, opts:
     gates = RECURRENT_GATES.get(node.op_type)
     if gates is None or node.domain not in ("", "ai.onnx") or len(node.input) < 3 or not node.input[0]:
         return None
-    if opts.include and not _matches(node.name, opts.include):
-        return None
-    if opts.exclude and _matches(node.name, opts.exclude):
+    if _selection(node.name, opts):
         return None
     has_b = len(node.input) > 3 and bool(node.input[3])
     if not view.is_const(node.input[1]) or not is_float(view.dtype(node.input[1])):
@@ -266,16 +273,14 @@ def kept_recurrent(model, view: GraphView, idx: int, node: onnx.NodeProto, opts:
     d, gh, size = w.shape
     bias = None if b is None else np.ascontiguousarray(b[:, :gh]).reshape(-1)
     rb = None if b is None else np.ascontiguousarray(b[:, gh:])
-    return Kept(node, idx, np.ascontiguousarray(w).reshape(d * gh, size, 1), bias, 1, None, "recurrent", gates, rb)
+    return Kept(node, idx, np.ascontiguousarray(w).reshape(d * gh, size, 1), bias, 1, None, "recurrent", gates, rb, d)
 
 
 def kept_conv(model, view: GraphView, idx: int, node: onnx.NodeProto, opts: RewriteOptions,
               base_dir: str | None) -> Kept | None:
     """The Conv at ``idx`` as a :class:`Kept` when its weights can be refitted (float constant
     weight and bias, allowed by --include/--exclude), else None."""
-    if opts.include and not _matches(node.name, opts.include):
-        return None
-    if opts.exclude and _matches(node.name, opts.exclude):
+    if _selection(node.name, opts):
         return None
     if len(node.input) < 2 or not view.is_const(node.input[1]) or not is_float(view.dtype(node.input[1])):
         return None
